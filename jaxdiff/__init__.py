@@ -1,0 +1,3 @@
+"""jaxdiff: guided diffusion in JAX/Flax, written as pure functions."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,109 @@
+"""Tables and plots of a guidance sweep: the fidelity/diversity curve as numbers and pictures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Sequence
+
+COLUMNS = (
+    ("guidance", "guidance"), ("scale", "scale"), ("sampler", "sampler"), ("steps", "steps"),
+    ("fid", "FID"), ("inception_score", "IS"), ("precision", "precision"), ("recall", "recall"),
+    ("density", "density"), ("coverage", "coverage"), ("accuracy", "accuracy"),
+    ("num_samples", "N"), ("seconds", "sample s"),
+)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping]) -> str:
+    """A markdown table with one line per sweep setting (columns missing from a row are blank)."""
+    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[k]) if k in r else "" for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_table(rows: Sequence[Mapping], out_dir: str, name: str = "results") -> tuple[str, str]:
+    """Write `name`.md and `name`.json under out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    md, js = os.path.join(out_dir, f"{name}.md"), os.path.join(out_dir, f"{name}.json")
+    _atomic_write(md, markdown_table(rows))
+    _atomic_write(js, json.dumps(list(rows), indent=1, default=float) + "\n")
+    return md, js
+
+
+NEUTRAL_SCALE = {"cfg": 1.0, "autoguidance": 1.0}  # the scale at which a guide does nothing (else 0)
+
+
+def _series(rows: Sequence[Mapping]):
+    """Rows grouped by (guidance, sampler, steps), sorted by scale.
+
+    The unguided row ("none") of the same sampler joins each curve at the guide's neutral scale
+    (0 for gradient guides, 1 for CFG), so every curve starts from plain conditional sampling.
+    """
+    none = [r for r in rows if r["guidance"] == "none"]
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        if r["guidance"] != "none":
+            groups.setdefault((r["guidance"], r.get("sampler"), r.get("steps")), []).append(r)
+    for key, rs in groups.items():
+        neutral = NEUTRAL_SCALE.get(key[0], 0.0)
+        base = [dict(r, scale=neutral) for r in none if (r.get("sampler"), r.get("steps")) == key[1:]]
+        yield key, sorted(base + rs, key=lambda r: r["scale"])
+    if not groups:
+        for r in none:
+            yield ("none", r.get("sampler"), r.get("steps")), [r]
+
+
+def write_plots(rows: Sequence[Mapping], out_dir: str) -> list[str]:
+    """FID against IS, precision against recall, accuracy against scale (PNG files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    specs = [("inception_score", "fid", "IS", "FID", "fid_vs_is.png"),
+             ("recall", "precision", "recall", "precision", "precision_vs_recall.png"),
+             ("scale", "accuracy", "guidance scale (none = 0 for classifier, 1 for CFG)", "classifier accuracy",
+              "accuracy_vs_scale.png")]
+    paths = []
+    for xk, yk, xl, yl, fname in specs:
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        for (guidance, sampler, steps), rs in _series(rows):
+            rs = [r for r in rs if xk in r and yk in r]
+            if not rs:
+                continue
+            xs, ys = [r[xk] for r in rs], [r[yk] for r in rs]
+            ax.plot(xs, ys, marker="o", label=f"{guidance} ({sampler} {steps})")
+            if xk != "scale":
+                for r, x, y in zip(rs, xs, ys):
+                    ax.annotate(_fmt(r["scale"]), (x, y),
+                                fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, fname)
+        fig.savefig(path + ".tmp.png", dpi=110)
+        plt.close(fig)
+        os.replace(path + ".tmp.png", path)
+        paths.append(path)
+    return paths
