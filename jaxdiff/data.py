@@ -1,0 +1,855 @@
+"""Datasets and the input pipeline: tfds sources, deterministic per-host batches, augmentation.
+
+Datasets
+--------
+* ``digits``: scikit-learn's bundled 8x8 digits (uint8 (8, 8, 1), 0..16 scaled to 0..255,
+  labels 0..9; fixed stratified 80/20 split: train 1438 / test 359). See
+  `jaxdiff.datasets.digits`.
+* ``fashion_mnist``: built from the idx files of Debian's ``dataset-fashion-mnist`` package
+  (``/usr/share/datasets/fashion-mnist``) or of a directory passed as ``manual_dir``; uint8
+  (28, 28, 1), labels 0..9, train 60000 / test 10000. See `jaxdiff.datasets.fashion_mnist`.
+* any other tfds image dataset (``cifar10``, ``imagenet_resized/64x64``, ...) that is already
+  prepared in the tfds data_dir in a random-access format (array_record), e.g. with
+  ``tfds build cifar10 --file_format=array_record`` on a machine with TensorFlow.
+
+The two bundled datasets are prepared on first use (tfds builders writing array_record files,
+no TensorFlow, no download) into ``data_dir`` (default ``$TFDS_DATA_DIR`` or
+``~/tensorflow_datasets``) and reused afterwards; `prepare` does it explicitly. Preparation holds
+a file lock in data_dir, so processes on one machine may race for it safely.
+
+Batches
+-------
+`batches` yields, per process, ``(images, labels)``: float32 NHWC images in [-1, 1]
+(``x / 127.5 - 1``) and int32 labels. Everything is a pure function of ``(seed, step)``:
+
+* order: epoch ``e`` visits the examples in the order ``argsort(h(seed, e, i))`` for i < N, with
+  ``h`` a 64-bit splitmix hash (pure NumPy, so it does not depend on a library's RNG stream);
+  the epochs are concatenated and step ``s`` takes global positions ``[s*B, (s+1)*B)``. A batch
+  may straddle two epochs; there is no partial last batch.
+* sharding: process ``p`` of ``P`` takes global positions ``[s*B + p*B/P, s*B + (p+1)*B/P)`` and
+  reads only those examples. The concatenation over processes is the single-process batch.
+* augmentation: a random horizontal flip of global position ``j`` of step ``s`` iff the top bit
+  of ``h(seed, s, j)`` (a different hash tag) is set, so it does not depend on the process
+  layout. Default on for Fashion-MNIST and natural-image (CIFAR-like) datasets, off for digits
+  and other digit/character sets (``augment=`` overrides).
+
+A run resumed at step s therefore sees exactly the batches it would have seen.
+
+Resizing to a model's ``image_size`` (square), when it differs from the stored size:
+* ``"pad"`` (Fashion-MNIST, MNIST-like): centre the image on a ``pad_value`` background (0, the
+  datasets' black background): Fashion-MNIST 28 -> 32 adds 2 pixels on each side.
+* ``"resize"`` (digits): bicubic resize to image_size x image_size (e.g. 8 -> 16 or 32).
+* ``"center_crop"`` (other tfds datasets): guided-diffusion's ``center_crop_arr``: box
+  downsampling by 2 while the short side is >= 2 * image_size, bicubic resize of the short side
+  to image_size, centre crop.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import io
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from jaxdiff import datasets as _ds
+from jaxdiff.datasets._common import decode_png_simple
+
+__all__ = [
+    "BUNDLED_DATASETS",
+    "DataInfo",
+    "Source",
+    "batch_at",
+    "batches",
+    "default_data_dir",
+    "epoch_permutation",
+    "flip_mask",
+    "global_batch_indices",
+    "load_split",
+    "make_source",
+    "prepare",
+    "resize_images",
+    "to_model_range",
+]
+
+#: Datasets jaxdiff prepares itself (no TensorFlow, no download).
+BUNDLED_DATASETS = ("digits", "fashion_mnist")
+
+RESIZE_MODES = ("pad", "resize", "center_crop")
+
+# Default augmentation / resizing per dataset (base tfds name, before "/" and ":").
+_NO_FLIP = frozenset(
+    {"digits", "mnist", "emnist", "kmnist", "svhn_cropped", "binary_alpha_digits", "omniglot",
+     "mnist_corrupted", "cmaterdb"}
+)
+_PAD = frozenset({"fashion_mnist", "mnist", "emnist", "kmnist", "mnist_corrupted"})
+_IN_MEMORY = frozenset(BUNDLED_DATASETS)
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset info and sources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a training or evaluation loop needs to know about one split of a dataset."""
+
+    name: str  # as passed, e.g. "fashion_mnist" or "imagenet_resized/64x64"
+    split: str
+    num_examples: int
+    image_shape: tuple[int, int, int] | None  # stored (H, W, C); None when images differ in size
+    num_classes: int  # 0 for datasets without a ClassLabel (labels are then all 0)
+    class_names: tuple[str, ...]
+    random_flip: bool  # the default for `augment`
+    resize_mode: str  # the default for `resize_mode`: "pad", "resize" or "center_crop"
+    pad_value: int  # background value used by "pad"
+    data_dir: str
+    image_key: str = "image"
+    label_key: str | None = "label"
+    tfds_info: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def channels(self) -> int | None:
+        return None if self.image_shape is None else self.image_shape[-1]
+
+
+class Source:
+    """Random access to one split: ``len``, ``src[i]`` / ``src.__getitems__(keys)`` giving
+    ``{"image": uint8 (H, W, C), "label": int}`` like a tfds data source, and `gather`.
+
+    In memory (the default for the bundled datasets) it holds the whole split as arrays;
+    otherwise it reads records from tfds's array_record data source on demand.
+    """
+
+    def __init__(self, info: DataInfo, *, tfds_source=None, raw_source=None, images=None,
+                 labels=None):
+        self.info = info
+        self._tfds_source = tfds_source
+        self._raw_source = raw_source
+        self._images = images
+        self._labels = labels
+
+    @property
+    def in_memory(self) -> bool:
+        return self._images is not None
+
+    @property
+    def tfds_source(self):
+        """The underlying tfds data source (`builder.as_data_source(split)`)."""
+        return self._tfds_source
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 images NHWC, int32 labels) of the whole split (read-only if in memory).
+
+        Needs images of one size (see `load_split` with image_size otherwise).
+        """
+        if self.in_memory:
+            return self._images, self._labels
+        images, labels = [], []
+        for start in range(0, len(self), 4096):
+            im, lb = self.gather(np.arange(start, min(len(self), start + 4096)))
+            images.append(_stack(im, self.info))
+            labels.append(lb)
+        return np.concatenate(images), np.concatenate(labels)
+
+    def __len__(self) -> int:
+        return self.info.num_examples
+
+    def __getitem__(self, index) -> dict:
+        images, labels = self.gather(np.asarray([int(index)]))
+        return {"image": images[0], "label": int(labels[0])}
+
+    def __getitems__(self, keys: Sequence[int]) -> list[dict]:
+        images, labels = self.gather(np.asarray(keys, dtype=np.int64))
+        return [{"image": im, "label": int(lb)} for im, lb in zip(images, labels)]
+
+    def gather(self, indices) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+        """uint8 images (an (n, H, W, C) array, or a list when sizes differ) and int32 labels."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            raise IndexError(f"indices out of range for a split of {n} examples")
+        if self.in_memory:
+            return self._images[indices], self._labels[indices]
+        keys = [int(i) for i in indices]
+        if self._raw_source is not None:
+            records = self._raw_source.__getitems__(keys) if keys else []
+            decoded = [_decode_record(r, self.info) for r in records]
+        else:
+            decoded = [_from_tfds(ex, self.info) for ex in
+                       (self._tfds_source.__getitems__(keys) if keys else [])]
+        images = [d[0] for d in decoded]
+        labels = np.asarray([d[1] for d in decoded], dtype=np.int32)
+        if self.info.image_shape is not None:
+            images = (np.stack(images) if images else
+                      np.zeros((0, *self.info.image_shape), np.uint8))
+        return images, labels
+
+    def __repr__(self) -> str:
+        i = self.info
+        where = "in memory" if self.in_memory else "array_record"
+        return f"Source({i.name!r}, split={i.split!r}, n={i.num_examples}, {where})"
+
+
+def _from_tfds(example: Mapping, info: DataInfo) -> tuple[np.ndarray, int]:
+    image = np.asarray(example[info.image_key])
+    if image.ndim == 2:
+        image = image[..., None]
+    label = int(example[info.label_key]) if info.label_key else 0
+    return image, label
+
+
+def _decode_image(data: bytes, channels: int | None) -> np.ndarray:
+    image = decode_png_simple(data)
+    if image is None or (channels is not None and image.shape[-1] != channels):
+        with Image.open(io.BytesIO(data)) as pil:
+            if channels == 1 and pil.mode != "L":
+                pil = pil.convert("L")
+            elif channels == 3 and pil.mode != "RGB":
+                pil = pil.convert("RGB")
+            image = np.asarray(pil)
+        if image.ndim == 2:
+            image = image[..., None]
+    return image
+
+
+def _decode_record(record: bytes, info: DataInfo) -> tuple[np.ndarray, int]:
+    """Fast path for array_record tf.Examples: protobuf parse + PNG fast path / Pillow.
+
+    tfds's own NumPy decoding spends ~0.1 ms of Python per example before it decodes the
+    image; this reads the two features directly. `_make_raw_source` checks it against tfds.
+    """
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    feature = tf_example_pb2.Example.FromString(record).features.feature
+    image = _decode_image(feature[info.image_key].bytes_list.value[0], info.channels)
+    label = int(feature[info.label_key].int64_list.value[0]) if info.label_key else 0
+    return image, label
+
+
+def _make_raw_source(builder, split: str, info: DataInfo, decoded_source):
+    """A RAW_BYTES data source when the fast decoding path agrees with tfds on record 0."""
+    if not isinstance(info.tfds_info.features[info.image_key], tfds.features.Image):
+        return None
+    try:
+        raw = builder.as_data_source(
+            split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        if len(raw) == 0:
+            return None
+        fast = _decode_record(raw[0], info)
+        ref = _from_tfds(decoded_source[0], info)
+        if fast[1] != ref[1] or not np.array_equal(fast[0], ref[0]):
+            return None
+        return raw
+    except Exception:  # any surprise: use tfds's own decoding
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing and opening datasets
+# --------------------------------------------------------------------------------------------
+
+
+def default_data_dir() -> str:
+    """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets`` (tfds's default)."""
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
+def _resolve_data_dir(data_dir) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(data_dir))) if data_dir else \
+        os.path.abspath(default_data_dir())
+
+
+def _cfg_get(cfg, key, default=None):
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    try:
+        value = getattr(cfg, key)
+    except (AttributeError, KeyError):
+        return default
+    return default if value is None else value
+
+
+def _resolve(config_or_name) -> tuple[str, dict]:
+    """Dataset name and optional source settings from a name or a (data) config."""
+    if isinstance(config_or_name, str):
+        return config_or_name, {}
+    cfg = config_or_name
+    data = _cfg_get(cfg, "data")
+    if data is not None and not isinstance(data, (str, bytes)):
+        cfg = data
+    name = _cfg_get(cfg, "name") or _cfg_get(cfg, "dataset")
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"cannot find a dataset name in {type(config_or_name).__name__}: expected a string, "
+            "or a config with `name` (or `dataset`), possibly under `data`")
+    extra = {k: _cfg_get(cfg, k) for k in ("data_dir", "manual_dir", "in_memory")}
+    return name, {k: v for k, v in extra.items() if v is not None}
+
+
+def _base_name(name: str) -> str:
+    return name.split("/")[0].split(":")[0]
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fashion_idx_dir(manual_dir, data_dir: str) -> str:
+    directory = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else \
+        _ds.FASHION_MNIST_DEBIAN_DIR
+    how = (
+        "Install Debian's `dataset-fashion-mnist` package (`apt-get install dataset-fashion-mnist`,"
+        f" or run scripts/install_system_deps.sh as root), which puts the idx files in "
+        f"{_ds.FASHION_MNIST_DEBIAN_DIR}, or pass manual_dir=<directory with "
+        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+        "t10k-labels-idx1-ubyte.gz (gzipped or not)>."
+    )
+    if not os.path.isdir(directory):
+        which = "manual_dir" if manual_dir else "the Debian dataset directory"
+        raise ValueError(
+            f"fashion_mnist is not prepared in data_dir {data_dir!r} and {which} "
+            f"{directory!r} does not exist. {how}")
+    try:
+        _ds.find_idx_files(directory)
+    except ValueError as e:
+        raise ValueError(f"fashion_mnist is not prepared in data_dir {data_dir!r}: {e}. {how}") \
+            from None
+    return directory
+
+
+def prepare(name: str, data_dir: str | os.PathLike | None = None, *,
+            manual_dir: str | os.PathLike | None = None):
+    """Prepares a bundled dataset in data_dir once (array_record) and returns its tfds builder.
+
+    Idempotent: an already prepared dataset is reused as it is (manual_dir is then unused).
+    """
+    if name not in _ds.BUILDERS:
+        raise ValueError(
+            f"prepare() builds the bundled datasets {BUNDLED_DATASETS}, not {name!r}; prepare "
+            "other tfds datasets with tfds (`tfds build NAME --file_format=array_record`)")
+    data_dir = _resolve_data_dir(data_dir)
+    cls = _ds.BUILDERS[name]
+    builder = _bundled_builder(cls, data_dir)
+    if builder.is_prepared():
+        return builder
+    download_config = None
+    if name == "fashion_mnist":
+        download_config = tfds.download.DownloadConfig(
+            manual_dir=_fashion_idx_dir(manual_dir, data_dir))
+    os.makedirs(data_dir, exist_ok=True)
+    with _file_lock(os.path.join(data_dir, f".{name}.jaxdiff.lock")):
+        builder = _bundled_builder(cls, data_dir)
+        if not builder.is_prepared():  # another process may have prepared it meanwhile
+            builder.download_and_prepare(download_config=download_config)
+            builder = _bundled_builder(cls, data_dir)
+    return builder
+
+
+def _bundled_builder(cls, data_dir: str):
+    try:
+        return cls(data_dir=data_dir, file_format="array_record")
+    except ValueError as e:  # prepared before in another format, e.g. by tfds with TensorFlow
+        if "file format" not in str(e).lower():
+            raise
+        path = os.path.join(data_dir, cls.name, str(cls.VERSION))
+        raise ValueError(
+            f"{cls.name} in {path} was prepared in another file format ({e}); jaxdiff reads "
+            "array_record. Remove that directory or pass another data_dir.") from None
+
+
+def _unknown_dataset(name: str, data_dir: str, cause: str) -> ValueError:
+    return ValueError(
+        f"unknown dataset {name!r} ({cause}). Known without preparation: "
+        f"{', '.join(BUNDLED_DATASETS)}. Any other tfds image dataset works once prepared in "
+        f"data_dir {data_dir!r} as array_record files, e.g. on a machine with TensorFlow: "
+        f"`tfds build {_base_name(name) or 'NAME'} --data_dir={data_dir} "
+        "--file_format=array_record` (or tfds.builder(NAME, data_dir=..., "
+        "file_format='array_record').download_and_prepare()); then pass data_dir here.")
+
+
+def _open_builder(name: str, data_dir: str, manual_dir):
+    if name in _ds.BUILDERS:
+        return prepare(name, data_dir, manual_dir=manual_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError, bad config/version, ...
+        raise _unknown_dataset(name, data_dir, f"tfds: {str(e).splitlines()[0]}") from None
+    if not builder.is_prepared():
+        raise _unknown_dataset(name, data_dir, f"it is not prepared in data_dir {data_dir!r}")
+    return builder
+
+
+def _check_split(name: str, split, builder) -> str:
+    available = sorted(builder.info.splits.keys())
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split must be a non-empty string, got {split!r}; "
+                         f"{name!r} has splits {available}")
+    for part in split.split("+"):
+        base = part.split("[")[0].strip()
+        if base not in available:
+            raise ValueError(
+                f"unknown split {split!r} for dataset {name!r}: {base!r} is not one of "
+                f"{available} (tfds slicing such as 'train[:90%]' or 'train+test' is allowed)")
+    return split
+
+
+def _keys(features, supervised_keys) -> tuple[str, str | None]:
+    names = list(features.keys())
+    image_key = label_key = None
+    if supervised_keys and len(supervised_keys) == 2 and all(
+            isinstance(k, str) for k in supervised_keys):
+        image_key, label_key = supervised_keys
+    if image_key not in names:
+        image_key = "image" if "image" in names else next(
+            (k for k in names if isinstance(features[k], tfds.features.Image)), None)
+    if label_key not in names or not isinstance(features[label_key], tfds.features.ClassLabel):
+        label_key = "label" if "label" in names and isinstance(
+            features["label"], tfds.features.ClassLabel) else None
+    return image_key, label_key
+
+
+def make_source(config_or_name, split: str, data_dir: str | os.PathLike | None = None, *,
+                manual_dir: str | os.PathLike | None = None,
+                in_memory: bool | None = None) -> tuple[Source, DataInfo]:
+    """Opens one split of a dataset: ``(source, info)``.
+
+    Args:
+      config_or_name: a dataset name ("digits", "fashion_mnist", or a prepared tfds dataset such
+        as "cifar10" or "imagenet_resized/64x64"), or a config (ml_collections / dict) with
+        ``name`` (or ``dataset``), optionally ``data_dir``, ``manual_dir``, ``in_memory``, either
+        at top level or under ``data``. Explicit arguments win over the config.
+      split: "train", "test", ... or tfds slicing ("train[:90%]").
+      data_dir: tfds data directory (default `default_data_dir()`); the bundled datasets are
+        prepared there on first use.
+      manual_dir: fashion_mnist only: directory with the idx files (default: Debian's
+        /usr/share/datasets/fashion-mnist). Only read when the dataset still has to be prepared.
+      in_memory: decode the whole split into arrays once (default: True for the bundled
+        datasets, False otherwise).
+
+    Raises:
+      ValueError: unknown dataset, dataset not prepared, fashion_mnist idx files missing,
+        unknown split, not an uint8 image dataset.
+    """
+    name, cfg = _resolve(config_or_name)
+    data_dir = _resolve_data_dir(data_dir if data_dir is not None else cfg.get("data_dir"))
+    manual_dir = manual_dir if manual_dir is not None else cfg.get("manual_dir")
+    if in_memory is None:
+        in_memory = cfg.get("in_memory")
+    base = _base_name(name)
+    if in_memory is None:
+        in_memory = name in _IN_MEMORY
+    builder = _open_builder(name, data_dir, manual_dir)
+    split = _check_split(name, split, builder)
+    tinfo = builder.info
+    features = tinfo.features
+    image_key, label_key = _keys(features, tinfo.supervised_keys)
+    if image_key is None:
+        raise ValueError(f"dataset {name!r} has no image feature (features: {list(features)})")
+    image_feature = features[image_key]
+    shape = tuple(image_feature.shape)
+    if np.dtype(image_feature.np_dtype) != np.uint8 or len(shape) != 3 or shape[-1] not in (1, 3):
+        raise ValueError(
+            f"dataset {name!r}: feature {image_key!r} is {image_feature.np_dtype} {shape}; jaxdiff "
+            "needs uint8 images with 1 or 3 channels")
+    image_shape = shape if all(d is not None for d in shape) else None
+    if label_key is not None:
+        label_feature = features[label_key]
+        num_classes, class_names = label_feature.num_classes, tuple(label_feature.names)
+    else:
+        num_classes, class_names = 0, ()
+    random_access = tfds.core.file_adapters.FileFormat.with_random_access()
+    if tinfo.file_format not in random_access:
+        raise ValueError(
+            f"dataset {name!r} in {data_dir!r} is stored as {tinfo.file_format}, which has no "
+            f"random access; prepare it with file_format='array_record' (tfds build {name} "
+            "--file_format=array_record).")
+    try:
+        decoded = builder.as_data_source(split=split)
+    except (NotImplementedError, ValueError, AssertionError) as e:
+        raise ValueError(f"cannot read split {split!r} of dataset {name!r}: "
+                         f"{str(e).splitlines()[0]}") from None
+    info = DataInfo(
+        name=name,
+        split=split,
+        num_examples=len(decoded),
+        image_shape=image_shape,
+        num_classes=num_classes,
+        class_names=class_names,
+        random_flip=base not in _NO_FLIP,
+        resize_mode="pad" if base in _PAD else ("resize" if base == "digits" else "center_crop"),
+        pad_value=0,
+        data_dir=data_dir,
+        image_key=image_key,
+        label_key=label_key,
+        tfds_info=tinfo,
+    )
+    if info.num_examples == 0:
+        raise ValueError(f"split {split!r} of dataset {name!r} is empty")
+    raw = _make_raw_source(builder, split, info, decoded)
+    source = Source(info, tfds_source=decoded, raw_source=raw)
+    if in_memory:
+        images, labels = source.arrays()
+        images.setflags(write=False)
+        labels.setflags(write=False)
+        source = Source(info, tfds_source=decoded, images=images, labels=labels)
+    return source, info
+
+
+def _stack(images, info: DataInfo) -> np.ndarray:
+    if isinstance(images, np.ndarray):
+        return images
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images of {info.name!r} differ in size ({sorted(shapes)[:3]}...); pass image_size "
+            "to get them at one size")
+    return np.stack(images) if images else np.zeros((0, 1, 1, info.channels or 3), np.uint8)
+
+
+def load_split(config_or_name, split: str, data_dir: str | os.PathLike | None = None, *,
+               manual_dir: str | os.PathLike | None = None, image_size: int | None = None,
+               resize_mode: str | None = None,
+               max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split as ``(uint8 images NHWC, int32 labels)``, in stored order, no augmentation.
+
+    For evaluation and reference statistics. ``image_size`` / ``resize_mode`` as in `batches`
+    (so reference images can match what the model is trained on); ``max_examples`` keeps the
+    first ones.
+    """
+    source, info = make_source(config_or_name, split, data_dir, manual_dir=manual_dir,
+                               in_memory=False)
+    mode = _check_resize(info, image_size, resize_mode)
+    n = len(source) if max_examples is None else min(int(max_examples), len(source))
+    images, labels = [], []
+    for start in range(0, n, 4096):
+        im, lb = source.gather(np.arange(start, min(n, start + 4096)))
+        images.append(resize_images(im, image_size, mode, info.pad_value)
+                      if image_size else _stack(im, info))
+        labels.append(lb)
+    if not images:
+        return np.zeros((0, *(info.image_shape or (1, 1, 3))), np.uint8), np.zeros(0, np.int32)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic order and augmentation
+# --------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_TAG_ORDER = 0x6F72646572  # "order"
+_TAG_FLIP = 0x666C6970  # "flip"
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 with good avalanche."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _hash(*words) -> np.ndarray:
+    """uint64 hash of a sequence of integers (the last may be an array: hashed elementwise)."""
+    with np.errstate(over="ignore"):
+        h = np.zeros((), np.uint64)
+        for w in words:
+            if isinstance(w, np.ndarray):
+                w = w.astype(np.uint64)
+            else:
+                w = np.uint64(int(w) & _MASK64)
+            h = _mix64(h + _GOLDEN + w)
+        return np.asarray(h)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    perm = np.argsort(_hash(_TAG_ORDER, seed, epoch, np.arange(num_examples, dtype=np.int64)),
+                      kind="stable")
+    perm.setflags(write=False)
+    return perm
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order of epoch `epoch`: ``argsort(h(seed, epoch, i) for i < num_examples)``."""
+    return _cached_permutation(int(seed), int(epoch), int(num_examples))
+
+
+def global_batch_indices(step: int, *, global_batch_size: int, num_examples: int,
+                         seed: int) -> np.ndarray:
+    """Dataset indices of the whole global batch of `step` (all processes), int64 (B,)."""
+    return _positions_to_indices(
+        int(step) * global_batch_size + np.arange(global_batch_size, dtype=np.int64),
+        num_examples, seed)
+
+
+def _positions_to_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
+    epochs, offsets = np.divmod(positions, num_examples)
+    out = np.empty_like(positions)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        out[sel] = epoch_permutation(seed, int(e), num_examples)[offsets[sel]]
+    return out
+
+
+def flip_mask(step: int, *, global_batch_size: int, seed: int) -> np.ndarray:
+    """bool (B,): which positions of the global batch of `step` are flipped (when augmenting)."""
+    bits = _hash(_TAG_FLIP, seed, step, np.arange(global_batch_size, dtype=np.int64))
+    return (bits >> np.uint64(63)).astype(bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing
+# --------------------------------------------------------------------------------------------
+
+
+def _check_resize(info: DataInfo, image_size, resize_mode) -> str:
+    mode = info.resize_mode if resize_mode is None else resize_mode
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES} (or None for the dataset's "
+                         f"default), got {resize_mode!r}")
+    if image_size is None:
+        return mode
+    if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) \
+            or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+    if mode == "pad" and info.image_shape is not None and max(info.image_shape[:2]) > image_size:
+        raise ValueError(
+            f"resize_mode='pad' cannot fit {info.name!r} images of size "
+            f"{info.image_shape[0]}x{info.image_shape[1]} into image_size={image_size}; use a "
+            "larger image_size or resize_mode='resize' / 'center_crop'")
+    return mode
+
+
+def _pil_resize(image: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+    # size is (width, height) as Pillow wants it.
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    out = np.asarray(pil.resize(size, resample=resample))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """guided-diffusion's center_crop_arr on one (H, W, C) uint8 image."""
+    h, w = image.shape[:2]
+    while min(h, w) >= 2 * size:
+        image = _pil_resize(image, (w // 2, h // 2), Image.BOX)
+        h, w = image.shape[:2]
+    scale = size / min(h, w)
+    image = _pil_resize(image, (round(w * scale), round(h * scale)), Image.BICUBIC)
+    h, w = image.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[top: top + size, left: left + size]
+
+
+def resize_images(images, image_size: int | None, mode: str, pad_value: int = 0) -> np.ndarray:
+    """uint8 (n, image_size, image_size, C) from an (n, H, W, C) array or a list of images."""
+    if image_size is None:
+        if isinstance(images, np.ndarray):
+            return images
+        return np.stack(images)
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    s = int(image_size)
+    if isinstance(images, np.ndarray) and images.shape[1:3] == (s, s):
+        return images
+    if mode == "pad" and isinstance(images, np.ndarray):
+        h, w = images.shape[1:3]
+        if h > s or w > s:
+            raise ValueError(f"resize_mode='pad' cannot fit {h}x{w} images into {s}x{s}")
+        top, left = (s - h) // 2, (s - w) // 2
+        return np.pad(images, ((0, 0), (top, s - h - top), (left, s - w - left), (0, 0)),
+                      constant_values=pad_value)
+    out = []
+    for im in images:
+        if im.shape[:2] == (s, s):
+            out.append(im)
+        elif mode == "pad":
+            out.append(resize_images(im[None], s, "pad", pad_value)[0])
+        elif mode == "resize":
+            out.append(_pil_resize(im, (s, s), Image.BICUBIC))
+        else:
+            out.append(_center_crop(im, s))
+    return np.stack(out)
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 0..255 -> float32 [-1, 1] (x / 127.5 - 1)."""
+    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+def _check_batching(source, global_batch_size, seed, step, process_index, process_count):
+    if not isinstance(source, Source):
+        raise ValueError(f"source must be a jaxdiff.data.Source from make_source, got "
+                         f"{type(source).__name__}")
+    for name, value, low in (("global_batch_size", global_batch_size, 1),
+                             ("process_count", process_count, 1), ("start_step", step, 0),
+                             ("process_index", process_index, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if process_index >= process_count:
+        raise ValueError(f"process_index={process_index} is not below process_count="
+                         f"{process_count}")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} cannot be shared by process_count="
+            f"{process_count} processes: it must be a multiple of {process_count}")
+
+
+def _processes(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        if process_index is None:
+            process_index = jax.process_index()
+        if process_count is None:
+            process_count = jax.process_count()
+    return process_index, process_count
+
+
+def _batch(source: Source, step: int, b: int, seed: int, p: int, count: int, augment: bool,
+           image_size, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    local = b // count
+    positions = step * b + p * local + np.arange(local, dtype=np.int64)
+    indices = _positions_to_indices(positions, len(source), seed)
+    images, labels = source.gather(indices)
+    images = resize_images(images, image_size, mode, source.info.pad_value) if image_size \
+        else _stack(images, source.info)
+    if augment:
+        flip = flip_mask(step, global_batch_size=b, seed=seed)[p * local: (p + 1) * local]
+        if flip.any():
+            images = images.copy()
+            images[flip] = images[flip][:, :, ::-1]
+    return to_model_range(images), labels.astype(np.int32)
+
+
+def batch_at(source: Source, step: int, *, global_batch_size: int, seed: int,
+             process_index: int | None = None, process_count: int | None = None,
+             augment: bool | None = None, image_size: int | None = None,
+             resize_mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """This process's part of the global batch of `step`: (float32 NHWC in [-1, 1], int32).
+
+    Shape ``(global_batch_size // process_count, H, W, C)``; a pure function of (seed, step).
+    """
+    process_index, process_count = _processes(process_index, process_count)
+    _check_batching(source, global_batch_size, seed, step, process_index, process_count)
+    mode = _check_resize(source.info, image_size, resize_mode)
+    augment = source.info.random_flip if augment is None else bool(augment)
+    return _batch(source, int(step), int(global_batch_size), int(seed), int(process_index),
+                  int(process_count), augment, image_size, mode)
+
+
+def batches(source: Source, *, global_batch_size: int, seed: int, start_step: int = 0,
+            process_index: int | None = None, process_count: int | None = None,
+            augment: bool | None = None, image_size: int | None = None,
+            resize_mode: str | None = None, num_steps: int | None = None,
+            prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Iterates this process's batches for steps start_step, start_step + 1, ... (see `batch_at`).
+
+    Args:
+      source: from `make_source`.
+      global_batch_size: examples per step over all processes; a multiple of process_count.
+      seed: data seed (order and flips).
+      start_step: first step to yield (the step a resumed run continues from).
+      process_index, process_count: this process and the process count (default
+        `jax.process_index()` / `jax.process_count()`).
+      augment: random horizontal flips; None = the dataset's default (`info.random_flip`).
+      image_size: square size the model takes (None = as stored); resize_mode: "pad",
+        "resize", "center_crop" or None (the dataset's default).
+      num_steps: stop after that many batches (None = never).
+      prefetch: batches prepared ahead in a background thread (0 = none).
+
+    Arguments are checked when this is called, not at the first `next`.
+    """
+    process_index, process_count = _processes(process_index, process_count)
+    _check_batching(source, global_batch_size, seed, start_step, process_index, process_count)
+    mode = _check_resize(source.info, image_size, resize_mode)
+    if num_steps is not None and (not isinstance(num_steps, (int, np.integer)) or num_steps < 0):
+        raise ValueError(f"num_steps must be None or an integer >= 0, got {num_steps!r}")
+    augment = source.info.random_flip if augment is None else bool(augment)
+    make = functools.partial(_batch, source, b=int(global_batch_size), seed=int(seed),
+                             p=int(process_index), count=int(process_count), augment=augment,
+                             image_size=image_size, mode=mode)
+    start = int(start_step)
+    stop = None if num_steps is None else start + int(num_steps)
+    return _iterate(make, start, stop, int(prefetch))
+
+
+def _iterate(make, start: int, stop: int | None, prefetch: int):
+    step = start
+    if prefetch <= 0:
+        while stop is None or step < stop:
+            yield make(step)
+            step += 1
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxdiff-data")
+    pending: collections.deque = collections.deque()
+    try:
+        while True:
+            while len(pending) < prefetch and (stop is None or step < stop):
+                pending.append(pool.submit(make, step))
+                step += 1
+            if not pending:
+                return
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        try:
+            pool.shutdown(wait=False, cancel_futures=True)
+        except Exception:  # finalised during interpreter shutdown: modules already torn down
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: python -m jaxdiff.data prepare digits fashion_mnist [--data_dir D]
+# --------------------------------------------------------------------------------------------
+
+
+def _main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jaxdiff.data")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    prep = sub.add_parser("prepare", help="prepare bundled datasets (array_record)")
+    prep.add_argument("names", nargs="+", choices=BUNDLED_DATASETS)
+    prep.add_argument("--data_dir", default=None)
+    prep.add_argument("--manual_dir", default=None, help="fashion_mnist idx directory")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        builder = prepare(name, args.data_dir, manual_dir=args.manual_dir)
+        splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+        print(f"{name}: {builder.data_dir} {splits}")
+
+
+if __name__ == "__main__":
+    _main()

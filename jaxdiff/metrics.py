@@ -1,0 +1,778 @@
+"""Sample-quality metrics for guided diffusion: FID, Inception Score, precision/recall, density/coverage,
+classifier accuracy, and the feature extractors they are computed with.
+
+Conventions
+-----------
+* Images are uint8 NHWC everywhere at the boundary (guided-diffusion's ``arr_0`` layout). Extractors
+  convert them to float32 in [-1, 1] (``x / 127.5 - 1``), the range jaxdiff's networks are trained on.
+* All statistics are computed on the host in float64 numpy; only the feature extraction runs in JAX.
+* FID (Heusel et al. 2017) is ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrtm(S1 S2)``. The last trace is
+  computed without ``scipy.linalg.sqrtm`` of the non-symmetric product: with S1 = U1 L1 U1^T and
+  F1 = U1 L1^{1/2} (likewise F2), ``tr sqrtm(S1 S2) = tr sqrtm(S1^{1/2} S2 S1^{1/2})`` equals the sum of
+  the singular values of ``F1^T F2`` (its Gram matrix is similar to S1^{1/2} S2 S1^{1/2}). Only symmetric
+  eigendecompositions and one SVD are used; tiny negative eigenvalues from round-off are clamped to 0,
+  so singular (rank-deficient) covariances are handled exactly, and nothing is squared, so FID of a set
+  against itself is 0 to round-off. It agrees with the classic pytorch-fid / guided-diffusion formula
+  (scipy sqrtm with its eps-offset fallback) wherever that one is accurate.
+* A sample covariance of N features of dimension D has rank at most N - 1, so FeatureStats insists on
+  N >= D + 1 ("need at least D+1 samples") unless ``require_full_rank=False``.
+* Precision / recall follow Kynkaenniemi et al. 2019 (k-NN radius manifolds, a point is inside a ball
+  when its distance is ``<=`` the radius, as in their code and guided-diffusion's evaluator). Density /
+  coverage follow Naeem et al. 2020 and their ``prdc`` code (strict ``<``, so density of a set against
+  itself is exactly 1). The k-NN radius of a point is the (k+1)-th smallest distance to its own set
+  including itself (distance 0), as in both reference implementations. Distances are computed in row
+  chunks, so 10k x 10k sets never hold more than ``chunk_size x M`` distances at once.
+* Inception Score: ``exp(E_x KL(p(y|x) || p(y)))`` over ``splits`` equal parts (numpy.array_split, so
+  every sample is used); the default is 1 split over all samples, which is the unbiased choice for small
+  sample sets. The classic report uses 10 splits; pass ``splits=10`` to reproduce it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "FeatureStats",
+    "FeatureExtractor",
+    "frechet_distance",
+    "fid_from_stats",
+    "fid_from_features",
+    "inception_score",
+    "knn_radii",
+    "precision_recall",
+    "density_coverage",
+    "prdc",
+    "classifier_accuracy",
+    "params_fingerprint",
+    "classifier_extractor",
+    "reference_stats",
+    "evaluate_samples",
+    "validate_images",
+    "validate_labels",
+    "load_samples_npz",
+]
+
+Array = np.ndarray
+DEFAULT_CHUNK_SIZE = 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def validate_images(images: Any, *, image_shape: Optional[Sequence[int]] = None, what: str = "images") -> Array:
+    """Checks a uint8 NHWC batch (optionally of a given (H, W, C)) and returns it as a numpy array."""
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise ValueError(f"{what} must be a uint8 array of shape [N, H, W, C], got {type(images).__name__}")
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(
+            f"{what} must be a uint8 array of shape [N, H, W, C] (NHWC), got shape {images.shape} "
+            f"with {images.ndim} dimensions"
+        )
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"{what} must have dtype uint8 (values 0..255, NHWC), got dtype {images.dtype}; "
+            "convert float images in [-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)"
+        )
+    if images.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"{what} must be NHWC with 1, 3 or 4 channels on the last axis, got shape {images.shape}"
+            + (" (channels-first NCHW? transpose to NHWC)" if images.shape[1] in (1, 3, 4) else "")
+        )
+    if image_shape is not None and tuple(images.shape[1:]) != tuple(int(s) for s in image_shape):
+        raise ValueError(
+            f"{what} have per-image shape {tuple(images.shape[1:])} (H, W, C) but the reference images "
+            f"have {tuple(int(s) for s in image_shape)}; samples must match the reference image shape"
+        )
+    return images
+
+
+def validate_labels(labels: Any, *, num_samples: int, num_classes: int, what: str = "labels") -> Array:
+    """Checks integer class labels: shape [num_samples], every value in [0, num_classes)."""
+    if num_classes is None or int(num_classes) < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D integer array of shape [N], got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        # Integral floats (e.g. labels saved as float) are accepted; anything else is not.
+        integral = labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))
+        if labels.size and not integral:
+            raise ValueError(f"{what} must be integers, got dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+    if labels.shape[0] != num_samples:
+        raise ValueError(
+            f"{what} count {labels.shape[0]} != samples count {num_samples}; there must be one label per sample"
+        )
+    if labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{what} contain {bad}, outside the allowed range [0, {num_classes}) for num_classes={num_classes}"
+            )
+    return labels.astype(np.int64)
+
+
+def _validate_features(features: Any, what: str = "features") -> Array:
+    features = np.asarray(features)
+    if features.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array [N, D], got shape {features.shape}")
+    if features.dtype.kind not in "fiu":
+        raise ValueError(f"{what} must be numeric, got dtype {features.dtype}")
+    if not np.all(np.isfinite(features)):
+        raise ValueError(f"{what} contain NaN or inf values")
+    return features
+
+
+def _check_full_rank(n: int, d: int, what: str = "features") -> None:
+    if n < d + 1:
+        raise ValueError(
+            f"FID: need at least D+1 samples for a full-rank covariance (N must exceed the feature "
+            f"dimension D; a sample covariance has rank <= N - 1), but {what} have N = {n} samples of "
+            f"dimension D = {d}: need at least {d + 1}"
+        )
+
+
+def _check_knn(n: int, k: int, what: str) -> None:
+    if int(k) < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    if n <= k:
+        raise ValueError(
+            f"precision/recall/density/coverage need more than k = {k} samples in {what}, got {n}; "
+            f"need at least k+1 = {k + 1}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# FID
+# --------------------------------------------------------------------------------------------------
+
+
+def _psd_factor(sigma: Array) -> Array:
+    """F with F F^T = sigma (F = U sqrt(max(L, 0))), from a symmetric eigendecomposition in float64."""
+    sigma = np.asarray(sigma, np.float64)
+    sigma = 0.5 * (sigma + sigma.T)
+    evals, evecs = np.linalg.eigh(sigma)
+    return evecs * np.sqrt(np.clip(evals, 0.0, None))[None, :]
+
+
+def _trace_sqrt_product(sigma1: Array, sigma2: Array) -> float:
+    """tr sqrtm(sigma1 @ sigma2) for symmetric PSD matrices (singular ones included)."""
+    f1 = _psd_factor(sigma1)
+    f2 = _psd_factor(sigma2)
+    return float(np.sum(np.linalg.svd(f1.T @ f2, compute_uv=False)))
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), computed stably in float64.
+
+    Covariances must be symmetric positive semi-definite (singular is fine). The result is clamped at 0
+    (it can only go negative by round-off).
+    """
+    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.ndim != 1 or mu1.shape != mu2.shape:
+        raise ValueError(f"means must be 1-D vectors of the same dimension, got {mu1.shape} and {mu2.shape}")
+    d = mu1.shape[0]
+    for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
+        if s.shape != (d, d):
+            raise ValueError(f"{name} must have shape ({d}, {d}) to match the means, got {s.shape}")
+        if not np.all(np.isfinite(s)):
+            raise ValueError(f"{name} contains NaN or inf")
+    if not (np.all(np.isfinite(mu1)) and np.all(np.isfinite(mu2))):
+        raise ValueError("means contain NaN or inf")
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product(sigma1, sigma2)
+    return float(max(value, 0.0))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureStats:
+    """Gaussian statistics of a feature set, computed once.
+
+    mu: [D] float64 mean. sigma: [D, D] float64 covariance (ddof=1, as pytorch-fid / guided-diffusion).
+    n: number of samples. fingerprint: the extractor's fingerprint ("" if unknown).
+    features: the [N, D] features themselves (float32), kept when precision/recall/density/coverage
+    against this set are wanted; None otherwise. image_shape: (H, W, C) of the images the features came
+    from, used to validate samples; None if unknown.
+    """
+
+    mu: Array
+    sigma: Array
+    n: int
+    fingerprint: str = ""
+    features: Optional[Array] = None
+    image_shape: Optional[Tuple[int, int, int]] = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[0])
+
+    @classmethod
+    def from_features(
+        cls,
+        features: Any,
+        fingerprint: str = "",
+        *,
+        keep_features: bool = False,
+        image_shape: Optional[Sequence[int]] = None,
+        require_full_rank: bool = True,
+    ) -> "FeatureStats":
+        features = _validate_features(features)
+        n, d = features.shape
+        if require_full_rank:
+            _check_full_rank(n, d)
+        elif n < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {n}")
+        x = features.astype(np.float64)
+        mu = x.mean(axis=0)
+        xc = x - mu
+        sigma = (xc.T @ xc) / (n - 1)
+        sigma = 0.5 * (sigma + sigma.T)
+        kept = np.asarray(features, np.float32) if keep_features else None
+        return cls(
+            mu=mu,
+            sigma=sigma,
+            n=int(n),
+            fingerprint=str(fingerprint),
+            features=kept,
+            image_shape=None if image_shape is None else tuple(int(s) for s in image_shape),
+        )
+
+    # --- persistence -------------------------------------------------------------------------------
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes an .npz atomically (temporary file in the same directory, then os.replace)."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        arrays = {
+            "mu": self.mu,
+            "sigma": self.sigma,
+            "n": np.asarray(self.n, np.int64),
+            "fingerprint": np.asarray(self.fingerprint),
+        }
+        if self.features is not None:
+            arrays["features"] = np.asarray(self.features, np.float32)
+        if self.image_shape is not None:
+            arrays["image_shape"] = np.asarray(self.image_shape, np.int64)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "FeatureStats":
+        with np.load(os.fspath(path), allow_pickle=False) as z:
+            missing = {"mu", "sigma", "n", "fingerprint"} - set(z.files)
+            if missing:
+                raise ValueError(f"{os.fspath(path)} is not a FeatureStats file: missing {sorted(missing)}")
+            return cls(
+                mu=np.asarray(z["mu"], np.float64),
+                sigma=np.asarray(z["sigma"], np.float64),
+                n=int(z["n"]),
+                fingerprint=str(z["fingerprint"]),
+                features=np.asarray(z["features"], np.float32) if "features" in z.files else None,
+                image_shape=tuple(int(s) for s in z["image_shape"]) if "image_shape" in z.files else None,
+            )
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """FID between two FeatureStats; refuses statistics of different extractors."""
+    if a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint:
+        raise ValueError(
+            f"feature statistics come from different extractors (fingerprints {a.fingerprint[:16]}... and "
+            f"{b.fingerprint[:16]}...); FID is only defined between features of the same extractor"
+        )
+    if a.dim != b.dim:
+        raise ValueError(f"feature dimensions differ: {a.dim} vs {b.dim}")
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def fid_from_features(features1: Any, features2: Any) -> float:
+    """FID between two [N, D] feature sets (each needs at least D+1 samples)."""
+    return fid_from_stats(FeatureStats.from_features(features1), FeatureStats.from_features(features2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Inception Score and accuracy
+# --------------------------------------------------------------------------------------------------
+
+
+def _softmax64(logits: Any) -> Array:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def inception_score(probs: Any, *, splits: int = 1) -> Tuple[float, float]:
+    """Inception Score from class probabilities [N, K]: (mean, std) over ``splits`` parts.
+
+    Each part scores exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean prediction. Default 1 split
+    (all samples); std is 0 then. Parts are numpy.array_split of the samples in order.
+    """
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(f"probs must be a 2-D array [N, K] of class probabilities, got shape {p.shape}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0):
+        raise ValueError("probs must be finite and non-negative")
+    row = p.sum(axis=1)
+    if not np.allclose(row, 1.0, atol=1e-3):
+        raise ValueError(
+            f"probs rows must sum to 1 (got sums between {row.min():.4g} and {row.max():.4g}); "
+            "pass softmax(logits), not logits"
+        )
+    splits = int(splits)
+    if splits < 1 or splits > p.shape[0]:
+        raise ValueError(f"splits must be in [1, N={p.shape[0]}], got {splits}")
+    p = p / row[:, None]
+    scores = []
+    for part in np.array_split(p, splits, axis=0):
+        py = part.mean(axis=0, keepdims=True)
+        # xlogy-style: 0 * log 0 = 0.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (np.log(part) - np.log(py)), 0.0).sum(axis=1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def classifier_accuracy(logits: Any, labels: Any) -> float:
+    """Top-1 accuracy of logits (or probabilities) [N, K] on integer labels [N]."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be a 2-D array [N, K], got shape {logits.shape}")
+    labels = validate_labels(labels, num_samples=logits.shape[0], num_classes=logits.shape[1])
+    if labels.size == 0:
+        raise ValueError("accuracy of zero samples is undefined")
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision / recall / density / coverage
+# --------------------------------------------------------------------------------------------------
+
+
+def _sq_norms(x: Array) -> Array:
+    return np.einsum("ij,ij->i", x, x)
+
+
+def _sq_dist_block(a: Array, a2: Array, b: Array, b2: Array) -> Array:
+    d = a2[:, None] + b2[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0, out=d)
+
+
+def _chunks(n: int, chunk_size: int):
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def _knn_sq_radii(x: Array, k: int, chunk_size: int) -> Array:
+    """Squared distance of each row of x to its k-th nearest neighbour in x ((k+1)-th incl. itself)."""
+    x2 = _sq_norms(x)
+    out = np.empty(x.shape[0], np.float64)
+    for s, e in _chunks(x.shape[0], chunk_size):
+        d = _sq_dist_block(x[s:e], x2[s:e], x, x2)
+        out[s:e] = np.partition(d, k, axis=1)[:, k]
+    return out
+
+
+def knn_radii(features: Any, k: int = 3, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
+    """Euclidean distance from each feature to its k-th nearest neighbour within the same set."""
+    x = _validate_features(features).astype(np.float64)
+    _check_knn(x.shape[0], k, "features")
+    return np.sqrt(_knn_sq_radii(x, int(k), chunk_size))
+
+
+def _manifold_pass(
+    real: Array,
+    fake: Array,
+    k: int,
+    chunk_size: int,
+    *,
+    want_pr: bool,
+    want_dc: bool,
+    real_sq_radii: Optional[Array] = None,
+) -> dict:
+    real = real.astype(np.float64, copy=False)
+    fake = fake.astype(np.float64, copy=False)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature dimensions differ: reference {real.shape[1]} vs samples {fake.shape[1]}")
+    _check_knn(real.shape[0], k, "the reference features")
+    _check_knn(fake.shape[0], k, "the sample features")
+    r_rad = _knn_sq_radii(real, k, chunk_size) if real_sq_radii is None else real_sq_radii
+    f_rad = _knn_sq_radii(fake, k, chunk_size) if want_pr else None
+    real2, fake2 = _sq_norms(real), _sq_norms(fake)
+    m, n = real.shape[0], fake.shape[0]
+    fake_in_real = np.zeros(n, bool)  # precision
+    real_in_fake = np.zeros(m, bool)  # recall
+    density_counts = np.zeros(n, np.int64)
+    covered = np.zeros(m, bool)
+    for s, e in _chunks(m, chunk_size):
+        d = _sq_dist_block(real[s:e], real2[s:e], fake, fake2)  # [real chunk, fakes]
+        rr = r_rad[s:e, None]
+        if want_pr:
+            fake_in_real |= np.any(d <= rr, axis=0)
+            real_in_fake[s:e] = np.any(d <= f_rad[None, :], axis=1)
+        if want_dc:
+            inside = d < rr
+            density_counts += inside.sum(axis=0)
+            covered[s:e] = d.min(axis=1) < r_rad[s:e]
+    out = {}
+    if want_pr:
+        out["precision"] = float(fake_in_real.mean())
+        out["recall"] = float(real_in_fake.mean())
+    if want_dc:
+        out["density"] = float(density_counts.sum() / (k * n))
+        out["coverage"] = float(covered.mean())
+    return out
+
+
+def precision_recall(
+    real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Tuple[float, float]:
+    """Improved precision and recall (Kynkaenniemi et al. 2019) with k-NN radii; returns (precision, recall)."""
+    real = _validate_features(real_features, "reference features")
+    fake = _validate_features(fake_features, "sample features")
+    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=False)
+    return r["precision"], r["recall"]
+
+
+def density_coverage(
+    real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Tuple[float, float]:
+    """Density and coverage (Naeem et al. 2020); returns (density, coverage)."""
+    real = _validate_features(real_features, "reference features")
+    fake = _validate_features(fake_features, "sample features")
+    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=False, want_dc=True)
+    return r["density"], r["coverage"]
+
+
+def prdc(
+    real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> dict:
+    """Precision, recall, density and coverage in one pass over the real x fake distances."""
+    real = _validate_features(real_features, "reference features")
+    fake = _validate_features(fake_features, "sample features")
+    return _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature extractors
+# --------------------------------------------------------------------------------------------------
+
+
+def params_fingerprint(params: Any, *, name: str = "", config: Optional[Mapping[str, Any]] = None) -> str:
+    """sha256 over the name, a JSON config and every parameter leaf (tree path, dtype, shape, bytes)."""
+    import jax
+
+    h = hashlib.sha256()
+    h.update(b"jaxdiff-extractor-v1\0")
+    h.update(str(name).encode() + b"\0")
+    h.update(json.dumps(dict(config or {}), sort_keys=True, default=repr).encode() + b"\0")
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in leaves:
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(jax.tree_util.keystr(path).encode() + b"\0")
+        h.update(f"{arr.dtype.str}{arr.shape}".encode() + b"\0")
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExtractor:
+    """A named feature extractor: ``extractor(images uint8 [N,H,W,C]) -> (features [N,D], logits [N,K] | None)``.
+
+    ``fn`` receives validated uint8 NHWC numpy images and must return numpy-convertible arrays;
+    batching and jitting are its business (``classifier_extractor`` does both). ``fingerprint`` must
+    change whenever the features could (parameters, architecture, preprocessing); cached reference
+    statistics are keyed by it.
+    """
+
+    name: str
+    fingerprint: str
+    fn: Callable[[Array], Tuple[Any, Optional[Any]]]
+
+    def __call__(self, images: Any) -> Tuple[Array, Optional[Array]]:
+        images = validate_images(images)
+        features, logits = self.fn(images)
+        features = np.asarray(features)
+        if features.ndim != 2 or features.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"extractor {self.name!r} returned features of shape {features.shape} for {images.shape[0]} "
+                "images; expected [N, D]"
+            )
+        if logits is not None:
+            logits = np.asarray(logits)
+            if logits.ndim != 2 or logits.shape[0] != images.shape[0]:
+                raise ValueError(
+                    f"extractor {self.name!r} returned logits of shape {logits.shape} for "
+                    f"{images.shape[0]} images; expected [N, K]"
+                )
+        return features, logits
+
+
+def classifier_extractor(
+    apply_fn: Callable[[Any, Any], Any],
+    params: Any,
+    *,
+    feature_fn: Optional[Callable[[Any, Any], Any]] = None,
+    batch_size: int = 256,
+    name: str = "classifier",
+    config: Optional[Mapping[str, Any]] = None,
+) -> FeatureExtractor:
+    """Wraps a Flax classifier as a FeatureExtractor.
+
+    apply_fn(params, x) -> logits [B, K], with x float32 NHWC in [-1, 1] (uint8 / 127.5 - 1). For a
+    timestep-conditioned (noisy) classifier pass e.g.
+    ``lambda p, x: model.apply(p, x, jnp.zeros(x.shape[0], jnp.int32))``.
+    feature_fn(params, x) -> features [B, ...] (flattened to [B, D]) from the penultimate layer, e.g.
+    ``lambda p, x: model.apply(p, x, method=Model.features)`` or via ``capture_intermediates``; it may also
+    return ``(features, logits)`` to get both from one forward pass. Without a feature_fn the logits are
+    used as features.
+    Images go through in fixed-size batches (the last one padded) under one jit, so one compile serves
+    any N. ``config`` (JSON-able) is folded into the fingerprint: put there whatever distinguishes
+    feature_fn choices (e.g. the layer name), since functions cannot be hashed stably.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    full_config = {"input": "uint8/127.5-1", "feature_fn": feature_fn is not None}
+    full_config.update(dict(config or {}))
+    fingerprint = params_fingerprint(params, name=name, config=full_config)
+
+    def forward(p, images_u8):
+        x = images_u8.astype(jnp.float32) / 127.5 - 1.0
+        if feature_fn is None:
+            logits = apply_fn(p, x)
+            return logits.reshape(logits.shape[0], -1), logits
+        out = feature_fn(p, x)
+        if isinstance(out, (tuple, list)) and len(out) == 2:
+            feats, logits = out
+        else:
+            feats, logits = out, apply_fn(p, x)
+        return feats.reshape(feats.shape[0], -1), logits
+
+    jitted = jax.jit(forward)
+
+    def fn(images: Array):
+        n = images.shape[0]
+        feats, logits = [], []
+        for s in range(0, n, batch_size):
+            batch = images[s : s + batch_size]
+            b = batch.shape[0]
+            if b < batch_size:
+                pad = np.zeros((batch_size - b,) + batch.shape[1:], batch.dtype)
+                batch = np.concatenate([batch, pad], axis=0)
+            f, l = jitted(params, batch)
+            feats.append(np.asarray(f, np.float32)[:b])
+            logits.append(np.asarray(l, np.float32)[:b])
+        if not feats:
+            raise ValueError("cannot extract features of zero images")
+        return np.concatenate(feats), np.concatenate(logits)
+
+    return FeatureExtractor(name=name, fingerprint=fingerprint, fn=fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference statistics cache and evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def _cache_path(cache_dir: str, key: str, fingerprint: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(key)).strip("._") or "reference"
+    return os.path.join(os.fspath(cache_dir), f"{safe}-{fingerprint[:20]}.npz")
+
+
+def reference_stats(
+    images: Union[Array, Callable[[], Array]],
+    extractor: FeatureExtractor,
+    cache_dir: Union[str, os.PathLike],
+    key: str,
+    *,
+    keep_features: bool = True,
+) -> FeatureStats:
+    """Reference statistics of a dataset split, computed once and cached on disk.
+
+    The cache file is ``cache_dir/<key>-<fingerprint[:20]>.npz`` (key such as "cifar10/train", sanitised),
+    so a new extractor (new fingerprint) never reads stale statistics. ``images`` may be a zero-argument
+    callable returning the uint8 NHWC array, so a cache hit never loads the dataset. With keep_features
+    (default) the features are stored too, which precision/recall/density/coverage need.
+    """
+    path = _cache_path(os.fspath(cache_dir), key, extractor.fingerprint)
+    if os.path.exists(path):
+        stats = FeatureStats.load(path)
+        if stats.fingerprint != extractor.fingerprint:
+            raise ValueError(
+                f"cached statistics {path} were made by extractor {stats.fingerprint[:16]}..., not "
+                f"{extractor.fingerprint[:16]}...; delete the file"
+            )
+        if not callable(images):
+            arr = np.asarray(images)
+            if arr.ndim >= 1 and arr.shape[0] != stats.n:
+                raise ValueError(
+                    f"cached statistics {path} for key {key!r} hold n = {stats.n} images but {arr.shape[0]} "
+                    "were given; use a different key for a different dataset/split or delete the file"
+                )
+        if keep_features and stats.features is None:
+            pass  # fall through: recompute with features
+        else:
+            return stats
+    arr = images() if callable(images) else images
+    arr = validate_images(arr, what="reference images")
+    features, _ = extractor(arr)
+    stats = FeatureStats.from_features(
+        features, extractor.fingerprint, keep_features=keep_features, image_shape=arr.shape[1:]
+    )
+    stats.save(path)
+    return stats
+
+
+def evaluate_samples(
+    sample_images: Any,
+    sample_labels: Any,
+    reference: Union[FeatureStats, Array],
+    extractor: FeatureExtractor,
+    *,
+    num_classes: int,
+    k: int = 3,
+    is_splits: int = 1,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict:
+    """All sample-quality metrics of uint8 NHWC samples against a reference (FeatureStats or images).
+
+    Returns a dict with fid, inception_score, inception_score_std, precision, recall, density, coverage,
+    accuracy (top-1 of the extractor's logits on the requested labels), extractor_fingerprint,
+    num_samples, num_reference, feature_dim, k, is_splits. Metrics that cannot be computed are NaN:
+    IS and accuracy when the extractor gives no logits, accuracy when sample_labels is None
+    (unconditional samples), precision/recall/density/coverage when the reference is FeatureStats
+    without stored features.
+    """
+    if isinstance(reference, FeatureStats):
+        if reference.fingerprint != extractor.fingerprint:
+            raise ValueError(
+                f"reference statistics were computed with extractor fingerprint {reference.fingerprint[:16]}... "
+                f"but the extractor {extractor.name!r} has {extractor.fingerprint[:16]}...; recompute them"
+            )
+        ref_shape = reference.image_shape
+    else:
+        ref_images = validate_images(reference, what="reference images")
+        ref_shape = ref_images.shape[1:]
+    images = validate_images(sample_images, image_shape=ref_shape, what="sample images")
+    n = images.shape[0]
+    labels = None
+    if sample_labels is not None:
+        labels = validate_labels(sample_labels, num_samples=n, num_classes=num_classes, what="sample labels")
+    elif num_classes is None or int(num_classes) < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    k = int(k)
+    _check_knn(n, k, "the samples")
+
+    if not isinstance(reference, FeatureStats):
+        ref_feats, _ = extractor(ref_images)
+        reference = FeatureStats.from_features(
+            ref_feats, extractor.fingerprint, keep_features=True, image_shape=ref_shape
+        )
+
+    features, logits = extractor(images)
+    d = features.shape[1]
+    if d != reference.dim:
+        raise ValueError(f"sample features have dimension {d} but the reference has {reference.dim}")
+    _check_full_rank(n, d, "the sample features")
+    sample_stats = FeatureStats.from_features(features, extractor.fingerprint)
+
+    result = {"fid": fid_from_stats(sample_stats, reference)}
+
+    nan = float("nan")
+    if logits is not None:
+        if logits.shape[1] != int(num_classes):
+            raise ValueError(
+                f"extractor {extractor.name!r} gives {logits.shape[1]} logits per image but num_classes = "
+                f"{num_classes}; they must agree"
+            )
+        is_mean, is_std = inception_score(_softmax64(logits), splits=is_splits)
+        acc = classifier_accuracy(logits, labels) if labels is not None else nan
+    else:
+        is_mean, is_std, acc = nan, nan, nan
+    result.update(inception_score=is_mean, inception_score_std=is_std)
+
+    if reference.features is not None:
+        result.update(prdc(reference.features, features, k=k, chunk_size=chunk_size))
+    else:
+        result.update(precision=nan, recall=nan, density=nan, coverage=nan)
+    result.update(
+        accuracy=acc,
+        extractor_fingerprint=extractor.fingerprint,
+        num_samples=int(n),
+        num_reference=int(reference.n),
+        feature_dim=int(d),
+        k=k,
+        is_splits=int(is_splits),
+    )
+    return result
+
+
+def load_samples_npz(
+    path: Union[str, os.PathLike],
+    *,
+    num_classes: Optional[int] = None,
+    image_shape: Optional[Sequence[int]] = None,
+) -> Tuple[Array, Optional[Array]]:
+    """Reads guided-diffusion's sample file: ``arr_0`` uint8 NHWC images, optional ``arr_1`` labels.
+
+    Returns (images, labels or None), validated like evaluate_samples' inputs (labels checked against
+    [0, num_classes) when num_classes is given, images against image_shape when given).
+    """
+    with np.load(os.fspath(path), allow_pickle=False) as z:
+        if "arr_0" not in z.files:
+            raise ValueError(f"{os.fspath(path)} has no 'arr_0' (uint8 NHWC images); it holds {z.files}")
+        images = validate_images(z["arr_0"], image_shape=image_shape, what=f"{os.fspath(path)}:arr_0")
+        labels = None
+        if "arr_1" in z.files:
+            raw = z["arr_1"]
+            if num_classes is not None:
+                labels = validate_labels(raw, num_samples=images.shape[0], num_classes=num_classes,
+                                         what=f"{os.fspath(path)}:arr_1 labels")
+            else:
+                raw = np.asarray(raw)
+                if raw.ndim != 1 or raw.dtype.kind not in "iu":
+                    raise ValueError(
+                        f"{os.fspath(path)}:arr_1 labels must be a 1-D integer array, got shape {raw.shape} "
+                        f"dtype {raw.dtype}"
+                    )
+                if raw.shape[0] != images.shape[0]:
+                    raise ValueError(
+                        f"{os.fspath(path)}:arr_1 labels count {raw.shape[0]} != samples count {images.shape[0]}"
+                    )
+                if raw.size and raw.min() < 0:
+                    raise ValueError(f"{os.fspath(path)}:arr_1 labels contain {int(raw.min())} < 0")
+                labels = raw.astype(np.int64)
+    return images, labels
