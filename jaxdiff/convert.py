@@ -1,0 +1,774 @@
+"""Loading openai/guided-diffusion (PyTorch) checkpoints into jaxdiff models.
+
+Python API
+    flags_from_args(argstring, kind=None) -> (model_flags, diffusion_flags)
+    parse_gd_flags(argstring) -> dict
+    expected_state_dict_shapes(module, kind=None) -> dict[str, tuple[int, ...]]
+    abstract_params(module, kind=None) -> params pytree of jax.ShapeDtypeStruct
+    from_guided_diffusion(state_dict, kind, **flags) -> (module, params)
+    to_guided_diffusion(params, module, kind=None) -> dict[str, np.ndarray]
+    load_state_dict(source) -> dict[str, np.ndarray]
+    save_converted(directory, params, kind, model_flags, diffusion_flags=None, force=False) -> Path
+    load_converted(directory, **overrides) -> (module, params, config)
+
+Command line
+    python -m jaxdiff.convert (--pt FILE.pt | --npz FILE.npz) --kind unet|classifier|superres \
+        --flags "<guided-diffusion command-line flags>" --out DIR [--force]
+writes DIR/config.json ({"kind", "model", "diffusion", "source": "guided-diffusion"}) and DIR/params
+(orbax StandardCheckpointer), atomically (DIR.tmp, then rename); an existing non-empty DIR is only
+replaced with --force.
+
+Layout mapping: Conv2d OIHW -> HWIO; Linear (out, in) -> (in, out); the token-wise conv1d layers
+(qkv, proj_out, qkv_proj, c_proj; weight (O, I, 1)) -> Dense (I, O); GroupNorm weight -> scale;
+Embedding weight -> embedding; the classifier's positional_embedding (C, T) -> (T, C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+__all__ = [
+    "abstract_params",
+    "expected_state_dict_shapes",
+    "flags_from_args",
+    "from_guided_diffusion",
+    "load_converted",
+    "load_state_dict",
+    "main",
+    "parse_gd_flags",
+    "save_converted",
+    "to_guided_diffusion",
+]
+
+KINDS = ("unet", "classifier", "superres")
+
+# ----------------------------------------------------------------------------------------------
+# guided-diffusion command-line flags (script_util.py defaults)
+# ----------------------------------------------------------------------------------------------
+
+NUM_CLASSES = 1000
+
+_DIFFUSION_DEFAULTS = dict(
+    learn_sigma=False,
+    diffusion_steps=1000,
+    noise_schedule="linear",
+    timestep_respacing="",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+)
+_MODEL_DEFAULTS = dict(
+    image_size=64,
+    num_channels=128,
+    num_res_blocks=2,
+    num_heads=4,
+    num_heads_upsample=-1,
+    num_head_channels=-1,
+    attention_resolutions="16,8",
+    channel_mult="",
+    dropout=0.0,
+    class_cond=False,
+    use_checkpoint=False,
+    use_scale_shift_norm=True,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+)
+_CLASSIFIER_DEFAULTS = dict(
+    image_size=64,
+    classifier_use_fp16=False,
+    classifier_width=128,
+    classifier_depth=2,
+    classifier_attention_resolutions="32,16,8",
+    classifier_use_scale_shift_norm=True,
+    classifier_resblock_updown=True,
+    classifier_pool="attention",
+)
+_SR_DEFAULTS = dict(large_size=256, small_size=64)
+# Flags of guided-diffusion's scripts (sampling / training) that do not shape the network: accepted
+# and returned by parse_gd_flags, ignored by flags_from_args.
+_SCRIPT_DEFAULTS = dict(
+    clip_denoised=True,
+    num_samples=10000,
+    batch_size=16,
+    use_ddim=False,
+    model_path="",
+    classifier_path="",
+    classifier_scale=1.0,
+    base_samples="",
+    data_dir="",
+    val_data_dir="",
+    schedule_sampler="uniform",
+    lr=1e-4,
+    weight_decay=0.0,
+    lr_anneal_steps=0,
+    microbatch=-1,
+    ema_rate="0.9999",
+    log_interval=10,
+    save_interval=10000,
+    resume_checkpoint="",
+    fp16_scale_growth=1e-3,
+    noised=True,
+    iterations=150000,
+    anneal_lr=False,
+    eval_interval=5,
+)
+_ALL_DEFAULTS = {**_SCRIPT_DEFAULTS, **_DIFFUSION_DEFAULTS, **_CLASSIFIER_DEFAULTS, **_SR_DEFAULTS, **_MODEL_DEFAULTS}
+
+
+def _str2bool(name: str, v: str) -> bool:
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise ValueError(f"--{name} {v!r}: boolean value expected (True/False)")
+
+
+def _typed(name: str, v: str):
+    default = _ALL_DEFAULTS[name]
+    if isinstance(default, bool):
+        return _str2bool(name, v)
+    try:
+        if isinstance(default, int):
+            return int(v)
+        if isinstance(default, float):
+            return float(v)
+    except ValueError:
+        raise ValueError(f"--{name} {v!r}: expected {type(default).__name__}") from None
+    return v
+
+
+def _parse_given(argstring: str) -> dict:
+    tokens = shlex.split(argstring) if isinstance(argstring, str) else list(argstring)
+    given = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            raise ValueError(f"unexpected token {tok!r} in guided-diffusion flags (expected --name value)")
+        if "=" in tok:
+            name, value = tok[2:].split("=", 1)
+            i += 1
+        else:
+            name = tok[2:]
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ValueError(f"--{name} needs a value (guided-diffusion flags are '--name value')")
+            value = tokens[i + 1]
+            i += 2
+        if name not in _ALL_DEFAULTS:
+            near = difflib.get_close_matches(name, _ALL_DEFAULTS, n=1, cutoff=0.5)
+            hint = f" (did you mean --{near[0]}?)" if near else ""
+            raise ValueError(f"unknown guided-diffusion flag --{name}{hint}")
+        given[name] = _typed(name, value)
+    return given
+
+
+def parse_gd_flags(argstring: str) -> dict:
+    """Every guided-diffusion command-line flag (model, classifier, super-res, diffusion and script
+    flags) with script_util's defaults, overridden by the typed values in `argstring`."""
+    return {**_ALL_DEFAULTS, **_parse_given(argstring)}
+
+
+def _channel_mult_for(image_size: int, table: dict, what: str):
+    if image_size not in table:
+        raise ValueError(f"unsupported {what}: {image_size} (guided-diffusion knows {sorted(table)})")
+    return table[image_size]
+
+
+_UNET_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+_SR_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+
+
+def _ds(resolutions: str, size: int) -> tuple:
+    return tuple(size // int(res) for res in str(resolutions).split(","))
+
+
+def _parse_mult(s: str) -> tuple:
+    out = []
+    for part in s.split(","):
+        v = float(part)
+        out.append(int(v) if v.is_integer() else v)
+    return tuple(out)
+
+
+def _infer_kind(given: dict) -> str:
+    if "large_size" in given or "small_size" in given:
+        return "superres"
+    model_specific = set(_MODEL_DEFAULTS) - {"image_size"}
+    if any(k.startswith("classifier_") and k not in ("classifier_path", "classifier_scale") for k in given) and not (
+        model_specific & set(given)
+    ):
+        return "classifier"
+    return "unet"
+
+
+def flags_from_args(argstring: str, kind: Optional[str] = None) -> tuple:
+    """guided-diffusion command-line flags -> (model constructor kwargs, diffusion kwargs).
+
+    Reproduces script_util.create_model ("unet"), create_classifier ("classifier") and
+    sr_create_model ("superres"): channel_mult chosen by image size, attention resolutions turned into
+    downsampling factors ds = image_size // res, out_channels 6 with learn_sigma, num_classes 1000
+    with class_cond; classifiers get out_channels 1000 and num_head_channels 64. `kind=None` infers
+    it (large_size/small_size -> superres, only classifier_* flags -> classifier, else unet).
+    The diffusion dict has learn_sigma, diffusion_steps, noise_schedule, timestep_respacing, use_kl,
+    predict_xstart, rescale_timesteps, rescale_learned_sigmas. Script-only flags are ignored.
+    """
+    given = _parse_given(argstring)
+    a = {**_ALL_DEFAULTS, **given}
+    if kind is None:
+        kind = _infer_kind(given)
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    diffusion = {k: a[k] for k in _DIFFUSION_DEFAULTS}
+    if kind == "unet":
+        if a["channel_mult"] == "":
+            channel_mult = _channel_mult_for(a["image_size"], _UNET_MULT, "image size")
+        else:
+            channel_mult = _parse_mult(a["channel_mult"])
+        model = dict(
+            image_size=a["image_size"],
+            in_channels=3,
+            model_channels=a["num_channels"],
+            out_channels=(6 if a["learn_sigma"] else 3),
+            num_res_blocks=a["num_res_blocks"],
+            attention_resolutions=_ds(a["attention_resolutions"], a["image_size"]),
+            dropout=a["dropout"],
+            channel_mult=channel_mult,
+            num_classes=(NUM_CLASSES if a["class_cond"] else None),
+            use_checkpoint=a["use_checkpoint"],
+            use_fp16=a["use_fp16"],
+            num_heads=a["num_heads"],
+            num_head_channels=a["num_head_channels"],
+            num_heads_upsample=a["num_heads_upsample"],
+            use_scale_shift_norm=a["use_scale_shift_norm"],
+            resblock_updown=a["resblock_updown"],
+            use_new_attention_order=a["use_new_attention_order"],
+        )
+    elif kind == "classifier":
+        model = dict(
+            image_size=a["image_size"],
+            in_channels=3,
+            model_channels=a["classifier_width"],
+            out_channels=1000,
+            num_res_blocks=a["classifier_depth"],
+            attention_resolutions=_ds(a["classifier_attention_resolutions"], a["image_size"]),
+            channel_mult=_channel_mult_for(a["image_size"], _UNET_MULT, "image size"),
+            use_fp16=a["classifier_use_fp16"],
+            num_head_channels=64,
+            use_scale_shift_norm=a["classifier_use_scale_shift_norm"],
+            resblock_updown=a["classifier_resblock_updown"],
+            pool=a["classifier_pool"],
+        )
+    else:
+        for flag in ("channel_mult", "use_new_attention_order"):
+            if flag in given and given[flag] != _MODEL_DEFAULTS[flag]:
+                raise ValueError(
+                    f"--{flag} is not a flag of guided-diffusion's super-resolution scripts "
+                    f"(sr_create_model fixes it); remove it"
+                )
+        large = a["large_size"]
+        model = dict(
+            image_size=large,
+            in_channels=3,
+            model_channels=a["num_channels"],
+            out_channels=(6 if a["learn_sigma"] else 3),
+            num_res_blocks=a["num_res_blocks"],
+            attention_resolutions=_ds(a["attention_resolutions"], large),
+            dropout=a["dropout"],
+            channel_mult=_channel_mult_for(large, _SR_MULT, "large size"),
+            num_classes=(NUM_CLASSES if a["class_cond"] else None),
+            use_checkpoint=a["use_checkpoint"],
+            num_heads=a["num_heads"],
+            num_head_channels=a["num_head_channels"],
+            num_heads_upsample=a["num_heads_upsample"],
+            use_scale_shift_norm=a["use_scale_shift_norm"],
+            resblock_updown=a["resblock_updown"],
+            use_fp16=a["use_fp16"],
+        )
+    return model, diffusion
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter layout: jaxdiff param tree <-> guided-diffusion state_dict
+# ----------------------------------------------------------------------------------------------
+
+_CONV1D = {"qkv", "proj_out", "qkv_proj", "c_proj"}
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
+         "positional_embedding": "positional_embedding"}
+_ORDER = [
+    "time_embed", "label_emb", "input_blocks", "middle_block", "output_blocks", "out",
+    "in_layers", "emb_layers", "out_layers", "skip_connection", "op", "conv",
+    "norm", "qkv", "proj_out", "positional_embedding", "qkv_proj", "c_proj", "weight", "bias",
+]
+_RANK = {n: i for i, n in enumerate(_ORDER)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    path: tuple  # path in the Flax params tree
+    key: str  # guided-diffusion state_dict key
+    shape: tuple  # torch shape
+    flax_shape: tuple
+    transform: str  # conv2d | conv1d | dense | posemb | identity
+
+
+def _torch_key(path: tuple) -> str:
+    mods = [re.sub(r"_(\d+)", r".\1", p) for p in path[:-1]]
+    return ".".join(mods + [_LEAF[path[-1]]])
+
+
+def _order_key(key: str):
+    out = []
+    for part in key.split("."):
+        out.append((0, int(part), "") if part.isdigit() else (1, _RANK.get(part, len(_RANK)), part))
+    return out
+
+
+def _transform(path: tuple, ndim: int) -> str:
+    leaf = path[-1]
+    if leaf == "kernel":
+        if ndim == 4:
+            return "conv2d"
+        return "conv1d" if path[-2] in _CONV1D else "dense"
+    if leaf == "positional_embedding":
+        return "posemb"
+    return "identity"
+
+
+def _to_torch_shape(shape: tuple, transform: str) -> tuple:
+    if transform == "conv2d":
+        return (shape[3], shape[2], shape[0], shape[1])
+    if transform == "conv1d":
+        return (shape[1], shape[0], 1)
+    if transform in ("dense", "posemb"):
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def _to_flax(a: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "conv2d":
+        return a.transpose(2, 3, 1, 0)
+    if transform == "conv1d":
+        return a[:, :, 0].T
+    if transform in ("dense", "posemb"):
+        return a.T
+    return a
+
+
+def _to_torch(a: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "conv2d":
+        return a.transpose(3, 2, 0, 1)
+    if transform == "conv1d":
+        return a.T[:, :, None]
+    if transform in ("dense", "posemb"):
+        return a.T
+    return a
+
+
+def _kind_of(module) -> str:
+    from jaxdiff.models import EncoderUNetModel, SuperResModel, UNetModel
+
+    if isinstance(module, SuperResModel):
+        return "superres"
+    if isinstance(module, EncoderUNetModel):
+        return "classifier"
+    if isinstance(module, UNetModel):
+        return "unet"
+    raise ValueError(f"not a jaxdiff ADM model: {type(module).__name__}")
+
+
+def abstract_params(module, kind: Optional[str] = None):
+    """Shapes/dtypes of `module`'s params (jax.eval_shape of init: nothing is computed or allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    kind = kind or _kind_of(module)
+    s = module.image_size
+    x = jax.ShapeDtypeStruct((1, s, s, module.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    kw = {}
+    if kind == "superres":
+        kw["low_res"] = x
+    if kind != "classifier" and module.num_classes is not None:
+        kw["y"] = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+    def init(x, t, kw):
+        return module.init(jax.random.key(0), x, t, **kw)
+
+    return jax.eval_shape(init, x, t, kw)["params"]
+
+
+def _flatten(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_cached(module, kind: str) -> tuple:
+    entries = []
+    for path, leaf in _flatten(abstract_params(module, kind)):
+        tr = _transform(path, len(leaf.shape))
+        entries.append(_Entry(path, _torch_key(path), _to_torch_shape(tuple(leaf.shape), tr), tuple(leaf.shape), tr))
+    entries.sort(key=lambda e: _order_key(e.key))
+    return tuple(entries)
+
+
+def _layout(module, kind: Optional[str] = None) -> tuple:
+    kind = kind or _kind_of(module)
+    try:
+        return _layout_cached(module, kind)
+    except TypeError:  # unhashable flags
+        return _layout_cached.__wrapped__(module, kind)
+
+
+def expected_state_dict_shapes(module, kind: Optional[str] = None) -> dict:
+    """guided-diffusion state_dict key -> torch shape that `module` requires, in state_dict order.
+    Computed with jax.eval_shape; the converter checks checkpoints against exactly this."""
+    return {e.key: e.shape for e in _layout(module, kind)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Error hints
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_prefix(key: str) -> Optional[str]:
+    parts = key.split(".")
+    if parts[0] in ("input_blocks", "output_blocks") and len(parts) > 3:
+        return ".".join(parts[:3])
+    return None
+
+
+def _num_blocks(keys, which: str) -> int:
+    idx = [int(k.split(".")[1]) for k in keys if k.startswith(which + ".")]
+    return max(idx) + 1 if idx else 0
+
+
+def _hint(key, problem, kind, expected: dict, given: dict) -> str:
+    parts = key.split(".")
+    top = parts[0]
+    exp_shape, got_shape = expected.get(key), given.get(key)
+    if top == "label_emb":
+        if problem == "missing":
+            return "the flags build a class-conditional model but the checkpoint is not: num_classes=None (class_cond False)"
+        if problem == "unexpected":
+            return "the checkpoint is class-conditional: set num_classes (class_cond True)"
+        return f"num_classes (class_cond; null_label adds one row): checkpoint has {got_shape[0]} label rows"
+    if top == "time_embed":
+        return "model_channels (num_channels / classifier_width)"
+    if top in ("input_blocks", "output_blocks", "middle_block"):
+        for which in ("input_blocks", "output_blocks"):
+            ne, ng = _num_blocks(expected, which), _num_blocks(given, which)
+            if ne != ng:
+                return (
+                    f"num_res_blocks / channel_mult: the checkpoint has {ng} {which}, these flags give {ne}"
+                )
+        if key == "input_blocks.0.0.weight" and problem == "shape" and exp_shape[1] != got_shape[1]:
+            return (
+                f"in_channels: the checkpoint's first conv takes {got_shape[1]} channels, these flags give "
+                f"{exp_shape[1]} (a SuperResModel doubles in_channels: kind 'superres' vs 'unet')"
+            )
+        if problem == "shape":
+            if ".emb_layers." in key and exp_shape and got_shape:
+                if got_shape[0] == 2 * exp_shape[0]:
+                    return "use_scale_shift_norm: the checkpoint uses scale-shift norm (emb_layers give 2C)"
+                if exp_shape[0] == 2 * got_shape[0]:
+                    return "use_scale_shift_norm: the checkpoint does not use scale-shift norm (emb_layers give C)"
+            return "model_channels / channel_mult (channel counts differ)"
+        prefix = _block_prefix(key)
+        if prefix is not None:
+            other = given if problem == "missing" else expected
+            layer = ".".join(parts[:3])
+            mine = parts[3] if len(parts) > 3 else ""
+            theirs = {k.split(".")[3] for k in other if k.startswith(layer + ".") and len(k.split(".")) > 4}
+            resample = {"op", "conv"}
+            if (mine in resample and theirs and not theirs & resample) or (
+                mine not in resample and theirs & resample
+            ):
+                return "resblock_updown (ResBlock up/down vs Upsample/Downsample layers)"
+            if mine in resample and not theirs:
+                return "conv_resample / resblock_updown (learned up/down-sampling convolutions)"
+        if any(p in ("norm", "qkv", "proj_out") for p in parts[3:] if top != "middle_block") or (
+            top == "middle_block" and parts[1] == "1"
+        ):
+            return "attention_resolutions (where attention layers sit)"
+        if "skip_connection" in parts:
+            return "model_channels / channel_mult (a skip connection exists only where channels change)"
+        return "num_res_blocks / channel_mult / attention_resolutions (block layout differs)"
+    if top == "out":
+        if kind == "classifier":
+            if problem == "shape":
+                if "positional_embedding" in parts:
+                    return "image_size / channel_mult (the attention pool's positional embedding covers image_size // ds pixels)"
+                if "c_proj" in parts or (parts[1] in ("2", "3") and exp_shape and got_shape and exp_shape[0] != got_shape[0]):
+                    return f"out_channels (number of classes): the checkpoint has {got_shape[0]}"
+                return "model_channels / channel_mult"
+            return "pool (adaptive / attention / spatial / spatial_v2 have different heads)"
+        if problem == "shape" and exp_shape and got_shape and exp_shape[0] != got_shape[0]:
+            return (
+                f"out_channels / learn_sigma: the checkpoint outputs {got_shape[0]} channels (6 = learned sigma, "
+                f"3 = fixed)"
+            )
+        return "model_channels / channel_mult"
+    return "the model kind or the checkpoint (key not produced by guided-diffusion's constructors)"
+
+
+def _mismatch_error(kind: str, expected: dict, given: dict, limit: int = 8) -> Optional[str]:
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [k for k in expected if k in given and tuple(given[k]) != tuple(expected[k])]
+    if not (missing or unexpected or wrong):
+        return None
+    problems = [("shape", k) for k in wrong] + [("unexpected", k) for k in unexpected] + [
+        ("missing", k) for k in missing
+    ]
+    hints = [(problem, k, _hint(k, problem, kind, expected, given)) for problem, k in problems]
+    counts: dict = {}
+    for _, _, h in hints:
+        counts[h] = counts.get(h, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    lines = [
+        f"guided-diffusion state_dict does not fit the {kind!r} model built from these flags "
+        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrongly shaped keys); "
+        f"most likely flag: {ranked[0][0]}"
+        + (f" (also: {'; '.join(h for h, _ in ranked[1:3])})" if len(ranked) > 1 else "")
+    ]
+    for problem, k, h in hints[:limit]:
+        if problem == "shape":
+            what = f"key {k!r} has shape {tuple(given[k])}, the model needs {tuple(expected[k])}"
+        elif problem == "unexpected":
+            what = f"unexpected key {k!r} {tuple(given[k])} (not in the model)"
+        else:
+            what = f"missing key {k!r} {tuple(expected[k])} (the model needs it)"
+        lines.append(f"  {what}; likely flag: {h}")
+    if len(hints) > limit:
+        lines.append(f"  ... and {len(hints) - limit} more")
+    lines.append(
+        "  (num_heads / num_head_channels / use_new_attention_order do not change shapes: check them against "
+        "the checkpoint's release flags too)"
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_numpy(v) -> np.ndarray:
+    if hasattr(v, "detach"):  # torch tensor
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            v = v.float()
+        return v.numpy()
+    return np.asarray(v)
+
+
+def load_state_dict(source) -> dict:
+    """A guided-diffusion state_dict as {key: np.ndarray}, from a mapping (numpy arrays or torch
+    tensors), a .npz file, or a .pt file (read with torch.load(map_location='cpu', weights_only=True))."""
+    if isinstance(source, Mapping):
+        return {str(k): _as_numpy(v) for k, v in source.items()}
+    path = Path(os.fspath(source))
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"reading {path} needs PyTorch (pip install torch); or convert the state_dict to .npz"
+        ) from None
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path} does not hold a state_dict (got {type(sd).__name__})")
+    return {str(k): _as_numpy(v) for k, v in sd.items()}
+
+
+def _check_kind(kind: str):
+    if kind not in KINDS:
+        near = difflib.get_close_matches(str(kind), KINDS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown model kind {kind!r}{hint}; expected one of {KINDS}")
+
+
+def from_guided_diffusion(state_dict, kind: str, **flags):
+    """Build the jaxdiff model for guided-diffusion constructor `flags` and convert `state_dict`.
+
+    state_dict: mapping of numpy arrays / torch tensors, or a path to a .pt or .npz file.
+    kind: "unet" (UNetModel), "classifier" (EncoderUNetModel) or "superres" (SuperResModel, given
+    in_channels=3 like guided-diffusion). Returns (module, params) for module.apply({'params': params}, ...).
+    Every key must be consumed: a missing, unexpected or wrongly shaped key raises ValueError naming
+    the key and the flag that most likely differs.
+    """
+    import jax.numpy as jnp
+
+    from jaxdiff.models import create_model
+
+    _check_kind(kind)
+    sd = load_state_dict(state_dict)
+    module = create_model(kind, **flags)
+    layout = _layout(module, kind)
+    expected = {e.key: e.shape for e in layout}
+    given = {k: tuple(v.shape) for k, v in sd.items()}
+    err = _mismatch_error(kind, expected, given)
+    if err:
+        raise ValueError(err)
+    params: dict = {}
+    for e in layout:
+        a = np.asarray(sd[e.key])
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"key {e.key!r} has dtype {a.dtype}, expected floating point")
+        a = _to_flax(a.astype(np.float32), e.transform)
+        node = params
+        for p in e.path[:-1]:
+            node = node.setdefault(p, {})
+        node[e.path[-1]] = jnp.asarray(np.ascontiguousarray(a))
+    return module, params
+
+
+def to_guided_diffusion(params, module, kind: Optional[str] = None) -> dict:
+    """Inverse of from_guided_diffusion: jaxdiff params -> {state_dict key: np.ndarray} (torch layout,
+    state_dict order)."""
+    out = {}
+    for e in _layout(module, kind):
+        node = params
+        for p in e.path:
+            node = node[p]
+        a = np.asarray(node, dtype=np.float32)
+        if tuple(a.shape) != e.flax_shape:
+            raise ValueError(f"param {'/'.join(e.path)} has shape {a.shape}, expected {e.flax_shape}")
+        out[e.key] = np.ascontiguousarray(_to_torch(a, e.transform))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Converted checkpoints on disk
+# ----------------------------------------------------------------------------------------------
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(a) for a in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(a) for k, a in v.items()}
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def save_converted(directory, params, kind: str, model_flags: dict, diffusion_flags: Optional[dict] = None,
+                   force: bool = False) -> Path:
+    """Write DIR/config.json and DIR/params (orbax), atomically via DIR.tmp + rename. Refuses an
+    existing non-empty DIR unless force."""
+    import orbax.checkpoint as ocp
+
+    out = Path(os.fspath(directory)).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", params)
+        ckptr.wait_until_finished()
+        ckptr.close()
+        config = {
+            "kind": kind,
+            "model": _jsonable(dict(model_flags)),
+            "diffusion": _jsonable(dict(diffusion_flags or {})),
+            "source": "guided-diffusion",
+        }
+        with open(tmp / "config.json", "w") as f:
+            json.dump(config, f, indent=1)
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_converted(directory, **overrides):
+    """(module, params, config) from a directory written by `python -m jaxdiff.convert`.
+
+    `overrides` replace model flags that do not change parameter shapes, e.g. dtype="float32" (a
+    checkpoint converted with use_fp16=True computes in bfloat16 unless dtype is given) or
+    use_checkpoint=True. config is the file's content (without the overrides)."""
+    import orbax.checkpoint as ocp
+
+    from jaxdiff.models import create_model
+
+    d = Path(os.fspath(directory)).absolute()
+    with open(d / "config.json") as f:
+        config = json.load(f)
+    module = create_model(config["kind"], **{**config["model"], **overrides})
+    abstract = abstract_params(module, config["kind"])
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        params = ckptr.restore(d / "params", abstract)
+    finally:
+        ckptr.close()
+    return module, params, config
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxdiff.convert",
+        description="Convert an openai/guided-diffusion checkpoint into a jaxdiff checkpoint directory.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pt", help="PyTorch .pt state_dict (needs torch)")
+    src.add_argument("--npz", help="numpy .npz state_dict (keys as in the .pt file)")
+    p.add_argument("--kind", choices=KINDS, default=None,
+                   help="unet, classifier or superres (default: inferred from --flags)")
+    p.add_argument("--flags", required=True,
+                   help='guided-diffusion command-line flags, e.g. "--image_size 64 --num_channels 192 ..."')
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    args = p.parse_args(argv)
+
+    given = _parse_given(args.flags)
+    kind = args.kind or _infer_kind(given)
+    model_flags, diffusion_flags = flags_from_args(args.flags, kind)
+    out = Path(args.out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
+        return 2
+    module, params = from_guided_diffusion(args.pt or args.npz, kind, **model_flags)
+    save_converted(out, params, kind, model_flags, diffusion_flags, force=args.force)
+    n = sum(int(np.prod(e.flax_shape)) for e in _layout(module, kind))
+    print(json.dumps({"out": str(out), "kind": kind, "parameters": n}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

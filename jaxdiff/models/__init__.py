@@ -1,0 +1,159 @@
+"""ADM networks (openai/guided-diffusion architectures) in Flax linen, NHWC.
+
+    create_model(kind, **flags) -> nn.Module      kind: "unet" | "classifier" | "superres"
+    check_labels(y, num_classes, null_label=False) -> np.ndarray
+
+Flags are the keyword arguments of guided-diffusion's UNetModel / EncoderUNetModel / SuperResModel
+(attention_resolutions as downsampling factors ds), plus `null_label` (U-Net, super-res) and `dtype`.
+create_model validates every flag in Python, before anything is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Optional
+
+import numpy as np
+import flax.linen as nn
+
+from jaxdiff.models import layers
+from jaxdiff.models.classifier import EncoderUNetModel
+from jaxdiff.models.layers import (
+    AttentionBlock,
+    AttentionPool2d,
+    Conv,
+    Downsample,
+    GroupNorm32,
+    ResBlock,
+    Upsample,
+    check_architecture,
+    make_plan,
+    timestep_embedding,
+)
+from jaxdiff.models.unet import SuperResModel, UNetModel, upsample_bilinear, validate_labels
+
+__all__ = [
+    "AttentionBlock",
+    "AttentionPool2d",
+    "Conv",
+    "Downsample",
+    "EncoderUNetModel",
+    "GroupNorm32",
+    "MODEL_KINDS",
+    "ResBlock",
+    "SuperResModel",
+    "UNetModel",
+    "Upsample",
+    "check_architecture",
+    "check_labels",
+    "create_model",
+    "layers",
+    "make_plan",
+    "model_flag_names",
+    "normalize_flags",
+    "timestep_embedding",
+    "upsample_bilinear",
+]
+
+MODEL_KINDS = {"unet": UNetModel, "classifier": EncoderUNetModel, "superres": SuperResModel}
+
+_REQUIRED = ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions")
+
+# guided-diffusion script (command-line) names people pass by mistake -> constructor flags.
+_SCRIPT_ALIASES = {
+    "num_channels": "model_channels",
+    "class_cond": "num_classes",
+    "learn_sigma": "out_channels",
+    "large_size": "image_size",
+    "classifier_width": "model_channels",
+    "classifier_depth": "num_res_blocks",
+    "classifier_pool": "pool",
+    "classifier_attention_resolutions": "attention_resolutions",
+    "classifier_use_scale_shift_norm": "use_scale_shift_norm",
+    "classifier_resblock_updown": "resblock_updown",
+    "classifier_use_fp16": "use_fp16",
+}
+
+
+def model_flag_names(kind: str) -> tuple:
+    """Constructor flags accepted for `kind`."""
+    cls = _kind_class(kind)
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name"))
+
+
+def _kind_class(kind: str):
+    if kind not in MODEL_KINDS:
+        near = difflib.get_close_matches(str(kind), MODEL_KINDS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown model kind {kind!r}{hint}; expected one of {sorted(MODEL_KINDS)}")
+    return MODEL_KINDS[kind]
+
+
+def check_labels(y, num_classes: Optional[int], null_label: bool = False) -> np.ndarray:
+    """Validate concrete integer labels on the host (before jitting): 0 <= y < num_classes, or
+    y == num_classes ("no label") when null_label. Returns them as a numpy array; raises ValueError."""
+    return validate_labels(y, num_classes, null_label)
+
+
+def normalize_flags(kind: str, **flags) -> dict:
+    """Check flag names and values for `kind` and return them normalised (tuples, ints); raises
+    ValueError naming the bad flag/value and what is allowed. Does not build anything."""
+    names = model_flag_names(kind)
+    for k in flags:
+        if k not in names:
+            near = difflib.get_close_matches(k, names, n=1, cutoff=0.5)
+            alias = _SCRIPT_ALIASES.get(k)
+            if alias in names:
+                hint = (
+                    f" (did you mean {alias!r}? {k!r} is a guided-diffusion command-line flag; "
+                    f"jaxdiff.convert.flags_from_args translates those)"
+                )
+            elif near:
+                hint = f" (did you mean {near[0]!r}?)"
+            else:
+                hint = ""
+            raise ValueError(f"unknown flag {k!r} for a {kind!r} model{hint}; allowed flags: {', '.join(names)}")
+    missing = [k for k in _REQUIRED if k not in flags]
+    if missing:
+        raise ValueError(f"missing required flag(s) {missing} for a {kind!r} model")
+    out = dict(flags)
+    for key in ("attention_resolutions", "channel_mult"):
+        if key in out:
+            v = out[key]
+            if isinstance(v, str):
+                v = [s for s in v.split(",") if s.strip()]
+                v = [float(s) for s in v]
+            try:
+                v = tuple(v)
+            except TypeError:
+                raise ValueError(f"{key}={out[key]!r}: expected a sequence of numbers") from None
+            norm = []
+            for a in v:
+                if isinstance(a, (float, np.floating)) and float(a).is_integer():
+                    a = int(a)
+                elif isinstance(a, np.integer):
+                    a = int(a)
+                norm.append(a)
+            out[key] = tuple(norm)
+    for key in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "num_classes",
+                "num_heads", "num_head_channels", "num_heads_upsample", "dims"):
+        if isinstance(out.get(key), np.integer):
+            out[key] = int(out[key])
+    if out.get("dtype") is not None and not isinstance(out["dtype"], str):
+        try:
+            out["dtype"] = np.dtype(out["dtype"]).name
+        except TypeError:
+            raise ValueError(f"dtype={out['dtype']!r} is not supported; use 'float32' or 'bfloat16'") from None
+    cls = MODEL_KINDS[kind]
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    ns = type("Flags", (), {**defaults, **out})()
+    check_architecture(ns, "classifier" if kind == "classifier" else "unet")
+    return out
+
+
+def create_model(kind: str, **flags) -> nn.Module:
+    """Build a UNetModel ("unet"), EncoderUNetModel ("classifier") or SuperResModel ("superres") from
+    guided-diffusion constructor flags (+ null_label, dtype), validating them first."""
+    _kind_class(kind)
+    return MODEL_KINDS[kind](**normalize_flags(kind, **flags))

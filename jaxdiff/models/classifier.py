@@ -1,0 +1,77 @@
+"""Noisy classifier: guided-diffusion's EncoderUNetModel (the U-Net's encoder trunk + a pooling head).
+
+`apply(variables, x, timesteps, train=False)` -> logits [B, out_channels] (float32).
+x is NHWC [B, image_size, image_size, in_channels]; timesteps are the ORIGINAL diffusion timesteps
+(the classifier sees the same, un-respaced t as the diffusion model).
+
+The trunk is built by `layers.encoder_trunk`, the same code the U-Net uses. Pooling heads (names as
+guided-diffusion's `out` Sequential):
+  "adaptive"    GN - SiLU - global average - zero-init 1x1 conv            (out.0, out.3)
+  "attention"   GN - SiLU - AttentionPool2d(num_head_channels)              (out.0, out.2)
+  "spatial"     mean of every block's output, concat - Dense 2048 - ReLU - Dense   (out.0, out.2)
+  "spatial_v2"  as spatial with Dense 2048 - GN - SiLU - Dense             (out.0, out.1, out.3)
+Flags: as guided-diffusion's constructor, plus `dtype` (see unet.py). num_heads_upsample is accepted
+and unused, as in guided-diffusion.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jaxdiff.models import layers as L
+from jaxdiff.models.unet import _check_input, prepare_timesteps
+
+
+class EncoderUNetModel(nn.Module):
+    image_size: int
+    in_channels: int
+    model_channels: int
+    out_channels: int
+    num_res_blocks: int
+    attention_resolutions: Sequence[int]
+    dropout: float = 0.0
+    channel_mult: Sequence[float] = (1, 2, 4, 8)
+    conv_resample: bool = True
+    dims: int = 2
+    use_checkpoint: bool = False
+    use_fp16: bool = False
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    pool: str = "adaptive"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, timesteps, train: bool = False):
+        L.check_architecture(self, "classifier")
+        _check_input(self, x, self.in_channels, exact_size=self.pool == "attention")
+        t = prepare_timesteps(timesteps, x.shape[0])
+        plan = L.plan_of(self)
+        dtype = L.compute_dtype(self)
+
+        emb = L.time_embed(self, t)
+        h = L.cast(x, dtype)
+        h, hs = L.encoder_trunk(self, plan, h, emb, train)
+
+        if self.pool.startswith("spatial"):
+            feats = jnp.concatenate([L.cast(a, jnp.float32).mean(axis=(1, 2)) for a in hs + [h]], axis=-1)
+            f = L.Dense(2048, name="out_0")(feats)
+            if self.pool == "spatial":
+                f = nn.relu(f)
+                return L.Dense(self.out_channels, name="out_2")(f)
+            f = nn.silu(L.GroupNorm32(name="out_1")(f))
+            return L.Dense(self.out_channels, name="out_3")(f)
+
+        h = L.cast(h, jnp.float32)
+        h = nn.silu(L.GroupNorm32(name="out_0")(h))
+        if self.pool == "adaptive":
+            h = jnp.mean(h, axis=(1, 2), keepdims=True)
+            h = L.Conv(self.out_channels, 1, zero_init=True, name="out_3")(h)
+            return h.reshape(h.shape[0], -1)
+        return L.AttentionPool2d(self.num_head_channels, self.out_channels, name="out_2")(h)

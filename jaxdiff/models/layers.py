@@ -1,0 +1,616 @@
+"""Shared ADM (openai/guided-diffusion) building blocks, NHWC.
+
+Everything that both the U-Net (`unet.py`) and the noisy classifier (`classifier.py`) use lives here,
+once: the timestep embedding, GroupNorm32, the convolution wrapper, ResBlock, AttentionBlock (legacy
+and new QKV order), Up/Downsample, the architecture plan (which block sits where, with how many
+channels) and the single code path that builds the encoder trunk (input blocks + middle block) from
+that plan.
+
+Submodule names mirror guided-diffusion's state_dict keys with "." written as "_" before an index
+(`input_blocks.3.0.in_layers.2` <-> `input_blocks_3_0/in_layers_2`), so that the checkpoint converter
+(`jaxdiff.convert`) maps names mechanically.
+
+Precision: `dtype` is the compute dtype (float32 or bfloat16). Parameters are always float32;
+GroupNorm and the attention softmax are always computed in float32, as guided-diffusion's fp16 mode
+does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from jaxdiff.conv import conv2d
+
+Dtype = Any
+
+# PyTorch's default init for Conv/Linear (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+zeros_init = nn.initializers.zeros
+
+
+def cast(x: jax.Array, dtype) -> jax.Array:
+    """x.astype(dtype), skipping the no-op cast (keeps traced programs small)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def resolve_dtype(dtype: Any = None, use_fp16: bool = False) -> jnp.dtype:
+    """The compute dtype: "float32" or "bfloat16" (None: bfloat16 if use_fp16 else float32)."""
+    if dtype is None:
+        return jnp.dtype(jnp.bfloat16 if use_fp16 else jnp.float32)
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        d = None
+    if d not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementary layers
+# ----------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [cos, sin] of (possibly fractional) timesteps [B] -> [B, dim], float32."""
+    half = dim // 2
+    # Frequencies computed in float64 on the host and rounded once, like torch's float32 exp.
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+    args = jnp.asarray(timesteps).astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class GroupNorm32(nn.Module):
+    """torch.nn.GroupNorm(32, C, eps=1e-5), computed in float32, returned in the input dtype.
+
+    Works on [..., C] with a leading batch axis; statistics over every non-batch axis of a group.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm32: {c} channels are not divisible by {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        in_dtype = x.dtype
+        h = cast(x, jnp.float32)
+        g = h.reshape(h.shape[:-1] + (self.num_groups, c // self.num_groups))
+        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
+        mean = jnp.mean(g, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+        h = g.reshape(h.shape) * scale + bias
+        return cast(h, in_dtype)
+
+
+class Conv(nn.Module):
+    """2-D convolution (NHWC x HWIO) with bias, through `jaxdiff.conv.conv2d`.
+
+    Parameters: `kernel` [k, k, in, out] (PyTorch-like init, or zeros) and `bias` [out] (zeros),
+    float32; computed in `dtype`.
+    `padding` defaults to k // 2 (same size for odd k at stride 1).
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: Optional[int] = None
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        cin = x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            zeros_init if self.zero_init else torch_default_init,
+            (k, k, cin, self.features),
+            jnp.float32,
+        )
+        bias = self.param("bias", zeros_init, (self.features,), jnp.float32)
+        pad = k // 2 if self.padding is None else self.padding
+        y = conv2d(cast(x, self.dtype), cast(kernel, self.dtype), stride=self.stride, padding=pad)
+        return y + cast(bias, self.dtype)
+
+
+def Dense(features: int, *, name: str, dtype: Dtype = jnp.float32, zero_init: bool = False) -> nn.Dense:
+    """nn.Dense with float32 parameters, PyTorch-like kernel init (or zeros), zero bias, compute `dtype`.
+
+    Also used for guided-diffusion's 1x1 conv1d layers over tokens (qkv, proj_out, qkv_proj, c_proj):
+    a pointwise conv1d is a matmul over the channel axis, not a spatial convolution.
+    """
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=zeros_init if zero_init else torch_default_init,
+        bias_init=zeros_init if zero_init else nn.initializers.zeros,
+        name=name,
+    )
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour x2 (F.interpolate(scale_factor=2, mode='nearest')), NHWC."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+    """2x2 average pooling with stride 2 (nn.AvgPool2d(2)), NHWC; odd edges dropped like torch."""
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    y = cast(x, jnp.float32).reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    return cast(y, x.dtype)
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then (use_conv) a 3x3 conv named `conv`."""
+
+    out_channels: int
+    use_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = upsample_nearest(x)
+        if self.use_conv:
+            x = Conv(self.out_channels, 3, dtype=self.dtype, name="conv")(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv named `op` (use_conv), or 2x2 average pooling."""
+
+    out_channels: int
+    use_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return Conv(self.out_channels, 3, stride=2, padding=1, dtype=self.dtype, name="op")(x)
+        return avg_pool2(x)
+
+
+class ResBlock(nn.Module):
+    """guided-diffusion ResBlock (NHWC). `deterministic=False` enables dropout (rng 'dropout')."""
+
+    out_channels: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    use_conv: bool = False
+    up: bool = False
+    down: bool = False
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        cout = self.out_channels
+        h = nn.silu(GroupNorm32(name="in_layers_0")(x))
+        if self.up:
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        elif self.down:
+            h, x = avg_pool2(h), avg_pool2(x)
+        h = Conv(cout, 3, dtype=self.dtype, name="in_layers_2")(h)
+
+        emb_out = Dense(
+            2 * cout if self.use_scale_shift_norm else cout, dtype=self.dtype, name="emb_layers_1"
+        )(nn.silu(emb))
+        emb_out = cast(emb_out, h.dtype)[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = GroupNorm32(name="out_layers_0")(h) * (1 + scale) + shift
+        else:
+            h = GroupNorm32(name="out_layers_0")(h + emb_out)
+        h = nn.silu(h)
+        h = nn.Dropout(rate=self.dropout)(h, deterministic=self.deterministic or self.dropout == 0.0)
+        h = Conv(cout, 3, zero_init=True, dtype=self.dtype, name="out_layers_3")(h)
+
+        if cin == cout:
+            skip = x
+        else:
+            skip = Conv(cout, 3 if self.use_conv else 1, dtype=self.dtype, name="skip_connection")(x)
+        return skip + h
+
+
+def qkv_attention(qkv: jax.Array, num_heads: int, new_order: bool) -> jax.Array:
+    """QKV attention on tokens: qkv [B, T, 3*H*ch] -> [B, T, H*ch].
+
+    Channel layout of qkv follows guided-diffusion: legacy (QKVAttentionLegacy) is heads first,
+    [H, (q, k, v), ch]; new order (QKVAttention) is [(q, k, v), H, ch]. q and k are each scaled by
+    ch^-1/4; softmax in float32.
+    """
+    b, t, width = qkv.shape
+    ch = width // (3 * num_heads)
+    if new_order:
+        qkv = qkv.reshape(b, t, 3, num_heads, ch)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+        qkv = qkv.reshape(b, t, num_heads, 3, ch)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+    scale = 1.0 / math.sqrt(math.sqrt(ch))
+    w = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
+    w = cast(jax.nn.softmax(cast(w, jnp.float32), axis=-1), w.dtype)
+    a = jnp.einsum("bhts,bshc->bthc", w, v)
+    return a.reshape(b, t, num_heads * ch)
+
+
+def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
+    """Heads of an attention layer: channels // num_head_channels when that is set, else num_heads."""
+    return num_heads if num_head_channels == -1 else channels // num_head_channels
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all pixels: GN - qkv - attention - zero-init proj_out, residual."""
+
+    num_heads: int = 1
+    num_head_channels: int = -1
+    use_new_attention_order: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c = x.shape[0], x.shape[-1]
+        heads = attention_heads(c, self.num_heads, self.num_head_channels)
+        tokens = x.reshape(b, -1, c)
+        qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(GroupNorm32(name="norm")(tokens))
+        h = qkv_attention(qkv, heads, self.use_new_attention_order)
+        h = Dense(c, dtype=self.dtype, zero_init=True, name="proj_out")(h)
+        return (tokens + h).reshape(x.shape)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP-style attention pooling (guided-diffusion's classifier head), new QKV order.
+
+    `positional_embedding` is stored [H*W + 1, C] (token-major; guided-diffusion stores [C, H*W + 1]).
+    """
+
+    num_head_channels: int
+    output_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c = x.shape[0], x.shape[-1]
+        tokens = x.reshape(b, -1, c)
+        tokens = jnp.concatenate([jnp.mean(tokens, axis=1, keepdims=True), tokens], axis=1)
+        pos = self.param(
+            "positional_embedding",
+            lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(c),
+            (tokens.shape[1], c),
+            jnp.float32,
+        )
+        if pos.shape != tokens.shape[1:]:
+            raise ValueError(
+                f"AttentionPool2d: {tokens.shape[1] - 1} pixels at the pooling resolution, but the positional "
+                f"embedding was built for {pos.shape[0] - 1}: the classifier needs inputs of its image_size"
+            )
+        tokens = tokens + cast(pos, tokens.dtype)
+        qkv = Dense(3 * c, dtype=self.dtype, name="qkv_proj")(tokens)
+        a = qkv_attention(qkv, c // self.num_head_channels, new_order=True)
+        out = Dense(self.output_dim, dtype=self.dtype, name="c_proj")(a)
+        return out[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture plan: one description of the block layout, used by validation, the modules and the
+# converter's error hints.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a TimestepEmbedSequential block.
+
+    kind: "conv_in" | "res" | "attn" | "down" | "up"; `ds` is the downsampling factor the layer runs at
+    (its input's); `upsample_heads` marks attention in the decoder (num_heads_upsample).
+    """
+
+    kind: str
+    in_ch: int
+    out_ch: int
+    ds: int
+    up: bool = False
+    down: bool = False
+    use_conv: bool = True
+    upsample_heads: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    input_blocks: tuple  # tuple[tuple[LayerSpec, ...], ...]
+    middle_block: tuple  # tuple[LayerSpec, ...]
+    output_blocks: tuple  # tuple[tuple[LayerSpec, ...], ...]; empty for the encoder only
+    input_ch: int  # channels after the first conv (and of the U-Net's last level)
+    mid_ch: int  # channels of the middle block
+    mid_ds: int  # downsampling factor of the middle block
+    feature_size: int  # sum of the channels of every encoder output (spatial pooling)
+    out_ch: int  # channels entering the U-Net's `out` head
+
+    def attention_layers(self):
+        for blocks in (self.input_blocks, (self.middle_block,), self.output_blocks):
+            for block in blocks:
+                for spec in block:
+                    if spec.kind == "attn":
+                        yield spec
+
+    def reached_ds(self):
+        return sorted({spec.ds for block in self.input_blocks for spec in block} | {self.mid_ds})
+
+
+def make_plan(
+    model_channels: int,
+    channel_mult: Sequence[float],
+    num_res_blocks: int,
+    attention_resolutions: Sequence[int],
+    resblock_updown: bool,
+    conv_resample: bool = True,
+    decoder: bool = True,
+) -> Plan:
+    """Block layout exactly as guided-diffusion's UNetModel / EncoderUNetModel constructors."""
+    attn = set(int(a) for a in attention_resolutions)
+    ch = input_ch = int(channel_mult[0] * model_channels)
+    input_blocks = [(LayerSpec("conv_in", -1, ch, 1),)]
+    chans = [ch]
+    feature_size = ch
+    ds = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            out = int(mult * model_channels)
+            layers = [LayerSpec("res", ch, out, ds)]
+            ch = out
+            if ds in attn:
+                layers.append(LayerSpec("attn", ch, ch, ds))
+            input_blocks.append(tuple(layers))
+            chans.append(ch)
+            feature_size += ch
+        if level != len(channel_mult) - 1:
+            if resblock_updown:
+                input_blocks.append((LayerSpec("res", ch, ch, ds, down=True),))
+            else:
+                input_blocks.append((LayerSpec("down", ch, ch, ds, use_conv=conv_resample),))
+            chans.append(ch)
+            ds *= 2
+            feature_size += ch
+    middle = (LayerSpec("res", ch, ch, ds), LayerSpec("attn", ch, ch, ds), LayerSpec("res", ch, ch, ds))
+    feature_size += ch
+    mid_ch, mid_ds = ch, ds
+
+    output_blocks = []
+    if decoder:
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                ich = chans.pop()
+                out = int(model_channels * mult)
+                layers = [LayerSpec("res", ch + ich, out, ds)]
+                ch = out
+                if ds in attn:
+                    layers.append(LayerSpec("attn", ch, ch, ds, upsample_heads=True))
+                if level and i == num_res_blocks:
+                    if resblock_updown:
+                        layers.append(LayerSpec("res", ch, ch, ds, up=True))
+                    else:
+                        layers.append(LayerSpec("up", ch, ch, ds, use_conv=conv_resample))
+                    ds //= 2
+                output_blocks.append(tuple(layers))
+    return Plan(
+        input_blocks=tuple(input_blocks),
+        middle_block=middle,
+        output_blocks=tuple(output_blocks),
+        input_ch=input_ch,
+        mid_ch=mid_ch,
+        mid_ds=mid_ds,
+        feature_size=feature_size,
+        out_ch=ch,
+    )
+
+
+def plan_of(m) -> Plan:
+    """The plan of a UNetModel / SuperResModel / EncoderUNetModel instance."""
+    return make_plan(
+        m.model_channels,
+        tuple(m.channel_mult),
+        m.num_res_blocks,
+        tuple(m.attention_resolutions),
+        m.resblock_updown,
+        m.conv_resample,
+        decoder=not hasattr(m, "pool"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Trunk construction shared by the U-Net and the classifier. These functions are called from inside
+# a module's @nn.compact __call__ (the module is passed as `m`), so the layers they create become
+# that module's submodules under guided-diffusion's names.
+# ----------------------------------------------------------------------------------------------
+
+
+def compute_dtype(m) -> jnp.dtype:
+    return resolve_dtype(getattr(m, "dtype", None), getattr(m, "use_fp16", False))
+
+
+def time_embed(m, timesteps: jax.Array) -> jax.Array:
+    """sinusoidal(t) -> Dense(4C) -> SiLU -> Dense(4C), float32; names time_embed_0 / time_embed_2."""
+    ted = 4 * m.model_channels
+    emb = timestep_embedding(timesteps, m.model_channels)
+    emb = Dense(ted, name="time_embed_0")(emb)
+    emb = Dense(ted, name="time_embed_2")(nn.silu(emb))
+    return emb
+
+
+def _make_layer(m, spec: LayerSpec, name: str, out_channels_conv_in: int, train: bool):
+    dtype = compute_dtype(m)
+    remat = bool(getattr(m, "use_checkpoint", False))
+    if spec.kind == "conv_in":
+        return Conv(out_channels_conv_in, 3, dtype=dtype, name=name)
+    if spec.kind == "res":
+        cls = nn.remat(ResBlock) if remat else ResBlock
+        return cls(
+            out_channels=spec.out_ch,
+            dropout=float(m.dropout),
+            use_scale_shift_norm=m.use_scale_shift_norm,
+            up=spec.up,
+            down=spec.down,
+            deterministic=not train,
+            dtype=dtype,
+            name=name,
+        )
+    if spec.kind == "attn":
+        cls = nn.remat(AttentionBlock) if remat else AttentionBlock
+        heads = m.num_heads
+        if spec.upsample_heads and getattr(m, "num_heads_upsample", -1) != -1:
+            heads = m.num_heads_upsample
+        return cls(
+            num_heads=heads,
+            num_head_channels=m.num_head_channels,
+            use_new_attention_order=m.use_new_attention_order,
+            dtype=dtype,
+            name=name,
+        )
+    if spec.kind == "down":
+        return Downsample(spec.out_ch, use_conv=spec.use_conv, dtype=dtype, name=name)
+    if spec.kind == "up":
+        return Upsample(spec.out_ch, use_conv=spec.use_conv, dtype=dtype, name=name)
+    raise AssertionError(spec.kind)
+
+
+def run_block(m, block, prefix: str, h: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    """Apply one TimestepEmbedSequential block; layer j is named f"{prefix}_{j}"."""
+    for j, spec in enumerate(block):
+        layer = _make_layer(m, spec, f"{prefix}_{j}", spec.out_ch, train)
+        h = layer(h, emb) if spec.kind == "res" else layer(h)
+    return h
+
+
+def encoder_trunk(m, plan: Plan, h: jax.Array, emb: jax.Array, train: bool):
+    """input_blocks + middle_block, the one encoder used by the U-Net and the classifier.
+
+    Returns (middle block output, [output of every input block]).
+    """
+    hs = []
+    for i, block in enumerate(plan.input_blocks):
+        h = run_block(m, block, f"input_blocks_{i}", h, emb, train)
+        hs.append(h)
+    h = run_block(m, plan.middle_block, "middle_block", h, emb, train)
+    return h, hs
+
+
+def decoder_trunk(m, plan: Plan, h: jax.Array, hs, emb: jax.Array, train: bool) -> jax.Array:
+    """output_blocks of the U-Net: each concatenates the matching encoder output (channels last)."""
+    hs = list(hs)
+    for i, block in enumerate(plan.output_blocks):
+        h = jnp.concatenate([h, cast(hs.pop(), h.dtype)], axis=-1)
+        h = run_block(m, block, f"output_blocks_{i}", h, emb, train)
+    return h
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (pure Python, before anything is traced or compiled)
+# ----------------------------------------------------------------------------------------------
+
+POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def check_architecture(m, kind: str) -> None:
+    """Raise ValueError (naming the flag, the value and what is allowed) if the flags of `m` (a module
+    or any object with the constructor flags as attributes) cannot build a working network."""
+    for flag in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks"):
+        v = getattr(m, flag)
+        if not _is_int(v) or v < (0 if flag == "num_res_blocks" else 1):
+            raise ValueError(f"{flag}={v!r}: expected a positive integer")
+    if getattr(m, "dims", 2) != 2:
+        raise ValueError(f"dims={m.dims!r}: jaxdiff models are 2-D only (dims=2)")
+    cm = tuple(m.channel_mult)
+    if not cm or any(isinstance(c, bool) or not isinstance(c, (int, float, np.number)) or c <= 0 for c in cm):
+        raise ValueError(f"channel_mult={m.channel_mult!r}: expected a non-empty sequence of positive numbers")
+    for c in cm:
+        ch = int(c * m.model_channels)
+        if ch < 32 or ch % 32:
+            raise ValueError(
+                f"channel_mult entry {c} with model_channels={m.model_channels} gives {ch} channels; GroupNorm32 "
+                f"needs a positive multiple of 32 channels (ch = int(mult * model_channels))"
+            )
+    levels = len(cm)
+    factor = 2 ** (levels - 1)
+    if m.image_size % factor:
+        raise ValueError(
+            f"image_size={m.image_size} cannot be halved {levels - 1} times by channel_mult={cm} "
+            f"({levels} levels): image_size must be divisible by {factor}"
+        )
+    if not 0.0 <= float(m.dropout) < 1.0:
+        raise ValueError(f"dropout={m.dropout!r}: expected a probability in [0, 1)")
+    reached = [2**i for i in range(levels)]
+    for a in m.attention_resolutions:
+        if not _is_int(a) or a not in reached:
+            res = [m.image_size // d for d in reached]
+            raise ValueError(
+                f"attention_resolutions contains {a!r}, a downsampling factor (ds) this network never reaches: "
+                f"with channel_mult={cm} it runs at ds {reached} (resolutions {res} for image_size "
+                f"{m.image_size}). attention_resolutions are factors ds = image_size // resolution, as inside "
+                f"guided-diffusion's UNetModel; jaxdiff.convert.flags_from_args converts command-line resolutions"
+            )
+    nh, nhc = m.num_heads, m.num_head_channels
+    nhu = getattr(m, "num_heads_upsample", -1)
+    if nhc == -1:
+        if not _is_int(nh) or nh < 1:
+            raise ValueError(f"num_heads={nh!r}: expected a positive integer (or set num_head_channels)")
+        if nhu != -1 and (not _is_int(nhu) or nhu < 1):
+            raise ValueError(f"num_heads_upsample={nhu!r}: expected a positive integer or -1 (= num_heads)")
+    elif not _is_int(nhc) or nhc < 1:
+        raise ValueError(f"num_head_channels={nhc!r}: expected a positive integer or -1 (use num_heads)")
+    plan = make_plan(
+        m.model_channels, cm, m.num_res_blocks, tuple(m.attention_resolutions), m.resblock_updown,
+        m.conv_resample, decoder=(kind != "classifier"),
+    )
+    for spec in plan.attention_layers():
+        ch = spec.in_ch
+        if nhc != -1:
+            if ch % nhc:
+                raise ValueError(
+                    f"num_head_channels={nhc} does not divide the {ch} channels of the attention layer at ds "
+                    f"{spec.ds}; every attention layer's channels must be a multiple of num_head_channels"
+                )
+        else:
+            heads = nhu if (spec.upsample_heads and nhu != -1) else nh
+            flag = "num_heads_upsample" if (spec.upsample_heads and nhu != -1) else "num_heads"
+            if ch % heads:
+                raise ValueError(
+                    f"{flag}={heads} does not divide the {ch} channels of the attention layer at ds {spec.ds}"
+                )
+    if kind == "classifier":
+        if m.pool not in POOLS:
+            raise ValueError(f"pool={m.pool!r} is unknown; expected one of {POOLS}")
+        if m.pool == "attention":
+            if nhc == -1:
+                raise ValueError("pool='attention' needs num_head_channels (64 in guided-diffusion), not -1")
+            if plan.mid_ch % nhc:
+                raise ValueError(
+                    f"num_head_channels={nhc} does not divide the {plan.mid_ch} channels of the attention pooling"
+                )
+    else:
+        nc = getattr(m, "num_classes", None)
+        if nc is not None and (not _is_int(nc) or nc < 1):
+            raise ValueError(f"num_classes={nc!r}: expected a positive integer or None (unconditional)")
+        if getattr(m, "null_label", False) and nc is None:
+            raise ValueError("null_label=True needs num_classes (the null label is index num_classes)")
+    resolve_dtype(getattr(m, "dtype", None), getattr(m, "use_fp16", False))
