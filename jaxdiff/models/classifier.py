@@ -48,7 +48,12 @@ class EncoderUNetModel(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x, timesteps, train: bool = False):
+    def __call__(self, x, timesteps, train: bool = False, return_features: bool = False):
+        """Logits [B, out_channels]; with return_features, (logits, features [B, D]).
+
+        Features are the penultimate representation used by evaluation metrics: the spatial mean
+        of the normalised trunk output (for the spatial pools, the input of their last layer).
+        """
         L.check_architecture(self, "classifier")
         _check_input(self, x, self.in_channels, exact_size=self.pool == "attention")
         t = prepare_timesteps(timesteps, x.shape[0])
@@ -64,14 +69,18 @@ class EncoderUNetModel(nn.Module):
             f = L.Dense(2048, name="out_0")(feats)
             if self.pool == "spatial":
                 f = nn.relu(f)
-                return L.Dense(self.out_channels, name="out_2")(f)
-            f = nn.silu(L.GroupNorm32(name="out_1")(f))
-            return L.Dense(self.out_channels, name="out_3")(f)
+                logits = L.Dense(self.out_channels, name="out_2")(f)
+            else:
+                f = nn.silu(L.GroupNorm32(name="out_1")(f))
+                logits = L.Dense(self.out_channels, name="out_3")(f)
+            return (logits, f) if return_features else logits
 
         h = L.cast(h, jnp.float32)
         h = nn.silu(L.GroupNorm32(name="out_0")(h))
+        features = jnp.mean(h, axis=(1, 2))
         if self.pool == "adaptive":
-            h = jnp.mean(h, axis=(1, 2), keepdims=True)
-            h = L.Conv(self.out_channels, 1, zero_init=True, name="out_3")(h)
-            return h.reshape(h.shape[0], -1)
-        return L.AttentionPool2d(self.num_head_channels, self.out_channels, name="out_2")(h)
+            logits = L.Conv(self.out_channels, 1, zero_init=True, name="out_3")(features[:, None, None, :])
+            logits = logits.reshape(logits.shape[0], -1)
+        else:
+            logits = L.AttentionPool2d(self.num_head_channels, self.out_channels, name="out_2")(h)
+        return (logits, features) if return_features else logits

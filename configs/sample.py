@@ -1,0 +1,16 @@
+"""Sampling config for sample.py (override any key on the command line):
+
+    python sample.py --config configs/sample.py --config.model=W --config.out=OUT \
+        --config.sample.sampler=ddim --config.sample.steps=50 --config.sample.guidance=cfg \
+        --config.sample.scale=3 --config.sample.classes=3,5 --config.sample.num_samples=64
+
+Scale conventions (docs/guidance.md): `scale` is the classifier-free / autoguidance scale in the
+Imagen convention (1 = plain conditional, 0 = unconditional; Ho & Salimans' w = scale - 1);
+`classifier_scale` is guided-diffusion's classifier scale (0 = none).
+"""
+
+from jaxdiff.sampling import default_config
+
+
+def get_config():
+    return default_config()
