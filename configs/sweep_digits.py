@@ -1,0 +1,30 @@
+"""Guidance sweep on the digits models (the main job's last stage; see scripts/main.sh).
+
+Scales: classifier guidance in guided-diffusion's convention (0 = none); CFG in the Imagen
+convention (1 = plain conditional, 0 = unconditional). The "none" row is plain conditional
+sampling, shared as the starting point of both curves.
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.model = "runs/digits/model"
+    c.classifier = "runs/digits/classifier"
+    c.eval_classifier = "runs/digits/eval_classifier"
+    c.out = "reports/digits"
+    c.cache_dir = ""            # reference statistics cache ("" = under the tfds data_dir)
+    c.reference_split = "train"
+    c.sampler = "ddim"
+    c.steps = (25,)             # one curve per step count
+    c.eta = 0.0
+    c.classifier_scales = (0.5, 1.0, 2.0, 4.0, 8.0)
+    c.cfg_scales = (0.0, 1.5, 2.0, 3.0, 5.0)
+    c.num_samples = 1000
+    c.batch_size = 500
+    c.seed = 0
+    c.k = 3
+    c.progress = False
+    c.grid_max = 50
+    return c

@@ -1,0 +1,102 @@
+"""The guidance sweep: sample with no guidance, classifier guidance and CFG over lists of scales
+(and sampler step counts), evaluate each setting, and write a table, plots and one grid per setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import ml_collections
+
+from jaxdiff import evaluation, report
+
+GUIDES = ("none", "classifier", "cfg")
+
+
+def settings(cfg) -> Iterator[dict]:
+    """Every (guidance, scale, sampler, steps) the sweep config asks for, unguided first."""
+    for steps in cfg.steps:
+        yield dict(guidance="none", scale=float("nan"), sampler=cfg.sampler, steps=int(steps))
+        for s in cfg.classifier_scales:
+            yield dict(guidance="classifier", scale=float(s), sampler=cfg.sampler, steps=int(steps))
+        for s in cfg.cfg_scales:
+            yield dict(guidance="cfg", scale=float(s), sampler=cfg.sampler, steps=int(steps))
+
+
+def validate(cfg) -> None:
+    """Refuse a bad sweep config before anything is loaded or compiled."""
+    for key in ("model", "eval_classifier", "out"):
+        if not cfg.get(key):
+            raise ValueError(f"sweep config needs {key!r} (got {cfg.get(key)!r})")
+    if cfg.classifier_scales and not cfg.get("classifier"):
+        raise ValueError("classifier_scales given but no noisy classifier workdir (config.classifier)")
+    if not cfg.steps or any(int(s) < 1 for s in cfg.steps):
+        raise ValueError(f"steps must be a non-empty list of positive integers, got {list(cfg.steps)}")
+    for name in ("classifier_scales", "cfg_scales"):
+        for s in cfg[name]:
+            if not math.isfinite(float(s)):
+                raise ValueError(f"{name} must be finite numbers, got {list(cfg[name])}")
+    if int(cfg.num_samples) < 2:
+        raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
+
+
+def setting_name(row: dict) -> str:
+    scale = "" if row["guidance"] == "none" else f"_s{row['scale']:g}"
+    return f"{row['guidance']}{scale}_{row['sampler']}{row['steps']}"
+
+
+def sample_config(cfg, row: dict, out: str) -> ml_collections.ConfigDict:
+    """A sample.py config for one sweep setting."""
+    from jaxdiff import sampling
+
+    c = sampling.default_config()
+    c.model, c.classifier, c.out = cfg.model, cfg.get("classifier", ""), out
+    s = c.sample
+    s.sampler, s.steps, s.eta = row["sampler"], row["steps"], float(cfg.eta)
+    s.num_samples, s.batch_size, s.seed = int(cfg.num_samples), int(cfg.batch_size), int(cfg.seed)
+    s.classes, s.progress, s.grid_max = "all", bool(cfg.progress), int(cfg.grid_max)
+    s.guidance = row["guidance"]
+    if row["guidance"] == "cfg":
+        s.scale = row["scale"]
+    elif row["guidance"] == "classifier":
+        s.classifier_scale = row["scale"]
+    return c
+
+
+def run_sweep(cfg) -> list[dict]:
+    """Run every setting; the table and plots are rewritten after each, so partial runs keep results."""
+    validate(cfg)
+    from jaxdiff import checkpoints, sampling
+
+    model = checkpoints.load_model(cfg.model)
+    classifier = checkpoints.load_model(cfg.classifier) if cfg.get("classifier") else None
+    extractor, ecfg = evaluation.extractor_from_workdir(cfg.eval_classifier)
+    ds = evaluation.dataset_of(ecfg)
+    image_size = int(model[2]["model"]["image_size"])
+    ref = evaluation.reference_for(extractor, dataset=ds["name"], split=cfg.reference_split,
+                                   image_size=image_size, data_dir=ds["data_dir"],
+                                   cache_dir=cfg.get("cache_dir") or None)
+    from jaxdiff import metrics
+
+    os.makedirs(cfg.out, exist_ok=True)
+    rows = []
+    for row in settings(cfg):
+        out = os.path.join(cfg.out, "settings", setting_name(row))
+        t0 = time.perf_counter()
+        res = sampling.run(sample_config(cfg, row, out), model=model, classifier=classifier)
+        seconds = time.perf_counter() - t0
+        m = metrics.evaluate_samples(res["images"], res["labels"], ref, extractor,
+                                     num_classes=ds["num_classes"], k=int(cfg.k))
+        row = dict(row, **m, seconds=round(seconds, 2), grid=os.path.relpath(res["grid"], cfg.out)
+                   if res.get("grid") else None)
+        rows.append(row)
+        print(f"[sweep] {setting_name(row)}: FID {m['fid']:.3f} IS {m['inception_score']:.3f} "
+              f"P {m['precision']:.3f} R {m['recall']:.3f} acc {m['accuracy']:.3f} ({seconds:.1f} s)",
+              flush=True)
+        report.write_table(rows, cfg.out)
+        report.write_plots(rows, cfg.out)
+    return rows

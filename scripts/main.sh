@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The main job: install, train the diffusion model, the noisy classifier and the evaluation
+# classifier, run the guidance sweep and leave a report folder.
+#   bash scripts/main.sh [digits|fashion_mnist] [RUNS_DIR] [REPORT_DIR]
+# Re-running resumes: train.py continues from the latest checkpoint (or does nothing when done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dataset="${1:-digits}"
+case "$dataset" in
+  digits|fashion_mnist) ;;
+  *) echo "scripts/main.sh: unknown dataset '$dataset'; allowed: digits, fashion_mnist" >&2; exit 2 ;;
+esac
+runs="${2:-runs/$dataset}"
+out="${3:-reports/$dataset}"
+start=$(date +%s)
+stamp() { echo "[main $(( $(date +%s) - start ))s] $*"; }
+
+if [ "$dataset" = fashion_mnist ]; then bash scripts/install_system_deps.sh; fi
+python3 -m pip install -q -e .
+
+stamp "training the diffusion model"
+python3 train.py --config "configs/$dataset.py" --workdir "$runs/model"
+stamp "training the noisy classifier"
+python3 train.py --config "configs/${dataset}_classifier.py" --workdir "$runs/classifier"
+stamp "training the evaluation classifier"
+python3 train.py --config "configs/${dataset}_eval_classifier.py" --workdir "$runs/eval_classifier"
+stamp "guidance sweep"
+python3 sweep.py --config "configs/sweep_$dataset.py" --config.model="$runs/model" \
+  --config.classifier="$runs/classifier" --config.eval_classifier="$runs/eval_classifier" \
+  --config.out="$out"
+stamp "done: report in $out (results.md, plots, settings/*/grid.png)"
