@@ -259,10 +259,12 @@ def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray], ncol:
 # sampling
 # --------------------------------------------------------------------------------------------
 
-def run(config, *, model=None, classifier=None, guide_model=None) -> dict:
+def run(config, *, model=None, classifier=None, guide_model=None, compiled: Optional[dict] = None) -> dict:
     """Sample as `config` says; models are (module, params, config) triples, loaded when not given.
 
     Returns {"images", "labels", "npz", "grid"}. Everything is validated before any compile.
+    `compiled`: a dict the caller keeps across calls with the same models (a sweep), so settings
+    that differ only in scales, seed or number of samples reuse one compiled sampler.
     """
     s = config.sample
     if model is None:
@@ -307,7 +309,13 @@ def run(config, *, model=None, classifier=None, guide_model=None) -> dict:
         fixed_variance=str(s.fixed_variance), clip_denoised=bool(s.clip_denoised),
         dynamic_threshold=float(s.dynamic_threshold) if float(s.dynamic_threshold) > 0 else None,
         progress=bool(s.progress) and jax.process_index() == 0)
-    sampler_fn = samplers.make_sampler(build, spec, plan["shape"])
+    program = (kind, spec, plan["shape"], plan["respacing"], plan["interval"], float(s.cfg_rescale) > 0)
+    if compiled is not None and program in compiled:
+        sampler_fn = compiled[program]
+    else:
+        sampler_fn = samplers.make_sampler(build, spec, plan["shape"])
+        if compiled is not None:
+            compiled[program] = sampler_fn
     scales = {}
     if kind in ("cfg", "both"):
         scales[guidance.CFG_SCALE] = float(s.scale)

@@ -83,11 +83,12 @@ def run_sweep(cfg) -> list[dict]:
     from jaxdiff import metrics
 
     os.makedirs(cfg.out, exist_ok=True)
-    rows = []
+    rows, compiled = [], {}
     for row in settings(cfg):
         out = os.path.join(cfg.out, "settings", setting_name(row))
         t0 = time.perf_counter()
-        res = sampling.run(sample_config(cfg, row, out), model=model, classifier=classifier)
+        res = sampling.run(sample_config(cfg, row, out), model=model, classifier=classifier,
+                           compiled=compiled)
         seconds = time.perf_counter() - t0
         m = metrics.evaluate_samples(res["images"], res["labels"], ref, extractor,
                                      num_classes=ds["num_classes"], k=int(cfg.k))
