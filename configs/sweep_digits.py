@@ -19,10 +19,10 @@ def get_config():
     c.sampler = "ddim"
     c.steps = (25,)             # one curve per step count
     c.eta = 0.0
-    c.classifier_scales = (0.5, 1.0, 2.0, 4.0, 8.0)
-    c.cfg_scales = (0.0, 1.5, 2.0, 3.0, 5.0)
-    c.num_samples = 1000
-    c.batch_size = 500
+    c.classifier_scales = (0.25, 1.0, 4.0)
+    c.cfg_scales = (0.0, 2.0, 3.0, 5.0)
+    c.num_samples = 500
+    c.batch_size = 250
     c.seed = 0
     c.k = 3
     c.progress = False

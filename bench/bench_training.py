@@ -1,0 +1,142 @@
+"""Milliseconds per training step (forward, backward, AdamW, EMA) of jaxdiff's train steps; prints JSON.
+
+    python bench/bench_training.py [--batches 16,64] [--iters 10] [--warmup 2] [--which all]
+
+Cases:
+  fixture_a_unet         diffusion step (learned sigma, hybrid loss, label dropout) of the fixture-A
+                         U-Net: image_size 32, in 3, model_channels 32, out 6, num_res_blocks 2,
+                         attention ds (2, 4), channel_mult (1, 2, 2), num_classes 10, head channels 16,
+                         scale-shift norm, BigGAN up/down
+  fixture_a_classifier   noisy-classifier step of the same trunk (EncoderUNetModel, attention pool)
+  digits_unet / digits_classifier / digits_eval_classifier
+                         the shipped configs/digits*.py at their own batch size
+Each case is the real jitted `training.make_train_step` on one device with synthetic data (no
+dataset needed); the time is the median of `--iters` steps after `--warmup` steps, each step
+waited for with block_until_ready. Compile time is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from jaxdiff import schedules, training  # noqa: E402
+from jaxdiff.data import DataInfo  # noqa: E402
+
+FIXTURE_A = dict(model_channels=32, num_res_blocks=2, attention_resolutions=(2, 4), channel_mult=(1, 2, 2),
+                 num_head_channels=16, num_heads=1, use_scale_shift_norm=True, resblock_updown=True,
+                 dropout=0.0, use_new_attention_order=False, dtype="float32")
+
+
+def _info(size, channels, num_classes=10):
+    return DataInfo(name="synthetic", split="train", num_examples=10 ** 6, image_shape=(size, size, channels),
+                    num_classes=num_classes, class_names=tuple(map(str, range(num_classes))), random_flip=False,
+                    resize_mode="resize", pad_value=0, data_dir="")
+
+
+def _load_config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def fixture_a_config(task: str, batch: int, dtype: str):
+    c = training.default_config(task)
+    c.model.update(FIXTURE_A)
+    c.model.dtype = dtype
+    if task == "classifier":
+        c.model.pool = "attention"
+    c.diffusion.update(schedule="linear", num_timesteps=1000, learned_sigma=True, p_uncond=0.1)
+    c.train.batch_size = batch
+    return c, _info(32, 3)
+
+
+def bench_case(name: str, config, info, *, warmup: int, iters: int) -> dict:
+    resolved = training.resolve_config(config, info)
+    model = training.create_model(resolved)
+    tx = training.make_optimizer(resolved.train)
+    sched = schedules.make_schedule(resolved.diffusion.schedule, int(resolved.diffusion.num_timesteps))
+    init_key, train_key, _ = training._keys(0)
+    t0 = time.perf_counter()
+    state = jax.jit(lambda k: training.init_state(resolved, model, tx, k))(init_key)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+    b, s, c = int(resolved.train.batch_size), int(resolved.data.image_size), int(resolved.data.channels)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, int(resolved.data.num_classes), b).astype(np.int32))
+    acc = training.zero_accumulator(training.metric_names(resolved))
+    step = jax.jit(training.make_train_step(resolved, model, tx, sched, train_key), donate_argnums=(0, 3))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, images, labels, acc).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        state, acc = compiled(state, images, labels, acc)
+        jax.block_until_ready(state)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000.0)
+    loss = float(acc["sums"]["loss"]) / max(int(acc["count"]), 1)
+    return {
+        "case": name, "task": resolved.task, "batch": b, "image_size": s, "dtype": resolved.model.dtype,
+        "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))),
+        "ms_per_step_median": round(statistics.median(times), 3),
+        "ms_per_step_min": round(min(times), 3), "iters": iters, "warmup": warmup,
+        "compile_s": round(compile_s, 2), "init_s": round(init_s, 2), "mean_loss": round(loss, 5),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="16,64", help="fixture-A batch sizes")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=training.DTYPES, help="fixture-A compute dtype")
+    p.add_argument("--which", default="all",
+                   help="comma list of: fixture_a_unet, fixture_a_classifier, digits (all three digits configs)")
+    args = p.parse_args(argv)
+    which = set(args.which.split(",")) if args.which != "all" else {"fixture_a_unet", "fixture_a_classifier", "digits"}
+    results = []
+    for batch in [int(v) for v in args.batches.split(",") if v.strip()]:
+        for task, case in (("diffusion", "fixture_a_unet"), ("classifier", "fixture_a_classifier")):
+            if case in which:
+                cfg, info = fixture_a_config(task, batch, args.dtype)
+                results.append(bench_case(case, cfg, info, warmup=args.warmup, iters=args.iters))
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    if "digits" in which:
+        for name in ("digits", "digits_classifier", "digits_eval_classifier"):
+            cfg = _load_config(name)
+            results.append(bench_case(name, cfg, _info(8, 1), warmup=args.warmup, iters=args.iters))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    dev = jax.devices()[0]
+    out = {
+        "benchmark": "training_step",
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "results": results,
+    }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Orbax checkpointing of train states, resume, and loading trained models for sampling.
+
+A workdir written by `train.py` looks like::
+
+    W/config.json        the resolved config (derived values filled in)
+    W/checkpoints/<step>/ one orbax checkpoint per kept step (a `TrainState`)
+    W/metrics.jsonl      one JSON line per log interval
+    W/samples/           PNG grids
+
+Checkpoints are written with `ocp.CheckpointManager`: every process calls `save` / `restore`
+(orbax coordinates the processes); saves are asynchronous where the backend allows it. Orbax writes
+a step into a temporary directory and renames it when complete, so a run killed while saving leaves
+the last complete checkpoint as the latest one; the temporary leftovers are removed when the next
+manager opens the directory. The manager keeps the last `keep` steps plus the best one (lowest
+training loss of the log interval before the save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+BEST_METRIC = "loss"
+
+
+def _best_loss(metrics: Mapping[str, Any]) -> float:
+    value = float(metrics[BEST_METRIC])
+    return value if np.isfinite(value) else float("inf")
+
+
+def make_manager(directory: str, *, keep: int = 3, keep_best: bool = True,
+                 async_save: bool = True, best_fn: Callable[[Mapping], float] = _best_loss,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+    """A `CheckpointManager` over `directory` keeping the last `keep` steps (and the best one).
+
+    `best_fn(metrics)` ranks checkpoints (lower is better); `save` must then be given `metrics`
+    (a dict with at least "loss" for the default). `async_save` writes in a background thread
+    after the device-to-host copy; `wait_until_finished()` / `close()` join it.
+    """
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an integer >= 1 (number of recent checkpoints kept), got {keep!r}")
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if keep_best:
+        policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=best_fn, reverse=True, n=1))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        # best_fn / best_mode make orbax store the metrics with each step and answer best_step().
+        best_fn=best_fn if keep_best else None,
+        best_mode="min",
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         metrics: Mapping[str, float] | None = None, *, force: bool = True) -> bool:
+    """Save `state` as step `step` (on every process). Returns whether a save was started."""
+    if metrics is not None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+    if step in manager.all_steps():
+        return False
+    return manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+
+
+def abstract_like(tree: Any) -> Any:
+    """jax.ShapeDtypeStruct (with sharding) for every array of `tree` (e.g. from jax.eval_shape)."""
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+    return jax.tree_util.tree_map(leaf, tree)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+    """Restore step `step` into the structure, dtypes and shardings of `abstract_state`."""
+    return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_like(abstract_state)))
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, int | None]:
+    """(state, step) of the latest complete checkpoint, or (None, None) when there is none."""
+    step = manager.latest_step()
+    if step is None:
+        return None, None
+    return restore(manager, step, abstract_state), step
+
+
+# --- loading a trained model for sampling -----------------------------------------------------
+
+def _normalise_converted_diffusion(d: Mapping[str, Any]) -> dict:
+    """guided-diffusion flag names -> jaxdiff's (schedule, num_timesteps, prediction, learned_sigma)."""
+    d = dict(d)
+    out = {}
+    out["schedule"] = d.pop("noise_schedule", d.pop("schedule", "linear"))
+    out["num_timesteps"] = int(d.pop("diffusion_steps", d.pop("num_timesteps", 1000)))
+    if "prediction" in d:
+        out["prediction"] = d.pop("prediction")
+    else:
+        out["prediction"] = "x0" if d.pop("predict_xstart", False) else "eps"
+    out["learned_sigma"] = bool(d.pop("learn_sigma", d.pop("learned_sigma", False)))
+    d.pop("predict_xstart", None)
+    out.update(d)  # anything else (timestep_respacing, rescale_learned_sigmas, ...) as given
+    return out
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: load_model needs a workdir written by train.py (or a directory "
+            "written by jaxdiff.convert)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_model(directory: str, *, step: int | None = None, ema: bool = True):
+    """(module, params, config) of a trained workdir or of a converted guided-diffusion checkpoint.
+
+    Trained workdir: the EMA parameters (``ema=False``: the raw ones) of the latest checkpoint (or
+    `step`), restored on the host. `config` is the resolved training config as a dict; its "model"
+    holds the `create_model` flags plus "kind", and its "diffusion" has schedule, num_timesteps,
+    prediction and learned_sigma. A converted checkpoint (config.json with "source":
+    "guided-diffusion") is loaded by `jaxdiff.convert.load_converted` and its diffusion flags are
+    renamed to the same keys.
+    """
+    cfg = read_config(directory)
+    if cfg.get("source") == "guided-diffusion":
+        from jaxdiff import convert
+
+        module, params, ccfg = convert.load_converted(directory)
+        ccfg = dict(ccfg)
+        ccfg["model"] = {"kind": ccfg.get("kind"), **dict(ccfg.get("model", {}))}
+        ccfg["diffusion"] = _normalise_converted_diffusion(ccfg.get("diffusion", {}))
+        return module, params, ccfg
+
+    from jaxdiff import models
+
+    model_cfg = dict(cfg["model"])
+    kind = model_cfg.pop("kind")
+    module = models.create_model(kind, **_tuples(model_cfg))
+    ckpt_dir = os.path.join(directory, CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoint directory {ckpt_dir} (has {directory} been trained?)")
+    # A plain PyTree handler reads what StandardSave wrote and answers item_metadata without the
+    # abstract train state (so no optimiser needs to be rebuilt to sample).
+    manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_handlers=ocp.PyTreeCheckpointHandler(),
+                                    options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        if step is None:
+            step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
+        key = "ema_params" if ema else "params"
+        meta = manager.item_metadata(step)
+        tree = meta.tree if hasattr(meta, "tree") else meta
+        target = {key: jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree[key])}
+        restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+            item=target, partial_restore=True,
+            restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)))
+        params = restored[key]
+    finally:
+        manager.close()
+    out = dict(cfg)
+    out["model"] = dict(cfg["model"])
+    out["step"] = int(step)
+    return module, params, out
+
+
+def _tuples(flags: Mapping[str, Any]) -> dict:
+    """JSON lists back to tuples (attention_resolutions, channel_mult)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}
