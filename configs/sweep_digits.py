@@ -16,13 +16,13 @@ def get_config():
     c.out = "reports/digits"
     c.cache_dir = ""            # reference statistics cache ("" = under the tfds data_dir)
     c.reference_split = "train"
-    c.sampler = "ddim"
-    c.steps = (25,)             # one curve per step count
+    c.sampler = "ddpm"          # ancestral: the sampler Dhariwal & Nichol guide with a classifier
+    c.steps = (50,)             # one curve per step count
     c.eta = 0.0
     c.classifier_scales = (0.25, 1.0, 4.0)
-    c.cfg_scales = (0.0, 2.0, 3.0, 5.0)
-    c.num_samples = 500
-    c.batch_size = 250
+    c.cfg_scales = (0.0, 1.5, 3.0, 5.0)
+    c.num_samples = 400
+    c.batch_size = 200
     c.seed = 0
     c.k = 3
     c.progress = False
