@@ -4,17 +4,39 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import ml_collections
 
 from jaxdiff import evaluation, report
 
 GUIDES = ("none", "classifier", "cfg")
+
+
+def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
+    """Every sweep setting with its default; configs/sweep_*.py start from this."""
+    c = ml_collections.ConfigDict()
+    c.model = f"runs/{dataset}/model"
+    c.classifier = f"runs/{dataset}/classifier"
+    c.eval_classifier = f"runs/{dataset}/eval_classifier"
+    c.out = f"reports/{dataset}"
+    c.cache_dir = ""            # reference statistics cache ("" = under the tfds data_dir)
+    c.reference_split = "train"
+    c.sampler = "ddpm"          # ancestral: the sampler Dhariwal & Nichol guide with a classifier
+    c.steps = (50,)             # one curve per step count
+    c.eta = 0.0
+    c.classifier_scales = (0.25, 1.0, 4.0)
+    c.cfg_scales = (0.0, 1.5, 3.0, 5.0)
+    c.num_samples = 400
+    c.batch_size = 200
+    c.seed = 0
+    c.k = 3
+    c.progress = False
+    c.grid_max = 50
+    return c
 
 
 def settings(cfg) -> Iterator[dict]:
