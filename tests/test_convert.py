@@ -27,17 +27,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 RELEASED = json.loads((FIXTURES / "released_keys" / "released.json").read_text())
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-UNET_FLAGS = dict(
-    image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=2,
-    attention_resolutions=(2, 4), dropout=0.0, channel_mult=(1, 2, 2), num_classes=10,
-    num_heads=1, num_head_channels=16, num_heads_upsample=-1, use_scale_shift_norm=True,
-    resblock_updown=True, use_new_attention_order=False,
-)
-CLF_FLAGS = dict(
-    image_size=32, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
-    attention_resolutions=(2, 4), channel_mult=(1, 2, 2), num_head_channels=16,
-    use_scale_shift_norm=True, resblock_updown=True, pool="attention",
-)
+from _adm import CLASSIFIER_FLAGS as CLF_FLAGS, UNET_FLAGS  # the architecture of adm_tiny_a.npz
 
 
 def kind_of(name):

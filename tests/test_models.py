@@ -21,18 +21,7 @@ from jaxdiff.models import (
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
-# tests/fixtures/README.md: the architecture of adm_tiny_a.npz
-UNET_FLAGS = dict(
-    image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=2,
-    attention_resolutions=(2, 4), dropout=0.0, channel_mult=(1, 2, 2), num_classes=10,
-    num_heads=1, num_head_channels=16, num_heads_upsample=-1, use_scale_shift_norm=True,
-    resblock_updown=True, use_new_attention_order=False,
-)
-CLF_FLAGS = dict(
-    image_size=32, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
-    attention_resolutions=(2, 4), channel_mult=(1, 2, 2), num_head_channels=16,
-    use_scale_shift_norm=True, resblock_updown=True, pool="attention",
-)
+from _adm import CLASSIFIER_FLAGS as CLF_FLAGS, UNET_FLAGS  # the architecture of adm_tiny_a.npz
 # A small network for behaviour tests (8x8, one level).
 TINY = dict(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
             attention_resolutions=(1,), channel_mult=(1,), num_heads=2)
