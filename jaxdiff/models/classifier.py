@@ -71,12 +71,12 @@ class EncoderUNetModel(nn.Module):
                 f = nn.relu(f)
                 logits = L.Dense(self.out_channels, name="out_2")(f)
             else:
-                f = nn.silu(L.GroupNorm32(name="out_1")(f))
+                f = L.GroupNorm32(silu=True, name="out_1")(f)
                 logits = L.Dense(self.out_channels, name="out_3")(f)
             return (logits, f) if return_features else logits
 
         h = L.cast(h, jnp.float32)
-        h = nn.silu(L.GroupNorm32(name="out_0")(h))
+        h = L.GroupNorm32(silu=True, name="out_0")(h)
         features = jnp.mean(h, axis=(1, 2))
         if self.pool == "adaptive":
             logits = L.Conv(self.out_channels, 1, zero_init=True, name="out_3")(features[:, None, None, :])

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from jaxdiff.attention import attention
 from jaxdiff.conv import conv2d
+from jaxdiff.norm import group_norm
 
 Dtype = Any
 
@@ -73,28 +75,27 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
 class GroupNorm32(nn.Module):
     """torch.nn.GroupNorm(32, C, eps=1e-5), computed in float32, returned in the input dtype.
 
-    Works on [..., C] with a leading batch axis; statistics over every non-batch axis of a group.
+    Works on [B, ..., C]; statistics over every non-batch axis of a group. `silu=True` applies SiLU
+    to the result, and `scale`/`shift` ([B, C]) the ResBlock's scale-shift modulation
+    `norm(x) * (1 + scale) + shift`; all of it is one `jaxdiff.norm.group_norm` call.
     """
 
     num_groups: int = 32
     epsilon: float = 1e-5
+    silu: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, scale: Optional[jax.Array] = None, shift: Optional[jax.Array] = None) -> jax.Array:
         c = x.shape[-1]
         if c % self.num_groups:
             raise ValueError(f"GroupNorm32: {c} channels are not divisible by {self.num_groups} groups")
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        in_dtype = x.dtype
-        h = cast(x, jnp.float32)
-        g = h.reshape(h.shape[:-1] + (self.num_groups, c // self.num_groups))
-        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
-        mean = jnp.mean(g, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
-        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
-        h = g.reshape(h.shape) * scale + bias
-        return cast(h, in_dtype)
+        p = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        q = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        if scale is not None:
+            p, q = p * (1 + cast(scale, jnp.float32)), q * (1 + cast(scale, jnp.float32))
+        if shift is not None:
+            q = q + cast(shift, jnp.float32)
+        return group_norm(x, p, q, groups=self.num_groups, eps=self.epsilon, silu=self.silu)
 
 
 class Conv(nn.Module):
@@ -202,7 +203,7 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
         cin = x.shape[-1]
         cout = self.out_channels
-        h = nn.silu(GroupNorm32(name="in_layers_0")(x))
+        h = GroupNorm32(silu=True, name="in_layers_0")(x)
         if self.up:
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.down:
@@ -212,13 +213,11 @@ class ResBlock(nn.Module):
         emb_out = Dense(
             2 * cout if self.use_scale_shift_norm else cout, dtype=self.dtype, name="emb_layers_1"
         )(nn.silu(emb))
-        emb_out = cast(emb_out, h.dtype)[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = GroupNorm32(name="out_layers_0")(h) * (1 + scale) + shift
+            h = GroupNorm32(silu=True, name="out_layers_0")(h, scale, shift)
         else:
-            h = GroupNorm32(name="out_layers_0")(h + emb_out)
-        h = nn.silu(h)
+            h = GroupNorm32(silu=True, name="out_layers_0")(h + cast(emb_out, h.dtype)[:, None, None, :])
         h = nn.Dropout(rate=self.dropout)(h, deterministic=self.deterministic or self.dropout == 0.0)
         h = Conv(cout, 3, zero_init=True, dtype=self.dtype, name="out_layers_3")(h)
 
@@ -245,10 +244,10 @@ def qkv_attention(qkv: jax.Array, num_heads: int, new_order: bool) -> jax.Array:
         qkv = qkv.reshape(b, t, num_heads, 3, ch)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
     scale = 1.0 / math.sqrt(math.sqrt(ch))
-    w = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
-    w = cast(jax.nn.softmax(cast(w, jnp.float32), axis=-1), w.dtype)
-    a = jnp.einsum("bhts,bshc->bthc", w, v)
-    return a.reshape(b, t, num_heads * ch)
+    # heads folded into the batch: [B * H, T, ch]
+    q, k, v = (jnp.swapaxes(z, 1, 2).reshape(b * num_heads, t, ch) for z in (q * scale, k * scale, v))
+    a = attention(q, k, v).reshape(b, num_heads, t, ch)
+    return jnp.swapaxes(a, 1, 2).reshape(b, t, num_heads * ch)
 
 
 def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:

@@ -118,7 +118,7 @@ def unet_forward(m, x, timesteps, y, train: bool, in_channels: int):
     h, hs = L.encoder_trunk(m, plan, h, emb, train)
     h = L.decoder_trunk(m, plan, h, hs, emb, train)
     h = L.cast(h, jnp.float32)
-    h = nn.silu(L.GroupNorm32(name="out_0")(h))
+    h = L.GroupNorm32(silu=True, name="out_0")(h)
     return L.Conv(m.out_channels, 3, zero_init=True, dtype=jnp.float32, name="out_2")(h)
 
 

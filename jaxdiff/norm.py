@@ -1,0 +1,119 @@
+"""Group normalisation fused with a per-sample affine map and an optional SiLU.
+
+    y = act(xhat * p + q),   xhat = (x - mean_g) / sqrt(var_g + eps)
+
+with statistics per sample and group over every non-batch axis, `p`, `q` per sample and channel
+([B, C]) and act = SiLU or identity. Every GroupNorm of the ADM networks is of this form:
+p = scale, q = bias for a plain GroupNorm; p = scale * (1 + s), q = bias * (1 + s) + b for the
+scale-shift norm of a ResBlock; SiLU follows in most places.
+
+Why a custom gradient: on the CPU, XLA's derivative of the plain formula makes several passes over
+the activations (and the SiLU's division), and those passes cost more than the convolutions next
+to them. The hand-written backward pass is two sweeps: one reduction of (dz, dz * x) per channel
+and one elementwise map dx = dz * alpha + x * beta + gamma with per-(sample, channel) coefficients;
+the forward values needed by it (z, SiLU') are recomputed instead of stored. As with `conv2d`, the
+custom rule is used only when the computation runs on the CPU (`conv.fast_path_active()`, the same
+switch: `JAXDIFF_PLAIN_CONV=1` turns off both); elsewhere XLA differentiates the plain formula.
+All arithmetic is float32; the output has the input's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .conv import fast_path_active
+
+__all__ = ["group_norm"]
+
+
+def _group_mean(stat: jax.Array, groups: int) -> jax.Array:
+    """[B, C] -> [B, C], averaged over the channels of each group."""
+    b, c = stat.shape
+    return jnp.repeat(stat.reshape(b, groups, c // groups).mean(axis=-1), c // groups, axis=-1)
+
+
+def _stats(x: jax.Array, groups: int, eps: float):
+    """Per-(sample, channel) group mean and 1/std, each [B, C], from float32 x [B, ..., C].
+
+    Reduces over the spatial axes per channel first (channels minor: the fast reduction on the
+    CPU), then over the channels of a group; two passes (centre, then square), as torch does."""
+    spatial = tuple(range(1, x.ndim - 1))
+    mean = _group_mean(jnp.mean(x, axis=spatial), groups)
+    var = _group_mean(jnp.mean(jnp.square(x - _bc(mean, x)), axis=spatial), groups)
+    return mean, lax.rsqrt(var + eps)
+
+
+def _bc(v: jax.Array, x: jax.Array) -> jax.Array:
+    """[B, C] -> [B, 1, ..., 1, C], broadcastable against x."""
+    return v.reshape((v.shape[0],) + (1,) * (x.ndim - 2) + (v.shape[1],))
+
+
+def _act(z, silu):
+    return z * jax.nn.sigmoid(z) if silu else z
+
+
+def _plain(x, p, q, groups, eps, silu):
+    xf = x.astype(jnp.float32)
+    mean, rstd = _stats(xf, groups, eps)
+    a = rstd * p
+    z = xf * _bc(a, xf) + _bc(q - mean * a, xf)
+    return _act(z, silu).astype(x.dtype)
+
+
+def _fwd(x, p, q, groups, eps, silu):
+    xf = x.astype(jnp.float32)
+    mean, rstd = _stats(xf, groups, eps)
+    return _plain(x, p, q, groups, eps, silu), (x, p, q, mean, rstd)
+
+
+def _bwd(groups, eps, silu, res, dy):
+    x, p, q, mean, rstd = res
+    xf = x.astype(jnp.float32)
+    a = rstd * p
+    dy = dy.astype(jnp.float32)
+    if silu:
+        z = xf * _bc(a, xf) + _bc(q - mean * a, xf)
+        sg = jax.nn.sigmoid(z)
+        dz = dy * (sg * (1.0 + z * (1.0 - sg)))
+    else:
+        dz = dy
+    spatial = tuple(range(1, x.ndim - 1))
+    n = 1
+    for ax in spatial:
+        n *= x.shape[ax]
+    s1 = jnp.sum(dz, axis=spatial)  # [B, C]
+    s2 = jnp.sum(dz * xf, axis=spatial)
+    dq = s1
+    dp = rstd * (s2 - mean * s1)  # sum of dz * xhat
+    g1 = _group_mean(p * s1, groups) / n  # mean over the group of dxhat
+    g2 = _group_mean(p * dp, groups) / n  # mean over the group of dxhat * xhat
+    beta = -rstd * rstd * g2
+    gamma = -mean * beta - rstd * g1
+    dx = dz * _bc(a, xf) + xf * _bc(beta, xf) + _bc(gamma, xf)
+    return dx.astype(x.dtype), dp.astype(p.dtype), dq.astype(q.dtype)
+
+
+_fused = jax.custom_vjp(_plain, nondiff_argnums=(3, 4, 5))
+_fused.defvjp(_fwd, _bwd)
+
+
+def group_norm(
+    x: jax.Array, p: jax.Array, q: jax.Array, *, groups: int = 32, eps: float = 1e-5, silu: bool = False
+) -> jax.Array:
+    """act(GroupNorm(x) * p + q) for x [B, ..., C] and p, q [B, C] (float32); see the module doc."""
+    if x.ndim < 2 or x.shape[-1] % groups:
+        raise ValueError(f"group_norm: x {x.shape} needs a channel axis divisible by groups={groups}")
+    b, c = x.shape[0], x.shape[-1]
+    p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (b, c))
+    q = jnp.broadcast_to(jnp.asarray(q, jnp.float32), (b, c))
+    if not fast_path_active():
+        return _plain(x, p, q, groups, eps, silu)
+    return lax.platform_dependent(
+        x, p, q,
+        cpu=lambda x, p, q: _fused(x, p, q, groups, eps, silu),
+        default=lambda x, p, q: _plain(x, p, q, groups, eps, silu),
+    )
