@@ -11,7 +11,7 @@ def get_config():
                    num_head_channels=32, dropout=0.1, use_scale_shift_norm=True, resblock_updown=True,
                    pool="adaptive")
     c.diffusion.update(schedule="cosine", num_timesteps=1000)
-    c.train.update(batch_size=128, steps=5000, lr=1e-3, warmup_steps=200, lr_schedule="linear",
-                   weight_decay=0.05, grad_clip=1.0, ema_decay=0.999, noised=False, log_every=100,
-                   checkpoint_every=1000, keep=2, sample_every=1000)
+    c.train.update(batch_size=64, steps=400, lr=2e-3, warmup_steps=50, lr_schedule="linear",
+                   weight_decay=0.05, grad_clip=1.0, ema_decay=0.99, noised=False, log_every=50,
+                   checkpoint_every=200, keep=2, sample_every=400)
     return c

@@ -9,4 +9,11 @@ from jaxdiff.sweep import default_config
 
 
 def get_config():
-    return default_config("fashion_mnist")
+    c = default_config("fashion_mnist")
+    # sized for 2 CPU cores (32x32 samples cost ~10x the digits' 8x8): fewer settings and samples
+    c.steps = (25,)
+    c.classifier_scales = (1.0, 4.0)
+    c.cfg_scales = (0.0, 1.5, 3.0)
+    c.num_samples = 200
+    c.batch_size = 100
+    return c
