@@ -3,8 +3,8 @@
     python train.py --config configs/fashion_mnist.py --workdir W
 
 A small ADM U-Net (32/64/64 channels, one res block per level, attention at 8x8 only) trained for
-400 steps of 32 images: about 8 minutes here. The samples are recognisable garment shapes, not
-converged ones; for a real model raise model_channels, num_res_blocks and steps, e.g.
+400 steps of 32 images: 10-13 minutes here. An under-trained model, sized so the whole main job
+completes on 2 CPU cores; for a real model raise model_channels, num_res_blocks and steps, e.g.
 `--config.model.model_channels=128 --config.train.steps=50000`.
 """
 
