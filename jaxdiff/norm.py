@@ -58,18 +58,20 @@ def _act(z, silu):
     return z * jax.nn.sigmoid(z) if silu else z
 
 
-def _plain(x, p, q, groups, eps, silu):
-    xf = x.astype(jnp.float32)
-    mean, rstd = _stats(xf, groups, eps)
+def _affine(xf, p, q, mean, rstd):
+    """z = xhat * p + q as one per-(sample, channel) map of float32 x."""
     a = rstd * p
-    z = xf * _bc(a, xf) + _bc(q - mean * a, xf)
-    return _act(z, silu).astype(x.dtype)
+    return xf * _bc(a, xf) + _bc(q - mean * a, xf)
 
 
 def _fwd(x, p, q, groups, eps, silu):
     xf = x.astype(jnp.float32)
     mean, rstd = _stats(xf, groups, eps)
-    return _plain(x, p, q, groups, eps, silu), (x, p, q, mean, rstd)
+    return _act(_affine(xf, p, q, mean, rstd), silu).astype(x.dtype), (x, p, q, mean, rstd)
+
+
+def _plain(x, p, q, groups, eps, silu):
+    return _fwd(x, p, q, groups, eps, silu)[0]
 
 
 def _bwd(groups, eps, silu, res, dy):
@@ -78,7 +80,7 @@ def _bwd(groups, eps, silu, res, dy):
     a = rstd * p
     dy = dy.astype(jnp.float32)
     if silu:
-        z = xf * _bc(a, xf) + _bc(q - mean * a, xf)
+        z = _affine(xf, p, q, mean, rstd)
         sg = jax.nn.sigmoid(z)
         dz = dy * (sg * (1.0 + z * (1.0 - sg)))
     else:
