@@ -66,5 +66,9 @@ def _flags():
 if __name__ == "__main__":
     from absl import app
 
+    from jaxdiff import cpu
+
+    cpu.use_huge_page_malloc()  # re-executes once with glibc huge-page malloc (jaxdiff/cpu.py)
+
     _flags()
     app.run(main)

@@ -34,5 +34,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from jaxdiff import cpu
+
+    cpu.use_huge_page_malloc()  # re-executes once with glibc huge-page malloc (jaxdiff/cpu.py)
     flags.mark_flags_as_required(["config"])
     app.run(main)

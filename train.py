@@ -54,4 +54,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from jaxdiff import cpu
+
+    cpu.use_huge_page_malloc()  # re-executes once with glibc huge-page malloc (jaxdiff/cpu.py)
     app.run(main)

@@ -11,7 +11,10 @@ Measures (milliseconds, median of --repeats timed runs after a warm-up, block_un
   loop                the whole jitted lax.scan loop of N unguided DDIM steps
 and checks the targets: loop <= 1.1 N step_unguided; step_cfg <= 2.1 step_unguided;
 step_classifier <= 1.1 (step_unguided + guidance_gradient). Timings are only meaningful on an
-otherwise idle machine: the JSON records the load average at the start and the end.
+otherwise idle machine: the JSON records the load average at the start and the end. Everything is
+compiled with `jaxdiff.cpu.jit` (what sample.py runs); `--xla-defaults` uses plain `jax.jit`.
+GFLOP/s counts convolution and matrix-product FLOPs (bench/common.py), next to the machine's
+float32 matrix-product rate (`matmul_f32_gflops`).
 """
 
 from __future__ import annotations
@@ -32,18 +35,12 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from jaxdiff import cpu  # noqa: E402
 from jaxdiff import guidance as G  # noqa: E402
 from jaxdiff import samplers as S  # noqa: E402
 from jaxdiff.schedules import make_schedule  # noqa: E402
 
-UNET_FLAGS = dict(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=2,
-                  attention_resolutions=(2, 4), dropout=0.0, channel_mult=(1, 2, 2), num_classes=10,
-                  num_heads=1, num_head_channels=16, num_heads_upsample=-1, use_scale_shift_norm=True,
-                  resblock_updown=True, use_new_attention_order=False)
-CLASSIFIER_FLAGS = dict(image_size=32, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
-                        attention_resolutions=(2, 4), channel_mult=(1, 2, 2), num_head_channels=16,
-                        use_scale_shift_norm=True, resblock_updown=True, pool="attention")
-FIXTURE = ROOT / "tests" / "fixtures" / "adm_tiny_a.npz"
+from common import CLASSIFIER_FLAGS, FIXTURE, UNET_FLAGS, count_flops, machine, matmul_gflops  # noqa: E402
 
 
 def _random_params(module, *args, seed=0):
@@ -90,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--weights", choices=("random", "fixture"), default="random",
                     help="random parameters (with a null label, so CFG runs) or the fixture's (no CFG)")
+    ap.add_argument("--xla-defaults", action="store_true",
+                    help="compile with plain jax.jit (XLA's default CPU options) instead of jaxdiff.cpu.jit")
     args = ap.parse_args(argv)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
@@ -110,13 +109,14 @@ def main(argv=None):
         return G.build_guides(kind, G.unet_fn(um, p["unet"]), logits_fn=G.logits_fn(cm, p["classifier"]),
                               null_label=10 if args.weights == "random" else None, learned_sigma=True)
 
-    unet_forward = jax.jit(lambda p, x, t, cond: G.unet_fn(um, p["unet"])(x, t, cond))
-    gradient = jax.jit(lambda p, x, t, cond: G.classifier_guide(G.logits_fn(cm, p["classifier"]))(x, t, cond))
+    jit = jax.jit if args.xla_defaults else cpu.jit
+    forward_fn = lambda p, x, t, cond: G.unet_fn(um, p["unet"])(x, t, cond)
+    gradient_fn = lambda p, x, t, cond: G.classifier_guide(G.logits_fn(cm, p["classifier"]))(x, t, cond)
+    unet_forward, gradient = jit(forward_fn), jit(gradient_fn)
 
     def one_step(kind):
         x0_fn = G.make_x0_fn()
 
-        @jax.jit
         def step(p, x, i, cond, key, ids):
             model_fn, cond_fn = guides(p, kind)
             d = S.denoise(model_fn, sched, x, i, cond, learned_sigma=True, x0_fn=x0_fn, cond_fn=cond_fn)
@@ -125,17 +125,27 @@ def main(argv=None):
 
         return step
 
+    gflop = {"unet_forward": count_flops(forward_fn, params, x, t, cond) / 1e9,
+             "guidance_gradient": count_flops(gradient_fn, params, x, t, cond) / 1e9,
+             "step_classifier": count_flops(one_step("classifier"), params, x, i, cond, key, ids) / 1e9}
+
     res = {"device": str(jax.devices()[0]), "device_count": jax.device_count(), "platform": platform.platform(),
            "jax": jax.__version__, "batch": B, "steps": N, "repeats": args.repeats, "weights": args.weights}
+    res["compiled_with"] = "jax.jit (XLA defaults)" if args.xla_defaults else f"jaxdiff.cpu.jit {cpu.compiler_options()}"
+    res["machine"] = machine()
+    res["matmul_f32_gflops"] = matmul_gflops()
     res["unet_forward_ms"] = timeit(unet_forward, params, x, t, cond, repeats=args.repeats)
     res["guidance_gradient_ms"] = timeit(gradient, params, x, t, cond, repeats=args.repeats)
-    res["step_unguided_ms"] = timeit(one_step("none"), params, x, i, cond, key, ids, repeats=args.repeats)
+    res["step_unguided_ms"] = timeit(jit(one_step("none")), params, x, i, cond, key, ids, repeats=args.repeats)
     if args.weights == "random":
-        res["step_cfg_ms"] = timeit(one_step("cfg"), params, x, i, cond, key, ids, repeats=args.repeats)
-    res["step_classifier_ms"] = timeit(one_step("classifier"), params, x, i, cond, key, ids, repeats=args.repeats)
+        res["step_cfg_ms"] = timeit(jit(one_step("cfg")), params, x, i, cond, key, ids, repeats=args.repeats)
+    res["step_classifier_ms"] = timeit(jit(one_step("classifier")), params, x, i, cond, key, ids, repeats=args.repeats)
     loop = S.make_sampler(lambda p: guides(p, "none"), S.SamplerSpec("ddim", learned_sigma=True), (32, 32, 3))
     res["loop_ms"] = timeit(loop, params, sched, cond, key, ids, 0.0, x, repeats=args.repeats)
 
+    for name, g in gflop.items():
+        res[f"{name}_gflop"] = round(g, 3)
+        res[f"{name}_gflops"] = round(g / res[f"{name}_ms"] * 1e3, 1)
     res["loop_over_steps_x_step"] = res["loop_ms"] / (N * res["step_unguided_ms"])
     res["cfg_over_unguided"] = res.get("step_cfg_ms", float("nan")) / res["step_unguided_ms"]
     res["classifier_over_unguided_plus_gradient"] = res["step_classifier_ms"] / (
@@ -152,4 +162,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cpu.use_huge_page_malloc()  # as train.py / sample.py do
     main()

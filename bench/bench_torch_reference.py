@@ -52,7 +52,6 @@ import argparse
 import json
 import math
 import os
-import pathlib
 import platform
 import statistics
 import sys
@@ -67,15 +66,8 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("PyTorch is needed: pip install torch==2.13.0 (CPU wheel)")
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "adm_tiny_a.npz"
-UNET_FLAGS = dict(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=2,
-                  attention_resolutions=(2, 4), dropout=0.0, channel_mult=(1, 2, 2), num_classes=10,
-                  num_heads=1, num_head_channels=16, num_heads_upsample=-1, use_scale_shift_norm=True,
-                  resblock_updown=True, use_new_attention_order=False)
-CLASSIFIER_FLAGS = dict(image_size=32, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
-                        attention_resolutions=(2, 4), channel_mult=(1, 2, 2), num_head_channels=16,
-                        use_scale_shift_norm=True, resblock_updown=True, pool="attention")
+from common import CLASSIFIER_FLAGS, FIXTURE, UNET_FLAGS  # noqa: E402
+
 TOLERANCE = 1e-4
 # Respacing "10" keeps t = 999, where the cosine schedule's alpha_bar is ~1e-9 and x0 = (x - sqrt(1-abar) eps)
 # / sqrt(abar) amplifies float32 rounding: guided-diffusion's own float32 result and this file's both differ from

@@ -12,7 +12,10 @@ Cases:
                          the shipped configs/digits*.py at their own batch size
 Each case is the real jitted `training.make_train_step` on one device with synthetic data (no
 dataset needed); the time is the median of `--iters` steps after `--warmup` steps, each step
-waited for with block_until_ready. Compile time is reported separately.
+waited for with block_until_ready. Compile time is reported separately. Steps are compiled with
+`jaxdiff.cpu.jit` (what train.py runs); `--xla-defaults` compiles them with plain `jax.jit` for an
+A/B comparison. GFLOP/s counts the step's convolution and matrix-product FLOPs (bench/common.py)
+and is reported next to the machine's float32 2048^3 matrix-product rate.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,12 +35,14 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jaxdiff import schedules, training  # noqa: E402
+from jaxdiff import cpu, schedules, training  # noqa: E402
 from jaxdiff.data import DataInfo  # noqa: E402
 
-FIXTURE_A = dict(model_channels=32, num_res_blocks=2, attention_resolutions=(2, 4), channel_mult=(1, 2, 2),
-                 num_head_channels=16, num_heads=1, use_scale_shift_norm=True, resblock_updown=True,
-                 dropout=0.0, use_new_attention_order=False, dtype="float32")
+import common  # noqa: E402
+
+_ARCH_KEYS = ("model_channels", "num_res_blocks", "attention_resolutions", "channel_mult", "num_head_channels",
+              "num_heads", "use_scale_shift_norm", "resblock_updown", "dropout", "use_new_attention_order")
+FIXTURE_A = {k: common.UNET_FLAGS[k] for k in _ARCH_KEYS}
 
 
 def _info(size, channels, num_classes=10):
@@ -65,7 +69,7 @@ def fixture_a_config(task: str, batch: int, dtype: str):
     return c, _info(32, 3)
 
 
-def bench_case(name: str, config, info, *, warmup: int, iters: int) -> dict:
+def bench_case(name: str, config, info, *, warmup: int, iters: int, xla_defaults: bool = False) -> dict:
     resolved = training.resolve_config(config, info)
     model = training.create_model(resolved)
     tx = training.make_optimizer(resolved.train)
@@ -80,7 +84,9 @@ def bench_case(name: str, config, info, *, warmup: int, iters: int) -> dict:
     images = jnp.asarray(rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, int(resolved.data.num_classes), b).astype(np.int32))
     acc = training.zero_accumulator(training.metric_names(resolved))
-    step = jax.jit(training.make_train_step(resolved, model, tx, sched, train_key), donate_argnums=(0, 3))
+    step_fn = training.make_train_step(resolved, model, tx, sched, train_key)
+    flops = common.count_flops(step_fn, state, images, labels, acc)
+    step = (jax.jit if xla_defaults else cpu.jit)(step_fn, donate_argnums=(0, 3))
     t0 = time.perf_counter()
     compiled = step.lower(state, images, labels, acc).compile()
     compile_s = time.perf_counter() - t0
@@ -96,6 +102,9 @@ def bench_case(name: str, config, info, *, warmup: int, iters: int) -> dict:
         "case": name, "task": resolved.task, "batch": b, "image_size": s, "dtype": resolved.model.dtype,
         "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))),
         "ms_per_step_median": round(statistics.median(times), 3),
+        "gflop_per_step": round(flops / 1e9, 2),
+        "gflops_at_median": round(flops / statistics.median(times) / 1e6, 1),
+        "compiled_with": "jax.jit (XLA defaults)" if xla_defaults else f"jaxdiff.cpu.jit {cpu.compiler_options()}",
         "ms_per_step_min": round(min(times), 3), "iters": iters, "warmup": warmup,
         "compile_s": round(compile_s, 2), "init_s": round(init_s, 2), "mean_loss": round(loss, 5),
     }
@@ -107,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=training.DTYPES, help="fixture-A compute dtype")
+    p.add_argument("--xla-defaults", action="store_true",
+                   help="compile with plain jax.jit (XLA's default CPU options) instead of jaxdiff.cpu.jit")
     p.add_argument("--which", default="all",
                    help="comma list of: fixture_a_unet, fixture_a_classifier, digits (all three digits configs)")
     args = p.parse_args(argv)
@@ -116,27 +127,21 @@ def main(argv=None) -> int:
         for task, case in (("diffusion", "fixture_a_unet"), ("classifier", "fixture_a_classifier")):
             if case in which:
                 cfg, info = fixture_a_config(task, batch, args.dtype)
-                results.append(bench_case(case, cfg, info, warmup=args.warmup, iters=args.iters))
+                results.append(bench_case(case, cfg, info, warmup=args.warmup, iters=args.iters,
+                                           xla_defaults=args.xla_defaults))
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     if "digits" in which:
         for name in ("digits", "digits_classifier", "digits_eval_classifier"):
             cfg = _load_config(name)
-            results.append(bench_case(name, cfg, _info(8, 1), warmup=args.warmup, iters=args.iters))
+            results.append(bench_case(name, cfg, _info(8, 1), warmup=args.warmup, iters=args.iters,
+                                       xla_defaults=args.xla_defaults))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    dev = jax.devices()[0]
-    out = {
-        "benchmark": "training_step",
-        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "results": results,
-    }
+    out = {"benchmark": "training_step", "machine": common.machine(), "matmul_f32_gflops": common.matmul_gflops(),
+           "results": results}
     print(json.dumps(out, indent=1))
     return 0
 
 
 if __name__ == "__main__":
+    cpu.use_huge_page_malloc()  # as train.py / sample.py do
     sys.exit(main())

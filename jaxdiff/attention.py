@@ -6,11 +6,14 @@ the products accumulate in float32 and the result has v's dtype.
 On the CPU the score matrices ([N, T, T] float32, 16 MB for 64 heads of 256 tokens) are what costs:
 every pass over them runs at memory speed, and XLA's derivative of the plain formula makes many
 such passes and one product with a transposed operand that misses the fast matrix-product path.
-So on the CPU (`conv.fast_path_active()`, the same switch as the convolution's) the attention is a
+So on the CPU (`cpu.custom_gradients_active()`; `JAXDIFF_PLAIN_OPS=1` turns it off) the attention is a
 `jax.custom_vjp` evaluated in chunks of heads whose score tiles stay near the L2 cache:
 
 * forward: one product, exp, a row sum, one product, then the division on the small [T, C] result;
-* backward: the standard softmax gradient from the saved probabilities, with both products that
+  only the output and each row's log-sum-exp are kept for the backward pass (no [N, T, S] residual:
+  storing the probabilities cost more in memory traffic than recomputing them);
+* backward: the probabilities recomputed per chunk from the log-sum-exp, then the standard softmax
+  gradient, with the row term sum(dP * P) taken as sum(dO * O) over [T, C], and both products that
   contract over tokens written as plain products of explicitly transposed small operands.
 
 Elsewhere (GPU, TPU) it is the plain formula and XLA's own gradient.
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .conv import _l2_bytes, fast_path_active
+from .cpu import custom_gradients_active, l2_cache_bytes
 
 __all__ = ["attention"]
 
@@ -50,41 +53,9 @@ def _plain(q, k, v):
     return _mm(w.astype(v.dtype), v).astype(v.dtype)
 
 
-def _probs(q, k):
-    s = _mm_nt(q, k)
-    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    return e, jnp.sum(e, axis=-1, keepdims=True)
-
-
-def _core(q, k, v):
-    e, l = _probs(q, k)
-    return (_mm(e.astype(v.dtype), v) / l).astype(v.dtype)
-
-
-def _core_fwd(q, k, v):
-    e, l = _probs(q, k)
-    w = e / l
-    return _mm(w.astype(v.dtype), v).astype(v.dtype), (q, k, v, w)
-
-
-def _core_bwd(res, do):
-    q, k, v, w = res
-    do = do.astype(jnp.float32)
-    dv = _mm_tn(w, do)
-    dw = _mm_nt(do, v.astype(jnp.float32))
-    ds = w * (dw - jnp.sum(dw * w, axis=-1, keepdims=True))
-    dq = _mm(ds, k.astype(jnp.float32))
-    dk = _mm_tn(ds, q.astype(jnp.float32))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-_fast_core = jax.custom_vjp(_core)
-_fast_core.defvjp(_core_fwd, _core_bwd)
-
-
 def _chunks(n: int, t: int, s: int) -> int:
     """Number of chunks of the N axis: each chunk's [n, T, S] float32 scores about 2 L2 caches."""
-    per = max(1, (2 * _l2_bytes() // 4) // (t * s))
+    per = max(1, (2 * l2_cache_bytes() // 4) // (t * s))
     if per >= n:
         return 1
     while n % per:
@@ -92,20 +63,61 @@ def _chunks(n: int, t: int, s: int) -> int:
     return n // per
 
 
-def _fast(q, k, v):
-    n = q.shape[0]
-    c = _chunks(n, q.shape[1], k.shape[1])
+def _over_chunks(fn, *arrays):
+    """fn applied to matching chunks of the leading axis of `arrays` (lax.map), results concatenated."""
+    n = arrays[0].shape[0]
+    c = _chunks(n, arrays[0].shape[1], arrays[1].shape[1])
     if c == 1:
-        return _fast_core(q, k, v)
-    split = lambda z: z.reshape((c, n // c) + z.shape[1:])
-    out = lax.map(lambda a: _fast_core(*a), (split(q), split(k), split(v)))
-    return out.reshape((n,) + out.shape[2:])
+        return fn(*arrays)
+    out = lax.map(lambda a: fn(*a), tuple(z.reshape((c, n // c) + z.shape[1:]) for z in arrays))
+    return jax.tree_util.tree_map(lambda z: z.reshape((n,) + z.shape[2:]), out)
+
+
+def _fwd_chunk(q, k, v):
+    """(output, log-sum-exp of each score row) of one chunk."""
+    s = _mm_nt(q, k)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    o = (_mm(e.astype(v.dtype), v) / l).astype(v.dtype)
+    return o, m + jnp.log(l)
+
+
+def _bwd_chunk(q, k, v, lse, delta, do):
+    """dq, dk, dv of one chunk, with the probabilities recomputed from the saved log-sum-exp."""
+    w = jnp.exp(_mm_nt(q, k) - lse)
+    dv = _mm_tn(w, do)
+    ds = w * (_mm_nt(do, v.astype(jnp.float32)) - delta)
+    dq = _mm(ds, k.astype(jnp.float32))
+    dk = _mm_tn(ds, q.astype(jnp.float32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _fast_impl(q, k, v):
+    return _over_chunks(_fwd_chunk, q, k, v)[0]
+
+
+def _fast_fwd(q, k, v):
+    o, lse = _over_chunks(_fwd_chunk, q, k, v)
+    return o, (q, k, v, o, lse)
+
+
+def _fast_bwd(res, do):
+    q, k, v, o, lse = res
+    do = do.astype(jnp.float32)
+    # sum_s w * dw over a row equals sum_c do * o: a [T, C] product instead of a pass over [T, S]
+    delta = jnp.sum(do * o.astype(jnp.float32), axis=-1, keepdims=True)
+    return _over_chunks(_bwd_chunk, q, k, v, lse, delta, do)
+
+
+_fast = jax.custom_vjp(_fast_impl)
+_fast.defvjp(_fast_fwd, _fast_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T) v for q [N, T, C], k and v [N, S, C] -> [N, T, C] (see the module doc)."""
     if not (q.ndim == k.ndim == v.ndim == 3) or k.shape != v.shape or q.shape[::2] != k.shape[::2]:
         raise ValueError(f"attention: expected q [N, T, C], k and v [N, S, C], got {q.shape}, {k.shape}, {v.shape}")
-    if not fast_path_active():
+    if not custom_gradients_active():
         return _plain(q, k, v)
     return lax.platform_dependent(q, k, v, cpu=_fast, default=_plain)

@@ -31,12 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import cpu
 from jaxdiff import diffusion as diffusion_lib
 from jaxdiff import schedules
 
 
 def _logits_fn(module):
-    @jax.jit
+    @cpu.jit
     def fn(params, x, t):
         return module.apply({"params": params}, x, t).astype(jnp.float32)
 

@@ -3,17 +3,21 @@
 One function so that backend-specific speed work has a single place to live; every layer calls
 `conv2d` and never `lax.conv_general_dilated` directly.
 
-Why there is more here than one `lax.conv_general_dilated` call
-----------------------------------------------------------------
-On the CPU backend XLA runs the *forward* convolution well (it hands it to YNNPACK). The filter
-gradient it derives is a convolution with the whole image as "window" and the batch as feature
-dimension: fine for a few images, but over a batch of 64-128 it runs 2-9x slower than the same
-arithmetic split into chunks of a few images. Its strided input gradient (a convolution with
-lhs_dilation) does not reach YNNPACK at all, and a 1x1 filter gradient is a matrix product that
-XLA runs as a slow convolution. So on CPU `conv2d` is a `jax.custom_vjp`:
+By default `conv2d` is `lax.conv_general_dilated` and its gradient is XLA's, on every backend.
+On the CPU, programs compiled through `jaxdiff.cpu.jit` run these convolutions on XLA's Eigen
+path, where the plain gradient was the fastest we measured (`bench/bench_conv.py`).
 
-* forward: XLA's convolution (measured faster than im2col or per-tap matrix products for every
-  U-Net shape); 1x1 kernels as a matrix product;
+A custom-VJP variant for CPU programs that run convolutions on YNNPACK
+----------------------------------------------------------------------
+XLA's default CPU compilation hands convolutions to YNNPACK (a program jitted with plain
+`jax.jit`, or a jaxlib without the option `jaxdiff.cpu` sets). There the forward convolution is
+fine but the filter gradient XLA derives (the whole image as "window", the batch as feature
+dimension) ran 2-9x slower than the same arithmetic split into chunks of a few images, its strided
+input gradient misses the fast path, and a 1x1 filter gradient runs as a slow convolution. For
+such programs `conv2d(..., impl="fast")` (or `JAXDIFF_CONV_VJP=1` for every `conv2d` traced on
+the CPU) is a `jax.custom_vjp`:
+
+* forward: XLA's convolution; 1x1 kernels as a matrix product;
 * input gradient, stride 1: a forward convolution of the output gradient with the spatially
   flipped, in/out-transposed kernel (what XLA does too); 1x1: a matrix product;
 * input gradient, stride s > 1: for large tensors, split into s*s "phases" (which input pixels
@@ -25,31 +29,22 @@ XLA runs as a slow convolution. So on CPU `conv2d` is a `jax.custom_vjp`:
   1x1: one matrix product.
 
 The per-shape choices (`_dw_plan`, `_DX_PHASE_MIN_ELEMS`) come from `bench/bench_conv.py
---variants`, which also times the candidates that lost (im2col / per-tap matrix products for
-the forward pass and for the filter gradient, chunked or not).
-
-Platforms
----------
-The custom VJP is used only when the computation runs on CPU: `conv2d` checks
-`jax.default_backend()` at trace time (a process whose default backend is a GPU or TPU never sees
-the custom rule, so its programs are exactly what they were), and inside a CPU-default process
-it additionally goes through `lax.platform_dependent(cpu=fast, default=plain)`, so a computation
-explicitly placed on an accelerator still lowers to the native convolution and its gradient.
+--variants`. Under `jaxdiff.cpu.jit`'s options this variant is slower than the plain one, which
+is why it is not the default.
 
 Switches
 --------
-* `conv2d(..., impl="plain")` or the environment variable `JAXDIFF_PLAIN_CONV=1`: always the
-  plain `lax.conv_general_dilated` and XLA's own gradient, e.g. for A/B tests. The variable is
-  read when a function is traced; a function `jax.jit` has already traced keeps the path it was
-  traced with, so set it before the first call (e.g. on the command line).
+* `impl=None` / "auto": plain, unless `JAXDIFF_CONV_VJP=1` and the computation runs on the CPU
+  (then the custom VJP, through `lax.platform_dependent`, so a computation placed on an
+  accelerator still gets the native gradient). The variable is read when a function is traced.
+* `impl="plain"`: always `lax.conv_general_dilated` with XLA's gradient.
 * `impl="fast"`: the custom-VJP path regardless of platform (tests, benchmarks).
 
 Differentiation
 ---------------
 Reverse mode (`jax.grad`, `jax.vjp`, also nested: the backward pass is itself made of ordinary
 differentiable JAX ops) works under `jit`, `vmap` and `jax.checkpoint`. Forward mode (`jax.jvp`,
-`jax.jacfwd`) is not available through a `custom_vjp`; use `impl="plain"` (or
-`JAXDIFF_PLAIN_CONV=1`) for that.
+`jax.jacfwd`) is not available through a `custom_vjp`; use the plain path for that.
 
 Low precision
 -------------
@@ -60,7 +55,6 @@ input dtype once, at the end (the same as XLA's CPU convolution, which computes 
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -68,10 +62,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv2d", "conv2d_plain", "fast_path_active"]
+from .cpu import l2_cache_bytes
+
+__all__ = ["conv2d", "conv2d_plain", "custom_vjp_active"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
-_ENV_PLAIN = "JAXDIFF_PLAIN_CONV"
+_ENV_VJP = "JAXDIFF_CONV_VJP"
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,13 +84,13 @@ def conv2d(
 ) -> jax.Array:
     """NHWC x HWIO -> NHWC convolution with symmetric zero padding (no bias).
 
-    `impl`: None / "auto" (custom CPU gradient when running on CPU, see module docstring),
-    "plain" (always `lax.conv_general_dilated` with XLA's gradient) or "fast" (always the
-    custom-VJP path).
+    `impl`: None / "auto" (plain, or the custom CPU gradient with `JAXDIFF_CONV_VJP=1`; see the
+    module docstring), "plain" (always `lax.conv_general_dilated` with XLA's gradient) or "fast"
+    (always the custom-VJP path).
     """
     stride, padding = int(stride), int(padding)
     if impl in (None, "auto"):
-        if not fast_path_active():
+        if not custom_vjp_active():
             return conv2d_plain(x, kernel, stride=stride, padding=padding)
         return lax.platform_dependent(
             x,
@@ -120,11 +116,10 @@ def conv2d_plain(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: i
     )
 
 
-def fast_path_active() -> bool:
+def custom_vjp_active() -> bool:
     """Whether `conv2d(impl=None)` traced now would use the custom CPU gradient."""
-    if os.environ.get(_ENV_PLAIN, "").strip().lower() not in ("", "0", "false", "no"):
-        return False
-    return jax.default_backend() == "cpu"
+    return jax.default_backend() == "cpu" and os.environ.get(_ENV_VJP, "").strip().lower() not in (
+        "", "0", "false", "no", "off")
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,34 +250,11 @@ _MIN_CHUNK_PIXELS = 1024
 _DX_PHASE_MIN_ELEMS = 1 << 21
 
 
-@functools.lru_cache(maxsize=None)
-def _l2_bytes():
-    """Per-core L2 cache size from sysfs (Linux), else 1 MiB; clamped to [256 KiB, 4 MiB]."""
-    size = 1 << 20
-    try:
-        base = "/sys/devices/system/cpu/cpu0/cache"
-        for index in sorted(os.listdir(base)):
-            path = os.path.join(base, index)
-            with open(os.path.join(path, "level")) as f:
-                level = f.read().strip()
-            with open(os.path.join(path, "type")) as f:
-                kind = f.read().strip()
-            if level == "2" and kind in ("Unified", "Data"):
-                with open(os.path.join(path, "size")) as f:
-                    text = f.read().strip().upper()
-                mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-                size = int(text.rstrip("KM")) * mult
-                break
-    except (OSError, ValueError):
-        pass
-    return min(max(size, 1 << 18), 1 << 22)
-
-
 def _dw_chunk_elems():
     """Input elements per filter-gradient chunk: half an L2 cache of float32. Measured optimum:
     about 512 KiB of input on the 1 MiB-L2 Xeon (Cascade Lake) we have, about 1 MiB on a
     Sapphire Rapids with 2 MiB of L2."""
-    return _l2_bytes() // 8
+    return l2_cache_bytes() // 8
 
 
 def _dw_chunk_taps(x, g, kh, kw, stride, padding):

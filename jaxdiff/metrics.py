@@ -581,7 +581,9 @@ def classifier_extractor(
             feats, logits = out, apply_fn(p, x)
         return feats.reshape(feats.shape[0], -1), logits
 
-    jitted = jax.jit(forward)
+    from jaxdiff import cpu
+
+    jitted = cpu.jit(forward)
 
     def fn(images: Array):
         n = images.shape[0]

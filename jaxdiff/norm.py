@@ -13,21 +13,19 @@ The backward pass is written by hand as two sweeps over the activations: one red
 (dz, dz * x) per channel and one elementwise map dx = dz * alpha + x * beta + gamma with
 per-(sample, channel) coefficients; z and SiLU' are recomputed instead of stored. In isolation it
 runs about as fast as XLA's derivative of the per-channel formula; it keeps the number of passes
-fixed inside the whole network, where XLA's fusion choices vary. As with `conv2d`, the custom rule
-is used only when the computation runs on the CPU (`conv.fast_path_active()`, the same switch:
-`JAXDIFF_PLAIN_CONV=1` turns off both); elsewhere XLA differentiates the plain formula.
+fixed inside the whole network, where XLA's fusion choices vary. The custom rule is used only
+when the computation runs on the CPU (`cpu.custom_gradients_active()`; `JAXDIFF_PLAIN_OPS=1`
+turns it off); elsewhere XLA differentiates the plain formula.
 All arithmetic is float32; the output has the input's dtype.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .conv import fast_path_active
+from .cpu import custom_gradients_active
 
 __all__ = ["group_norm"]
 
@@ -114,7 +112,7 @@ def group_norm(
     b, c = x.shape[0], x.shape[-1]
     p = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (b, c))
     q = jnp.broadcast_to(jnp.asarray(q, jnp.float32), (b, c))
-    if not fast_path_active():
+    if not custom_gradients_active():
         return _plain(x, p, q, groups, eps, silu)
     return lax.platform_dependent(
         x, p, q,

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import cpu
 from jaxdiff.diffusion import (
     check_prediction,
     eps_from_x0,
@@ -376,7 +377,7 @@ def make_sampler(build: Callable[[Any], tuple[ModelFn, Optional[GradFn]]], spec:
                        dynamic_threshold_percentile=spec.dynamic_threshold)
     shape = tuple(int(s) for s in shape)
 
-    @jax.jit
+    @cpu.jit
     def run(params, sched, cond, key, sample_ids, eta=0.0, x_T=None, noises=None):
         model_fn, cond_fn = build(params)
         return sample_loop(model_fn, sched, x_T, cond, sampler=spec.sampler, key=key,

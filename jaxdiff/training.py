@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxdiff import checkpoints, parallel
+from jaxdiff import checkpoints, cpu, parallel
 from jaxdiff import data as data_lib
 from jaxdiff import diffusion as diffusion_lib
 from jaxdiff import schedules
@@ -698,7 +698,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
 
     mesh = parallel.data_mesh()
     repl = parallel.replicated_sharding(mesh)
-    init_fn = jax.jit(lambda k: init_state(resolved, model, tx, k), out_shardings=repl)
+    init_fn = cpu.jit(lambda k: init_state(resolved, model, tx, k), out_shardings=repl)
     abstract = jax.eval_shape(init_fn, init_key)
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
 
@@ -722,7 +722,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     names = metric_names(resolved)
     acc_sharding = jax.tree_util.tree_map(lambda _: repl, zero_accumulator(names))
     new_acc = jax.jit(lambda: zero_accumulator(names), out_shardings=acc_sharding)
-    step_fn = jax.jit(make_train_step(resolved, model, tx, sched, train_key),
+    step_fn = cpu.jit(make_train_step(resolved, model, tx, sched, train_key),
                       out_shardings=(jax.tree_util.tree_map(lambda a: a.sharding, abstract), acc_sharding),
                       donate_argnums=(0, 3))
     batch_sh = parallel.batch_sharding(mesh)

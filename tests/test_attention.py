@@ -35,7 +35,7 @@ def test_values(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_fast_gradient_matches_autodiff_of_plain(case, monkeypatch):
-    monkeypatch.setattr(A, "_l2_bytes", lambda: 4 * 64 * 64 * 2)  # tiny chunks: exercise lax.map
+    monkeypatch.setattr(A, "l2_cache_bytes", lambda: 4 * 64 * 64 * 2)  # tiny chunks: exercise lax.map
     q, k, v, w = inputs(*case, seed=1)
     loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v) * w))
     fast = jax.grad(loss(A._fast), (0, 1, 2))(q, k, v)

@@ -211,26 +211,26 @@ def _primitives(jaxpr):
     return names
 
 
-def test_fast_path_is_taken_on_cpu_and_can_be_switched_off(monkeypatch):
+def test_default_is_plain_and_env_selects_the_custom_vjp_on_cpu(monkeypatch):
     x, w, _ = inputs(1, 8, 8, 2, 2, 3, 1, 1)
 
     def prims_now():  # a new function each time: jit/make_jaxpr cache traces per function
         return _primitives(jax.make_jaxpr(lambda x, w: conv2d(x, w, stride=1, padding=1))(x, w).jaxpr)
 
-    monkeypatch.delenv("JAXDIFF_PLAIN_CONV", raising=False)
-    prims = prims_now()
-    if ON_CPU:
-        assert C.fast_path_active()
-        assert any("custom_vjp" in p for p in prims), prims
-    else:  # GPU/TPU default backend: XLA's own convolution and gradient, nothing else
-        assert not C.fast_path_active()
-        assert not any("custom_vjp" in p for p in prims), prims
-
-    monkeypatch.setenv("JAXDIFF_PLAIN_CONV", "1")
-    assert not C.fast_path_active()
+    monkeypatch.delenv("JAXDIFF_CONV_VJP", raising=False)
+    assert not C.custom_vjp_active()
     prims = prims_now()
     assert not any("custom_vjp" in p for p in prims), prims
     assert "conv_general_dilated" in prims
+
+    monkeypatch.setenv("JAXDIFF_CONV_VJP", "1")
+    prims = prims_now()
+    if ON_CPU:
+        assert C.custom_vjp_active()
+        assert any("custom_vjp" in p for p in prims), prims
+    else:  # GPU/TPU default backend: XLA's own convolution and gradient, nothing else
+        assert not C.custom_vjp_active()
+        assert not any("custom_vjp" in p for p in prims), prims
 
     assert any("custom_vjp" in p for p in _primitives(jax.make_jaxpr(lambda x, w: conv2d(x, w, impl="fast"))(x, w).jaxpr))
     assert not any(
@@ -244,7 +244,7 @@ def test_fast_path_is_taken_on_cpu_and_can_be_switched_off(monkeypatch):
 def test_accelerator_lowering_keeps_native_conv(monkeypatch):
     """In a CPU-default process, a program lowered for CUDA/TPU still uses XLA's own convolution
     gradient (platform_dependent picks the default branch): no scan, no matmuls."""
-    monkeypatch.delenv("JAXDIFF_PLAIN_CONV", raising=False)
+    monkeypatch.setenv("JAXDIFF_CONV_VJP", "1")
     x, w, g = inputs(4, 32, 32, 64, 64, 3, 1, 1)  # big enough for a chunked filter gradient
     f = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(conv2d(x, w, stride=1, padding=1)) * g), (0, 1)))
     cpu_text = jax.export.export(f, platforms=["cpu"])(x, w).mlir_module()
@@ -259,10 +259,10 @@ def test_accelerator_lowering_keeps_native_conv(monkeypatch):
         assert text.count("stablehlo.convolution") == 3, platform  # forward, dx, dw
 
 
-def test_plain_env_applies_at_trace_time(monkeypatch):
+def test_env_applies_at_trace_time(monkeypatch):
     x, w, g = inputs(2, 8, 8, 3, 3, 3, 2, 1)
-    monkeypatch.setenv("JAXDIFF_PLAIN_CONV", "1")
+    monkeypatch.setenv("JAXDIFF_CONV_VJP", "0")
     plain = jax.grad(lambda x: jnp.vdot(conv2d(x, w, stride=2, padding=1), g))(x)
-    monkeypatch.setenv("JAXDIFF_PLAIN_CONV", "0")
+    monkeypatch.setenv("JAXDIFF_CONV_VJP", "1")
     fast = jax.grad(lambda x: jnp.vdot(conv2d(x, w, stride=2, padding=1), g))(x)
     assert_close(fast, plain, what="env switch")

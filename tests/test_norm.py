@@ -1,5 +1,5 @@
 """jaxdiff.norm.group_norm: values against torch's GroupNorm formula, and the custom CPU gradient
-against XLA's gradient of the plain formula (JAXDIFF_PLAIN_CONV switch included)."""
+against XLA's gradient of the plain formula (JAXDIFF_PLAIN_OPS switch included)."""
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,7 @@ def test_public_function_uses_the_custom_rule_on_cpu_and_switch_turns_it_off(mon
     jaxpr = str(jax.make_jaxpr(jax.grad(f))(x))
     if jax.default_backend() == "cpu":
         assert "custom_vjp" in jaxpr or "platform_index" in jaxpr
-    monkeypatch.setenv("JAXDIFF_PLAIN_CONV", "1")
+    monkeypatch.setenv("JAXDIFF_PLAIN_OPS", "1")
     assert "custom_vjp" not in str(jax.make_jaxpr(jax.grad(f))(x))
 
 

@@ -66,8 +66,10 @@ def test_same_samples_on_1_and_8_devices_any_batch_size(tmp_path):
     eight = np.load(out)
     assert one.shape == (13, 8, 8, 3) and np.isfinite(one).all()
     assert np.std(one) > 0.05  # not a degenerate all-clipped output
-    np.testing.assert_allclose(eight["full"], one, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(eight["split"], one, atol=1e-5, rtol=0)
+    # equal up to float32 rounding: the CPU convolution's and products' blocking depends on the
+    # batch size, which changes the summation order (differences seen: up to 1.5e-5 on [-1, 1])
+    np.testing.assert_allclose(eight["full"], one, atol=5e-5, rtol=0)
+    np.testing.assert_allclose(eight["split"], one, atol=5e-5, rtol=0)
 
 
 def test_sharded_run_with_recorded_noises_matches_direct_loop():

@@ -1,0 +1,166 @@
+"""What jaxdiff does differently when it runs on the CPU backend, in one place.
+
+XLA compiler options (`compiler_options`, `jit`)
+------------------------------------------------
+XLA's CPU backend hands convolutions, matrix products and reductions to YNNPACK by default. For
+the convolutions of jaxdiff's networks that is the slow choice: on the 2-core Xeon we develop on,
+a 3x3 convolution's forward pass ran 1.1-2x and its gradient 2-3x faster on XLA's other
+convolution path (Eigen) than on YNNPACK (`bench/bench_conv.py`), while YNNPACK's products and
+reductions stay faster than the alternatives. So every program jaxdiff compiles itself goes
+through `jit`, which on the CPU adds the per-compilation option
+
+    xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE
+
+(YNNPACK for products and reductions, not for convolutions). It is a compile option of those
+programs only: nothing global is changed, other programs in the process are compiled as before,
+and GPU/TPU compilations get no extra options. It is left out when
+
+* the default backend is not the CPU;
+* the user's `XLA_FLAGS` already set `--xla_cpu_experimental_ynn_fusion_type` (theirs wins);
+* `JAXDIFF_XLA_CPU_OPTIONS=0`;
+* the installed jaxlib does not accept the option (probed once by compiling a tiny program).
+
+Code that jits jaxdiff's functions itself (`jax.jit(training.make_train_step(...))`) gets these
+options by using `jaxdiff.cpu.jit` instead, or by passing `compiler_options=compiler_options()`.
+
+Transparent huge pages for XLA's buffers (`use_huge_page_malloc`)
+------------------------------------------------------------------
+Each run of a compiled program allocates its temporary buffers afresh (about 300 MB for a
+fixture-A training step at batch 16); glibc maps such blocks with 4 KiB pages, so every step
+took ~76,000 page faults and ~0.2 s of kernel time. With glibc's tunable
+`glibc.malloc.hugetlb=1` (glibc >= 2.35; transparent huge pages in "madvise" or "always" mode) it
+took ~1,000 and the step ran 5-10 % faster. glibc reads tunables only at process start, so the
+command-line entry points (train.py, sample.py, sweep.py, the bench scripts) call
+`use_huge_page_malloc()` first: it re-executes the same command once with the tunable added to
+`GLIBC_TUNABLES`, and does nothing when that is already there, off Linux/glibc, when huge pages
+are disabled, or with `JAXDIFF_HUGE_PAGES=0`.
+
+Hand-written gradients (`custom_gradients_active`)
+--------------------------------------------------
+GroupNorm (`norm.py`) and attention (`attention.py`) have CPU-specific custom VJPs; they are used
+when the default backend is the CPU, unless `JAXDIFF_PLAIN_OPS=1` (the plain formulas and XLA's
+derivatives, e.g. for A/B tests). Both switches are read when a function is traced.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["compiler_options", "custom_gradients_active", "jit", "l2_cache_bytes", "use_huge_page_malloc"]
+
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+YNN_TYPES = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE")
+_ENV_OPTIONS = "JAXDIFF_XLA_CPU_OPTIONS"
+_ENV_PLAIN_OPS = "JAXDIFF_PLAIN_OPS"
+_ENV_HUGE_PAGES = "JAXDIFF_HUGE_PAGES"
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(options: tuple) -> bool:
+    """Whether this jaxlib compiles a tiny CPU program with `options` (cached per process)."""
+    try:
+        jax.jit(jnp.sin).lower(jnp.zeros((2,), jnp.float32)).compile(compiler_options=dict(options))
+        return True
+    except Exception:  # an unknown option or enum value: an older/newer jaxlib
+        return False
+
+
+def compiler_options(backend: Optional[str] = None) -> dict[str, Any]:
+    """The XLA options jaxdiff compiles with on `backend` (default: JAX's default backend).
+
+    {} except on the CPU, where YNNPACK is kept for products and reductions but not for
+    convolutions (see the module doc for when it is left out).
+    """
+    backend = backend or jax.default_backend()
+    if backend != "cpu" or _env_off(_ENV_OPTIONS) or YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    options = ((YNN_OPTION, ",".join(YNN_TYPES)),)
+    return dict(options) if _accepted(options) else {}
+
+
+def jit(fn: Optional[Callable] = None, **kwargs) -> Callable:
+    """`jax.jit` with `compiler_options()` merged under any `compiler_options` given explicitly.
+
+    Usable as `jit(fn, ...)`, `@jit` or `@jit(static_argnums=...)`. The options are chosen when
+    `jit` is called, so call it after `jax.distributed.initialize` (not at import time).
+    """
+    if fn is None:
+        return functools.partial(jit, **kwargs)
+    opts = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
+    return jax.jit(fn, compiler_options=opts or None, **kwargs)
+
+
+def custom_gradients_active() -> bool:
+    """Whether GroupNorm and attention traced now use their CPU custom VJPs."""
+    return jax.default_backend() == "cpu" and not _env_on(_ENV_PLAIN_OPS)
+
+
+@functools.lru_cache(maxsize=None)
+def l2_cache_bytes() -> int:
+    """Per-core L2 cache size from sysfs (Linux), else 1 MiB; clamped to [256 KiB, 4 MiB]."""
+    size = 1 << 20
+    try:
+        base = "/sys/devices/system/cpu/cpu0/cache"
+        for index in sorted(os.listdir(base)):
+            path = os.path.join(base, index)
+            with open(os.path.join(path, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(path, "type")) as f:
+                kind = f.read().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                with open(os.path.join(path, "size")) as f:
+                    text = f.read().strip().upper()
+                mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+                size = int(text.rstrip("KM")) * mult
+                break
+    except (OSError, ValueError):
+        pass
+    return min(max(size, 1 << 18), 1 << 22)
+
+
+def _huge_page_env() -> Optional[dict]:
+    """The environment to re-execute with, or None when there is nothing to do."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if _env_off(_ENV_HUGE_PAGES) or "glibc.malloc.hugetlb" in tunables or not sys.platform.startswith("linux"):
+        return None
+    lib, version = platform.libc_ver()
+    try:
+        if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+            return None
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return None
+    except (OSError, ValueError):
+        return None
+    return {**os.environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGETLB_TUNABLE) if t)}
+
+
+def use_huge_page_malloc() -> None:
+    """Re-execute this Python command once with glibc's huge-page malloc tunable (module doc).
+
+    Call it first thing under `if __name__ == "__main__":` of a script, before anything that
+    matters has run; it returns normally when there is nothing to do and otherwise never returns.
+    """
+    env = _huge_page_env()
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    args = [sys.executable] + list(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
+    os.execve(sys.executable, args, env)

@@ -1,0 +1,96 @@
+"""jaxdiff.cpu: the XLA options jaxdiff compiles CPU programs with, and the huge-page re-exec."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import cpu
+from jaxdiff.conv import conv2d
+
+ON_CPU = jax.default_backend() == "cpu"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _net(params, x):
+    h = jax.nn.silu(conv2d(x, params["w1"], padding=1))
+    h = conv2d(h, params["w2"], stride=2, padding=1)
+    return jnp.sum(jnp.tanh(h) @ params["d"])
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.normal(size=(3, 3, 3, 32)) * 0.2, "w2": rng.normal(size=(3, 3, 32, 32)) * 0.1,
+              "d": rng.normal(size=(32, 8)) * 0.1}
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    return params, jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="CPU compiler options")
+def test_options_on_cpu_and_switches(monkeypatch):
+    monkeypatch.delenv("JAXDIFF_XLA_CPU_OPTIONS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    opts = cpu.compiler_options()
+    assert opts == {cpu.YNN_OPTION: ",".join(cpu.YNN_TYPES)}
+    assert cpu.compiler_options("gpu") == {} and cpu.compiler_options("tpu") == {}
+    monkeypatch.setenv("JAXDIFF_XLA_CPU_OPTIONS", "0")
+    assert cpu.compiler_options() == {}
+    monkeypatch.delenv("JAXDIFF_XLA_CPU_OPTIONS")
+    monkeypatch.setenv("XLA_FLAGS", f"--{cpu.YNN_OPTION}=")  # the user's own setting wins
+    assert cpu.compiler_options() == {}
+
+
+@pytest.mark.skipif(not ON_CPU, reason="CPU compiler options")
+def test_jit_keeps_convolutions_out_of_ynnpack_and_results_unchanged(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    params, x = _inputs()
+    fn = jax.value_and_grad(_net, argnums=(0, 1))
+    ours = cpu.jit(fn).lower(params, x).compile()
+    text = ours.as_text()
+    # every convolution of the forward and backward pass is a plain XLA convolution
+    conv_lines = [ln for ln in text.splitlines() if " convolution(" in ln]
+    assert len(conv_lines) >= 4
+    assert "__ynn_fusion" not in "\n".join(conv_lines)
+    ref = jax.jit(fn)(params, x)
+    got = ours(params, x)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+        assert err < 1e-5, err  # float32 rounding of a different summation order
+
+
+def test_jit_merges_explicit_options_and_decorator_forms():
+    @cpu.jit(static_argnums=1)
+    def f(x, n):
+        return x * n
+
+    assert float(f(jnp.float32(2.0), 3)) == 6.0
+    g = cpu.jit(lambda x: x + 1, compiler_options={"xla_embed_ir_in_executable": False})
+    assert float(g(jnp.float32(1.0))) == 2.0
+
+
+def _child_tunables(env):
+    code = ("import os; from jaxdiff import cpu; cpu.use_huge_page_malloc(); "
+            "print(os.environ.get('GLIBC_TUNABLES', ''))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_huge_page_reexec(monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXDIFF_HUGE_PAGES")}
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("JAXDIFF_HUGE_PAGES", raising=False)
+    expected = cpu._huge_page_env()
+    seen = _child_tunables(env)
+    if expected is None:  # not Linux/glibc >= 2.35, or huge pages disabled here: nothing to do
+        assert seen == ""
+    else:
+        assert seen == cpu.HUGETLB_TUNABLE
+        # other tunables are kept; an explicit setting or the off switch means no re-exec
+        assert _child_tunables({**env, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == (
+            "glibc.malloc.arena_max=2:" + cpu.HUGETLB_TUNABLE)
+    assert _child_tunables({**env, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == "glibc.malloc.hugetlb=0"
+    assert _child_tunables({**env, "JAXDIFF_HUGE_PAGES": "0"}) == ""
