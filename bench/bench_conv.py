@@ -55,6 +55,8 @@ from jaxdiff import conv as C  # noqa: E402
 from jaxdiff import cpu  # noqa: E402
 from jaxdiff.cpu import l2_cache_bytes  # noqa: E402
 
+from common import cpu_model  # noqa: E402
+
 # (batch, height=width, cin, cout, kernel, stride, padding): the ADM U-Net's convolutions
 SHAPES = [
     # 3x3 stride 1 (resblocks, up-sampling convs); the sizes
@@ -89,15 +91,7 @@ QUICK = [SHAPES[i] for i in (0, 1, 2, 5, 8, 15, 18, 19)]
 
 
 def machine():
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -259,13 +253,13 @@ def bench_shape(shape, dtype, repeats, variants):
         "max_rel_diff_fast_ynn_vs_plain": {"y": rel(yp, yf), "dx": rel(dxp, dxf), "dw": rel(dwp, dwf)},
         "max_rel_diff_plain_ynn_vs_plain": {"y": rel(yp, yy), "dx": rel(dxp, dxy), "dw": rel(dwp, dwy)},
     }
-    for name, (best, med, cpu) in t.items():
+    for name, (best, med, cpu_ms) in t.items():
         passes = 3 if name.endswith("fwd_bwd") else 1
         out[name] = {
             "ms": round(best, 3),
             "median_ms": round(med, 3),
             "gflops": round(passes * gflop / best * 1e3, 1),
-            "cpu_ms": round(cpu, 3),
+            "cpu_ms": round(cpu_ms, 3),
         }
     out["speedup_fwd_bwd_vs_plain_ynn"] = round(t["plain_ynn/fwd_bwd"][0] / t["plain/fwd_bwd"][0], 2)
     out["speedup_fwd_bwd_vs_fast_ynn"] = round(t["fast_ynn/fwd_bwd"][0] / t["plain/fwd_bwd"][0], 2)

@@ -66,7 +66,7 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("PyTorch is needed: pip install torch==2.13.0 (CPU wheel)")
 
-from common import CLASSIFIER_FLAGS, FIXTURE, UNET_FLAGS  # noqa: E402
+from common import CLASSIFIER_FLAGS, FIXTURE, UNET_FLAGS, cpu_model  # noqa: E402
 
 TOLERANCE = 1e-4
 # Respacing "10" keeps t = 999, where the cosine schedule's alpha_bar is ~1e-9 and x0 = (x - sqrt(1-abar) eps)
@@ -631,12 +631,7 @@ def bench_batch(fx, B, args):
 
 
 def machine():
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
+    model = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import platform
+import sys
 import time
 
 import jax
@@ -16,27 +17,25 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "adm_tiny_a.npz"
 
-# guided-diffusion's flags of fixture A (tests/fixtures/README.md): the architecture every
-# speed comparison with PyTorch uses
-UNET_FLAGS = dict(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=2,
-                  attention_resolutions=(2, 4), dropout=0.0, channel_mult=(1, 2, 2), num_classes=10,
-                  num_heads=1, num_head_channels=16, num_heads_upsample=-1, use_scale_shift_norm=True,
-                  resblock_updown=True, use_new_attention_order=False)
-CLASSIFIER_FLAGS = dict(image_size=32, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
-                        attention_resolutions=(2, 4), channel_mult=(1, 2, 2), num_head_channels=16,
-                        use_scale_shift_norm=True, resblock_updown=True, pool="attention")
+# guided-diffusion's flags of fixture A, the architecture every speed comparison with PyTorch uses;
+# defined once, next to the fixture (tests/_adm.py)
+sys.path.insert(0, str(ROOT / "tests"))
+from _adm import CLASSIFIER_FLAGS, UNET_FLAGS  # noqa: E402
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
 
 
 def machine() -> dict:
     """CPU model, core count, load average, versions."""
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
     dev = jax.devices()[0]
-    return {"cpu": model, "cpu_count": os.cpu_count(), "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
             "device_count": jax.device_count(), "jax": jax.__version__, "python": platform.python_version(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}

@@ -29,8 +29,8 @@ the CPU) is a `jax.custom_vjp`:
   1x1: one matrix product.
 
 The per-shape choices (`_dw_plan`, `_DX_PHASE_MIN_ELEMS`) come from `bench/bench_conv.py
---variants`. Under `jaxdiff.cpu.jit`'s options this variant is slower than the plain one, which
-is why it is not the default.
+--variants`. It is not the default: per convolution it is within ~5 % of the plain gradient
+under `jaxdiff.cpu.jit`'s options, and whole training steps ran faster with the plain one.
 
 Switches
 --------

@@ -4,8 +4,8 @@ XLA compiler options (`compiler_options`, `jit`)
 ------------------------------------------------
 XLA's CPU backend hands convolutions, matrix products and reductions to YNNPACK by default. For
 the convolutions of jaxdiff's networks that is the slow choice: on the 2-core Xeon we develop on,
-a 3x3 convolution's forward pass ran 1.1-2x and its gradient 2-3x faster on XLA's other
-convolution path (Eigen) than on YNNPACK (`bench/bench_conv.py`), while YNNPACK's products,
+forward + backward of the U-Net's convolutions ran 1.1-2.8x faster (geometric mean 1.56x,
+`bench/bench_conv.py`) on XLA's other convolution path (Eigen) than on YNNPACK, while YNNPACK's products,
 reductions and element-wise fusions stay faster than XLA's own (turning YNNPACK off altogether
 made GroupNorm's reductions several times slower). So every program jaxdiff compiles itself goes
 through `jit`, which on the CPU adds the per-compilation option
