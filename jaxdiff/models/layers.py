@@ -228,26 +228,53 @@ class ResBlock(nn.Module):
         return skip + h
 
 
-def qkv_attention(qkv: jax.Array, num_heads: int, new_order: bool) -> jax.Array:
-    """QKV attention on tokens: qkv [B, T, 3*H*ch] -> [B, T, H*ch].
+def qkv_projections(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads: int, new_order: bool,
+                    dtype: Dtype) -> tuple:
+    """guided-diffusion's qkv conv1d as three projections: tokens [B, T, C_in] -> q, k, v, each
+    [B * H, T, ch] (heads folded into the batch), q and k scaled by ch^-1/4.
 
-    Channel layout of qkv follows guided-diffusion: legacy (QKVAttentionLegacy) is heads first,
-    [H, (q, k, v), ch]; new order (QKVAttention) is [(q, k, v), H, ch]. q and k are each scaled by
-    ch^-1/4; softmax in float32.
+    `kernel` [C_in, 3*H*ch] and `bias` [3*H*ch] keep the checkpoint's channel layout: legacy order
+    (QKVAttentionLegacy) is heads first, [H, (q, k, v), ch]; new order (QKVAttention) is
+    [(q, k, v), H, ch]. Splitting the (small) kernel instead of the [B, T, 3*H*ch] output keeps
+    the activations free of strided slices, whose gradients XLA writes as three zero-padded
+    full-width tensors; the ch^-1/4 scale is folded into the q and k weights (float32).
     """
-    b, t, width = qkv.shape
-    ch = width // (3 * num_heads)
-    if new_order:
-        qkv = qkv.reshape(b, t, 3, num_heads, ch)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    else:
-        qkv = qkv.reshape(b, t, num_heads, 3, ch)
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+    b, t, c_in = x.shape
+    ch = kernel.shape[1] // (3 * num_heads)
+    layout = (3, num_heads, ch) if new_order else (num_heads, 3, ch)
+    kernel, bias = kernel.reshape((c_in,) + layout), bias.reshape(layout)
+    part = 0 if new_order else 1  # axis of (q, k, v) in `layout`
     scale = 1.0 / math.sqrt(math.sqrt(ch))
-    # heads folded into the batch: [B * H, T, ch]
-    q, k, v = (jnp.swapaxes(z, 1, 2).reshape(b * num_heads, t, ch) for z in (q * scale, k * scale, v))
-    a = attention(q, k, v).reshape(b, num_heads, t, ch)
-    return jnp.swapaxes(a, 1, 2).reshape(b, t, num_heads * ch)
+    x = cast(x, dtype)
+    out = []
+    for i, s in enumerate((scale, scale, 1.0)):
+        w = jnp.take(kernel, i, axis=part + 1).reshape(c_in, num_heads * ch) * s
+        w_b = jnp.take(bias, i, axis=part).reshape(num_heads * ch) * s
+        y = jax.lax.dot_general(x, cast(w, dtype), (((2,), (0,)), ((), ()))) + cast(w_b, dtype)
+        out.append(jnp.swapaxes(y.reshape(b, t, num_heads, ch), 1, 2).reshape(b * num_heads, t, ch))
+    return tuple(out)
+
+
+def merge_heads(a: jax.Array, batch: int) -> jax.Array:
+    """[B * H, T, ch] -> [B, T, H * ch]."""
+    n, t, ch = a.shape
+    return jnp.swapaxes(a.reshape(batch, n // batch, t, ch), 1, 2).reshape(batch, t, n // batch * ch)
+
+
+class QKV(nn.Module):
+    """guided-diffusion's qkv conv1d (parameters `kernel` [C, 3C], `bias` [3C], as nn.Dense keeps
+    them) returning the per-head q, k, v of `qkv_projections`."""
+
+    num_heads: int
+    new_order: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple:
+        c = x.shape[-1]
+        kernel = self.param("kernel", torch_default_init, (c, 3 * c), jnp.float32)
+        bias = self.param("bias", zeros_init, (3 * c,), jnp.float32)
+        return qkv_projections(x, kernel, bias, self.num_heads, self.new_order, self.dtype)
 
 
 def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
@@ -268,9 +295,8 @@ class AttentionBlock(nn.Module):
         b, c = x.shape[0], x.shape[-1]
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
         tokens = x.reshape(b, -1, c)
-        qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(GroupNorm32(name="norm")(tokens))
-        h = qkv_attention(qkv, heads, self.use_new_attention_order)
-        h = Dense(c, dtype=self.dtype, zero_init=True, name="proj_out")(h)
+        q, k, v = QKV(heads, self.use_new_attention_order, self.dtype, name="qkv")(GroupNorm32(name="norm")(tokens))
+        h = Dense(c, dtype=self.dtype, zero_init=True, name="proj_out")(merge_heads(attention(q, k, v), b))
         return (tokens + h).reshape(x.shape)
 
 
@@ -301,9 +327,8 @@ class AttentionPool2d(nn.Module):
                 f"embedding was built for {pos.shape[0] - 1}: the classifier needs inputs of its image_size"
             )
         tokens = tokens + cast(pos, tokens.dtype)
-        qkv = Dense(3 * c, dtype=self.dtype, name="qkv_proj")(tokens)
-        a = qkv_attention(qkv, c // self.num_head_channels, new_order=True)
-        out = Dense(self.output_dim, dtype=self.dtype, name="c_proj")(a)
+        q, k, v = QKV(c // self.num_head_channels, new_order=True, dtype=self.dtype, name="qkv_proj")(tokens)
+        out = Dense(self.output_dim, dtype=self.dtype, name="c_proj")(merge_heads(attention(q, k, v), b))
         return out[:, 0]
 
 
