@@ -55,14 +55,13 @@ input dtype once, at the end (the same as XLA's CPU convolution, which computes 
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .cpu import l2_cache_bytes
+from .cpu import env_on, l2_cache_bytes
 
 __all__ = ["conv2d", "conv2d_plain", "custom_vjp_active"]
 
@@ -118,8 +117,7 @@ def conv2d_plain(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: i
 
 def custom_vjp_active() -> bool:
     """Whether `conv2d(impl=None)` traced now would use the custom CPU gradient."""
-    return jax.default_backend() == "cpu" and os.environ.get(_ENV_VJP, "").strip().lower() not in (
-        "", "0", "false", "no", "off")
+    return jax.default_backend() == "cpu" and env_on(_ENV_VJP)
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,11 +66,13 @@ _ENV_HUGE_PAGES = "JAXDIFF_HUGE_PAGES"
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
-def _env_off(name: str) -> bool:
+def env_off(name: str) -> bool:
+    """Whether environment variable `name` is set to 0 / false / no / off."""
     return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
 
 
-def _env_on(name: str) -> bool:
+def env_on(name: str) -> bool:
+    """Whether environment variable `name` is set to anything but empty / 0 / false / no / off."""
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
@@ -91,7 +93,7 @@ def compiler_options(backend: Optional[str] = None) -> dict[str, Any]:
     fusions but not for convolutions (see the module doc for when it is left out).
     """
     backend = backend or jax.default_backend()
-    if backend != "cpu" or _env_off(_ENV_OPTIONS) or YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+    if backend != "cpu" or env_off(_ENV_OPTIONS) or YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
         return {}
     options = ((YNN_OPTION, ",".join(YNN_TYPES)),)
     return dict(options) if _accepted(options) else {}
@@ -111,7 +113,7 @@ def jit(fn: Optional[Callable] = None, **kwargs) -> Callable:
 
 def custom_gradients_active() -> bool:
     """Whether GroupNorm and attention traced now use their CPU custom VJPs."""
-    return jax.default_backend() == "cpu" and not _env_on(_ENV_PLAIN_OPS)
+    return jax.default_backend() == "cpu" and not env_on(_ENV_PLAIN_OPS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,7 +142,7 @@ def l2_cache_bytes() -> int:
 def _huge_page_env() -> Optional[dict]:
     """The environment to re-execute with, or None when there is nothing to do."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if _env_off(_ENV_HUGE_PAGES) or "glibc.malloc.hugetlb" in tunables or not sys.platform.startswith("linux"):
+    if env_off(_ENV_HUGE_PAGES) or "glibc.malloc.hugetlb" in tunables or not sys.platform.startswith("linux"):
         return None
     lib, version = platform.libc_ver()
     try:

@@ -81,12 +81,12 @@ def _plain(x, p, q, groups, eps, silu):
     return _forward(x, p, q, groups, eps, silu, False)[0]
 
 
-def _cpu(x, p, q, groups, eps, silu):
-    return _forward(x, p, q, groups, eps, silu, True)[0]
-
-
 def _cpu_fwd(x, p, q, groups, eps, silu):
     return _forward(x, p, q, groups, eps, silu, True)
+
+
+def _cpu(x, p, q, groups, eps, silu):
+    return _cpu_fwd(x, p, q, groups, eps, silu)[0]
 
 
 def _bwd(groups, eps, silu, res, dy):
