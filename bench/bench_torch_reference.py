@@ -576,6 +576,38 @@ def timeit(fn, repeats, warmup):
     return round(statistics.median(wall), 3), round(statistics.median(cpu), 3)
 
 
+def make_train_step(fx, unet, B, *, ema: bool, hybrid: bool, generator=None):
+    """(train_step, losses): one guided-diffusion training step of `unet` on a fixed batch of B
+    random images (forward, hybrid or MSE loss at uniform t, backward, AdamW, optional EMA);
+    each call appends its loss to `losses` (which also waits for the step to finish)."""
+    g = generator if generator is not None else th.Generator().manual_seed(0)
+    train_diff = Diffusion(fx["betas"])  # 1000 steps, cosine
+    unet.train()  # dropout 0: same computation
+    opt = th.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0)
+    ema_params = [p.detach().clone() for p in unet.parameters()] if ema else None
+    images = th.rand((B, 3, 32, 32), generator=g) * 2 - 1
+    y = th.arange(B) % 10
+    rs = np.random.RandomState(0)
+    losses = []
+
+    def train_step():
+        for p in unet.parameters():  # guided-diffusion's MixedPrecisionTrainer.zero_grad
+            if p.grad is not None:
+                p.grad.detach_()
+                p.grad.zero_()
+        ts = th.from_numpy(rs.choice(train_diff.num_timesteps, size=(B,))).long()  # UniformSampler
+        loss = train_diff.training_losses(unet, images, ts, y, hybrid=hybrid).mean()
+        loss.backward()
+        opt.step()
+        if ema_params is not None:  # update_ema(rate=0.9999)
+            with th.no_grad():
+                for targ, src in zip(ema_params, unet.parameters()):
+                    targ.mul_(0.9999).add_(src, alpha=1 - 0.9999)
+        losses.append(float(loss.detach()))
+
+    return train_step, losses
+
+
 def bench_batch(fx, B, args):
     unet, classifier = build_models(fx, args.weights)
     scale = float(fx["classifier_scale"])
@@ -602,29 +634,7 @@ def bench_batch(fx, B, args):
                      ("classifier_guided_ddim_step", guided_step)):
         res[f"{name}_ms"], res[f"{name}_cpu_ms"] = timeit(fn, args.repeats, args.warmup)
 
-    train_diff = Diffusion(fx["betas"])  # 1000 steps, cosine
-    unet.train()  # dropout 0: same computation
-    opt = th.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0)
-    ema = [p.detach().clone() for p in unet.parameters()] if args.ema else None
-    images = th.rand((B, 3, 32, 32), generator=g) * 2 - 1
-    rs = np.random.RandomState(0)
-    losses = []
-
-    def train_step():
-        for p in unet.parameters():  # guided-diffusion's MixedPrecisionTrainer.zero_grad
-            if p.grad is not None:
-                p.grad.detach_()
-                p.grad.zero_()
-        ts = th.from_numpy(rs.choice(train_diff.num_timesteps, size=(B,))).long()  # UniformSampler
-        loss = train_diff.training_losses(unet, images, ts, y, hybrid=args.train_loss == "hybrid").mean()
-        loss.backward()
-        opt.step()
-        if ema is not None:  # update_ema(rate=0.9999)
-            with th.no_grad():
-                for targ, src in zip(ema, unet.parameters()):
-                    targ.mul_(0.9999).add_(src, alpha=1 - 0.9999)
-        losses.append(float(loss.detach()))
-
+    train_step, losses = make_train_step(fx, unet, B, ema=args.ema, hybrid=args.train_loss == "hybrid", generator=g)
     res["train_step_ms"], res["train_step_cpu_ms"] = timeit(train_step, args.repeats, args.warmup)
     res["train_loss_last"] = round(losses[-1], 5)
     return res

@@ -69,7 +69,10 @@ def fixture_a_config(task: str, batch: int, dtype: str):
     return c, _info(32, 3)
 
 
-def bench_case(name: str, config, info, *, warmup: int, iters: int, xla_defaults: bool = False) -> dict:
+def build_step(config, info, *, xla_defaults: bool = False) -> dict:
+    """The compiled train step of `config` on synthetic data and its inputs, as a dict with keys
+    resolved, step (step(state, images, labels, acc) -> (state, acc); state and acc are donated),
+    state, images, labels, acc, flops, compile_s, init_s."""
     resolved = training.resolve_config(config, info)
     model = training.create_model(resolved)
     tx = training.make_optimizer(resolved.train)
@@ -89,7 +92,16 @@ def bench_case(name: str, config, info, *, warmup: int, iters: int, xla_defaults
     step = (jax.jit if xla_defaults else cpu.jit)(step_fn, donate_argnums=(0, 3))
     t0 = time.perf_counter()
     compiled = step.lower(state, images, labels, acc).compile()
-    compile_s = time.perf_counter() - t0
+    return {"resolved": resolved, "step": compiled, "state": state, "images": images, "labels": labels, "acc": acc,
+            "flops": flops, "compile_s": time.perf_counter() - t0, "init_s": init_s}
+
+
+def bench_case(name: str, config, info, *, warmup: int, iters: int, xla_defaults: bool = False) -> dict:
+    built = build_step(config, info, xla_defaults=xla_defaults)
+    resolved, compiled, state, images, labels, acc, flops = (
+        built[k] for k in ("resolved", "step", "state", "images", "labels", "acc", "flops"))
+    b, s = int(resolved.train.batch_size), int(resolved.data.image_size)
+    compile_s, init_s = built["compile_s"], built["init_s"]
     times = []
     for i in range(warmup + iters):
         t0 = time.perf_counter()
