@@ -563,6 +563,12 @@ def check(fx):
     return errs
 
 
+def check_report(fx) -> dict:
+    """`check(fx)`'s relative errors with the tolerances and whether every one is within them."""
+    errs = check(fx)
+    return {"rel_errors": errs, "tolerances": TOLERANCES, "passed": all(v < TOLERANCES[k] for k, v in errs.items())}
+
+
 def timeit(fn, repeats, warmup):
     """(median wall ms, median process-CPU ms over all threads) of fn() after `warmup` calls."""
     for _ in range(warmup):
@@ -670,12 +676,12 @@ def main(argv=None):
     th.manual_seed(0)
 
     fx = load_fixture()
-    errs = check(fx)
-    passed = all(v < TOLERANCES[k] for k, v in errs.items())
+    report = check_report(fx)
+    passed = report["passed"]
     res = {"benchmark": "guided_diffusion_torch_reference", "torch": th.__version__, "threads": th.get_num_threads(),
            "interop_threads": th.get_num_interop_threads(), "dtype": "float32", "machine": machine(),
            "load_average_start": load_start,
-           "check": {"rel_errors": errs, "tolerances": TOLERANCES, "passed": passed}}
+           "check": report}
     if not args.check and passed:
         res.update(weights=args.weights, repeats=args.repeats, warmup=args.warmup, image_shape=[3, 32, 32],
                    ddim_respacing="10", ddim_step_index=5, ddim_eta=0.0,

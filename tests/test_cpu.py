@@ -30,6 +30,20 @@ def _inputs():
     return params, jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32)
 
 
+@pytest.mark.parametrize("value, on, off", [
+    (None, False, False), ("", False, False), ("1", True, False), ("yes", True, False), (" On ", True, False),
+    ("0", False, True), ("false", False, True), (" OFF ", False, True), ("no", False, True),
+])
+def test_env_switches(monkeypatch, value, on, off):
+    """env_on / env_off: unset and empty are neither; 0/false/no/off (any case, padded) are off."""
+    if value is None:
+        monkeypatch.delenv("JAXDIFF_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("JAXDIFF_TEST_SWITCH", value)
+    assert cpu.env_on("JAXDIFF_TEST_SWITCH") is on
+    assert cpu.env_off("JAXDIFF_TEST_SWITCH") is off
+
+
 @pytest.mark.skipif(not ON_CPU, reason="CPU compiler options")
 def test_options_on_cpu_and_switches(monkeypatch):
     monkeypatch.delenv("JAXDIFF_XLA_CPU_OPTIONS", raising=False)
