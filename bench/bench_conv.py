@@ -15,6 +15,14 @@ for
   fast_ynn     impl="fast" (custom VJP) under jax.jit with XLA's default CPU options
 and the speedups of plain over plain_ynn and over fast_ynn (forward + backward).
 
+With --torch it also times PyTorch's `torch.nn.functional.conv2d` on the same data in NCHW
+(fwd under no_grad; fwd_bwd: y, dL/dx and dL/dkernel for the same cotangent, via autograd) on
+--torch-threads threads, and each gradient alone (`dx`, `dw`: jaxdiff's VJP with respect to one
+argument under jaxdiff.cpu.jit; PyTorch's `aten.convolution_backward` with one output, which is
+what its autograd calls), interleaved with the variants above; it checks that PyTorch's y, dx
+and dw agree with jaxdiff's and reports plain's speed relative to it (`torch_over_plain_*`, > 1:
+jaxdiff faster). PyTorch is not a jaxdiff requirement: pip install torch==2.13.0 (CPU wheel).
+
 With --variants it also times, under XLA's default options, the pieces that went into choosing
 the custom VJP, per shape:
 forward as XLA conv / im2col matmul / sum of per-tap matmuls, input gradient (XLA's vs ours),
@@ -30,12 +38,20 @@ FLOP counts: 2*B*Ho*Wo*kh*kw*Cin*Cout per pass; forward + backward counts 3 pass
     python bench/bench_conv.py --variants      # and the per-variant breakdown
     python bench/bench_conv.py --quick         # fewer shapes and repeats
     python bench/bench_conv.py --dtype bfloat16
+    python bench/bench_conv.py --torch --shape 64,32,64,64,3,1,1   # against PyTorch (oneDNN)
+    python bench/bench_conv.py --torch --fixture-a --repeats 7      # the fixture-A U-Net's convolutions
+
+--fixture-a times the convolutions of the fixture-A U-Net (bench_training.fixture_a_config),
+found by tracing its forward pass, at batches --fixture-a-batches, and adds `fixture_a_totals`:
+per batch and timed variant, the sum over the network's convolutions of count x time (ms), i.e.
+one forward pass's (or forward + backward's) worth of convolutions timed one by one.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -215,7 +231,82 @@ def variant_fns(shape, dtype):
     return {n: jax.jit(f) for n, f in fns.items()}
 
 
-def bench_shape(shape, dtype, repeats, variants):
+def torch_fns(x, w, g, stride: int, padding: int, threads: int):
+    """PyTorch's conv2d on NCHW copies of (x, w, g): ({name: fn}, (y, dx, dw) back in jaxdiff's layout)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    tx = torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2))).requires_grad_()
+    tw = torch.from_numpy(np.ascontiguousarray(np.asarray(w, np.float32).transpose(3, 2, 0, 1))).requires_grad_()
+    tg = torch.from_numpy(np.ascontiguousarray(np.asarray(g, np.float32).transpose(0, 3, 1, 2)))
+
+    def fwd(*_):
+        with torch.no_grad():
+            F.conv2d(tx, tw, stride=stride, padding=padding)
+
+    def fwd_bwd(*_):
+        y = F.conv2d(tx, tw, stride=stride, padding=padding)
+        return (y,) + torch.autograd.grad(y, (tx, tw), tg)
+
+    def fwd_bwd_timed(*_):
+        fwd_bwd()
+
+    def grad_only(mask):
+        def run(*_):
+            torch.ops.aten.convolution_backward(tg, tx, tw, None, [stride] * 2, [padding] * 2, [1, 1], False,
+                                                [0, 0], 1, mask)
+        return run
+
+    y, dx, dw = (a.detach().numpy() for a in fwd_bwd())
+    fns = {"torch/fwd": fwd, "torch/fwd_bwd": fwd_bwd_timed,
+           "torch/dx": grad_only([True, False, False]), "torch/dw": grad_only([False, True, False])}
+    return fns, (y.transpose(0, 2, 3, 1), dx.transpose(0, 2, 3, 1), dw.transpose(2, 3, 1, 0))
+
+
+def fixture_a_convs(batch: int) -> dict:
+    """{(B, H, Cin, Cout, k, stride, pad): count} over the fixture-A U-Net's forward pass (traced)."""
+    import bench_training
+    from jaxdiff import training
+
+    cfg, info = bench_training.fixture_a_config("diffusion", batch, "float32")
+    model = training.create_model(training.resolve_config(cfg, info))
+    args = (jnp.zeros((batch,) + tuple(info.image_shape)), jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
+    counts: dict = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                (b, h, _, cin), (k, _, _, cout) = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+                key = (b, h, cin, cout, k, eqn.params["window_strides"][0], eqn.params["padding"][0][0])
+                counts[key] = counts.get(key, 0) + 1
+            for v in eqn.params.values():
+                sub = getattr(v, "jaxpr", None)
+                if sub is not None:
+                    walk(sub if hasattr(sub, "eqns") else sub.jaxpr)
+
+    walk(jax.make_jaxpr(lambda p: model.apply(p, *args))(params).jaxpr)
+    return counts
+
+
+def fixture_a_totals(results: list, counts: dict) -> dict:
+    """{batch: {variant: sum of count x best ms}} over the timed shapes that are in `counts`."""
+    totals: dict = {}
+    for r in results:
+        sh = r["shape"]
+        n = counts.get((sh["B"], sh["H"], sh["Cin"], sh["Cout"], sh["k"], sh["stride"], sh["pad"]))
+        if not n:
+            continue
+        per = totals.setdefault(str(sh["B"]), {"convolutions": 0})
+        per["convolutions"] += n
+        for name, v in r.items():
+            if isinstance(v, dict) and "ms" in v:
+                per[name] = round(per.get(name, 0.0) + n * v["ms"], 2)
+    return totals
+
+
+def bench_shape(shape, dtype, repeats, variants, torch_threads=None):
     b, h, cin, cout, k, s, p = shape
     ho = (h + 2 * p - k) // s + 1
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
@@ -246,6 +337,11 @@ def bench_shape(shape, dtype, repeats, variants):
 
     if variants:
         fns.update(variant_fns(shape, dtype))
+    if torch_threads:
+        tfns, (yt, dxt, dwt) = torch_fns(x, w, g, s, p, torch_threads)
+        fns.update(tfns)
+        fns["plain/dx"] = cpu.jit(lambda x, w, g: jax.vjp(lambda x: conv("plain")(x, w), x)[1](g)[0])
+        fns["plain/dw"] = cpu.jit(lambda x, w, g: jax.vjp(lambda w: conv("plain")(x, w), w)[1](g)[0])
     t = interleaved(fns, (x, w, g), repeats)
     out = {
         "shape": {"B": b, "H": h, "W": h, "Cin": cin, "Cout": cout, "k": k, "stride": s, "pad": p},
@@ -263,6 +359,10 @@ def bench_shape(shape, dtype, repeats, variants):
         }
     out["speedup_fwd_bwd_vs_plain_ynn"] = round(t["plain_ynn/fwd_bwd"][0] / t["plain/fwd_bwd"][0], 2)
     out["speedup_fwd_bwd_vs_fast_ynn"] = round(t["fast_ynn/fwd_bwd"][0] / t["plain/fwd_bwd"][0], 2)
+    if torch_threads:
+        out["max_rel_diff_torch_vs_plain"] = {"y": rel(yp, yt), "dx": rel(dxp, dxt), "dw": rel(dwp, dwt)}
+        for part in ("fwd", "fwd_bwd", "dx", "dw"):
+            out[f"torch_over_plain_{part}"] = round(t[f"torch/{part}"][0] / t[f"plain/{part}"][0], 2)
     return out
 
 
@@ -273,10 +373,31 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--shape", action="append", default=None, help="B,H,Cin,Cout,k,stride,pad (repeatable)")
+    ap.add_argument("--torch", action="store_true", help="also time PyTorch's conv2d (needs torch)")
+    ap.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads with --torch")
+    ap.add_argument("--fixture-a", action="store_true", help="the fixture-A U-Net's convolutions, with totals")
+    ap.add_argument("--fixture-a-batches", default="16,64", help="comma-separated batch sizes for --fixture-a")
     args = ap.parse_args(argv)
+    if args.torch and args.dtype != "float32":
+        ap.error(f"--torch compares float32 only, got --dtype {args.dtype}")
+    if args.torch and importlib.util.find_spec("torch") is None:
+        ap.error("--torch needs PyTorch, which is not installed: pip install torch==2.13.0 (CPU wheel)")
+    if args.torch_threads < 1:
+        ap.error(f"--torch-threads must be >= 1, got {args.torch_threads}")
     shapes = QUICK if args.quick else SHAPES
     if args.shape:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape]
+    counts: dict = {}
+    if args.fixture_a:
+        try:
+            batches = [int(b) for b in args.fixture_a_batches.split(",")]
+        except ValueError:
+            batches = []
+        if not batches or min(batches) < 1:
+            ap.error(f"--fixture-a-batches must be positive integers separated by commas, got {args.fixture_a_batches!r}")
+        for b in batches:
+            counts.update(fixture_a_convs(b))
+        shapes = sorted(counts)
     repeats = args.repeats or (5 if args.quick else 9)
     dtype = jnp.dtype(args.dtype)
 
@@ -293,10 +414,19 @@ def main(argv=None):
         "results": [],
     }
     for shape in shapes:
-        report["results"].append(bench_shape(shape, dtype, repeats, args.variants))
+        report["results"].append(bench_shape(shape, dtype, repeats, args.variants, args.torch_threads if args.torch else None))
         print(json.dumps(report["results"][-1]), file=sys.stderr, flush=True)
     report["load_after"] = os.getloadavg()
-    for key in ("speedup_fwd_bwd_vs_plain_ynn", "speedup_fwd_bwd_vs_fast_ynn"):
+    if counts:
+        report["fixture_a_convs"] = {",".join(map(str, k)): n for k, n in sorted(counts.items())}
+        report["fixture_a_totals"] = fixture_a_totals(report["results"], counts)
+    keys = ["speedup_fwd_bwd_vs_plain_ynn", "speedup_fwd_bwd_vs_fast_ynn"]
+    if args.torch:
+        import torch
+
+        report["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
+        keys += [f"torch_over_plain_{part}" for part in ("fwd", "fwd_bwd", "dx", "dw")]
+    for key in keys:
         sp = [r[key] for r in report["results"]]
         report[key + "_geomean"] = round(float(np.exp(np.mean(np.log(sp)))), 3)
     print(json.dumps(report, indent=1))
