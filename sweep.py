@@ -14,28 +14,21 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxdiff import cli
+
 config_flags.DEFINE_config_file("config", None, "sweep config (configs/sweep_*.py)", lock_config=True)
+cli.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from absl import logging
-
+    cli.setup()
     from jaxdiff import sweep
 
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-
-    try:
-        sweep.run_sweep(flags.FLAGS.config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sweep.py: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    sys.exit(cli.report_errors(lambda: sweep.run_sweep(flags.FLAGS.config), "sweep.py"))
 
 
 if __name__ == "__main__":
-    from jaxdiff import cpu
-
-    cpu.use_huge_page_malloc()  # re-executes once with glibc huge-page malloc (jaxdiff/cpu.py)
     flags.mark_flags_as_required(["config"])
     app.run(main)

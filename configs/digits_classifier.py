@@ -1,6 +1,6 @@
 """Noisy classifier on the 8x8 digits for classifier guidance (ADM recipe: q_sample'd inputs at
 uniform t, AdamW with weight decay, linear lr anneal). Report: accuracy against t with
-`python -m jaxdiff.classifier_eval accuracy --workdir W`."""
+`python -m jaxdiff.evaluation accuracy --workdir W`."""
 
 from jaxdiff.training import default_config
 

@@ -4,13 +4,20 @@
         --config.sample.sampler=ddim --config.sample.steps=50 --config.sample.guidance=cfg \
         --config.sample.scale=3 --config.sample.classes=3,5 --config.sample.num_samples=64
 
-Scale conventions (docs/guidance.md): `scale` is the classifier-free / autoguidance scale in the
-Imagen convention (1 = plain conditional, 0 = unconditional; Ho & Salimans' w = scale - 1);
-`classifier_scale` is guided-diffusion's classifier scale (0 = none).
+`--config configs/sample.py:pkg.my_guides,pkg.more` imports those modules first, so the guides and
+samplers they register (jaxdiff.guidance.register_guide, jaxdiff.samplers.register_sampler) have
+their keys here. Scale conventions (docs/guidance.md): `scale` is the classifier-free /
+autoguidance scale in the Imagen convention (1 = plain conditional, 0 = unconditional; Ho &
+Salimans' w = scale - 1); `classifier_scale` is guided-diffusion's classifier scale (0 = none).
 """
+
+import importlib
 
 from jaxdiff.sampling import default_config
 
 
-def get_config():
+def get_config(imports: str = ""):
+    for name in (n.strip() for n in (imports or "").split(",")):
+        if name:
+            importlib.import_module(name)
     return default_config()

@@ -122,7 +122,7 @@ def read_config(directory: str) -> dict:
         return json.load(f)
 
 
-def load_model(directory: str, *, step: int | None = None, ema: bool = True):
+def load_model(directory: str, *, step: int | None = None, ema: bool = True, dtype: str | None = None):
     """(module, params, config) of a trained workdir or of a converted guided-diffusion checkpoint.
 
     Trained workdir: the EMA parameters (``ema=False``: the raw ones) of the latest checkpoint (or
@@ -130,13 +130,15 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True):
     holds the `create_model` flags plus "kind", and its "diffusion" has schedule, num_timesteps,
     prediction and learned_sigma. A converted checkpoint (config.json with "source":
     "guided-diffusion") is loaded by `jaxdiff.convert.load_converted` and its diffusion flags are
-    renamed to the same keys.
+    renamed to the same keys. `dtype` ("float32" / "bfloat16") overrides the compute dtype (a
+    converted use_fp16 checkpoint computes in bfloat16 unless dtype="float32" is given).
     """
     cfg = read_config(directory)
+    overrides = {"dtype": dtype} if dtype else {}
     if cfg.get("source") == "guided-diffusion":
         from jaxdiff import convert
 
-        module, params, ccfg = convert.load_converted(directory)
+        module, params, ccfg = convert.load_converted(directory, **overrides)
         ccfg = dict(ccfg)
         ccfg["model"] = {"kind": ccfg.get("kind"), **dict(ccfg.get("model", {}))}
         ccfg["diffusion"] = _normalise_converted_diffusion(ccfg.get("diffusion", {}))
@@ -146,7 +148,7 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True):
 
     model_cfg = dict(cfg["model"])
     kind = model_cfg.pop("kind")
-    module = models.create_model(kind, **_tuples(model_cfg))
+    module = models.create_model(kind, **{**_tuples(model_cfg), **overrides})
     ckpt_dir = os.path.join(directory, CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint directory {ckpt_dir} (has {directory} been trained?)")

@@ -40,8 +40,11 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from jaxdiff import config_util
+
 __all__ = [
     "abstract_params",
+    "check_diffusion_flags",
     "expected_state_dict_shapes",
     "flags_from_args",
     "from_guided_diffusion",
@@ -216,6 +219,21 @@ def _infer_kind(given: dict) -> str:
     return "unet"
 
 
+def check_diffusion_flags(diffusion: Mapping) -> None:
+    """Refuse guided-diffusion diffusion flags that would change samples without jaxdiff honouring them."""
+    respacing = str(diffusion.get("timestep_respacing", "") or "")
+    if respacing:
+        raise ValueError(
+            f"--timestep_respacing {respacing} is a sampling setting in jaxdiff, not part of the checkpoint: "
+            f"remove it from --flags and pass --config.sample.respacing={respacing} (or "
+            "--config.sample.steps=N) to sample.py")
+    if diffusion.get("rescale_timesteps", False):
+        raise ValueError(
+            "--rescale_timesteps True (the network sees t * 1000 / diffusion_steps) is not supported: jaxdiff "
+            "conditions networks on the integer timestep, guided-diffusion's default and what every released "
+            "checkpoint uses")
+
+
 def flags_from_args(argstring: str, kind: Optional[str] = None) -> tuple:
     """guided-diffusion command-line flags -> (model constructor kwargs, diffusion kwargs).
 
@@ -234,6 +252,7 @@ def flags_from_args(argstring: str, kind: Optional[str] = None) -> tuple:
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
     diffusion = {k: a[k] for k in _DIFFUSION_DEFAULTS}
+    check_diffusion_flags(diffusion)
     if kind == "unet":
         if a["channel_mult"] == "":
             channel_mult = _channel_mult_for(a["image_size"], _UNET_MULT, "image size")
@@ -666,16 +685,6 @@ def to_guided_diffusion(params, module, kind: Optional[str] = None) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _jsonable(v):
-    if isinstance(v, tuple):
-        return [_jsonable(a) for a in v]
-    if isinstance(v, dict):
-        return {k: _jsonable(a) for k, a in v.items()}
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 def save_converted(directory, params, kind: str, model_flags: dict, diffusion_flags: Optional[dict] = None,
                    force: bool = False) -> Path:
     """Write DIR/config.json and DIR/params (orbax), atomically via DIR.tmp + rename. Refuses an
@@ -696,8 +705,8 @@ def save_converted(directory, params, kind: str, model_flags: dict, diffusion_fl
         ckptr.close()
         config = {
             "kind": kind,
-            "model": _jsonable(dict(model_flags)),
-            "diffusion": _jsonable(dict(diffusion_flags or {})),
+            "model": config_util.jsonable(dict(model_flags)),
+            "diffusion": config_util.jsonable(dict(diffusion_flags or {})),
             "source": "guided-diffusion",
         }
         with open(tmp / "config.json", "w") as f:
@@ -730,6 +739,7 @@ def load_converted(directory, **overrides):
     d = Path(os.fspath(directory)).absolute()
     with open(d / "config.json") as f:
         config = json.load(f)
+    check_diffusion_flags(config.get("diffusion", {}))
     module = create_model(config["kind"], **{**config["model"], **overrides})
     abstract = abstract_params(module, config["kind"])
     ckptr = ocp.StandardCheckpointer()

@@ -1,22 +1,50 @@
-"""Evaluating samples: the default feature extractor and metrics of a sample set against a split.
+"""Evaluating models and samples: one module, one command.
 
-The default extractor for the bundled datasets is a classifier trained on clean real images
-(`configs/*_eval_classifier.py`, trained by `train.py` like any other model): its penultimate
-features feed FID, precision/recall and density/coverage, its logits IS and accuracy.
+    python -m jaxdiff.evaluation samples --samples S.npz --classifier E [--split train] [--out m.json]
+    python -m jaxdiff.evaluation accuracy --workdir W [--ts 0,100,500] [--split test]
+    python -m jaxdiff.evaluation cfg --diffusion D --classifier E [--scale 3] [--steps 50] [--per_class 50]
+
+`samples` (the default when no subcommand is given): FID, IS, precision/recall, density/coverage and
+class accuracy of a samples.npz against a dataset split, in the feature space of a classifier
+trained on clean real images (`configs/*_eval_classifier.py`: its penultimate features feed FID and
+precision/recall, its logits IS and accuracy). `accuracy`: a classifier's top-1 accuracy on
+q_sample'd images against the diffusion timestep (clean images at t = 0 for a classifier trained
+without noise). `cfg`: the class accuracy of classifier-free-guided samples of a trained diffusion
+model (DDIM, Imagen scale convention). Every subcommand prints JSON; bad input is one error line.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-from typing import Any, Mapping, Optional
+import time
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import checkpoints, data, metrics
+from jaxdiff import checkpoints, config_util, cpu, data, files, metrics, schedules
+from jaxdiff import diffusion as diffusion_lib
 
+
+def load_classifier(workdir: str, what: str = "it"):
+    """(module, params, config) of a trained classifier workdir; ValueError if it holds another kind."""
+    module, params, cfg = checkpoints.load_model(workdir)
+    config_util.require_kind(cfg, ("classifier",), what, workdir)
+    return module, params, cfg
+
+
+def _logits_fn(module):
+    @cpu.jit
+    def fn(params, x, t):
+        return module.apply({"params": params}, x, t).astype(jnp.float32)
+
+    return fn
+
+
+# --- samples against a dataset split ------------------------------------------------------------
 
 def extractor_from_workdir(workdir: str, *, batch_size: int = 256) -> tuple[metrics.FeatureExtractor, dict]:
     """A FeatureExtractor from a trained classifier workdir (EMA weights), and that workdir's config.
@@ -24,10 +52,7 @@ def extractor_from_workdir(workdir: str, *, batch_size: int = 256) -> tuple[metr
     The classifier is evaluated at t = 0 (clean images); features are its penultimate representation
     (`return_features=True`), logits its class scores.
     """
-    module, params, cfg = checkpoints.load_model(workdir)
-    if cfg["model"].get("kind") != "classifier":
-        raise ValueError(f"{workdir} holds a {cfg['model'].get('kind')!r} model; the evaluation "
-                         "extractor must be a classifier (train configs/*_eval_classifier.py)")
+    module, params, cfg = load_classifier(workdir, "the evaluation extractor (train configs/*_eval_classifier.py)")
 
     def feature_fn(p, x):
         t = jnp.zeros((x.shape[0],), jnp.int32)
@@ -42,12 +67,10 @@ def extractor_from_workdir(workdir: str, *, batch_size: int = 256) -> tuple[metr
 
 
 def dataset_of(cfg: Mapping[str, Any]) -> dict:
-    """The data settings (name, data_dir, image size) a trained workdir's config was made with."""
+    """The data settings (name, data_dir, image size, classes) a trained workdir's config was made with."""
     d = dict(cfg.get("data", {}))
-    model = cfg.get("model", {})
-    return {"name": d.get("name"), "data_dir": d.get("data_dir"), "image_size": model.get("image_size"),
-            "num_classes": model.get("num_classes") if model.get("kind") != "classifier"
-            else model.get("out_channels")}
+    return {"name": d.get("name"), "data_dir": d.get("data_dir"),
+            "image_size": cfg.get("model", {}).get("image_size"), "num_classes": config_util.model_classes(cfg)}
 
 
 def reference_for(extractor: metrics.FeatureExtractor, *, dataset: str, split: str, image_size: int,
@@ -81,37 +104,174 @@ def evaluate_npz(samples_path: str, *, classifier_dir: str, dataset: Optional[st
     return result
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically (nothing half-written on a crash)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
+# --- classifier accuracy against t --------------------------------------------------------------
+
+def accuracy_vs_t(module, params, images, labels, sched: schedules.Schedule, ts: Sequence[int], *,
+                  noised: bool = True, batch_size: int = 256, seed: int = 0, logits=None) -> dict:
+    """{t: top-1 accuracy} of a classifier on x_t = q_sample(images, t) for each schedule index t.
+
+    The noise of x_t is drawn from fold_in(fold_in(key(seed), t), batch start): the same every run.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    labels = np.asarray(labels)
+    logits = logits or _logits_fn(module)
+    key = jax.random.key(int(seed))
+    out = {}
+    for t in ts:
+        t = int(t)
+        if not 0 <= t < sched.num_steps:
+            raise ValueError(f"timestep {t} is outside the schedule's 0..{sched.num_steps - 1}")
+        correct = 0
+        for start in range(0, len(labels), batch_size):
+            x0 = images[start: start + batch_size]
+            b = x0.shape[0]
+            tt = jnp.full((b,), t, jnp.int32)
+            if noised:
+                noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, t), start), x0.shape)
+                x = diffusion_lib.q_sample(sched, x0, tt, noise)
+            else:
+                x = x0
+            pred = np.asarray(jnp.argmax(logits(params, x, sched.timestep_map[tt]), -1))
+            correct += int(np.sum(pred == labels[start: start + b]))
+        out[t] = correct / max(len(labels), 1)
+    return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    import argparse
+def default_ts(num_timesteps: int) -> list:
+    T = int(num_timesteps)
+    return sorted({0, T // 10, T // 4, T // 2, (3 * T) // 4, T - 1})
 
-    p = argparse.ArgumentParser(description="Metrics (FID, IS, precision/recall, density/coverage, "
-                                "accuracy) of a samples.npz against a dataset split, as JSON.")
-    p.add_argument("--samples", required=True, help="samples.npz (arr_0 uint8 NHWC, arr_1 labels)")
-    p.add_argument("--classifier", required=True, help="workdir of the evaluation classifier")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the classifier's)")
-    p.add_argument("--split", default="train", help="reference split (default: train)")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--cache_dir", default=None, help="where reference statistics are cached")
-    p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default 3)")
-    p.add_argument("--out", default=None, help="write the JSON here too")
+
+def _accuracy_setup(cfg: Mapping, split: str, ts: Optional[Sequence[int]]):
+    """(images in [-1, 1], labels, schedule, noised, ts) of a classifier config's evaluation."""
+    images, labels = data.load_split(cfg["data"]["name"], split, cfg["data"]["data_dir"],
+                                     image_size=int(cfg["data"]["image_size"]))
+    d = cfg["diffusion"]
+    noised = bool(cfg["train"].get("noised", True))
+    if ts is None:
+        ts = default_ts(d["num_timesteps"]) if noised else [0]
+    return (data.to_model_range(images), labels, schedules.make_schedule(d["schedule"], int(d["num_timesteps"])),
+            noised, ts)
+
+
+def make_eval_fn(resolved, module, split: Optional[str] = None, ts: Optional[Sequence[int]] = None):
+    """fn(params) -> {"eval_acc_t<t>": accuracy} on the evaluation split, for the training loop."""
+    cfg = resolved.to_dict() if hasattr(resolved, "to_dict") else resolved
+    images, labels, sched, noised, ts = _accuracy_setup(cfg, split or cfg["data"].get("eval_split") or "test", ts)
+    logits = _logits_fn(module)
+
+    def fn(params):
+        params = jax.device_get(params) if jax.process_count() == 1 else params
+        acc = accuracy_vs_t(module, params, images, labels, sched, ts, noised=noised, logits=logits)
+        return {f"eval_acc_t{t}": a for t, a in acc.items()}
+
+    return fn
+
+
+def evaluate_workdir(workdir: str, *, split: str = "test", ts: Optional[Sequence[int]] = None,
+                     seed: int = 0) -> dict:
+    """Accuracy against t of the classifier trained in `workdir` (EMA parameters)."""
+    module, params, cfg = load_classifier(workdir, "--workdir")
+    images, labels, sched, noised, ts = _accuracy_setup(cfg, split, ts)
+    acc = accuracy_vs_t(module, params, images, labels, sched, ts, noised=noised, seed=seed)
+    return {"workdir": workdir, "split": split, "step": cfg.get("step"), "noised": noised,
+            "num_examples": int(len(labels)), "accuracy": {str(t): a for t, a in acc.items()}}
+
+
+# --- class accuracy of CFG samples ---------------------------------------------------------------
+
+def cfg_accuracy(diffusion_dir: str, classifier_dir: str, *, scale: float = 3.0, steps: int = 50,
+                 per_class: int = 50, seed: int = 0, batch_size: int = 250,
+                 diffusion_step: Optional[int] = None) -> dict:
+    """Fraction of CFG samples (DDIM `steps`, scale `scale`) classified as their requested class
+    (EMA weights of the latest checkpoint, or of `diffusion_step`). Samples are quantised to uint8
+    exactly as a samples.npz stores them before they are classified."""
+    from jaxdiff import guidance, samplers, sampling
+
+    unet, uparams, ucfg = checkpoints.load_model(diffusion_dir, step=diffusion_step)
+    config_util.require_kind(ucfg, ("unet",), "--diffusion", diffusion_dir)
+    clf, cparams, ccfg = load_classifier(classifier_dir, "--classifier")
+    d = ucfg["diffusion"]
+    num_classes = int(ucfg["model"]["num_classes"])
+    null = bool(ucfg["model"].get("null_label"))
+    if not null and scale != 1.0:
+        raise ValueError(f"{diffusion_dir} was trained without label dropout (p_uncond = 0): "
+                         "it cannot do classifier-free guidance")
+    sched = schedules.make_schedule(d["schedule"], int(d["num_timesteps"]), f"ddim{steps}")
+    s = int(ucfg["model"]["image_size"])
+
+    def build(p):
+        return guidance.build_guides(("cfg",) if null else (), guidance.unet_fn(unet, p),
+                                     null_label=num_classes if null else None, learned_sigma=bool(d["learned_sigma"]))
+
+    run = samplers.make_sampler(build, samplers.SamplerSpec(sampler="ddim", prediction=d["prediction"],
+                                                            learned_sigma=bool(d["learned_sigma"])),
+                                (s, s, int(ucfg["model"]["in_channels"])))
+    y = np.repeat(np.arange(num_classes), per_class)
+    t0 = time.time()
+    images = sampling.generate(run, uparams, sched, num_samples=len(y), labels=y,
+                               scales={guidance.CFG_SCALE: scale} if null else {}, seed=seed, batch_size=batch_size)
+    logits = _logits_fn(clf)
+    preds = np.concatenate([
+        np.asarray(jnp.argmax(logits(cparams, data.to_model_range(images[i: i + batch_size]),
+                                     jnp.zeros((len(images[i: i + batch_size]),), jnp.int32)), -1))
+        for i in range(0, len(images), batch_size)])
+    per = {int(c): float(np.mean(preds[y == c] == c)) for c in range(num_classes)}
+    return {"accuracy": float(np.mean(preds == y)), "per_class": per, "scale": scale, "steps": steps,
+            "num_samples": int(len(y)), "sample_seconds": time.time() - t0,
+            "diffusion_step": ucfg.get("step"), "classifier_step": ccfg.get("step")}
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line (see the module docstring); raises ValueError on bad input."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["samples"] + argv  # the default subcommand
+    p = argparse.ArgumentParser(prog="python -m jaxdiff.evaluation", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sm = sub.add_parser("samples", help="metrics of a samples.npz against a dataset split")
+    sm.add_argument("--samples", required=True, help="samples.npz (arr_0 uint8 NHWC, arr_1 labels)")
+    sm.add_argument("--classifier", required=True, help="workdir of the evaluation classifier")
+    sm.add_argument("--dataset", default=None, help="dataset name (default: the classifier's)")
+    sm.add_argument("--split", default="train", help="reference split (default: train)")
+    sm.add_argument("--data_dir", default=None)
+    sm.add_argument("--cache_dir", default=None, help="where reference statistics are cached")
+    sm.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default 3)")
+    ac = sub.add_parser("accuracy", help="classifier accuracy against t")
+    ac.add_argument("--workdir", required=True)
+    ac.add_argument("--split", default="test")
+    ac.add_argument("--ts", default=None, help="comma-separated timesteps (default: a spread over T)")
+    cf = sub.add_parser("cfg", help="class accuracy of classifier-free-guided samples")
+    cf.add_argument("--diffusion", required=True)
+    cf.add_argument("--classifier", required=True)
+    cf.add_argument("--scale", type=float, default=3.0)
+    cf.add_argument("--steps", type=int, default=50)
+    cf.add_argument("--per_class", type=int, default=50)
+    cf.add_argument("--seed", type=int, default=0)
+    cf.add_argument("--step", type=int, default=None, help="diffusion checkpoint step (default: latest)")
+    for sp in (sm, ac, cf):
+        sp.add_argument("--out", default=None, help="write the JSON here too")
     a = p.parse_args(argv)
-    result = evaluate_npz(a.samples, classifier_dir=a.classifier, dataset=a.dataset, split=a.split,
-                          data_dir=a.data_dir, cache_dir=a.cache_dir, k=a.k)
+    if a.cmd == "samples":
+        result = evaluate_npz(a.samples, classifier_dir=a.classifier, dataset=a.dataset, split=a.split,
+                              data_dir=a.data_dir, cache_dir=a.cache_dir, k=a.k)
+    elif a.cmd == "accuracy":
+        ts = None if a.ts is None else [int(v) for v in a.ts.split(",") if v.strip()]
+        result = evaluate_workdir(a.workdir, split=a.split, ts=ts)
+    else:
+        result = cfg_accuracy(a.diffusion, a.classifier, scale=a.scale, steps=a.steps, per_class=a.per_class,
+                              seed=a.seed, diffusion_step=a.step)
     if a.out:
-        write_json(a.out, result)
+        files.write_json(a.out, result)
     print(json.dumps(result, indent=1, default=float))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from jaxdiff import cli
+
+    cli.main_of(main, "python -m jaxdiff.evaluation")

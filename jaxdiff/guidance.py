@@ -28,12 +28,13 @@ thresholding (on x0, passed to a sampler as `x0_fn`), CFG rescale (on the model 
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import config_util
 from jaxdiff.diffusion import eps_from_x0, extract, x0_from_eps
 from jaxdiff.schedules import Schedule
 
@@ -42,22 +43,23 @@ ModelFn = Callable[[jax.Array, jax.Array, Cond], jax.Array]
 GradFn = Callable[[jax.Array, jax.Array, Cond], jax.Array]
 
 LABEL_KEY = "y"
+LOW_RES_KEY = "low_res"
 CFG_SCALE = "cfg_scale"
 CFG_RESCALE = "cfg_rescale"
 CLASSIFIER_SCALE = "classifier_scale"
 AUTOGUIDANCE_SCALE = "autoguidance_scale"
 LOG_DENSITY_SCALE = "log_density_scale"
 
-GUIDANCE_KINDS = ("none", "classifier", "cfg", "both", "autoguidance")
-
 
 # --- adapters from Flax modules ----------------------------------------------------------------
 
 def unet_fn(module, params, *, label_key: str = LABEL_KEY) -> ModelFn:
-    """model_fn of an ADM U-Net: apply({'params': params}, x, t, cond[label_key] or None)."""
+    """model_fn of an ADM U-Net: apply({'params': params}, x, t, y=cond[label_key] or None), plus
+    low_res=cond["low_res"] for a super-resolution model (the per-sample low-resolution images)."""
 
     def model_fn(x, t, cond):
-        return module.apply({"params": params}, x, t, cond.get(label_key))
+        extra = {LOW_RES_KEY: cond[LOW_RES_KEY]} if LOW_RES_KEY in cond else {}
+        return module.apply({"params": params}, x, t, y=cond.get(label_key), **extra)
 
     return model_fn
 
@@ -325,46 +327,184 @@ def make_x0_fn(*, clip_denoised: bool = True, dynamic_threshold_percentile: Opti
     return None
 
 
-# --- assembling the guides a run asks for ------------------------------------------------------
+# --- the guide registry ------------------------------------------------------------------------
 
-def build_guides(kind: str, model_fn: ModelFn, *, logits_fn=None, weak_model_fn: Optional[ModelFn] = None,
+class GuideContext(NamedTuple):
+    """What a guide is built from (inside the traced sampler, once per trace).
+
+    `fns` holds the networks guides asked for, as functions: a classifier as `logits_fn(x, t)`, a
+    diffusion model as `model_fn(x, t, cond)`, keyed by the sample-config key that names it
+    ("classifier", "guide_model", ...).
+    """
+
+    fns: Mapping[str, Callable] = {}
+    null_label: Optional[int] = None
+    learned_sigma: bool = False
+    interval: Optional[tuple[float, float]] = None
+    sched: Optional[Schedule] = None
+    rescale_key: Optional[str] = None
+
+
+class Guide(NamedTuple):
+    """A registered guide. Exactly one of `wrap` (guides that transform the model output, like CFG)
+    and `gradient` (guides that add s * grad log p(. | x_t), like classifier guidance) is set.
+
+    scale_key: key of its per-sample scale in `cond`; config_key: key of that scale in the sample
+    config (default: scale_key); neutral: the scale at which it does nothing; default: the sample
+    config's default scale; networks: sample-config keys of the extra networks it needs (each a
+    path loaded by `jaxdiff.sampling`); check(model_cfg, network_cfgs): host-side validation against
+    the loaded configs, raising ValueError.
+    """
+
+    name: str
+    scale_key: str
+    wrap: Optional[Callable[[ModelFn, GuideContext], ModelFn]] = None
+    gradient: Optional[Callable[[GuideContext], GradFn]] = None
+    neutral: float = 0.0
+    default: float = 1.0
+    networks: tuple[str, ...] = ()
+    check: Optional[Callable[[Mapping, Mapping[str, Mapping]], None]] = None
+    config_key: Optional[str] = None
+
+    @property
+    def config_scale(self) -> str:
+        return self.config_key or self.scale_key
+
+
+GUIDES: dict[str, Guide] = {}
+NETWORK_NAMES = {"classifier": "noisy classifier", "guide_model": "guide model"}  # for messages
+ALIASES = {"none": (), "": (), "both": ("cfg", "classifier")}
+
+
+def register_guide(guide: Guide) -> Guide:
+    """Add (or replace) a guide; sample.py, the sweep and `build_guides` then accept its name."""
+    if (guide.wrap is None) == (guide.gradient is None):
+        raise ValueError(f"guide {guide.name!r}: give exactly one of wrap= and gradient=")
+    if guide.name in ALIASES:
+        raise ValueError(f"{guide.name!r} is a reserved guidance name")
+    GUIDES[guide.name] = guide
+    return guide
+
+
+def register_log_density(name: str, log_density: Callable[[jax.Array, jax.Array, Cond], jax.Array], *,
+                         default: float = 1.0) -> Guide:
+    """Register any differentiable per-sample log-density `log_density(x_t, t, cond) -> [B]` as a
+    gradient guide `name`, its scale `<name>_scale` (0 = off)."""
+    key = f"{name}_scale"
+    return register_guide(Guide(name, key, default=default, gradient=lambda ctx: log_density_guide(
+        log_density, scale_key=key, interval=ctx.interval, sched=ctx.sched)))
+
+
+def parse_guidance(kind: "str | Sequence[str]") -> tuple[str, ...]:
+    """Guide names of a guidance setting: "none", one name, "cfg,classifier", or the alias "both"."""
+    if isinstance(kind, str):
+        names = ALIASES.get(kind.strip())
+        if names is None:
+            names = tuple(k.strip() for k in kind.split(",") if k.strip())
+    else:
+        names = tuple(kind)
+    for k in names:
+        if k not in GUIDES:
+            raise ValueError(f"unknown guidance kind {k!r}; allowed: none, "
+                             f"{', '.join(GUIDES)}, or several joined by ','")
+    wraps = [k for k in names if GUIDES[k].wrap is not None]
+    if len(wraps) > 1:
+        raise ValueError(f"guides {' and '.join(wraps)} both transform the model output; use one of them")
+    if len(set(names)) != len(names):
+        raise ValueError(f"guidance {kind!r} names a guide twice")
+    return names
+
+
+def build_guides(kind: "str | Sequence[str]", model_fn: ModelFn, *, logits_fn=None,
+                 weak_model_fn: Optional[ModelFn] = None, fns: Optional[Mapping[str, Callable]] = None,
                  null_label: Optional[int] = None, learned_sigma: bool = False, cfg_rescale: bool = False,
                  interval: Optional[tuple[float, float]] = None, sched: Optional[Schedule] = None,
                  extra_grads: Sequence[GradFn] = ()) -> tuple[ModelFn, Optional[GradFn]]:
-    """(model_fn, cond_fn) for guidance `kind` in GUIDANCE_KINDS.
+    """(model_fn, cond_fn) for the guides named by `kind` (see `parse_guidance`).
 
-    "none": the model alone; "classifier": + classifier gradient; "cfg": classifier-free;
-    "both": classifier-free + classifier gradient; "autoguidance": weak model as the guide.
-    Scales are read from cond: cfg_scale, classifier_scale, autoguidance_scale (+ cfg_rescale).
+    Networks a guide needs come in `fns` (by its `networks` keys); `logits_fn` and `weak_model_fn`
+    are shorthands for fns["classifier"] and fns["guide_model"]. Scales are read from cond.
     """
-    check_guidance_kind(kind)
-    rescale_key = CFG_RESCALE if cfg_rescale else None
-    cond_fn = None
-    if kind in ("cfg", "both"):
-        model_fn = classifier_free(model_fn, null_label=null_label, learned_sigma=learned_sigma,
-                                   rescale_key=rescale_key, interval=interval, sched=sched)
-    if kind == "autoguidance":
-        if weak_model_fn is None:
-            raise ValueError("autoguidance needs a weaker model of the same task (weak_model_fn)")
-        model_fn = autoguidance(model_fn, weak_model_fn, learned_sigma=learned_sigma,
-                                rescale_key=rescale_key, interval=interval, sched=sched)
-    if kind in ("classifier", "both"):
-        if logits_fn is None:
-            raise ValueError(f"guidance {kind!r} needs a classifier")
-        cond_fn = classifier_guide(logits_fn, interval=interval, sched=sched)
-    return model_fn, sum_guides(cond_fn, *extra_grads)
+    fns = dict(fns or {})
+    if logits_fn is not None:
+        fns["classifier"] = logits_fn
+    if weak_model_fn is not None:
+        fns["guide_model"] = weak_model_fn
+    ctx = GuideContext(fns, null_label, learned_sigma, interval, sched, CFG_RESCALE if cfg_rescale else None)
+    grads = []
+    for name in parse_guidance(kind):
+        guide = GUIDES[name]
+        for net in guide.networks:
+            if net not in fns:
+                raise ValueError(f"guidance {name!r} needs a {NETWORK_NAMES.get(net, net)} ({net})")
+        if guide.wrap is not None:
+            model_fn = guide.wrap(model_fn, ctx)
+        else:
+            grads.append(guide.gradient(ctx))
+    return model_fn, sum_guides(*grads, *extra_grads)
 
 
-def check_guidance_kind(kind: str) -> str:
-    if kind not in GUIDANCE_KINDS:
-        raise ValueError(f"unknown guidance kind {kind!r}; allowed: {', '.join(GUIDANCE_KINDS)}")
-    return kind
+# --- the built-in guides -----------------------------------------------------------------------
+
+def _check_cfg(model_cfg, nets):
+    m = config_util.get(model_cfg, "model", {})
+    if not config_util.get(m, "null_label", False):
+        raise ValueError(
+            "guidance 'cfg' (classifier-free) needs a model with a null label, but the model has none "
+            f"(num_classes={config_util.model_classes(model_cfg)}, null_label=False): train it with label "
+            "dropout (p_uncond > 0), or use guidance 'classifier' or 'none'")
+
+
+def _check_classifier(model_cfg, nets):
+    num_classes = config_util.model_classes(model_cfg)
+    if num_classes is None:
+        raise ValueError("guidance 'classifier' needs a class-conditional model (labels to guide towards)")
+    ccfg = nets["classifier"]
+    config_util.require_kind(ccfg, ("classifier",), "config.classifier", "the classifier directory")
+    kc = config_util.model_classes(ccfg)
+    if kc != num_classes:
+        raise ValueError(f"the classifier has {kc} classes but the model has num_classes={num_classes}; "
+                         "they must match")
+    m, cm = config_util.get(model_cfg, "model", {}), config_util.get(ccfg, "model", {})
+    for key in ("image_size", "in_channels"):
+        a, b = config_util.get(cm, key), config_util.get(m, key)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"classifier {key}={a} differs from the model's {b}")
+
+
+def _check_autoguidance(model_cfg, nets):
+    gcfg = nets["guide_model"]
+    if config_util.model_classes(gcfg) != config_util.model_classes(model_cfg):
+        raise ValueError(f"the guide model has num_classes={config_util.model_classes(gcfg)}, "
+                         f"the model {config_util.model_classes(model_cfg)}")
+    target = lambda c: (config_util.get(config_util.get(c, "diffusion", {}), "prediction", "eps"),
+                        bool(config_util.get(config_util.get(c, "diffusion", {}), "learned_sigma", False)))
+    if target(gcfg) != target(model_cfg):
+        raise ValueError("the guide model must predict the same target (prediction, learned_sigma) as the model")
+
+
+register_guide(Guide(
+    "classifier", CLASSIFIER_SCALE, networks=("classifier",), check=_check_classifier,
+    gradient=lambda ctx: classifier_guide(ctx.fns["classifier"], interval=ctx.interval, sched=ctx.sched)))
+register_guide(Guide(
+    "cfg", CFG_SCALE, config_key="scale", neutral=1.0, default=3.0, check=_check_cfg,
+    wrap=lambda model_fn, ctx: classifier_free(
+        model_fn, null_label=ctx.null_label, learned_sigma=ctx.learned_sigma, rescale_key=ctx.rescale_key,
+        interval=ctx.interval, sched=ctx.sched)))
+register_guide(Guide(
+    "autoguidance", AUTOGUIDANCE_SCALE, config_key="scale", neutral=1.0, default=3.0,
+    networks=("guide_model",), check=_check_autoguidance,
+    wrap=lambda model_fn, ctx: autoguidance(
+        model_fn, ctx.fns["guide_model"], learned_sigma=ctx.learned_sigma, rescale_key=ctx.rescale_key,
+        interval=ctx.interval, sched=ctx.sched)))
 
 
 __all__ = [
-    "AUTOGUIDANCE_SCALE", "CFG_RESCALE", "CFG_SCALE", "CLASSIFIER_SCALE", "GUIDANCE_KINDS", "LABEL_KEY",
-    "LOG_DENSITY_SCALE", "autoguidance", "build_guides", "cfg_rescale", "check_guidance_kind",
+    "ALIASES", "AUTOGUIDANCE_SCALE", "CFG_RESCALE", "CFG_SCALE", "CLASSIFIER_SCALE", "GUIDES", "Guide",
+    "NETWORK_NAMES",
+    "GuideContext", "LABEL_KEY", "LOG_DENSITY_SCALE", "autoguidance", "build_guides", "cfg_rescale",
     "check_scale", "classifier_free", "classifier_guide", "classifier_log_prob", "condition_eps",
-    "condition_mean", "dynamic_threshold", "guided_output", "log_density_guide", "logits_fn",
-    "make_cond", "make_x0_fn", "noise_level", "sum_guides", "unet_fn",
+    "condition_mean", "dynamic_threshold", "guided_output", "log_density_guide", "logits_fn", "make_cond",
+    "make_x0_fn", "noise_level", "parse_guidance", "register_guide", "register_log_density", "sum_guides",
+    "unet_fn",
 ]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Mapping, Sequence
+
+from jaxdiff import files, guidance
 
 COLUMNS = (
     ("guidance", "guidance"), ("scale", "scale"), ("sampler", "sampler"), ("steps", "steps"),
@@ -32,23 +33,13 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_table(rows: Sequence[Mapping], out_dir: str, name: str = "results") -> tuple[str, str]:
     """Write `name`.md and `name`.json under out_dir; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     md, js = os.path.join(out_dir, f"{name}.md"), os.path.join(out_dir, f"{name}.json")
-    _atomic_write(md, markdown_table(rows))
-    _atomic_write(js, json.dumps(list(rows), indent=1, default=float) + "\n")
+    files.atomic_write(md, markdown_table(rows))
+    files.write_json(js, list(rows))
     return md, js
-
-
-NEUTRAL_SCALE = {"cfg": 1.0, "autoguidance": 1.0}  # the scale at which a guide does nothing (else 0)
 
 
 def _series(rows: Sequence[Mapping]):
@@ -63,7 +54,7 @@ def _series(rows: Sequence[Mapping]):
         if r["guidance"] != "none":
             groups.setdefault((r["guidance"], r.get("sampler"), r.get("steps")), []).append(r)
     for key, rs in groups.items():
-        neutral = NEUTRAL_SCALE.get(key[0], 0.0)
+        neutral = guidance.GUIDES[key[0]].neutral if key[0] in guidance.GUIDES else 0.0
         base = [dict(r, scale=neutral) for r in none if (r.get("sampler"), r.get("steps")) == key[1:]]
         yield key, sorted(base + rs, key=lambda r: r["scale"])
     if not groups:
@@ -86,12 +77,12 @@ def write_plots(rows: Sequence[Mapping], out_dir: str) -> list[str]:
     paths = []
     for xk, yk, xl, yl, fname in specs:
         fig, ax = plt.subplots(figsize=(5.5, 4.2))
-        for (guidance, sampler, steps), rs in _series(rows):
+        for (gname, sampler, steps), rs in _series(rows):
             rs = [r for r in rs if xk in r and yk in r]
             if not rs:
                 continue
             xs, ys = [r[xk] for r in rs], [r[yk] for r in rs]
-            ax.plot(xs, ys, marker="o", label=f"{guidance} ({sampler} {steps})")
+            ax.plot(xs, ys, marker="o", label=f"{gname} ({sampler} {steps})")
             if xk != "scale":
                 for r, x, y in zip(rs, xs, ys):
                     ax.annotate(_fmt(r["scale"]), (x, y),
@@ -101,9 +92,7 @@ def write_plots(rows: Sequence[Mapping], out_dir: str) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(out_dir, fname)
-        fig.savefig(path + ".tmp.png", dpi=110)
+        paths.append(files.atomic_write(os.path.join(out_dir, fname),
+                                        lambda f: fig.savefig(f, format="png", dpi=110)))
         plt.close(fig)
-        os.replace(path + ".tmp.png", path)
-        paths.append(path)
     return paths

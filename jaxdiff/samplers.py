@@ -7,6 +7,10 @@ Small composable pieces, k-diffusion style:
   ddpm_step / ddim_step / dpmpp_2m_step   pure update rules over a (respaced) `Schedule`
   sample_loop(...)    the whole chain as ONE `lax.scan` (jit it, or use `make_sampler`)
 
+Registry: `SAMPLERS` maps each name to a `Sampler` record (uniform step function, initial state,
+whether it draws noise, whether gradient guidance acts on eps or on the mean, default respacing);
+`register_sampler` adds one, and nothing else in jaxdiff dispatches on sampler names.
+
 Indices `i` run over the respaced schedule from num_steps - 1 down to 0; the networks see the
 original timestep `sched.timestep_map[i]`.
 
@@ -28,7 +32,6 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdiff import cpu
 from jaxdiff.diffusion import (
@@ -43,63 +46,48 @@ from jaxdiff.diffusion import (
 from jaxdiff.guidance import GradFn, ModelFn, condition_eps, condition_mean, make_x0_fn
 from jaxdiff.schedules import Schedule
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 FIXED_VARIANCES = ("large", "small")
+
+
+class StepOptions(NamedTuple):
+    """Per-run settings every step function receives (eta may be traced)."""
+
+    eta: Any = 0.0
+    fixed_variance: str = "large"
+
+
+class Sampler(NamedTuple):
+    """A registered sampler: k-diffusion-style uniform step over the respaced schedule.
+
+    step(sched, x, i, d, noise, state, first, opts) -> (x_prev, state): `i` the schedule indices
+      [B], `d` the `Denoised` model evaluation at x, `noise` (None when not stochastic), `state`
+      the sampler's memory (from `init(x_T)`), `first` whether this is the loop's first step.
+    stochastic(eta) -> whether a step draws noise (eta may be a Python number or traced).
+    guide_eps: gradient guides shift eps (DDIM-type, condition_score) instead of the ancestral mean.
+    respacing(steps) -> the default respacing string for `steps` sampling steps.
+    """
+
+    name: str
+    step: Callable
+    init: Callable[[jax.Array], Any] = lambda x_T: None
+    stochastic: Callable[[Any], bool] = lambda eta: True
+    guide_eps: bool = True
+    respacing: Callable[[int], str] = str
+
+
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register_sampler(sampler: Sampler) -> Sampler:
+    """Add (or replace) a sampler; `sample_loop`, sample.py and the sweep then accept its name."""
+    SAMPLERS[sampler.name] = sampler
+    return sampler
 
 
 def check_sampler(name: str) -> str:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
     return name
-
-
-# --- respacing for few-step solvers ---------------------------------------------------------
-
-def logsnr_timesteps(alphas_cumprod, num_steps: int, lambda_min: float = -5.0) -> list[int]:
-    """`num_steps` distinct timesteps spaced (nearly) uniformly in lambda = 0.5 log SNR.
-
-    DPM-Solver's recommended "logSNR" spacing for few-step solvers: the first step is T - 1 (pure
-    noise), the last 0, and the others are the timesteps nearest to lambdas uniform between
-    max(lambda(T - 1), lambda_min) and lambda(0), each strictly below the previous one, so exactly
-    `num_steps` distinct steps come back (sorted ascending). `lambda_min` (SNR e^-10 by default)
-    keeps the cosine schedule's clipped last beta (lambda(T - 1) ~ -9.9) from drawing steps into the
-    pure-noise region. Use "logsnrN" in `respaced_schedule`.
-    """
-    ac = np.asarray(alphas_cumprod, np.float64)
-    T = len(ac)
-    n = int(num_steps)
-    if not 1 <= n <= T:
-        raise ValueError(f"logSNR spacing asks for {num_steps} steps; allowed: 1..{T} (the schedule's steps)")
-    if n == 1:
-        return [T - 1]
-    lam = 0.5 * (np.log(ac) - np.log1p(-ac))
-    lo = min(max(lam[-1], lambda_min), lam[0])
-    targets = np.linspace(lo, lam[0], n)
-    chosen, upper = [T - 1], T - 1
-    for k in range(1, n - 1):
-        cand = np.arange(n - 1 - k, upper)  # leave room for the remaining steps
-        t = int(cand[np.argmin(np.abs(lam[cand] - targets[k]))])
-        chosen.append(t)
-        upper = t
-    chosen.append(0)
-    return sorted(chosen)
-
-
-def respaced_schedule(name: str, num_timesteps: int, respacing: str | int | None) -> "Schedule":
-    """`schedules.make_schedule`, plus "logsnrN" (N steps uniform in log SNR, for DPM-Solver++)."""
-    from jaxdiff.schedules import make_schedule, named_betas, respace_betas, schedule_from_betas
-
-    if isinstance(respacing, str) and respacing.strip().startswith("logsnr"):
-        text = respacing.strip()[len("logsnr"):]
-        try:
-            n = int(text)
-        except ValueError:
-            raise ValueError(f"bad respacing {respacing!r}: expected 'logsnrN' with integer N") from None
-        betas = named_betas(name, num_timesteps)
-        ts = logsnr_timesteps(np.cumprod(1.0 - betas), n)
-        new_betas, tmap = respace_betas(betas, ts)
-        return schedule_from_betas(new_betas, tmap, num_train_timesteps=num_timesteps)
-    return make_schedule(name, num_timesteps, respacing)
 
 
 # --- randomness --------------------------------------------------------------------------------
@@ -266,6 +254,24 @@ def dpmpp_2m_step(sched: Schedule, x: jax.Array, i: jax.Array, d: Denoised, stat
     return x_next, DPMState(d.x0, jnp.broadcast_to(h, state.h_prev.shape))
 
 
+def _is_zero(eta) -> bool:
+    return isinstance(eta, (int, float)) and float(eta) == 0.0
+
+
+register_sampler(Sampler(
+    "ddpm", lambda sched, x, i, d, noise, state, first, o: (
+        ddpm_step(sched, x, i, d, noise, fixed_variance=o.fixed_variance), state),
+    guide_eps=False))
+register_sampler(Sampler(
+    "ddim", lambda sched, x, i, d, noise, state, first, o: (
+        ddim_step(sched, x, i, d, jnp.zeros_like(x) if noise is None else noise, o.eta), state),
+    stochastic=lambda eta: not _is_zero(eta)))
+register_sampler(Sampler(
+    "dpmpp2m", lambda sched, x, i, d, noise, state, first, o: dpmpp_2m_step(sched, x, i, d, state, first),
+    init=lambda x_T: DPMState(jnp.zeros_like(x_T), jnp.zeros((x_T.shape[0],) + (1,) * (x_T.ndim - 1), x_T.dtype)),
+    stochastic=lambda eta: False, respacing=lambda steps: f"logsnr{steps}"))
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 def sample_loop(model_fn: ModelFn, sched: Schedule, x_T: Optional[jax.Array], cond, *,
@@ -275,7 +281,7 @@ def sample_loop(model_fn: ModelFn, sched: Schedule, x_T: Optional[jax.Array], co
                 prediction: str = "eps", learned_sigma: bool = False, fixed_variance: str = "large",
                 clip_denoised: bool = True, x0_fn: Optional[Callable] = None,
                 progress: bool = False, return_trajectory: bool = False, loop: str = "scan"):
-    """Run `sampler` from x_T (index num_steps - 1) down to index 0; returns x_0 [B, ...].
+    """Run `sampler` (a name in SAMPLERS) from x_T (index num_steps - 1) down to index 0; returns x_0.
 
     Pure and traceable: call it inside `jax.jit` (see `make_sampler`); the steps are one
     `lax.scan`. `loop="python"` runs the same step function in a Python loop instead (debugging, or
@@ -286,7 +292,7 @@ def sample_loop(model_fn: ModelFn, sched: Schedule, x_T: Optional[jax.Array], co
     the default clipping (`clip_denoised`) of x0, e.g. `guidance.dynamic_threshold`. `eta` may be
     traced (DDIM only). With `return_trajectory` also returns the stacked x0 estimates.
     """
-    check_sampler(sampler)
+    spec = SAMPLERS[check_sampler(sampler)]
     check_prediction(prediction)
     if loop not in ("scan", "python"):
         raise ValueError(f"unknown loop {loop!r}; allowed: 'scan', 'python'")
@@ -296,9 +302,8 @@ def sample_loop(model_fn: ModelFn, sched: Schedule, x_T: Optional[jax.Array], co
         x0_fn = make_x0_fn(clip_denoised=clip_denoised)
     n = sched.num_steps
     keys = None
-    deterministic = sampler == "dpmpp2m" or (
-        sampler == "ddim" and isinstance(eta, (int, float)) and float(eta) == 0.0)
-    if x_T is None or (noises is None and not deterministic):
+    stochastic = spec.stochastic(eta)
+    if x_T is None or (noises is None and stochastic):
         if key is None or sample_ids is None:
             raise ValueError("sample_loop needs `key` and `sample_ids` to draw noise "
                              "(or x_T, and recorded `noises` for a stochastic sampler)")
@@ -311,39 +316,28 @@ def sample_loop(model_fn: ModelFn, sched: Schedule, x_T: Optional[jax.Array], co
     b = x_T.shape[0]
     if noises is not None and tuple(noises.shape) != (n,) + tuple(x_T.shape):
         raise ValueError(f"noises must have shape {(n,) + tuple(x_T.shape)}, got {tuple(noises.shape)}")
-    eps_based = sampler != "ddpm"
-    eta = jnp.asarray(eta, x_T.dtype)
+    opts = StepOptions(jnp.asarray(eta, x_T.dtype), fixed_variance)
 
     def body(carry, xs):
         x, state = carry
         j, nz = xs
         i = jnp.full((b,), n - 1 - j, jnp.int32)
         d = denoise(model_fn, sched, x, i, cond, prediction=prediction, learned_sigma=learned_sigma,
-                    x0_fn=x0_fn, cond_fn=cond_fn, guide_eps=eps_based)
-        if sampler == "dpmpp2m":
-            x, state = dpmpp_2m_step(sched, x, i, d, state, j == 0)
-        else:
-            if nz is not None:
-                noise = nz
-            elif keys is None:  # deterministic DDIM (eta = 0) without keys
-                noise = jnp.zeros_like(x)
-            else:
-                noise = step_noise(keys, j, x.shape[1:], x.dtype)
-            if sampler == "ddpm":
-                x = ddpm_step(sched, x, i, d, noise, fixed_variance=fixed_variance)
-            else:
-                x = ddim_step(sched, x, i, d, noise, eta)
+                    x0_fn=x0_fn, cond_fn=cond_fn, guide_eps=spec.guide_eps)
+        noise = nz
+        if noise is None and stochastic:
+            noise = step_noise(keys, j, x.shape[1:], x.dtype)
+        x, state = spec.step(sched, x, i, d, noise, state, j == 0, opts)
         if progress:
             jax.debug.callback(_progress_hook, j, ordered=False)
         return (x, state), (d.x0 if return_trajectory else None)
 
-    state = DPMState(jnp.zeros_like(x_T), jnp.zeros((b,) + (1,) * (x_T.ndim - 1), x_T.dtype)) \
-        if sampler == "dpmpp2m" else None
     xs = (jnp.arange(n, dtype=jnp.int32), noises)
+    carry = (x_T, spec.init(x_T))
     if loop == "scan":
-        (x, _), traj = jax.lax.scan(body, (x_T, state), xs)
+        (x, _), traj = jax.lax.scan(body, carry, xs)
     else:
-        carry, outs = (x_T, state), []
+        outs = []
         for j in range(n):
             carry, o = body(carry, (xs[0][j], None if noises is None else noises[j]))
             outs.append(o)
@@ -389,7 +383,7 @@ def make_sampler(build: Callable[[Any], tuple[ModelFn, Optional[GradFn]]], spec:
 
 
 __all__ = [
-    "DPMState", "Denoised", "FIXED_VARIANCES", "SAMPLERS", "SamplerSpec", "check_sampler",
-    "ddim_step", "ddpm_step", "denoise", "dpmpp_2m_step", "initial_noise", "make_sampler",
-    "logsnr_timesteps", "progress_bar", "respaced_schedule", "sample_keys", "sample_loop", "step_noise",
+    "DPMState", "Denoised", "FIXED_VARIANCES", "SAMPLERS", "Sampler", "SamplerSpec", "StepOptions",
+    "check_sampler", "ddim_step", "ddpm_step", "denoise", "dpmpp_2m_step", "initial_noise", "make_sampler",
+    "progress_bar", "register_sampler", "sample_keys", "sample_loop", "step_noise",
 ]

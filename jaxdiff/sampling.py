@@ -1,87 +1,81 @@
-"""Sampling as a library: load models, validate settings, run guided sampling, write outputs.
+"""Sampling as a library: settings, validation, and the one `generate` path every sampler user takes.
 
-`sample.py` is the command line over `run`; the guidance sweep calls `run` once per setting.
-Scale conventions (docs/guidance.md): `scale` is the classifier-free / autoguidance scale in the
-Imagen convention (1 = plain conditional, 0 = unconditional; Ho & Salimans' w = scale - 1);
-`classifier_scale` is guided-diffusion's classifier scale (0 = none).
+    generate(sampler_fn, params, sched, num_samples=..., labels=..., scales=...) -> uint8 images
+    run(config) -> samples.npz + grid.png (what `sample.py` runs; the sweep calls it per setting)
+
+`generate` runs a compiled sampler (`samplers.make_sampler`) over every device of every process
+and quantises exactly as guided-diffusion's sample scripts do. Training grids, the evaluation
+command's CFG accuracy and `run` all sample through it; file writing stays in `run`.
+
+Guides and samplers come from their registries (`guidance.GUIDES`, `samplers.SAMPLERS`): the
+sample config has one scale key per registered guide (`config_scale`, e.g. `scale` for CFG,
+`classifier_scale`) and one path key per network a guide needs (`classifier`, `guide_model`).
+Scale conventions: docs/guidance.md.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import ml_collections
 import numpy as np
 from ml_collections.config_dict import placeholder
 
+from jaxdiff import config_util, files, guidance, samplers
 
-def default_config() -> "ml_collections.ConfigDict":
-    """Every sampling setting with its default (configs/sample.py returns this)."""
+DTYPES = ("float32", "bfloat16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every sampling setting with its default (configs/sample.py returns this).
+
+    Built from the registries, so a guide registered before this is called has its scale key
+    (and its networks' path keys) here.
+    """
     c = ml_collections.ConfigDict()
     c.model = ""             # workdir of train.py or a directory written by jaxdiff.convert (required)
-    c.classifier = ""        # noisy classifier directory (guidance "classifier" / "both")
-    c.guide_model = ""       # weaker model of the same task (guidance "autoguidance")
+    for g in guidance.GUIDES.values():
+        for net in g.networks:
+            c[net] = ""      # path of a network a guide needs (e.g. classifier, guide_model)
+    c.low_res = ""           # super-resolution: samples.npz of low-resolution images (+ labels) to upsample
+    c.dtype = ""             # compute dtype: "" = the checkpoint's (bfloat16 for use_fp16), float32, bfloat16
     c.out = "samples"        # OUT/samples.npz (arr_0 uint8 NHWC images, arr_1 labels) + OUT/grid.png
-    c.sample = ml_collections.ConfigDict(dict(
-        sampler="ddim",          # ddim | ddpm | dpmpp2m
+    sample = dict(
+        sampler="ddim",          # a name in samplers.SAMPLERS: ddim | ddpm | dpmpp2m
         steps=50,                # sampling steps (<= the model's diffusion steps)
-        respacing="",            # "" = str(steps) (ddim, ddpm) or logsnr{steps} (dpmpp2m); or "ddim25", "10,20", "logsnr20"
+        respacing="",            # "" = the sampler's default for `steps`; or "ddim25", "10,20", "logsnr20"
         eta=0.0,                 # DDIM stochasticity (0 = deterministic)
         fixed_variance="large",  # ddpm without learned sigma: "large" (beta) or "small" (posterior)
-        guidance="none",         # none | classifier | cfg | both | autoguidance
-        scale=3.0,               # CFG / autoguidance scale (Imagen: 1 = conditional)
-        classifier_scale=1.0,    # classifier guidance scale (guided-diffusion: 0 = none)
+        guidance="none",         # none | a guide name | several joined by "," (e.g. "cfg,classifier"; "both")
         cfg_rescale=0.0,         # CFG rescale phi (Lin et al. 2023), 0 = off
         interval_lo=placeholder(float),  # guidance interval in sigma = sqrt((1-abar)/abar); None = always
         interval_hi=placeholder(float),
         dynamic_threshold=0.0,   # Imagen dynamic thresholding percentile (e.g. 0.995), 0 = off
         clip_denoised=True,      # clip x0 to [-1, 1] (guided-diffusion's default)
         classes="all",           # "all" (balanced over every class) or a list "3,5"
-        num_samples=16,
+        num_samples=16,          # with low_res: at most the file's image count (its first rows)
         batch_size=16,           # global batch per jitted call (padded to the device count)
         seed=0,
         progress=True,
         grid_max=64,             # images in the labelled PNG grid (0 = no grid)
-    ))
+    )
+    for g in guidance.GUIDES.values():
+        sample.setdefault(g.config_scale, float(g.default))
+    c.sample = ml_collections.ConfigDict(sample)
     return c
 
 
 # --------------------------------------------------------------------------------------------
-# loading and validation (pure Python / numpy: nothing here traces or compiles)
+# loading and validation (host-side: nothing here traces or compiles)
 # --------------------------------------------------------------------------------------------
 
-def load(directory: str):
+def load(directory: str, dtype: str = ""):
     """(module, params, config) through jaxdiff.checkpoints.load_model."""
-    try:
-        from jaxdiff.checkpoints import load_model
-    except ImportError as e:  # pragma: no cover - depends on the checkout
-        raise RuntimeError(f"jaxdiff.checkpoints.load_model is not available ({e}); "
-                           "pass models to sample.run(..., model=(module, params, config))") from e
-    return load_model(directory)
+    from jaxdiff.checkpoints import load_model
 
-
-def _get(d, key, default=None):
-    try:
-        v = d[key]
-    except (KeyError, TypeError, AttributeError):
-        return default
-    return default if v is None else v
-
-
-def model_kind(cfg) -> str:
-    """"unet", "classifier" or "superres": config["model"]["kind"] (train.py) or config["kind"] (convert)."""
-    return str(_get(_get(cfg, "model", {}), "kind") or _get(cfg, "kind") or "unet")
-
-
-def model_classes(cfg) -> Optional[int]:
-    """Number of classes a loaded model's config says it has (a classifier: its outputs)."""
-    m = _get(cfg, "model", {})
-    if model_kind(cfg) == "classifier":
-        return int(_get(m, "out_channels"))
-    n = _get(m, "num_classes")
-    return None if n is None else int(n)
+    return load_model(directory, dtype=dtype or None)
 
 
 def parse_classes(text, num_classes: Optional[int]) -> Optional[np.ndarray]:
@@ -114,20 +108,34 @@ def balanced_labels(classes: Optional[np.ndarray], n: int) -> Optional[np.ndarra
     return np.asarray(classes)[np.arange(n) % len(classes)].astype(np.int64)
 
 
-def default_respacing(sampler: str, steps: int) -> str:
-    return f"logsnr{steps}" if sampler == "dpmpp2m" else str(steps)
+def learned_sigma(cfg) -> bool:
+    return bool(config_util.get(config_util.get(cfg, "diffusion", {}), "learned_sigma", False))
 
 
-def validate(config, model_cfg, classifier_cfg=None, guide_cfg=None) -> dict:
-    """Check every setting against the models; return the resolved plan. Raises ValueError."""
-    from jaxdiff import guidance, samplers
+def read_low_res(path: str, num_classes: Optional[int]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Low-resolution images (model range [-1, 1], as guided-diffusion's super_res_sample) and labels."""
+    from jaxdiff.metrics import load_samples_npz
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.low_res={path!r} is not a file (a samples.npz of low-resolution images)")
+    images, labels = load_samples_npz(path, num_classes=num_classes)
+    return images.astype(np.float32) / 127.5 - 1.0, labels
+
+
+def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
+             low_res: Optional[tuple] = None) -> dict:
+    """Check every setting against the loaded configs; return the resolved plan. Raises ValueError.
+
+    `networks` maps a guide's network key (e.g. "classifier") to its loaded config (or None);
+    `low_res` is (images, labels) for a super-resolution model.
+    """
     s = config.sample
+    networks = dict(networks)
     sampler = samplers.check_sampler(str(s.sampler))
-    kind = guidance.check_guidance_kind(str(s.guidance))
-    for name in ("scale", "classifier_scale", "cfg_rescale", "eta", "dynamic_threshold",
-                 "interval_lo", "interval_hi"):
-        v = _get(s, name)
+    names = guidance.parse_guidance(str(s.guidance))
+    scale_keys = {g.config_scale for g in guidance.GUIDES.values()}
+    for name in sorted(scale_keys) + ["cfg_rescale", "eta", "dynamic_threshold", "interval_lo", "interval_hi"]:
+        v = config_util.get(s, name)
         if v is not None:
             guidance.check_scale(f"sample.{name}", v)
     if float(s.eta) < 0:
@@ -136,7 +144,7 @@ def validate(config, model_cfg, classifier_cfg=None, guide_cfg=None) -> dict:
         raise ValueError(f"sample.cfg_rescale={s.cfg_rescale} must lie in [0, 1]")
     if not 0.0 <= float(s.dynamic_threshold) <= 1.0:
         raise ValueError(f"sample.dynamic_threshold={s.dynamic_threshold}: a percentile in (0, 1], or 0 = off")
-    lo, hi = _get(s, "interval_lo"), _get(s, "interval_hi")
+    lo, hi = config_util.get(s, "interval_lo"), config_util.get(s, "interval_hi")
     interval = None
     if lo is not None or hi is not None:
         interval = (float(0.0 if lo is None else lo), float(math.inf if hi is None else hi))
@@ -145,223 +153,200 @@ def validate(config, model_cfg, classifier_cfg=None, guide_cfg=None) -> dict:
                              "need 0 <= lo <= hi (noise levels sigma)")
     if not learned_sigma(model_cfg) and str(s.fixed_variance) not in samplers.FIXED_VARIANCES:
         raise ValueError(f"sample.fixed_variance={s.fixed_variance!r}; allowed: {', '.join(samplers.FIXED_VARIANCES)}")
-    for name in ("num_samples", "batch_size"):
-        v = _get(s, name)
-        if not isinstance(v, (int, np.integer)) or v < 1:
+    for name in ("num_samples", "batch_size", "steps"):
+        v = config_util.get(s, name)
+        if not config_util.is_int(v) or v < 1:
             raise ValueError(f"sample.{name}={v!r} must be a positive integer")
+    dtype = str(config_util.get(config, "dtype", "") or "")
+    if dtype and dtype not in DTYPES:
+        raise ValueError(f"config.dtype={dtype!r}; allowed: '' (the checkpoint's), {', '.join(DTYPES)}")
 
-    m = _get(model_cfg, "model", {})
-    if model_kind(model_cfg) != "unet":
-        raise ValueError(f"config.model must be a diffusion U-Net; {config.model!r} holds a "
-                         f"{model_kind(model_cfg)!r} model")
-    d = _get(model_cfg, "diffusion", {})
-    num_timesteps = int(_get(d, "num_timesteps", 1000))
-    steps = _get(s, "steps")
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"sample.steps={steps!r} must be a positive integer")
+    kind = config_util.model_kind(model_cfg)
+    if kind == "superres" and low_res is None:
+        raise ValueError(f"config.model={config.model!r} is a super-resolution model: set config.low_res to a "
+                         "samples.npz of the low-resolution images to upsample")
+    if kind not in ("unet", "superres") or (kind == "unet" and low_res is not None):
+        raise ValueError(f"config.model={config.model!r} holds a {kind!r} model; expected a diffusion U-Net"
+                         + (" or, with config.low_res, a super-resolution model" if low_res is not None else ""))
+    d = config_util.get(model_cfg, "diffusion", {})
+    num_timesteps = int(config_util.get(d, "num_timesteps", 1000))
+    steps = int(s.steps)
     if steps > num_timesteps:
         raise ValueError(f"sample.steps={steps} is more than the schedule's {num_timesteps} diffusion steps; "
                          f"allowed: 1..{num_timesteps}")
-    respacing = str(_get(s, "respacing", "") or default_respacing(sampler, int(steps)))
-    sched = samplers.respaced_schedule(str(_get(d, "schedule", "linear")), num_timesteps, respacing)
+    respacing = str(config_util.get(s, "respacing", "") or samplers.SAMPLERS[sampler].respacing(steps))
+    from jaxdiff.schedules import make_schedule
 
-    num_classes = model_classes(model_cfg)
-    null = bool(_get(m, "null_label", False))
-    classes = parse_classes(s.classes, num_classes)
-    if kind in ("cfg", "both") and not null:
-        raise ValueError(
-            f"guidance={kind!r} (classifier-free) needs a model with a null label, but {config.model!r} has "
-            f"none (num_classes={num_classes}, null_label=False): train it with label dropout "
-            "(p_uncond > 0), or use guidance 'classifier' or 'none'")
-    if kind in ("classifier", "both"):
-        if num_classes is None:
-            raise ValueError(f"guidance={kind!r} needs a class-conditional model (labels to guide towards)")
-        if classifier_cfg is None:
-            raise ValueError(f"guidance={kind!r} needs a classifier: set config.classifier")
-        if model_kind(classifier_cfg) != "classifier":
-            raise ValueError(f"config.classifier={config.classifier!r} holds a {model_kind(classifier_cfg)!r} "
-                             "model, not a classifier")
-        kc = model_classes(classifier_cfg)
-        if kc != num_classes:
-            raise ValueError(f"the classifier has {kc} classes but the model has num_classes={num_classes}; "
-                             "they must match")
-        cm = _get(classifier_cfg, "model", {})
-        for key in ("image_size", "in_channels"):
-            if _get(cm, key) is not None and _get(m, key) is not None and _get(cm, key) != _get(m, key):
-                raise ValueError(f"classifier {key}={_get(cm, key)} differs from the model's {_get(m, key)}")
-    if kind == "autoguidance":
-        if guide_cfg is None:
-            raise ValueError("guidance='autoguidance' needs a weaker model of the same task: set config.guide_model")
-        if model_classes(guide_cfg) != num_classes:
-            raise ValueError(f"the guide model has num_classes={model_classes(guide_cfg)}, the model {num_classes}")
-        if learned_sigma(guide_cfg) != learned_sigma(model_cfg) or \
-                _get(_get(guide_cfg, "diffusion", {}), "prediction", "eps") != _get(d, "prediction", "eps"):
-            raise ValueError("the guide model must predict the same target (prediction, learned_sigma) as the model")
-    return dict(sampler=sampler, kind=kind, sched=sched, respacing=respacing, num_classes=num_classes,
-                null=null, classes=classes, interval=interval,
-                shape=(int(_get(m, "image_size")), int(_get(m, "image_size")), int(_get(m, "in_channels"))))
+    sched = make_schedule(str(config_util.get(d, "schedule", "linear")), num_timesteps, respacing)
 
-
-def learned_sigma(cfg) -> bool:
-    return bool(_get(_get(cfg, "diffusion", {}), "learned_sigma", False))
+    num_classes = config_util.model_classes(model_cfg)
+    m = config_util.get(model_cfg, "model", {})
+    null = bool(config_util.get(m, "null_label", False))
+    n = int(s.num_samples)
+    labels = balanced_labels(parse_classes(s.classes, num_classes), n)
+    for name in names:
+        g = guidance.GUIDES[name]
+        for net in g.networks:
+            if networks.get(net) is None:
+                raise ValueError(f"guidance {name!r} needs a {net.replace('_', ' ')}: set config.{net}")
+        if g.check is not None:
+            g.check(model_cfg, networks)
+    per_sample = {}
+    size = int(config_util.get(m, "image_size"))
+    channels = int(config_util.get(m, "in_channels"))
+    if low_res is not None:
+        images, lr_labels = low_res
+        if len(images) < n:
+            raise ValueError(f"sample.num_samples={n} but config.low_res holds {len(images)} images")
+        if images.shape[-1] != channels or images.shape[1] > size or images.shape[2] > size:
+            raise ValueError(f"config.low_res images are {images.shape[1:]}; the model makes {size}x{size}x"
+                             f"{channels} images from smaller ones with {channels} channels")
+        if str(s.classes).strip() not in ("all", ""):
+            raise ValueError("sample.classes does not apply with config.low_res: the labels come from its arr_1")
+        if num_classes is not None:
+            if lr_labels is None:
+                raise ValueError(f"the super-resolution model is class-conditional (num_classes={num_classes}): "
+                                 "config.low_res needs labels (arr_1)")
+            labels = lr_labels[:n]
+        per_sample[guidance.LOW_RES_KEY] = images[:n]
+    return dict(sampler=sampler, guides=names, sched=sched, respacing=respacing, num_classes=num_classes,
+                null=null, labels=labels, interval=interval, per_sample=per_sample,
+                shape=(size, size, channels))
 
 
 # --------------------------------------------------------------------------------------------
-# output
+# generation: the one sampling path
 # --------------------------------------------------------------------------------------------
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
+def to_uint8(x) -> np.ndarray:
     """[-1, 1] floats -> uint8 exactly as guided-diffusion's sample scripts ((x + 1) * 127.5, clamp, trunc)."""
     return np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
 
 
-def save_npz(path: str, images: np.ndarray, labels: Optional[np.ndarray]) -> None:
-    """arr_0 images (and arr_1 labels), written to a temporary file and renamed into place."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        if labels is None:
-            np.savez(f, images)
-        else:
-            np.savez(f, images, np.asarray(labels, np.int64))
-    os.replace(tmp, path)
+def generate_batches(sampler_fn, params, sched, *, num_samples: int, labels: Optional[np.ndarray] = None,
+                     scales: Optional[Mapping[str, float]] = None,
+                     per_sample: Optional[Mapping[str, np.ndarray]] = None, seed: int = 0,
+                     batch_size: int = 16, eta: float = 0.0, mesh=None, progress: bool = False,
+                     desc: str = "sampling") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (sample ids, uint8 images) of THIS process's rows, batch by batch.
 
-
-def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray], ncol: int = 8) -> None:
-    """A labelled PNG grid (matplotlib), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    ncol = min(ncol, n)
-    nrow = -(-n // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.2 * ncol, 1.35 * nrow), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k >= n:
-            continue
-        img = images[k]
-        if img.shape[-1] == 1:
-            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
-        else:
-            ax.imshow(img)
-        if labels is not None:
-            ax.set_title(f"y={int(labels[k])}", fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# sampling
-# --------------------------------------------------------------------------------------------
-
-def run(config, *, model=None, classifier=None, guide_model=None, compiled: Optional[dict] = None) -> dict:
-    """Sample as `config` says; models are (module, params, config) triples, loaded when not given.
-
-    Returns {"images", "labels", "npz", "grid"}. Everything is validated before any compile.
-    `compiled`: a dict the caller keeps across calls with the same models (a sweep), so settings
-    that differ only in scales, seed or number of samples reuse one compiled sampler.
+    `sampler_fn` comes from `samplers.make_sampler`; samples 0..num_samples-1 are drawn in global
+    batches of `batch_size`, each split over the processes and sharded over `mesh`'s devices.
+    Sample i's noise depends only on (seed, i). `labels` [num_samples], `per_sample` arrays
+    [num_samples, ...] (e.g. low_res) and the `scales` (cond keys -> float) go into each batch's cond.
+    The progress bar shows on process 0 only; every process runs the same compiled program.
     """
-    s = config.sample
-    if model is None:
-        if not config.model:
-            raise ValueError("config.model is required: a train.py workdir or a converted checkpoint directory")
-        model = load(config.model)
-    kind = str(s.guidance)
-    if classifier is None and kind in ("classifier", "both") and config.classifier:
-        classifier = load(config.classifier)
-    if guide_model is None and kind == "autoguidance" and _get(config, "guide_model"):
-        guide_model = load(config.guide_model)
-    plan = validate(config, model[2], classifier[2] if classifier else None,
-                    guide_model[2] if guide_model else None)
+    import contextlib
 
     import jax
 
-    from jaxdiff import guidance, parallel, samplers
+    from jaxdiff import parallel
+
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    key = jax.random.key(int(seed))
+    params, sched = parallel.replicate((params, sched), mesh)
+    starts = range(0, int(num_samples), int(batch_size))
+    show = progress and jax.process_index() == 0
+    ctx = samplers.progress_bar(len(starts) * sched.num_steps, desc=f"{desc} x{len(starts)} batches") \
+        if show else contextlib.nullcontext()
+    with ctx as advance:
+        for b0 in starts:
+            ids = np.arange(b0, min(b0 + int(batch_size), int(num_samples)))[parallel.process_rows(
+                min(int(batch_size), int(num_samples) - b0))]
+            cond = guidance.make_cond(len(ids), None if labels is None else labels[ids], **dict(scales or {}))
+            for k, v in (per_sample or {}).items():
+                cond[k] = np.asarray(v[ids], np.float32)
+            out = parallel.sample_batch_sharded(sampler_fn, params, sched, cond, key, ids, mesh=mesh, eta=eta)
+            if show:
+                advance(sched.num_steps)
+            yield ids, to_uint8(out)
+
+
+def generate(sampler_fn, params, sched, *, num_samples: int, batch_size: int = 16, **kwargs) -> np.ndarray:
+    """uint8 [num_samples, H, W, C] of every process's rows (see `generate_batches` for the arguments)."""
+    from jaxdiff import parallel
+
+    n, bs = int(num_samples), int(batch_size)
+    batches = generate_batches(sampler_fn, params, sched, num_samples=n, batch_size=bs, **kwargs)
+    return np.concatenate([parallel.gather_rows(images, min(bs, n - b0))
+                           for b0, (_, images) in zip(range(0, n, bs), batches)], axis=0)
+
+
+def guide_scales(config, names) -> dict:
+    """cond scale keys -> the sample config's values for the guides `names` (+ cfg_rescale)."""
+    s = config.sample
+    scales = {guidance.GUIDES[n].scale_key: float(s[guidance.GUIDES[n].config_scale]) for n in names}
+    if float(s.cfg_rescale) > 0 and any(guidance.GUIDES[n].wrap is not None for n in names):
+        scales[guidance.CFG_RESCALE] = float(s.cfg_rescale)
+    return scales
+
+
+def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
+        compiled: Optional[dict] = None, **named_networks) -> dict:
+    """Sample as `config` says; models are (module, params, config) triples, loaded when not given.
+
+    `networks` (or keyword arguments such as classifier=..., guide_model=...) give the networks
+    guides need, by their config key. Returns {"images", "labels", "npz", "grid"}. Everything is
+    validated before any compile. `compiled`: a dict the caller keeps across calls with the same
+    models (a sweep), so settings that differ only in scales, seed or sample count reuse one
+    compiled sampler.
+    """
+    s = config.sample
+    names = guidance.parse_guidance(str(s.guidance))
+    dtype = str(config_util.get(config, "dtype", "") or "")
+    if model is None:
+        if not config.model:
+            raise ValueError("config.model is required: a train.py workdir or a converted checkpoint directory")
+        model = load(config.model, dtype)
+    nets = {**dict(networks or {}), **named_networks}
+    for name in names:
+        for net in guidance.GUIDES[name].networks:
+            if nets.get(net) is None and config_util.get(config, net):
+                nets[net] = load(config[net], dtype)
+    low_res = None
+    if config_util.get(config, "low_res"):
+        low_res = read_low_res(config.low_res, config_util.model_classes(model[2]))
+    used = {net for n in names for net in guidance.GUIDES[n].networks}
+    nets = {k: v for k, v in nets.items() if k in used and v is not None}
+    plan = validate(config, model[2], {k: v[2] for k, v in nets.items()}, low_res)
+
+    import jax
 
     module, params, mcfg = model
-    dcfg = _get(mcfg, "diffusion", {})
+    dcfg = config_util.get(mcfg, "diffusion", {})
     ls = learned_sigma(mcfg)
     sched = plan["sched"]
-    n = int(s.num_samples)
-    labels = balanced_labels(plan["classes"], n)
-    kind = plan["kind"]
-    all_params = {"model": params}
-    if classifier is not None and kind in ("classifier", "both"):
-        all_params["classifier"] = classifier[1]
-    if guide_model is not None and kind == "autoguidance":
-        all_params["guide"] = guide_model[1]
+    rescale = float(s.cfg_rescale) > 0
+    all_params = {"model": params, **{k: v[1] for k, v in nets.items()}}
 
     def build(p):
-        return guidance.build_guides(
-            kind, guidance.unet_fn(module, p["model"]),
-            logits_fn=guidance.logits_fn(classifier[0], p["classifier"]) if "classifier" in p else None,
-            weak_model_fn=guidance.unet_fn(guide_model[0], p["guide"]) if "guide" in p else None,
-            null_label=plan["num_classes"] if plan["null"] else None, learned_sigma=ls,
-            cfg_rescale=float(s.cfg_rescale) > 0, interval=plan["interval"], sched=sched)
+        fns = {k: (guidance.logits_fn if config_util.model_kind(nets[k][2]) == "classifier" else guidance.unet_fn)(
+            nets[k][0], p[k]) for k in nets}
+        return guidance.build_guides(plan["guides"], guidance.unet_fn(module, p["model"]), fns=fns,
+                                     null_label=plan["num_classes"] if plan["null"] else None, learned_sigma=ls,
+                                     cfg_rescale=rescale, interval=plan["interval"], sched=sched)
 
     spec = samplers.SamplerSpec(
-        sampler=plan["sampler"], prediction=str(_get(dcfg, "prediction", "eps")), learned_sigma=ls,
+        sampler=plan["sampler"], prediction=str(config_util.get(dcfg, "prediction", "eps")), learned_sigma=ls,
         fixed_variance=str(s.fixed_variance), clip_denoised=bool(s.clip_denoised),
         dynamic_threshold=float(s.dynamic_threshold) if float(s.dynamic_threshold) > 0 else None,
-        progress=bool(s.progress) and jax.process_index() == 0)
-    program = (kind, spec, plan["shape"], plan["respacing"], plan["interval"], float(s.cfg_rescale) > 0)
-    if compiled is not None and program in compiled:
-        sampler_fn = compiled[program]
-    else:
+        progress=bool(s.progress))
+    program = (plan["guides"], spec, plan["shape"], plan["respacing"], plan["interval"], rescale)
+    sampler_fn = (compiled or {}).get(program)
+    if sampler_fn is None:
         sampler_fn = samplers.make_sampler(build, spec, plan["shape"])
         if compiled is not None:
             compiled[program] = sampler_fn
-    scales = {}
-    if kind in ("cfg", "both"):
-        scales[guidance.CFG_SCALE] = float(s.scale)
-    if kind in ("classifier", "both"):
-        scales[guidance.CLASSIFIER_SCALE] = float(s.classifier_scale)
-    if kind == "autoguidance":
-        scales[guidance.AUTOGUIDANCE_SCALE] = float(s.scale)
-    if float(s.cfg_rescale) > 0 and kind in ("cfg", "both", "autoguidance"):
-        scales[guidance.CFG_RESCALE] = float(s.cfg_rescale)
-
-    mesh = parallel.data_mesh()
-    key = jax.random.key(int(s.seed))
-    rep_params, rep_sched = parallel.replicate((all_params, sched), mesh)
-    bs = int(s.batch_size)
-    starts = list(range(0, n, bs))
-    chunks = []
-    show = spec.progress
-    ctx = samplers.progress_bar(len(starts) * sched.num_steps, desc=f"{plan['sampler']} x{len(starts)} batches") \
-        if show else _null()
-    with ctx as advance:
-        for b0 in starts:
-            ids = np.arange(b0, min(b0 + bs, n))
-            rows = parallel.process_rows(len(ids))
-            y = None if labels is None else labels[ids[rows]]
-            cond = guidance.make_cond(len(rows), y, **scales)
-            out = parallel.sample_batch_sharded(sampler_fn, rep_params, rep_sched, cond, key, ids[rows],
-                                                mesh=mesh, eta=float(s.eta))
-            chunks.append(parallel.gather_rows(to_uint8(out), len(ids)))
-            if show:
-                advance(sched.num_steps)
-    images = np.concatenate(chunks, axis=0)
+    labels = plan["labels"]
+    images = generate(sampler_fn, all_params, sched, num_samples=int(s.num_samples), labels=labels,
+                      scales=guide_scales(config, plan["guides"]), per_sample=plan["per_sample"],
+                      seed=int(s.seed), batch_size=int(s.batch_size), eta=float(s.eta),
+                      progress=bool(s.progress), desc=plan["sampler"])
     result = {"images": images, "labels": labels, "npz": None, "grid": None}
     if jax.process_index() == 0:
-        os.makedirs(config.out, exist_ok=True)
-        result["npz"] = os.path.join(config.out, "samples.npz")
-        save_npz(result["npz"], images, labels)
-        if int(_get(s, "grid_max", 64)) > 0:
+        result["npz"] = files.save_npz(os.path.join(config.out, "samples.npz"), images, labels)
+        if int(config_util.get(s, "grid_max", 64)) > 0:
             k = min(len(images), int(s.grid_max))
-            result["grid"] = os.path.join(config.out, "grid.png")
-            save_grid(result["grid"], images[:k], None if labels is None else labels[:k])
+            result["grid"] = files.save_grid(os.path.join(config.out, "grid.png"), images[:k],
+                                             None if labels is None else labels[:k])
     return result
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

@@ -171,11 +171,55 @@ def schedule_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = Non
     )
 
 
+def logsnr_timesteps(alphas_cumprod, num_steps: int, lambda_min: float = -5.0) -> list[int]:
+    """`num_steps` distinct timesteps spaced (nearly) uniformly in lambda = 0.5 log SNR.
+
+    DPM-Solver's recommended "logSNR" spacing for few-step solvers: the first step is T - 1 (pure
+    noise), the last 0, and the others are the timesteps nearest to lambdas uniform between
+    max(lambda(T - 1), lambda_min) and lambda(0), each strictly below the previous one, so exactly
+    `num_steps` distinct steps come back (sorted ascending). `lambda_min` (SNR e^-10 by default)
+    keeps the cosine schedule's clipped last beta (lambda(T - 1) ~ -9.9) from drawing steps into the
+    pure-noise region. Respacing string: "logsnrN".
+    """
+    ac = np.asarray(alphas_cumprod, np.float64)
+    T = len(ac)
+    n = int(num_steps)
+    if not 1 <= n <= T:
+        raise ValueError(f"logSNR spacing asks for {num_steps} steps; allowed: 1..{T} (the schedule's steps)")
+    if n == 1:
+        return [T - 1]
+    lam = 0.5 * (np.log(ac) - np.log1p(-ac))
+    lo = min(max(lam[-1], lambda_min), lam[0])
+    targets = np.linspace(lo, lam[0], n)
+    chosen, upper = [T - 1], T - 1
+    for k in range(1, n - 1):
+        cand = np.arange(n - 1 - k, upper)  # leave room for the remaining steps
+        t = int(cand[np.argmin(np.abs(lam[cand] - targets[k]))])
+        chosen.append(t)
+        upper = t
+    chosen.append(0)
+    return sorted(chosen)
+
+
+def respaced_timesteps(betas: np.ndarray, respacing: str | int | Sequence[int]) -> list[int]:
+    """Timesteps kept by a respacing: guided-diffusion's strings ("250", "ddim25", "10,20,30") or
+    "logsnrN" (N steps uniform in log SNR, for DPM-Solver++)."""
+    if isinstance(respacing, str) and respacing.strip().startswith("logsnr"):
+        text = respacing.strip()[len("logsnr"):]
+        try:
+            n = int(text)
+        except ValueError:
+            raise ValueError(f"bad respacing {respacing!r}: expected 'logsnrN' with integer N") from None
+        return logsnr_timesteps(np.cumprod(1.0 - betas), n)
+    return space_timesteps(len(betas), respacing)
+
+
 def make_schedule(name: str = "cosine", num_timesteps: int = 1000,
                   respacing: str | int | Sequence[int] | None = None) -> Schedule:
-    """The schedule `name` over `num_timesteps`, optionally respaced ("250", "ddim25", "10,20")."""
+    """The schedule `name` over `num_timesteps`, optionally respaced ("250", "ddim25", "10,20",
+    "logsnr20")."""
     betas = named_betas(name, num_timesteps)
     if respacing in (None, ""):
         return schedule_from_betas(betas, num_train_timesteps=num_timesteps)
-    new_betas, tmap = respace_betas(betas, space_timesteps(num_timesteps, respacing))
+    new_betas, tmap = respace_betas(betas, respaced_timesteps(betas, respacing))
     return schedule_from_betas(new_betas, tmap, num_train_timesteps=num_timesteps)

@@ -11,16 +11,24 @@ from typing import Iterator
 
 import ml_collections
 
-from jaxdiff import evaluation, report
+from jaxdiff import evaluation, guidance, report
 
-GUIDES = ("none", "classifier", "cfg")
+SWEPT = {"classifier": (0.25, 1.0, 4.0), "cfg": (0.0, 1.5, 3.0, 5.0)}  # the default sweep's scales
 
 
 def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
-    """Every sweep setting with its default; configs/sweep_*.py start from this."""
+    """Every sweep setting with its default; configs/sweep_*.py start from this.
+
+    One `<guide>_scales` list per registered guide (empty: not swept) and one path key per
+    network a guide needs, so a guide registered before this is called can be swept by name.
+    """
     c = ml_collections.ConfigDict()
     c.model = f"runs/{dataset}/model"
     c.classifier = f"runs/{dataset}/classifier"
+    for g in guidance.GUIDES.values():
+        for net in g.networks:
+            if net not in c:
+                c[net] = ""
     c.eval_classifier = f"runs/{dataset}/eval_classifier"
     c.out = f"reports/{dataset}"
     c.cache_dir = ""            # reference statistics cache ("" = under the tfds data_dir)
@@ -28,8 +36,8 @@ def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     c.sampler = "ddpm"          # ancestral: the sampler Dhariwal & Nichol guide with a classifier
     c.steps = (50,)             # one curve per step count
     c.eta = 0.0
-    c.classifier_scales = (0.25, 1.0, 4.0)
-    c.cfg_scales = (0.0, 1.5, 3.0, 5.0)
+    for name in guidance.GUIDES:
+        c[f"{name}_scales"] = SWEPT.get(name, ())
     c.num_samples = 400
     c.batch_size = 200
     c.seed = 0
@@ -39,14 +47,18 @@ def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     return c
 
 
+def swept_guides(cfg) -> list[str]:
+    """The registered guides the sweep config gives scales for."""
+    return [name for name in guidance.GUIDES if cfg.get(f"{name}_scales")]
+
+
 def settings(cfg) -> Iterator[dict]:
     """Every (guidance, scale, sampler, steps) the sweep config asks for, unguided first."""
     for steps in cfg.steps:
         yield dict(guidance="none", scale=float("nan"), sampler=cfg.sampler, steps=int(steps))
-        for s in cfg.classifier_scales:
-            yield dict(guidance="classifier", scale=float(s), sampler=cfg.sampler, steps=int(steps))
-        for s in cfg.cfg_scales:
-            yield dict(guidance="cfg", scale=float(s), sampler=cfg.sampler, steps=int(steps))
+        for name in swept_guides(cfg):
+            for s in cfg[f"{name}_scales"]:
+                yield dict(guidance=name, scale=float(s), sampler=cfg.sampler, steps=int(steps))
 
 
 def validate(cfg) -> None:
@@ -54,14 +66,17 @@ def validate(cfg) -> None:
     for key in ("model", "eval_classifier", "out"):
         if not cfg.get(key):
             raise ValueError(f"sweep config needs {key!r} (got {cfg.get(key)!r})")
-    if cfg.classifier_scales and not cfg.get("classifier"):
-        raise ValueError("classifier_scales given but no noisy classifier workdir (config.classifier)")
+    for name in swept_guides(cfg):
+        for net in guidance.GUIDES[name].networks:
+            if not cfg.get(net):
+                raise ValueError(f"{name}_scales given but no {guidance.NETWORK_NAMES.get(net, net)} workdir "
+                                 f"(config.{net})")
     if not cfg.steps or any(int(s) < 1 for s in cfg.steps):
         raise ValueError(f"steps must be a non-empty list of positive integers, got {list(cfg.steps)}")
-    for name in ("classifier_scales", "cfg_scales"):
-        for s in cfg[name]:
+    for name in guidance.GUIDES:
+        for s in cfg.get(f"{name}_scales") or ():
             if not math.isfinite(float(s)):
-                raise ValueError(f"{name} must be finite numbers, got {list(cfg[name])}")
+                raise ValueError(f"{name}_scales must be finite numbers, got {list(cfg[f'{name}_scales'])}")
     if int(cfg.num_samples) < 2:
         raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
 
@@ -76,16 +91,17 @@ def sample_config(cfg, row: dict, out: str) -> ml_collections.ConfigDict:
     from jaxdiff import sampling
 
     c = sampling.default_config()
-    c.model, c.classifier, c.out = cfg.model, cfg.get("classifier", ""), out
+    c.model, c.out = cfg.model, out
+    for g in guidance.GUIDES.values():
+        for net in g.networks:
+            c[net] = cfg.get(net, "")
     s = c.sample
     s.sampler, s.steps, s.eta = row["sampler"], row["steps"], float(cfg.eta)
     s.num_samples, s.batch_size, s.seed = int(cfg.num_samples), int(cfg.batch_size), int(cfg.seed)
     s.classes, s.progress, s.grid_max = "all", bool(cfg.progress), int(cfg.grid_max)
     s.guidance = row["guidance"]
-    if row["guidance"] == "cfg":
-        s.scale = row["scale"]
-    elif row["guidance"] == "classifier":
-        s.classifier_scale = row["scale"]
+    if row["guidance"] != "none":
+        s[guidance.GUIDES[row["guidance"]].config_scale] = row["scale"]
     return c
 
 
@@ -95,7 +111,8 @@ def run_sweep(cfg) -> list[dict]:
     from jaxdiff import checkpoints, sampling
 
     model = checkpoints.load_model(cfg.model)
-    classifier = checkpoints.load_model(cfg.classifier) if cfg.get("classifier") else None
+    networks = {net: checkpoints.load_model(cfg[net]) for net in
+                {n for g in swept_guides(cfg) for n in guidance.GUIDES[g].networks}}
     extractor, ecfg = evaluation.extractor_from_workdir(cfg.eval_classifier)
     ds = evaluation.dataset_of(ecfg)
     image_size = int(model[2]["model"]["image_size"])
@@ -109,8 +126,7 @@ def run_sweep(cfg) -> list[dict]:
     for row in settings(cfg):
         out = os.path.join(cfg.out, "settings", setting_name(row))
         t0 = time.perf_counter()
-        res = sampling.run(sample_config(cfg, row, out), model=model, classifier=classifier,
-                           compiled=compiled)
+        res = sampling.run(sample_config(cfg, row, out), model=model, networks=networks, compiled=compiled)
         seconds = time.perf_counter() - t0
         m = metrics.evaluate_samples(res["images"], res["labels"], ref, extractor,
                                      num_classes=ds["num_classes"], k=int(cfg.k))

@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxdiff import checkpoints, cpu, parallel
+from jaxdiff import checkpoints, config_util, cpu, files, parallel
 from jaxdiff import data as data_lib
 from jaxdiff import diffusion as diffusion_lib
 from jaxdiff import schedules
@@ -152,18 +152,6 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
 # Config: validation and derived values
 # --------------------------------------------------------------------------------------------
 
-def _get(cfg, key, default=None):
-    try:
-        v = cfg[key]
-    except (KeyError, AttributeError, TypeError):
-        return default
-    return default if v is None else v
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _check(cond: bool, msg: str):
     if not cond:
         raise ConfigError(msg)
@@ -171,13 +159,13 @@ def _check(cond: bool, msg: str):
 
 def validate_config(config) -> None:
     """Refuse bad values that need no dataset and no model (clear ValueError: value + allowed)."""
-    task = _get(config, "task")
+    task = config_util.get(config, "task")
     _check(task in TASKS, f"config.task={task!r} is not a task; allowed: {', '.join(TASKS)}")
-    _check(_is_int(_get(config, "seed", 0)), f"config.seed={_get(config, 'seed')!r}: expected an integer")
+    _check(config_util.is_int(config_util.get(config, "seed", 0)), f"config.seed={config_util.get(config, 'seed')!r}: expected an integer")
     d = config.diffusion
     _check(d.schedule in schedules.SCHEDULES,
            f"config.diffusion.schedule={d.schedule!r}; allowed: {', '.join(schedules.SCHEDULES)}")
-    _check(_is_int(d.num_timesteps) and d.num_timesteps >= 1,
+    _check(config_util.is_int(d.num_timesteps) and d.num_timesteps >= 1,
            f"config.diffusion.num_timesteps={d.num_timesteps!r}: expected a positive integer")
     if task == "diffusion":
         _check(d.prediction in diffusion_lib.PREDICTIONS,
@@ -190,24 +178,24 @@ def validate_config(config) -> None:
         _check(isinstance(d.learned_sigma, bool),
                f"config.diffusion.learned_sigma={d.learned_sigma!r}: expected True or False")
     t = config.train
-    _check(_is_int(t.batch_size) and t.batch_size >= 1,
+    _check(config_util.is_int(t.batch_size) and t.batch_size >= 1,
            f"config.train.batch_size={t.batch_size!r}: expected a positive integer")
-    _check(_is_int(t.steps) and t.steps >= 1, f"config.train.steps={t.steps!r}: expected a positive integer")
+    _check(config_util.is_int(t.steps) and t.steps >= 1, f"config.train.steps={t.steps!r}: expected a positive integer")
     _check(isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool) and math.isfinite(t.lr) and t.lr > 0,
            f"config.train.lr={t.lr!r}: expected a positive finite number")
-    _check(_get(t, "lr_schedule", "constant") in LR_SCHEDULES,
-           f"config.train.lr_schedule={_get(t, 'lr_schedule')!r}; allowed: {', '.join(LR_SCHEDULES)}")
-    _check(_is_int(t.warmup_steps) and t.warmup_steps >= 0,
+    _check(config_util.get(t, "lr_schedule", "constant") in LR_SCHEDULES,
+           f"config.train.lr_schedule={config_util.get(t, 'lr_schedule')!r}; allowed: {', '.join(LR_SCHEDULES)}")
+    _check(config_util.is_int(t.warmup_steps) and t.warmup_steps >= 0,
            f"config.train.warmup_steps={t.warmup_steps!r}: expected an integer >= 0")
     _check(t.weight_decay >= 0, f"config.train.weight_decay={t.weight_decay!r}: expected >= 0")
     _check(t.grad_clip >= 0, f"config.train.grad_clip={t.grad_clip!r}: expected >= 0 (0 = no clipping)")
     _check(0.0 <= t.ema_decay < 1.0, f"config.train.ema_decay={t.ema_decay!r}: expected a number in [0, 1)")
     for key in ("log_every", "checkpoint_every", "keep"):
         v = t[key]
-        _check(_is_int(v) and v >= 1, f"config.train.{key}={v!r}: expected a positive integer")
-    v = _get(t, "sample_every", 0)
-    _check(_is_int(v) and v >= 0, f"config.train.sample_every={v!r}: expected an integer >= 0 (0 = never)")
-    dtype = _get(config.model, "dtype", "float32")
+        _check(config_util.is_int(v) and v >= 1, f"config.train.{key}={v!r}: expected a positive integer")
+    v = config_util.get(t, "sample_every", 0)
+    _check(config_util.is_int(v) and v >= 0, f"config.train.sample_every={v!r}: expected an integer >= 0 (0 = never)")
+    dtype = config_util.get(config.model, "dtype", "float32")
     _check(dtype in DTYPES, f"config.model.dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     for key in ("image_size", "in_channels", "out_channels", "num_classes", "null_label", "kind"):
         _check(key not in config.model,
@@ -217,7 +205,7 @@ def validate_config(config) -> None:
     _check(t.batch_size % n == 0,
            f"config.train.batch_size={t.batch_size} cannot be shared by the {n} devices "
            f"({jax.process_count()} process(es)): use a multiple of {n}")
-    ddir = _get(config.data, "data_dir", "")
+    ddir = config_util.get(config.data, "data_dir", "")
     if ddir:
         _check(os.path.isdir(os.path.expanduser(ddir)),
                f"config.data.data_dir={ddir!r} does not exist (create it, or leave it empty for "
@@ -228,7 +216,7 @@ def open_dataset(config, split: Optional[str] = None):
     """(source, info) of config.data (split defaults to config.data.split)."""
     dcfg = config.data
     name = dcfg.name
-    ddir = _get(dcfg, "data_dir", "") or None
+    ddir = config_util.get(dcfg, "data_dir", "") or None
     try:
         return data_lib.make_source(name, split or dcfg.split, ddir)
     except ValueError as e:
@@ -239,9 +227,9 @@ def model_flags(config, info) -> dict:
     """create_model kwargs (plus "kind") with the derived values filled in."""
     flags = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.model.items()}
     flags.setdefault("dtype", "float32")
-    if info.image_shape is None and not _get(config.data, "image_size"):
+    if info.image_shape is None and not config_util.get(config.data, "image_size"):
         raise ConfigError(f"dataset {info.name!r} has images of varying size: set config.data.image_size")
-    image_size = int(_get(config.data, "image_size") or info.image_shape[0])
+    image_size = int(config_util.get(config.data, "image_size") or info.image_shape[0])
     channels = int(info.channels or 3)
     if info.num_classes < 1:
         raise ConfigError(f"dataset {info.name!r} has no class labels; jaxdiff trains class-conditional "
@@ -286,21 +274,6 @@ def resolve_config(config, info=None) -> ml_collections.ConfigDict:
     return out
 
 
-def config_to_json(config) -> str:
-    return json.dumps(_jsonable(config.to_dict() if hasattr(config, "to_dict") else dict(config)),
-                      indent=1, sort_keys=True)
-
-
-def _jsonable(v):
-    if isinstance(v, Mapping):
-        return {k: _jsonable(a) for k, a in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(a) for a in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 def create_model(resolved):
     from jaxdiff import models
 
@@ -317,7 +290,7 @@ def learning_rate_fn(train_cfg) -> Callable[[jax.Array], jax.Array]:
     lr = float(train_cfg.lr)
     warmup = int(train_cfg.warmup_steps)
     total = int(train_cfg.steps)
-    kind = _get(train_cfg, "lr_schedule", "constant")
+    kind = config_util.get(train_cfg, "lr_schedule", "constant")
 
     def fn(step):
         step = jnp.asarray(step, jnp.float32)
@@ -339,8 +312,8 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
     chain = []
     if float(train_cfg.grad_clip) > 0:
         chain.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
-    chain.append(optax.adamw(learning_rate_fn(train_cfg), b1=float(_get(train_cfg, "b1", 0.9)),
-                             b2=float(_get(train_cfg, "b2", 0.999)), eps=float(_get(train_cfg, "eps", 1e-8)),
+    chain.append(optax.adamw(learning_rate_fn(train_cfg), b1=float(config_util.get(train_cfg, "b1", 0.9)),
+                             b2=float(config_util.get(train_cfg, "b2", 0.999)), eps=float(config_util.get(train_cfg, "eps", 1e-8)),
                              weight_decay=float(train_cfg.weight_decay)))
     return optax.chain(*chain)
 
@@ -348,7 +321,7 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 def ema_decay_at(train_cfg, step: jax.Array) -> jax.Array:
     """ema_decay, warmed up as min(decay, (1 + step) / (10 + step)) when train.ema_warmup."""
     decay = jnp.float32(train_cfg.ema_decay)
-    if _get(train_cfg, "ema_warmup", True):
+    if config_util.get(train_cfg, "ema_warmup", True):
         s = jnp.asarray(step, jnp.float32)
         decay = jnp.minimum(decay, (1.0 + s) / (10.0 + s))
     return decay
@@ -386,7 +359,7 @@ def diffusion_loss_fn(resolved, model, sched) -> Callable:
     num_classes = int(resolved.data.num_classes)
     p_uncond = float(dcfg.p_uncond)
     prediction, learned_sigma = dcfg.prediction, bool(dcfg.learned_sigma)
-    vlb_weight = _get(dcfg, "vlb_weight")
+    vlb_weight = config_util.get(dcfg, "vlb_weight")
 
     def loss_fn(params, images, labels, key):
         k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 4)
@@ -412,7 +385,7 @@ def diffusion_loss_fn(resolved, model, sched) -> Callable:
 
 def classifier_loss_fn(resolved, model, sched) -> Callable:
     """Cross-entropy of the classifier on x_t at uniform t (noised) or on x_0 at t = 0."""
-    noised = bool(_get(resolved.train, "noised", True))
+    noised = bool(config_util.get(resolved.train, "noised", True))
 
     def loss_fn(params, images, labels, key):
         k_t, k_noise, k_dropout = jax.random.split(key, 3)
@@ -492,36 +465,11 @@ def _all_finite_jit(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def load_batch(source, step: int, resolved, *, process_index: int, process_count: int):
-    """This process's (images, labels) of global step `step` (a pure function of (seed, step))."""
-    return data_lib.batch_at(source, step, global_batch_size=int(resolved.train.batch_size),
-                             seed=int(resolved.seed), process_index=process_index,
-                             process_count=process_count, augment=_get(resolved.data, "augment"),
-                             image_size=int(resolved.data.image_size))
-
-
-def _batch_iterator(source, resolved, start: int, stop: int) -> Iterator:
-    """Prefetching iterator over load_batch(step) for steps [start, stop)."""
-    import concurrent.futures
-    import collections
-
-    pi, pc = jax.process_index(), jax.process_count()
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxdiff-train-data")
-    pending = collections.deque()
-    nxt = start
-    try:
-        while True:
-            while len(pending) < 2 and nxt < stop:
-                pending.append(pool.submit(load_batch, source, nxt, resolved, process_index=pi,
-                                           process_count=pc))
-                nxt += 1
-            if not pending:
-                return
-            yield pending.popleft().result()
-    finally:
-        for f in pending:
-            f.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+def train_batches(source, resolved, start: int, stop: int) -> Iterator:
+    """This process's (images, labels) of steps [start, stop), prefetched (`jaxdiff.data.batches`)."""
+    return data_lib.batches(source, global_batch_size=int(resolved.train.batch_size), seed=int(resolved.seed),
+                            start_step=start, num_steps=stop - start, augment=config_util.get(resolved.data, "augment"),
+                            image_size=int(resolved.data.image_size))
 
 
 class MetricsWriter:
@@ -544,10 +492,7 @@ class MetricsWriter:
                         keep.append(ln)
                 except json.JSONDecodeError:
                     pass  # a torn last line of a killed run
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
+            files.atomic_write(self.path, "".join(keep))
         try:
             from tensorboardX import SummaryWriter  # optional
         except ImportError:
@@ -587,73 +532,38 @@ def _progress(total: int, initial: int):
 # Periodic samples / evaluation
 # --------------------------------------------------------------------------------------------
 
-def _gather_rows(local: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
-
-
 def make_sample_fn(resolved, model) -> Callable:
-    """fn(params) -> uint8 [num_classes * per_class, H, W, C]: CFG (DDIM) samples, one row per class."""
-    from jaxdiff import guidance, samplers
+    """fn(params) -> uint8 [num_classes * per_class, H, W, C]: CFG (or unguided) samples, one row per class."""
+    from jaxdiff import guidance, samplers, sampling
 
     scfg = resolved.sample
     dcfg = resolved.diffusion
     num_classes = int(resolved.data.num_classes)
-    per_class = int(_get(scfg, "per_class", 8))
-    steps = int(_get(scfg, "steps", 50))
-    kind = _get(scfg, "sampler", "ddim")
-    respacing = f"ddim{steps}" if kind == "ddim" else str(steps)
-    sched = schedules.make_schedule(dcfg.schedule, int(dcfg.num_timesteps), respacing)
+    per_class = int(config_util.get(scfg, "per_class", 8))
+    steps = int(config_util.get(scfg, "steps", 50))
+    kind = config_util.get(scfg, "sampler", "ddim")
+    sched = schedules.make_schedule(dcfg.schedule, int(dcfg.num_timesteps),
+                                    f"ddim{steps}" if kind == "ddim" else samplers.SAMPLERS[kind].respacing(steps))
     null = bool(resolved.model.null_label)
     learned_sigma = bool(dcfg.learned_sigma)
-    gkind = "cfg" if null else "none"
+    guides = ("cfg",) if null else ()
 
     def build(params):
-        return guidance.build_guides(gkind, guidance.unet_fn(model, params), null_label=num_classes if null else None,
-                                     learned_sigma=learned_sigma)
+        return guidance.build_guides(guides, guidance.unet_fn(model, params),
+                                     null_label=num_classes if null else None, learned_sigma=learned_sigma)
 
     s = int(resolved.data.image_size)
-    shape = (s, s, int(resolved.data.channels))
     run = samplers.make_sampler(build, samplers.SamplerSpec(sampler=kind, prediction=dcfg.prediction,
-                                                            learned_sigma=learned_sigma), shape)
-    n = num_classes * per_class
-    y = np.repeat(np.arange(num_classes), per_class)
-    ids = np.arange(n)
-    pi, pc = jax.process_index(), jax.process_count()
-    rows = np.array_split(np.arange(n), pc)[pi]
-    scale = float(_get(scfg, "guidance_scale", 3.0))
-    key = jax.random.key(int(_get(scfg, "seed", 0)))
-    mesh = parallel.data_mesh()
+                                                            learned_sigma=learned_sigma),
+                                (s, s, int(resolved.data.channels)))
+    scales = {guidance.CFG_SCALE: float(config_util.get(scfg, "guidance_scale", 3.0))} if null else {}
 
     def fn(params):
-        cond = guidance.make_cond(len(rows), y[rows], **({guidance.CFG_SCALE: scale} if null else {}))
-        out = parallel.sample_batch_sharded(run, params, sched, cond, key, ids[rows], mesh=mesh)
-        x = _gather_rows(np.asarray(out))
-        return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        return sampling.generate(run, params, sched, num_samples=num_classes * per_class,
+                                 labels=np.repeat(np.arange(num_classes), per_class), scales=scales,
+                                 seed=int(config_util.get(scfg, "seed", 0)), batch_size=num_classes * per_class)
 
     return fn
-
-
-def save_grid(images: np.ndarray, path: str, ncol: int) -> None:
-    """uint8 [N, H, W, C] -> one PNG, `ncol` images per row, 1-pixel gaps."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    nrow = -(-n // ncol)
-    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), 64, np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = images[i]
-    scale = max(1, 512 // max(grid.shape[:2]))
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    if scale > 1:
-        img = img.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,16 +574,12 @@ def _write_config(workdir: str, resolved) -> None:
     if jax.process_index() != 0:
         return
     path = os.path.join(workdir, checkpoints.CONFIG_FILE)
-    text = config_to_json(resolved)
+    text = config_util.to_json(resolved) + "\n"
     if os.path.exists(path):
         with open(path) as f:
-            old = f.read()
-        if old != text:
-            log.warning("config differs from the one in %s; the new one replaces it", path)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+            if f.read() != text:
+                log.warning("config differs from the one in %s; the new one replaces it", path)
+    files.atomic_write(path, text)
 
 
 def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = None) -> TrainState:
@@ -704,7 +610,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
 
     tcfg = resolved.train
     manager = checkpoints.make_manager(os.path.join(workdir, checkpoints.CHECKPOINT_DIR), keep=int(tcfg.keep),
-                                       async_save=bool(_get(tcfg, "async_checkpointing", True)))
+                                       async_save=bool(config_util.get(tcfg, "async_checkpointing", True)))
     try:
         state, start = checkpoints.restore_latest(manager, abstract)
     except (ValueError, KeyError, TypeError) as e:
@@ -728,7 +634,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     batch_sh = parallel.batch_sharding(mesh)
 
     writer = MetricsWriter(workdir, start)
-    sample_every = int(_get(tcfg, "sample_every", 0))
+    sample_every = int(config_util.get(tcfg, "sample_every", 0))
     sample_fn = None
     eval_fn = None
     samples_dir = os.path.join(workdir, SAMPLES_DIR)
@@ -739,7 +645,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     t_last, s_last = time.time(), start
     step = start
     try:
-        for images, labels in _batch_iterator(source, resolved, start, total):
+        for images, labels in train_batches(source, resolved, start, total):
             x = jax.make_array_from_process_local_data(batch_sh, images)
             y = jax.make_array_from_process_local_data(batch_sh, labels)
             state, acc = step_fn(state, x, y, acc)
@@ -788,14 +694,13 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
                         sample_fn = make_sample_fn(resolved, model)
                     grid = sample_fn(state.ema_params)
                     if jax.process_index() == 0:
-                        os.makedirs(samples_dir, exist_ok=True)
-                        save_grid(grid, os.path.join(samples_dir, f"step_{step:07d}.png"),
-                                  int(_get(resolved.sample, "per_class", 8)))
+                        files.save_grid(os.path.join(samples_dir, f"step_{step:07d}.png"), grid,
+                                        ncol=int(config_util.get(resolved.sample, "per_class", 8)))
                 else:
                     if eval_fn is None:
-                        from jaxdiff import classifier_eval
+                        from jaxdiff import evaluation
 
-                        eval_fn = classifier_eval.make_eval_fn(resolved, model)
+                        eval_fn = evaluation.make_eval_fn(resolved, model)
                     ev = eval_fn(state.ema_params)
                     writer.write(step, ev)
                     log.info("step %d eval %s", step, ev)

@@ -159,15 +159,15 @@ def _install_hooks():
 
         training.train = train
     if nan_at > 0:
-        orig_load = training.load_batch
+        orig_batches = training.train_batches
 
-        def load_batch(source, step, resolved, **kw):
-            images, labels = orig_load(source, step, resolved, **kw)
-            if step + 1 == nan_at:  # data of step index `step` feeds training step step + 1
-                images = np.full_like(images, np.nan)
-            return images, labels
+        def train_batches(source, resolved, start, stop):
+            for step, (images, labels) in enumerate(orig_batches(source, resolved, start, stop), start):
+                if step + 1 == nan_at:  # data of step index `step` feeds training step step + 1
+                    images = np.full_like(images, np.nan)
+                yield images, labels
 
-        training.load_batch = load_batch
+        training.train_batches = train_batches
     if kill_in_save > 0:
         from orbax.checkpoint._src.path import atomicity
 

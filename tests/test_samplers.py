@@ -7,7 +7,7 @@ import pytest
 
 from jaxdiff import guidance as G
 from jaxdiff import samplers as S
-from jaxdiff.schedules import make_schedule
+from jaxdiff.schedules import logsnr_timesteps, make_schedule
 
 from _gmm import COVS, GMM, K, MEANS
 
@@ -96,7 +96,7 @@ def test_exact_conditional_score_reproduces_each_class(gmm, sampler, respacing, 
     n = 2000
     y = np.repeat(np.arange(K), n)
     ids = np.arange(K * n)
-    sched = S.respaced_schedule("cosine", 1000, respacing)
+    sched = make_schedule("cosine", 1000, respacing)
     run = jax.jit(lambda cond, key, ids: S.sample_loop(
         gmm.model_fn, sched, None, cond, sampler=sampler, key=key, sample_ids=ids, shape=(2,),
         clip_denoised=False, fixed_variance=fixed_variance))
@@ -106,7 +106,7 @@ def test_exact_conditional_score_reproduces_each_class(gmm, sampler, respacing, 
 
 def test_dpmpp_2m_matches_reference_formulation(gmm):
     """DPM-Solver++(2M) in VP form == k-diffusion's sample_dpmpp_2m in the sigma (VE) form."""
-    sched = S.respaced_schedule("cosine", 1000, "logsnr12")
+    sched = make_schedule("cosine", 1000, "logsnr12")
     b = 64
     x_T = jax.random.normal(jax.random.key(3), (b, 2))
     y = jnp.arange(b) % K
@@ -190,6 +190,6 @@ def test_bad_sampler_arguments(gmm):
     with pytest.raises(ValueError, match="noises must have shape"):
         S.sample_loop(gmm.model_fn, sched, x, {}, sampler="ddpm", noises=jnp.zeros((3, 2, 2)))
     with pytest.raises(ValueError, match="logSNR spacing asks for 1001 steps"):
-        S.respaced_schedule("cosine", 1000, "logsnr1001")
-    ts = S.logsnr_timesteps(np.asarray(make_schedule("cosine", 1000).alphas_cumprod), 20)
+        make_schedule("cosine", 1000, "logsnr1001")
+    ts = logsnr_timesteps(np.asarray(make_schedule("cosine", 1000).alphas_cumprod), 20)
     assert len(ts) == 20 and ts[0] == 0 and ts[-1] == 999 and ts == sorted(set(ts))

@@ -16,36 +16,17 @@ and unused, as in guided-diffusion.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxdiff.models import layers as L
-from jaxdiff.models.unet import _check_input, prepare_timesteps
+from jaxdiff.models.unet import ADMFlags, _check_input, prepare_timesteps
 
 
-class EncoderUNetModel(nn.Module):
-    image_size: int
-    in_channels: int
-    model_channels: int
-    out_channels: int
-    num_res_blocks: int
-    attention_resolutions: Sequence[int]
-    dropout: float = 0.0
-    channel_mult: Sequence[float] = (1, 2, 4, 8)
-    conv_resample: bool = True
-    dims: int = 2
-    use_checkpoint: bool = False
-    use_fp16: bool = False
-    num_heads: int = 1
-    num_head_channels: int = -1
-    num_heads_upsample: int = -1
-    use_scale_shift_norm: bool = False
-    resblock_updown: bool = False
-    use_new_attention_order: bool = False
+class EncoderUNetModel(ADMFlags):
+    """guided-diffusion EncoderUNetModel (see the module docstring for the interface)."""
+
     pool: str = "adaptive"
-    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, timesteps, train: bool = False, return_features: bool = False):
@@ -54,7 +35,6 @@ class EncoderUNetModel(nn.Module):
         Features are the penultimate representation used by evaluation metrics: the spatial mean
         of the normalised trunk output (for the spatial pools, the input of their last layer).
         """
-        L.check_architecture(self, "classifier")
         _check_input(self, x, self.in_channels, exact_size=self.pool == "attention")
         t = prepare_timesteps(timesteps, x.shape[0])
         plan = L.plan_of(self)

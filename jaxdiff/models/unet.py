@@ -84,8 +84,10 @@ def _check_input(m, x, in_channels: int, exact_size: bool = False):
 
 
 def unet_forward(m, x, timesteps, y, train: bool, in_channels: int):
-    """The U-Net body shared by UNetModel and SuperResModel (called inside their compact __call__)."""
-    L.check_architecture(m, "unet")
+    """The U-Net body shared by UNetModel and SuperResModel (called inside their compact __call__).
+
+    The flags were validated once by `jaxdiff.models.create_model` (not again on every trace).
+    """
     _check_input(m, x, in_channels)
     t = prepare_timesteps(timesteps, x.shape[0])
     plan = L.plan_of(m)
@@ -122,8 +124,8 @@ def unet_forward(m, x, timesteps, y, train: bool, in_channels: int):
     return L.Conv(m.out_channels, 3, zero_init=True, dtype=jnp.float32, name="out_2")(h)
 
 
-class UNetModel(nn.Module):
-    """guided-diffusion UNetModel (see the module docstring for the interface)."""
+class ADMFlags(nn.Module):
+    """guided-diffusion's constructor flags shared by the U-Net and the classifier (fields only)."""
 
     image_size: int
     in_channels: int
@@ -135,7 +137,6 @@ class UNetModel(nn.Module):
     channel_mult: Sequence[float] = (1, 2, 4, 8)
     conv_resample: bool = True
     dims: int = 2
-    num_classes: Optional[int] = None
     use_checkpoint: bool = False
     use_fp16: bool = False
     num_heads: int = 1
@@ -144,8 +145,14 @@ class UNetModel(nn.Module):
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
     use_new_attention_order: bool = False
-    null_label: bool = False
     dtype: Any = None
+
+
+class UNetModel(ADMFlags):
+    """guided-diffusion UNetModel (see the module docstring for the interface)."""
+
+    num_classes: Optional[int] = None
+    null_label: bool = False
 
     @nn.compact
     def __call__(self, x, timesteps, y=None, train: bool = False):
