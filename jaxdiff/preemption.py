@@ -7,8 +7,10 @@ same step on every process, which then saves that step and returns normally (exi
 
 * Several processes (`jax.distributed`): JAX's preemption sync manager catches SIGTERM, tells the
   other processes through the coordination service, and `reached_preemption_sync_point` picks the
-  step after the largest step any process had reached. SIGINT is forwarded to it as SIGTERM
-  (a Python SIGTERM handler would replace JAX's).
+  call after the latest call any process had made. It is given the number of steps this run has
+  taken (1, 2, ...: the same on every process, since they start from one agreed step), so a
+  signal that arrives before the first step (while compiling) stops after the first step.
+  SIGINT is forwarded to it as SIGTERM (a Python SIGTERM handler would replace JAX's).
 * One process: a Python handler for both signals sets a flag read at the next step.
 A second SIGINT while a stop is pending raises KeyboardInterrupt (the usual hard stop).
 """
@@ -32,6 +34,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self._calls = 0
         self._previous: dict = {}
         self._multi = jax.process_count() > 1
 
@@ -64,9 +67,12 @@ class StopRequest:
         os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
-        """Whether to save `step` and stop (the same answer at the same step on every process)."""
+        """Whether to save `step` and stop (the same answer at the same step on every process).
+
+        Call it once after every step."""
+        self._calls += 1
         if self._multi:
             from jax.experimental import multihost_utils
 
-            return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+            return bool(multihost_utils.reached_preemption_sync_point(self._calls))
         return self.requested
