@@ -278,6 +278,8 @@ def default_data_dir() -> str:
 
 
 def _resolve_data_dir(data_dir) -> str:
+    if data_dir and "://" in os.fspath(data_dir):  # gs://...: tfds reads it through etils.epath
+        return os.fspath(data_dir)
     return os.path.abspath(os.path.expanduser(os.fspath(data_dir))) if data_dir else \
         os.path.abspath(default_data_dir())
 

@@ -45,6 +45,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     if not explicit and not auto_detect:
         return
     # cross-process collectives of CPU devices (read when the backend starts; other backends ignore it)
+    previous = jax.config.jax_cpu_collectives_implementation
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
         jax.distributed.initialize(coordinator_address, int(num_processes), int(process_id))
@@ -56,6 +57,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         # coordinator address means a half-configured cluster: say so.
         if os.environ.get("JAX_COORDINATOR_ADDRESS"):
             raise
+        jax.config.update("jax_cpu_collectives_implementation", previous)
 
 
 def mesh_shape(data: int, fsdp: int, device_count: int, prefix: str = "mesh ") -> tuple[int, int]:

@@ -530,6 +530,7 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
         def body(carry, mb):
             x, y, i = mb
             (_, metrics), grads = value_and_grad(full, x, y, key, i)
+            metrics = {n: metrics[n].astype(jnp.float32) for n in loss_metrics}
             return jax.tree_util.tree_map(jnp.add, carry, (metrics, constrain(grads, param_sh))), None
 
         zeros = ({n: jnp.zeros((), jnp.float32) for n in loss_metrics},
@@ -577,7 +578,7 @@ def state_layout(resolved, model, tx, mesh) -> tuple:
     return abstract, shardings, cpu.jit(init, out_shardings=shardings)
 
 
-def compile_train_step(resolved, model, tx, sched, train_key, mesh, shardings) -> tuple:
+def jit_train_step(resolved, model, tx, sched, train_key, mesh, shardings) -> tuple:
     """(jitted step with explicit in/out shardings and donated state, accumulator sharding)."""
     repl = parallel.replicated_sharding(mesh)
     acc_sharding = jax.tree_util.tree_map(lambda _: repl, zero_accumulator(metric_names(resolved)))
@@ -606,7 +607,7 @@ def lower_train_step(resolved, mesh=None):
     sched = schedules.make_schedule(resolved.diffusion.schedule, int(resolved.diffusion.num_timesteps))
     mesh = train_mesh(resolved) if mesh is None else mesh
     abstract, shardings, _ = state_layout(resolved, model, tx, mesh)
-    step, acc_sharding = compile_train_step(resolved, model, tx, sched, _keys(resolved.seed)[1], mesh, shardings)
+    step, acc_sharding = jit_train_step(resolved, model, tx, sched, _keys(resolved.seed)[1], mesh, shardings)
     return step.lower(abstract, *_abstract_inputs(resolved, mesh, acc_sharding))
 
 
@@ -840,7 +841,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     last_good = start if start else None
     total = int(tcfg.steps)
     names = metric_names(resolved)
-    step_fn, acc_sharding = compile_train_step(resolved, model, tx, sched, train_key, mesh, shardings)
+    step_fn, acc_sharding = jit_train_step(resolved, model, tx, sched, train_key, mesh, shardings)
     step_fn = step_fn.lower(abstract, *_abstract_inputs(resolved, mesh, acc_sharding)).compile()
     if jax.process_index() == 0:
         files.write_json(str(workdir / MEMORY_FILE), memory_report(step_fn, state, mesh))

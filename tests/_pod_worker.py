@@ -3,12 +3,14 @@
     _pod_worker.py eight DATA_DIR BASE TWO_PROCESS_WORKDIR OUT.json   (1 process, 8 CPU devices)
 1. `train()` with mesh data=2 x fsdp=4 and remat, 30 steps of the tiny config: per-device bytes
    of the returned train state.
-2. Gradient accumulation, batch 32, 10 steps on fsdp=8: k=1 and k=4 (compiled steps' temporary
-   bytes in their W/memory.json).
-3. The 2-process x 4-device checkpoint restored onto fsdp=8, data=8 and one device: bitwise equal
+2. The 2-process x 4-device checkpoint restored onto fsdp=8, data=8 and one device: bitwise equal
    to the stored arrays.
 
-    _pod_worker.py grid DATA_DIR OUT_DIR   (each of 2 processes, after jax.distributed.initialize)
+    _pod_worker.py accumulation DATA_DIR BASE   (1 process, 8 CPU devices)
+Gradient accumulation, batch 32, 10 steps on fsdp=8: k=1 and k=4 (the compiled steps' temporary
+bytes are in their W/memory.json).
+
+    _pod_worker.py grid DATA_DIR OUT_DIR PORT 2 INDEX   (each of 2 processes)
 The training sample grid (`training.make_sample_fn`) of a freshly initialised tiny model: process
 0 writes OUT_DIR/grid.npz.
 """
@@ -64,11 +66,7 @@ def eight(data_dir, base, two_process, out):
     state = training.train(config(data_dir, **{"mesh.data": 2, "mesh.fsdp": 4, "model.use_checkpoint": True}),
                            str(base / "data2_fsdp4"))
     res["data2_fsdp4"] = layout(state)
-    # 2. accumulation
-    acc = {"mesh.fsdp": 8, "train.batch_size": 32, "train.steps": 10}
-    for k in (1, 4):
-        training.train(config(data_dir, **acc, **{"train.grad_accum_steps": k}), str(base / f"k{k}"))
-    # 3. restore the 2-process checkpoint on other meshes
+    # 2. restore the 2-process checkpoint on other meshes
     resolved = training.resolve_config(config(data_dir, **{"mesh.fsdp": 8}))
     model, tx = training.create_model(resolved), training.make_optimizer(resolved.train)
     stored = H.load_tree(two_process, H.STEPS)
@@ -86,6 +84,13 @@ def eight(data_dir, base, two_process, out):
             "devices": len(kernel.device_set), "spec": str(kernel.spec)}
     manager.close()
     Path(out).write_text(json.dumps(res, indent=1))
+
+
+def accumulation(data_dir, base):
+    assert jax.device_count() == 8, jax.devices()
+    acc = {"mesh.fsdp": 8, "train.batch_size": 32, "train.steps": 10}
+    for k in (1, 4):
+        training.train(config(data_dir, **acc, **{"train.grad_accum_steps": k}), str(Path(base) / f"k{k}"))
 
 
 def grid(data_dir, out_dir):
@@ -106,4 +111,4 @@ if __name__ == "__main__":
         jax.distributed.initialize(f"localhost:{port}", int(count), int(index))
         grid(*sys.argv[2:4])
     else:
-        eight(*sys.argv[2:])
+        {"eight": eight, "accumulation": accumulation}[sys.argv[1]](*sys.argv[2:])
