@@ -409,3 +409,24 @@ def test_disagreeing_processes_refused_on_every_process(monkeypatch, tmp_path):
     monkeypatch.setattr(parallel, "process_strings", lambda s: [s, s])
     with pytest.raises(training.ConfigError, match=r"process\(es\) 1 resolved a different config than process 0"):
         training.prepare_workdir(work, '{"other": 1}\n')
+
+
+def test_pod_config_resolves_on_a_slice(monkeypatch):
+    """configs/imagenet64_pod.py on 32 devices: ADM ImageNet-64's network (295.9 M parameters)."""
+    import importlib.util
+
+    from jaxdiff import training
+    from jaxdiff.data import DataInfo
+
+    monkeypatch.setattr(jax, "device_count", lambda *a: 32)
+    spec = importlib.util.spec_from_file_location("pod_config", H.REPO / "configs" / "imagenet64_pod.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    info = DataInfo(name="imagenet_resized/64x64", split="train", num_examples=1281167, image_shape=(64, 64, 3),
+                    num_classes=1000, class_names=(), random_flip=True, resize_mode="center_crop", pad_value=0,
+                    data_dir="/unused")
+    r = training.resolve_config(mod.get_config(), info)
+    assert r.model.use_checkpoint and r.model.out_channels == 6 and r.mesh.fsdp == 4
+    shapes = jax.eval_shape(lambda k: training.init_state(r, training.create_model(r), training.make_optimizer(r.train),
+                                                          k), jax.random.key(0))
+    assert abs(sum(x.size for x in jax.tree_util.tree_leaves(shapes.params)) - 295.9e6) < 0.1e6
