@@ -44,7 +44,6 @@ from jaxdiff import config_util
 
 __all__ = [
     "abstract_params",
-    "check_diffusion_flags",
     "expected_state_dict_shapes",
     "flags_from_args",
     "from_guided_diffusion",
@@ -219,21 +218,6 @@ def _infer_kind(given: dict) -> str:
     return "unet"
 
 
-def check_diffusion_flags(diffusion: Mapping) -> None:
-    """Refuse guided-diffusion diffusion flags that would change samples without jaxdiff honouring them."""
-    respacing = str(diffusion.get("timestep_respacing", "") or "")
-    if respacing:
-        raise ValueError(
-            f"--timestep_respacing {respacing} is a sampling setting in jaxdiff, not part of the checkpoint: "
-            f"remove it from --flags and pass --config.sample.respacing={respacing} (or "
-            "--config.sample.steps=N) to sample.py")
-    if diffusion.get("rescale_timesteps", False):
-        raise ValueError(
-            "--rescale_timesteps True (the network sees t * 1000 / diffusion_steps) is not supported: jaxdiff "
-            "conditions networks on the integer timestep, guided-diffusion's default and what every released "
-            "checkpoint uses")
-
-
 def flags_from_args(argstring: str, kind: Optional[str] = None) -> tuple:
     """guided-diffusion command-line flags -> (model constructor kwargs, diffusion kwargs).
 
@@ -252,7 +236,6 @@ def flags_from_args(argstring: str, kind: Optional[str] = None) -> tuple:
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
     diffusion = {k: a[k] for k in _DIFFUSION_DEFAULTS}
-    check_diffusion_flags(diffusion)
     if kind == "unet":
         if a["channel_mult"] == "":
             channel_mult = _channel_mult_for(a["image_size"], _UNET_MULT, "image size")
@@ -739,7 +722,6 @@ def load_converted(directory, **overrides):
     d = Path(os.fspath(directory)).absolute()
     with open(d / "config.json") as f:
         config = json.load(f)
-    check_diffusion_flags(config.get("diffusion", {}))
     module = create_model(config["kind"], **{**config["model"], **overrides})
     abstract = abstract_params(module, config["kind"])
     ckptr = ocp.StandardCheckpointer()
@@ -781,4 +763,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxdiff import cli
+
+    cli.main_of(main, "python -m jaxdiff.convert")

@@ -852,4 +852,6 @@ def _main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    from jaxdiff import cli
+
+    cli.main_of(_main, "python -m jaxdiff.data")

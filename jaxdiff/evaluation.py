@@ -82,25 +82,35 @@ def reference_for(extractor: metrics.FeatureExtractor, *, dataset: str, split: s
         extractor, cache_dir, f"{dataset}/{split}/{image_size}")
 
 
-def evaluate_npz(samples_path: str, *, classifier_dir: str, dataset: Optional[str] = None,
-                 split: str = "train", data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
-                 k: int = 3) -> dict:
-    """Metrics of a guided-diffusion-layout samples.npz against a dataset split, as a dict."""
-    extractor, cfg = extractor_from_workdir(classifier_dir)
+def evaluate(images: np.ndarray, labels: Optional[np.ndarray], *, classifier: str, dataset: Optional[str] = None,
+             split: str = "train", data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
+             k: int = 3) -> dict:
+    """FID, IS, precision/recall, density/coverage and accuracy of uint8 NHWC `images` (with their
+    requested `labels`, or None) against a dataset split, in the feature space of the trained
+    evaluation classifier in directory `classifier` (dataset, data_dir: the classifier's by default)."""
+    extractor, cfg = extractor_from_workdir(classifier)
     ds = dataset_of(cfg)
     dataset = dataset or ds["name"]
     data_dir = data_dir or ds["data_dir"]
-    images, labels = metrics.load_samples_npz(samples_path, num_classes=ds["num_classes"])
-    image_size = images.shape[1]
+    images = metrics.validate_images(images)
     if images.shape[1] != images.shape[2]:
         raise ValueError(f"samples must be square images, got {images.shape[1:3]}")
-    ref = reference_for(extractor, dataset=dataset, split=split, image_size=image_size,
+    ref = reference_for(extractor, dataset=dataset, split=split, image_size=images.shape[1],
                         data_dir=data_dir, cache_dir=cache_dir)
     if tuple(ref.image_shape) != tuple(images.shape[1:]):
         raise ValueError(f"samples have shape {images.shape[1:]} but {dataset}/{split} images are "
                          f"{tuple(ref.image_shape)}")
     result = metrics.evaluate_samples(images, labels, ref, extractor, num_classes=ds["num_classes"], k=k)
-    result.update(dataset=dataset, split=split, samples=os.path.abspath(samples_path))
+    result.update(dataset=dataset, split=split)
+    return result
+
+
+def evaluate_npz(samples_path: str, *, classifier_dir: str, **kwargs) -> dict:
+    """`evaluate` on a guided-diffusion-layout samples.npz (arr_0 images, optional arr_1 labels)."""
+    extractor_cfg = checkpoints.read_config(classifier_dir)
+    images, labels = metrics.load_samples_npz(samples_path, num_classes=config_util.model_classes(extractor_cfg))
+    result = evaluate(images, labels, classifier=classifier_dir, **kwargs)
+    result.update(samples=os.path.abspath(samples_path))
     return result
 
 

@@ -175,6 +175,7 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
         raise ValueError(f"sample.steps={steps} is more than the schedule's {num_timesteps} diffusion steps; "
                          f"allowed: 1..{num_timesteps}")
     respacing = str(config_util.get(s, "respacing", "") or samplers.SAMPLERS[sampler].respacing(steps))
+    _check_converted_flags(d, respacing)
     from jaxdiff.schedules import make_schedule
 
     sched = make_schedule(str(config_util.get(d, "schedule", "linear")), num_timesteps, respacing)
@@ -212,6 +213,22 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
     return dict(sampler=sampler, guides=names, sched=sched, respacing=respacing, num_classes=num_classes,
                 null=null, labels=labels, interval=interval, per_sample=per_sample,
                 shape=(size, size, channels))
+
+
+def _check_converted_flags(diffusion: Mapping, respacing: str) -> None:
+    """Refuse guided-diffusion flags stored with a converted checkpoint that sampling would otherwise
+    ignore, changing the samples without a word."""
+    stored = str(config_util.get(diffusion, "timestep_respacing", "") or "")
+    if stored and stored != respacing:
+        raise ValueError(
+            f"the checkpoint was converted with --timestep_respacing {stored}, but this run samples with "
+            f"respacing {respacing!r}: pass --config.sample.respacing={stored} (respacing is a sampling setting "
+            "in jaxdiff), or convert without --timestep_respacing")
+    if config_util.get(diffusion, "rescale_timesteps", False):
+        raise ValueError(
+            "the checkpoint was converted with --rescale_timesteps True (its network sees t * 1000 / "
+            "diffusion_steps): not supported; jaxdiff conditions networks on the integer timestep, "
+            "guided-diffusion's default and what every released checkpoint uses")
 
 
 # --------------------------------------------------------------------------------------------
