@@ -104,14 +104,20 @@ def conv2d(
     raise ValueError(f"conv2d: impl must be None, 'auto', 'plain' or 'fast', got {impl!r}")
 
 
-def conv2d_plain(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0) -> jax.Array:
-    """The reference: `lax.conv_general_dilated` and the gradient XLA derives for it."""
+def conv2d_plain(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding=0, precision=None) -> jax.Array:
+    """The reference: `lax.conv_general_dilated` and the gradient XLA derives for it.
+
+    `padding`: p (p rows and columns on each side) or (ph, pw) for rectangular kernels.
+    `precision`: passed to XLA (`lax.Precision.HIGHEST` for full float32 on GPUs/TPUs).
+    """
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
     return lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
+        padding=((ph, ph), (pw, pw)),
         dimension_numbers=_DN,
+        precision=precision,
     )
 
 

@@ -8,6 +8,7 @@ Python API
     from_guided_diffusion(state_dict, kind, **flags) -> (module, params)
     to_guided_diffusion(params, module, kind=None) -> dict[str, np.ndarray]
     load_state_dict(source) -> dict[str, np.ndarray]
+    key_problems(expected, given) -> [(problem, key)]; describe_key_problem(...) -> str
     save_converted(directory, params, kind, model_flags, diffusion_flags=None, force=False) -> Path
     load_converted(directory, **overrides) -> (module, params, config)
 
@@ -44,9 +45,11 @@ from jaxdiff import config_util
 
 __all__ = [
     "abstract_params",
+    "describe_key_problem",
     "expected_state_dict_shapes",
     "flags_from_args",
     "from_guided_diffusion",
+    "key_problems",
     "load_converted",
     "load_state_dict",
     "main",
@@ -532,15 +535,30 @@ def _hint(key, problem, kind, expected: dict, given: dict) -> str:
     return "the model kind or the checkpoint (key not produced by guided-diffusion's constructors)"
 
 
-def _mismatch_error(kind: str, expected: dict, given: dict, limit: int = 8) -> Optional[str]:
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
+def key_problems(expected: Mapping, given: Mapping) -> list:
+    """(problem, key) for every key whose shape differs ("shape"), then every key not expected
+    ("unexpected"), then every expected key not given ("missing"); `expected` and `given` map
+    keys to shapes."""
     wrong = [k for k in expected if k in given and tuple(given[k]) != tuple(expected[k])]
-    if not (missing or unexpected or wrong):
+    unexpected = [k for k in given if k not in expected]
+    missing = [k for k in expected if k not in given]
+    return [("shape", k) for k in wrong] + [("unexpected", k) for k in unexpected] + [("missing", k) for k in missing]
+
+
+def describe_key_problem(problem: str, key: str, expected: Mapping, given: Mapping) -> str:
+    """One line naming the key, its shape and what the model needs (a `key_problems` entry)."""
+    if problem == "shape":
+        return f"key {key!r} has shape {tuple(given[key])}, the model needs {tuple(expected[key])}"
+    if problem == "unexpected":
+        return f"unexpected key {key!r} {tuple(given[key])} (not in the model)"
+    return f"missing key {key!r} {tuple(expected[key])} (the model needs it)"
+
+
+def _mismatch_error(kind: str, expected: dict, given: dict, limit: int = 8) -> Optional[str]:
+    problems = key_problems(expected, given)
+    if not problems:
         return None
-    problems = [("shape", k) for k in wrong] + [("unexpected", k) for k in unexpected] + [
-        ("missing", k) for k in missing
-    ]
+    counts_by = {p: sum(1 for q, _ in problems if q == p) for p in ("missing", "unexpected", "shape")}
     hints = [(problem, k, _hint(k, problem, kind, expected, given)) for problem, k in problems]
     counts: dict = {}
     for _, _, h in hints:
@@ -548,18 +566,13 @@ def _mismatch_error(kind: str, expected: dict, given: dict, limit: int = 8) -> O
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
     lines = [
         f"guided-diffusion state_dict does not fit the {kind!r} model built from these flags "
-        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrongly shaped keys); "
+        f"({counts_by['missing']} missing, {counts_by['unexpected']} unexpected, {counts_by['shape']} wrongly "
+        f"shaped keys); "
         f"most likely flag: {ranked[0][0]}"
         + (f" (also: {'; '.join(h for h, _ in ranked[1:3])})" if len(ranked) > 1 else "")
     ]
     for problem, k, h in hints[:limit]:
-        if problem == "shape":
-            what = f"key {k!r} has shape {tuple(given[k])}, the model needs {tuple(expected[k])}"
-        elif problem == "unexpected":
-            what = f"unexpected key {k!r} {tuple(given[k])} (not in the model)"
-        else:
-            what = f"missing key {k!r} {tuple(expected[k])} (the model needs it)"
-        lines.append(f"  {what}; likely flag: {h}")
+        lines.append(f"  {describe_key_problem(problem, k, expected, given)}; likely flag: {h}")
     if len(hints) > limit:
         lines.append(f"  ... and {len(hints) - limit} more")
     lines.append(
