@@ -20,11 +20,14 @@ Conventions
   when its distance is ``<=`` the radius, as in their code and guided-diffusion's evaluator). Density /
   coverage follow Naeem et al. 2020 and their ``prdc`` code (strict ``<``, so density of a set against
   itself is exactly 1). The k-NN radius of a point is the (k+1)-th smallest distance to its own set
-  including itself (distance 0), as in both reference implementations. Distances are computed in row
-  chunks, so 10k x 10k sets never hold more than ``chunk_size x M`` distances at once.
+  including itself (distance 0), as in both reference implementations. Distances are computed in
+  ``chunk_size x chunk_size`` blocks, so 50k x 50k distances never exist at once. Their arithmetic is
+  float64 by default; ``distance="float16"`` is guided-diffusion's evaluator's (see ``_Points``).
 * Inception Score: ``exp(E_x KL(p(y|x) || p(y)))`` over ``splits`` equal parts (numpy.array_split, so
   every sample is used); the default is 1 split over all samples, which is the unbiased choice for small
-  sample sets. The classic report uses 10 splits; pass ``splits=10`` to reproduce it.
+  sample sets. The classic report uses 10 splits; pass ``splits=10`` to reproduce it. guided-diffusion's
+  evaluator (``jaxdiff.adm_eval``) uses consecutive parts of 5000 rows in float32: ``split_size=5000,
+  dtype=np.float32`` on ``softmax(logits, np.float32)``.
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ __all__ = [
     "fid_from_stats",
     "fid_from_features",
     "inception_score",
+    "softmax",
+    "MomentAccumulator",
     "knn_radii",
     "precision_recall",
     "density_coverage",
     "prdc",
     "classifier_accuracy",
     "params_fingerprint",
+    "atomic_write",
     "classifier_extractor",
     "reference_stats",
     "evaluate_samples",
@@ -62,6 +68,27 @@ __all__ = [
 
 Array = np.ndarray
 DEFAULT_CHUNK_SIZE = 1024
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[Any], None]) -> None:
+    """Calls ``write(binary file)`` on a temporary file in path's directory (created if needed), then
+    renames it to ``path``; on any error the temporary file is removed and ``path`` is left as it was."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,6 +226,91 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     return float(max(value, 0.0))
 
 
+class MomentAccumulator:
+    """Mean and covariance of feature rows fed in chunks (in order), without keeping the rows.
+
+    The covariance is float64 with ddof=1 (``np.cov(x, rowvar=False)``), from sums of the rows shifted
+    by the first chunk's float64 mean: exact in exact arithmetic, and the shift keeps round-off near
+    that of the two-pass formula (plain sums of x x^T lose digits when the mean is large). With one
+    chunk the shift is the mean itself. ``mean_dtype`` float64 (default) accumulates the mean in
+    float64; float32 keeps the float32 running sum that ``np.mean(x, axis=0)`` makes of float32 rows
+    (one row added after another, then divided by N), so the mean is bit for bit the one
+    guided-diffusion's evaluator computes from its float32 activations, however the rows are chunked.
+    """
+
+    def __init__(self, mean_dtype: Any = np.float64):
+        self.mean_dtype = np.dtype(mean_dtype)
+        if self.mean_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"mean_dtype must be float32 or float64, got {self.mean_dtype}")
+        self.n = 0
+        self._shift: Optional[Array] = None
+        self._s1: Optional[Array] = None  # sum of (x - shift)
+        self._s2: Optional[Array] = None  # sum of (x - shift)^T (x - shift)
+        self._sum32: Optional[Array] = None
+
+    @property
+    def dim(self) -> Optional[int]:
+        return None if self._shift is None else int(self._shift.shape[0])
+
+    def update(self, rows: Any) -> None:
+        """Adds rows [B, D] (the next ones in order)."""
+        rows = _validate_features(rows)
+        if rows.shape[0] == 0:
+            return
+        x = rows.astype(np.float64)
+        if self._shift is None:
+            d = x.shape[1]
+            self._shift = x.mean(axis=0)
+            self._s1, self._s2 = np.zeros(d), np.zeros((d, d))
+            if self.mean_dtype == np.float32:
+                self._sum32 = np.zeros(d, np.float32)
+        elif x.shape[1] != self.dim:
+            raise ValueError(f"rows have dimension {x.shape[1]}, earlier ones had {self.dim}")
+        xc = x - self._shift
+        self._s1 += xc.sum(axis=0)
+        self._s2 += xc.T @ xc
+        if self._sum32 is not None:
+            stacked = np.concatenate([self._sum32[None], rows.astype(np.float32, copy=False)])
+            self._sum32 = np.add.reduce(stacked, axis=0)
+        self.n += int(x.shape[0])
+
+    def mean(self) -> Array:
+        if self.n == 0:
+            raise ValueError("the mean of zero rows is undefined")
+        if self._sum32 is not None:
+            return (self._sum32 / np.float32(self.n)).astype(np.float64)
+        return self._shift + self._s1 / self.n
+
+    def covariance(self) -> Array:
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {self.n}")
+        offset = self._s1 / self.n  # mean - shift
+        sigma = (self._s2 - self.n * np.outer(offset, offset)) / (self.n - 1)
+        return 0.5 * (sigma + sigma.T)
+
+    def stats(
+        self,
+        fingerprint: str = "",
+        *,
+        features: Optional[Array] = None,
+        image_shape: Optional[Sequence[int]] = None,
+        require_full_rank: bool = True,
+    ) -> "FeatureStats":
+        """FeatureStats of the rows seen so far (``features``: the rows themselves, to keep)."""
+        if self.n == 0:
+            raise ValueError("no feature rows were accumulated")
+        if require_full_rank:
+            _check_full_rank(self.n, self.dim)
+        return FeatureStats(
+            mu=self.mean(),
+            sigma=self.covariance(),
+            n=self.n,
+            fingerprint=str(fingerprint),
+            features=None if features is None else np.asarray(features, np.float32),
+            image_shape=None if image_shape is None else tuple(int(s) for s in image_shape),
+        )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FeatureStats:
     """Gaussian statistics of a feature set, computed once.
@@ -230,35 +342,26 @@ class FeatureStats:
         keep_features: bool = False,
         image_shape: Optional[Sequence[int]] = None,
         require_full_rank: bool = True,
+        mean_dtype: Any = np.float64,
     ) -> "FeatureStats":
+        """Statistics of [N, D] features; ``mean_dtype=np.float32`` gives guided-diffusion's evaluator's
+        mean (numpy's float32 mean of float32 features; see MomentAccumulator), the covariance is float64."""
         features = _validate_features(features)
-        n, d = features.shape
         if require_full_rank:
-            _check_full_rank(n, d)
-        elif n < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, got {n}")
-        x = features.astype(np.float64)
-        mu = x.mean(axis=0)
-        xc = x - mu
-        sigma = (xc.T @ xc) / (n - 1)
-        sigma = 0.5 * (sigma + sigma.T)
-        kept = np.asarray(features, np.float32) if keep_features else None
-        return cls(
-            mu=mu,
-            sigma=sigma,
-            n=int(n),
-            fingerprint=str(fingerprint),
-            features=kept,
-            image_shape=None if image_shape is None else tuple(int(s) for s in image_shape),
+            _check_full_rank(*features.shape)
+        acc = MomentAccumulator(mean_dtype)
+        acc.update(features)
+        return acc.stats(
+            fingerprint,
+            features=features if keep_features else None,
+            image_shape=image_shape,
+            require_full_rank=False,
         )
 
     # --- persistence -------------------------------------------------------------------------------
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes an .npz atomically (temporary file in the same directory, then os.replace)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         arrays = {
             "mu": self.mu,
             "sigma": self.sigma,
@@ -269,19 +372,7 @@ class FeatureStats:
             arrays["features"] = np.asarray(self.features, np.float32)
         if self.image_shape is not None:
             arrays["image_shape"] = np.asarray(self.image_shape, np.int64)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "FeatureStats":
@@ -321,20 +412,30 @@ def fid_from_features(features1: Any, features2: Any) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _softmax64(logits: Any) -> Array:
-    x = np.asarray(logits, np.float64)
+def softmax(logits: Any, dtype: Any = np.float64) -> Array:
+    """Softmax over the last axis, computed in ``dtype`` (float32 as TensorFlow's in the ADM evaluator)."""
+    x = np.asarray(logits, dtype)
     x = x - x.max(axis=-1, keepdims=True)
     e = np.exp(x)
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def inception_score(probs: Any, *, splits: int = 1) -> Tuple[float, float]:
-    """Inception Score from class probabilities [N, K]: (mean, std) over ``splits`` parts.
+def inception_score(
+    probs: Any, *, splits: int = 1, split_size: Optional[int] = None, dtype: Any = np.float64
+) -> Tuple[float, float]:
+    """Inception Score from class probabilities [N, K]: (mean, std) over parts of the samples.
 
-    Each part scores exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean prediction. Default 1 split
-    (all samples); std is 0 then. Parts are numpy.array_split of the samples in order.
+    Each part scores exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean prediction. The parts are
+    ``splits`` numpy.array_split parts in order (default 1: all samples; std is 0 then), or, with
+    ``split_size``, consecutive runs of ``split_size`` rows in order, the last one shorter when N is not
+    a multiple (guided-diffusion's evaluator: 5000). ``dtype`` is the arithmetic's: float32 with
+    split_size=5000 is the evaluator's (numpy on float32 softmax outputs). 0 log 0 counts as 0 (the
+    evaluator would give NaN for a probability that underflowed to 0).
     """
-    p = np.asarray(probs, np.float64)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    p = np.asarray(probs, dtype)
     if p.ndim != 2 or p.shape[1] < 1:
         raise ValueError(f"probs must be a 2-D array [N, K] of class probabilities, got shape {p.shape}")
     if not np.all(np.isfinite(p)) or np.any(p < 0):
@@ -345,12 +446,22 @@ def inception_score(probs: Any, *, splits: int = 1) -> Tuple[float, float]:
             f"probs rows must sum to 1 (got sums between {row.min():.4g} and {row.max():.4g}); "
             "pass softmax(logits), not logits"
         )
-    splits = int(splits)
-    if splits < 1 or splits > p.shape[0]:
-        raise ValueError(f"splits must be in [1, N={p.shape[0]}], got {splits}")
+    if split_size is not None:
+        split_size = int(split_size)
+        if split_size < 1:
+            raise ValueError(f"split_size must be a positive integer, got {split_size}")
+        if int(splits) != 1:
+            raise ValueError(f"give splits or split_size, not both (got splits={splits}, split_size={split_size})")
+        bounds = list(_chunks(p.shape[0], split_size))
+    else:
+        splits = int(splits)
+        if splits < 1 or splits > p.shape[0]:
+            raise ValueError(f"splits must be in [1, N={p.shape[0]}], got {splits}")
+        bounds = [(int(a[0]), int(a[-1]) + 1) for a in np.array_split(np.arange(p.shape[0]), splits)]
     p = p / row[:, None]
     scores = []
-    for part in np.array_split(p, splits, axis=0):
+    for start, stop in bounds:
+        part = p[start:stop]
         py = part.mean(axis=0, keepdims=True)
         # xlogy-style: 0 * log 0 = 0.
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -375,6 +486,9 @@ def classifier_accuracy(logits: Any, labels: Any) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+DISTANCES = ("float64", "float32", "float16")
+
+
 def _sq_norms(x: Array) -> Array:
     return np.einsum("ij,ij->i", x, x)
 
@@ -382,6 +496,75 @@ def _sq_norms(x: Array) -> Array:
 def _sq_dist_block(a: Array, a2: Array, b: Array, b2: Array) -> Array:
     d = a2[:, None] + b2[None, :] - 2.0 * (a @ b.T)
     return np.maximum(d, 0.0, out=d)
+
+
+_F16_MAX = np.float32(65504.0)
+
+
+def _round16(x: Array) -> Array:
+    """float32 x rounded to the nearest float16 (ties to even), kept in float32 (every float16 is one).
+
+    Bit for bit ``x.astype(np.float16).astype(np.float32)``, about twice as fast: numpy's float16 casts
+    are scalar code, whereas this keeps 10 of float32's 23 mantissa bits with integer operations (the
+    rounding carry may bump the exponent, as it should), then mends float16's subnormal range
+    (multiples of 2^-24), its overflow (inf from 65520 on) and NaNs.
+    """
+    x = np.asarray(x, np.float32)
+    u = x.view(np.uint32)
+    half_even = np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))
+    y = ((u + half_even) & np.uint32(0xFFFFE000)).view(np.float32)
+    a = np.abs(x)
+    tiny = a < np.float32(2.0**-14)
+    if tiny.any():
+        y = np.where(tiny, np.round(x * np.float32(2.0**24)) * np.float32(2.0**-24), y)
+    big = a > _F16_MAX
+    if big.any():
+        y = np.where(big & (np.abs(y) > _F16_MAX), np.copysign(np.float32(np.inf), x), y)
+    nan = np.isnan(x)
+    if nan.any():
+        y = np.where(nan, x, y)
+    return y
+
+
+class _Points:
+    """Feature rows prepared for squared euclidean distances in one arithmetic (``DISTANCES``).
+
+    float64 / float32: ``|u|^2 + |v|^2 - 2 u.v`` in that dtype, clamped at 0. float16 is guided-diffusion's
+    evaluator (its DistanceBlock): features cast to float16, squares and u.v rounded to float16 (their
+    sums accumulated in float32, as float16 matrix products do on accelerators), then
+    ``(|u|^2 - 2 u.v) + |v|^2`` with each result rounded to float16, clamped at 0; where that is not
+    finite (float16 overflow), the float32 formula's value is used. float16 values are held in float32
+    arrays, so the products run on the float32 BLAS and comparisons with radii are exact.
+    """
+
+    def __init__(self, x: Array, distance: str):
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        self.distance = distance
+        self.x = np.asarray(x, np.float64 if distance == "float64" else np.float32)
+        self.sq = _sq_norms(self.x)
+        if distance == "float16":
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.h = self.x.astype(np.float16)  # half the memory of the float32 features
+                self.sq16 = np.empty(len(self), np.float32)
+                for s, e in _chunks(len(self), DEFAULT_CHUNK_SIZE):
+                    h32 = self.h[s:e].astype(np.float32)
+                    self.sq16[s:e] = _round16(_round16(h32 * h32).sum(axis=1))
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def block(self, s: int, e: int, other: "_Points", cs: int, ce: int) -> Array:
+        """Squared distances between rows s:e of self and rows cs:ce of other."""
+        if self.distance != "float16":
+            return _sq_dist_block(self.x[s:e], self.sq[s:e], other.x[cs:ce], other.sq[cs:ce])
+        with np.errstate(over="ignore", invalid="ignore"):
+            uv = _round16(self.h[s:e].astype(np.float32) @ other.h[cs:ce].astype(np.float32).T)
+            d = _round16(_round16(self.sq16[s:e, None] - 2.0 * uv) + other.sq16[None, cs:ce])
+        bad = ~np.isfinite(d)
+        if bad.any():
+            d[bad] = _sq_dist_block(self.x[s:e], self.sq[s:e], other.x[cs:ce], other.sq[cs:ce])[bad]
+        return np.maximum(d, 0.0, out=d)
 
 
 def _chunks(n: int, chunk_size: int):
@@ -392,21 +575,33 @@ def _chunks(n: int, chunk_size: int):
         yield start, min(start + chunk_size, n)
 
 
-def _knn_sq_radii(x: Array, k: int, chunk_size: int) -> Array:
-    """Squared distance of each row of x to its k-th nearest neighbour in x ((k+1)-th incl. itself)."""
-    x2 = _sq_norms(x)
-    out = np.empty(x.shape[0], np.float64)
-    for s, e in _chunks(x.shape[0], chunk_size):
-        d = _sq_dist_block(x[s:e], x2[s:e], x, x2)
-        out[s:e] = np.partition(d, k, axis=1)[:, k]
+def _knn_sq_radii(x: _Points, k: int, chunk_size: int) -> Array:
+    """Squared distance of each row of x to its k-th nearest neighbour in x ((k+1)-th incl. itself).
+
+    Blocks of chunk_size x chunk_size distances; each row keeps its k+1 smallest so far.
+    """
+    n = len(x)
+    out = np.empty(n, np.float64)
+    for s, e in _chunks(n, chunk_size):
+        best = np.empty((e - s, 0), np.float64)
+        for cs, ce in _chunks(n, chunk_size):
+            cand = np.concatenate([best, x.block(s, e, x, cs, ce)], axis=1)
+            best = np.partition(cand, k, axis=1)[:, : k + 1] if cand.shape[1] > k + 1 else cand
+        out[s:e] = np.partition(best, k, axis=1)[:, k]
     return out
 
 
-def knn_radii(features: Any, k: int = 3, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
-    """Euclidean distance from each feature to its k-th nearest neighbour within the same set."""
-    x = _validate_features(features).astype(np.float64)
+def knn_radii(
+    features: Any, k: int = 3, *, chunk_size: int = DEFAULT_CHUNK_SIZE, distance: str = "float64"
+) -> Array:
+    """Euclidean distance from each feature to its k-th nearest neighbour within the same set.
+
+    ``distance`` is the arithmetic of the squared distances (``DISTANCES``; float16 is guided-diffusion's
+    evaluator's, see ``_Points``); the square root is taken in float64.
+    """
+    x = _validate_features(features)
     _check_knn(x.shape[0], k, "features")
-    return np.sqrt(_knn_sq_radii(x, int(k), chunk_size))
+    return np.sqrt(_knn_sq_radii(_Points(x, distance), int(k), chunk_size))
 
 
 def _manifold_pass(
@@ -417,32 +612,31 @@ def _manifold_pass(
     *,
     want_pr: bool,
     want_dc: bool,
-    real_sq_radii: Optional[Array] = None,
+    distance: str = "float64",
 ) -> dict:
-    real = real.astype(np.float64, copy=False)
-    fake = fake.astype(np.float64, copy=False)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dimensions differ: reference {real.shape[1]} vs samples {fake.shape[1]}")
     _check_knn(real.shape[0], k, "the reference features")
     _check_knn(fake.shape[0], k, "the sample features")
-    r_rad = _knn_sq_radii(real, k, chunk_size) if real_sq_radii is None else real_sq_radii
+    real, fake = _Points(real, distance), _Points(fake, distance)
+    r_rad = _knn_sq_radii(real, k, chunk_size)
     f_rad = _knn_sq_radii(fake, k, chunk_size) if want_pr else None
-    real2, fake2 = _sq_norms(real), _sq_norms(fake)
-    m, n = real.shape[0], fake.shape[0]
+    m, n = len(real), len(fake)
     fake_in_real = np.zeros(n, bool)  # precision
     real_in_fake = np.zeros(m, bool)  # recall
     density_counts = np.zeros(n, np.int64)
-    covered = np.zeros(m, bool)
+    covered = np.zeros(m, bool)  # min distance < radius <=> some distance < radius
     for s, e in _chunks(m, chunk_size):
-        d = _sq_dist_block(real[s:e], real2[s:e], fake, fake2)  # [real chunk, fakes]
         rr = r_rad[s:e, None]
-        if want_pr:
-            fake_in_real |= np.any(d <= rr, axis=0)
-            real_in_fake[s:e] = np.any(d <= f_rad[None, :], axis=1)
-        if want_dc:
-            inside = d < rr
-            density_counts += inside.sum(axis=0)
-            covered[s:e] = d.min(axis=1) < r_rad[s:e]
+        for cs, ce in _chunks(n, chunk_size):
+            d = real.block(s, e, fake, cs, ce)  # [real chunk, fake chunk]
+            if want_pr:
+                fake_in_real[cs:ce] |= np.any(d <= rr, axis=0)
+                real_in_fake[s:e] |= np.any(d <= f_rad[None, cs:ce], axis=1)
+            if want_dc:
+                inside = d < rr
+                density_counts[cs:ce] += inside.sum(axis=0)
+                covered[s:e] |= inside.any(axis=1)
     out = {}
     if want_pr:
         out["precision"] = float(fake_in_real.mean())
@@ -454,32 +648,50 @@ def _manifold_pass(
 
 
 def precision_recall(
-    real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE
+    real_features: Any,
+    fake_features: Any,
+    *,
+    k: int = 3,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    distance: str = "float64",
 ) -> Tuple[float, float]:
-    """Improved precision and recall (Kynkaenniemi et al. 2019) with k-NN radii; returns (precision, recall)."""
+    """Improved precision and recall (Kynkaenniemi et al. 2019) with k-NN radii; returns (precision, recall).
+
+    ``distance="float16"`` gives guided-diffusion's evaluator's squared distances (see ``_Points``).
+    """
     real = _validate_features(real_features, "reference features")
     fake = _validate_features(fake_features, "sample features")
-    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=False)
+    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=False, distance=distance)
     return r["precision"], r["recall"]
 
 
 def density_coverage(
-    real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE
+    real_features: Any,
+    fake_features: Any,
+    *,
+    k: int = 3,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    distance: str = "float64",
 ) -> Tuple[float, float]:
     """Density and coverage (Naeem et al. 2020); returns (density, coverage)."""
     real = _validate_features(real_features, "reference features")
     fake = _validate_features(fake_features, "sample features")
-    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=False, want_dc=True)
+    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=False, want_dc=True, distance=distance)
     return r["density"], r["coverage"]
 
 
 def prdc(
-    real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE
+    real_features: Any,
+    fake_features: Any,
+    *,
+    k: int = 3,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    distance: str = "float64",
 ) -> dict:
     """Precision, recall, density and coverage in one pass over the real x fake distances."""
     real = _validate_features(real_features, "reference features")
     fake = _validate_features(fake_features, "sample features")
-    return _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=True)
+    return _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=True, distance=distance)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -720,7 +932,7 @@ def evaluate_samples(
                 f"extractor {extractor.name!r} gives {logits.shape[1]} logits per image but num_classes = "
                 f"{num_classes}; they must agree"
             )
-        is_mean, is_std = inception_score(_softmax64(logits), splits=is_splits)
+        is_mean, is_std = inception_score(softmax(logits), splits=is_splits)
         acc = classifier_accuracy(logits, labels) if labels is not None else nan
     else:
         is_mean, is_std, acc = nan, nan, nan
