@@ -806,30 +806,25 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
 
-    clip = args.kind in CLIP_KINDS
-    if clip:
-        from jaxdiff.convert_clip import SOURCE, clip_config, encoder_kwargs
+    if args.kind in CLIP_KINDS:
+        from jaxdiff.convert_clip import SOURCE, clip_config, encoder_kwargs, from_glide_clip
 
         config = clip_config(args.flags or "")
-        kind, model_flags, extra = args.kind, encoder_kwargs(args.kind, config), {"clip": config}
+        kind, model_flags = args.kind, encoder_kwargs(args.kind, config)
         diffusion_flags = {"diffusion_steps": config["n_timesteps"], "noise_schedule": config["beta_schedule"]}
+        convert, save_kw = from_glide_clip, {"source": SOURCE, "extra": {"clip": config}}
     elif args.flags is None:
         p.error(f"--flags (guided-diffusion command-line flags) is required for --kind {args.kind or 'unet'}")
     else:
         kind = args.kind or _infer_kind(_parse_given(args.flags))
         model_flags, diffusion_flags = flags_from_args(args.flags, kind)
+        convert, save_kw = from_guided_diffusion, {}
     out = Path(args.out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
         return 2
-    if clip:
-        from jaxdiff.convert_clip import from_glide_clip
-
-        _, params = from_glide_clip(args.pt or args.npz, kind, **model_flags)
-        save_converted(out, params, kind, model_flags, diffusion_flags, force=args.force, source=SOURCE, extra=extra)
-    else:
-        _, params = from_guided_diffusion(args.pt or args.npz, kind, **model_flags)
-        save_converted(out, params, kind, model_flags, diffusion_flags, force=args.force)
+    _, params = convert(args.pt or args.npz, kind, **model_flags)
+    save_converted(out, params, kind, model_flags, diffusion_flags, force=args.force, **save_kw)
     n = sum(int(np.prod(np.shape(v))) for _, v in _flatten(params))
     print(json.dumps({"out": str(out), "kind": kind, "parameters": n}))
     return 0

@@ -25,8 +25,6 @@ import functools
 import re
 from typing import Optional
 
-import numpy as np
-
 from jaxdiff.convert import (
     _Entry,
     _flatten,
