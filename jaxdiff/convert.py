@@ -15,9 +15,11 @@ Python API
 Command line
     python -m jaxdiff.convert (--pt FILE.pt | --npz FILE.npz) --kind unet|classifier|superres \
         --flags "<guided-diffusion command-line flags>" --out DIR [--force]
-writes DIR/config.json ({"kind", "model", "diffusion", "source": "guided-diffusion"}) and DIR/params
-(orbax StandardCheckpointer), atomically (DIR.tmp, then rename); an existing non-empty DIR is only
-replaced with --force.
+    python -m jaxdiff.convert (--pt | --npz) FILE --kind clip-image|clip-text [--flags "<clip config>"] \
+        --out DIR [--force]        (GLIDE's noised CLIP encoders: see jaxdiff.convert_clip)
+writes DIR/config.json ({"kind", "model", "diffusion", "source": "guided-diffusion" | "glide-text2im"})
+and DIR/params (orbax StandardCheckpointer), atomically (DIR.tmp, then rename); an existing
+non-empty DIR is only replaced with --force.
 
 Layout mapping: Conv2d OIHW -> HWIO; Linear (out, in) -> (in, out); the token-wise conv1d layers
 (qkv, proj_out, qkv_proj, c_proj; weight (O, I, 1)) -> Dense (I, O); GroupNorm weight -> scale;
@@ -143,8 +145,8 @@ def _str2bool(name: str, v: str) -> bool:
     raise ValueError(f"--{name} {v!r}: boolean value expected (True/False)")
 
 
-def _typed(name: str, v: str):
-    default = _ALL_DEFAULTS[name]
+def _typed(name: str, v: str, defaults: Optional[dict] = None):
+    default = (_ALL_DEFAULTS if defaults is None else defaults)[name]
     if isinstance(default, bool):
         return _str2bool(name, v)
     try:
@@ -157,28 +159,31 @@ def _typed(name: str, v: str):
     return v
 
 
-def _parse_given(argstring: str) -> dict:
+def _parse_given(argstring: str, defaults: Optional[dict] = None, source: str = "guided-diffusion") -> dict:
+    """The flags given in `argstring` ("--name value" or "--name=value"), typed like their entries in
+    `defaults` (guided-diffusion's by default); unknown names raise ValueError with a suggestion."""
+    defaults = _ALL_DEFAULTS if defaults is None else defaults
     tokens = shlex.split(argstring) if isinstance(argstring, str) else list(argstring)
     given = {}
     i = 0
     while i < len(tokens):
         tok = tokens[i]
         if not tok.startswith("--"):
-            raise ValueError(f"unexpected token {tok!r} in guided-diffusion flags (expected --name value)")
+            raise ValueError(f"unexpected token {tok!r} in {source} flags (expected --name value)")
         if "=" in tok:
             name, value = tok[2:].split("=", 1)
             i += 1
         else:
             name = tok[2:]
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise ValueError(f"--{name} needs a value (guided-diffusion flags are '--name value')")
+                raise ValueError(f"--{name} needs a value ({source} flags are '--name value')")
             value = tokens[i + 1]
             i += 2
-        if name not in _ALL_DEFAULTS:
-            near = difflib.get_close_matches(name, _ALL_DEFAULTS, n=1, cutoff=0.5)
+        if name not in defaults:
+            near = difflib.get_close_matches(name, defaults, n=1, cutoff=0.5)
             hint = f" (did you mean --{near[0]}?)" if near else ""
-            raise ValueError(f"unknown guided-diffusion flag --{name}{hint}")
-        given[name] = _typed(name, value)
+            raise ValueError(f"unknown {source} flag --{name}{hint}")
+        given[name] = _typed(name, value, defaults)
     return given
 
 
@@ -554,18 +559,29 @@ def describe_key_problem(problem: str, key: str, expected: Mapping, given: Mappi
     return f"missing key {key!r} {tuple(expected[key])} (the model needs it)"
 
 
-def _mismatch_error(kind: str, expected: dict, given: dict, limit: int = 8) -> Optional[str]:
+_GD_FOOTER = (
+    "  (num_heads / num_head_channels / use_new_attention_order do not change shapes: check them against "
+    "the checkpoint's release flags too)"
+)
+
+
+def _mismatch_error(kind: str, expected: dict, given: dict, limit: int = 8, *, hint_fn=None,
+                    source: str = "guided-diffusion", footer: Optional[str] = _GD_FOOTER) -> Optional[str]:
+    """None when `given` (key -> shape) matches `expected` exactly; else an error text naming every
+    missing, unexpected and wrongly shaped key (up to `limit`) with the flag `hint_fn(key, problem,
+    kind, expected, given)` most likely responsible (guided-diffusion's by default)."""
     problems = key_problems(expected, given)
     if not problems:
         return None
+    hint_fn = _hint if hint_fn is None else hint_fn
     counts_by = {p: sum(1 for q, _ in problems if q == p) for p in ("missing", "unexpected", "shape")}
-    hints = [(problem, k, _hint(k, problem, kind, expected, given)) for problem, k in problems]
+    hints = [(problem, k, hint_fn(k, problem, kind, expected, given)) for problem, k in problems]
     counts: dict = {}
     for _, _, h in hints:
         counts[h] = counts.get(h, 0) + 1
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
     lines = [
-        f"guided-diffusion state_dict does not fit the {kind!r} model built from these flags "
+        f"{source} state_dict does not fit the {kind!r} model built from these flags "
         f"({counts_by['missing']} missing, {counts_by['unexpected']} unexpected, {counts_by['shape']} wrongly "
         f"shaped keys); "
         f"most likely flag: {ranked[0][0]}"
@@ -575,10 +591,8 @@ def _mismatch_error(kind: str, expected: dict, given: dict, limit: int = 8) -> O
         lines.append(f"  {describe_key_problem(problem, k, expected, given)}; likely flag: {h}")
     if len(hints) > limit:
         lines.append(f"  ... and {len(hints) - limit} more")
-    lines.append(
-        "  (num_heads / num_head_channels / use_new_attention_order do not change shapes: check them against "
-        "the checkpoint's release flags too)"
-    )
+    if footer:
+        lines.append(footer)
     return "\n".join(lines)
 
 
@@ -635,8 +649,6 @@ def from_guided_diffusion(state_dict, kind: str, **flags):
     Every key must be consumed: a missing, unexpected or wrongly shaped key raises ValueError naming
     the key and the flag that most likely differs.
     """
-    import jax.numpy as jnp
-
     from jaxdiff.models import create_model
 
     _check_kind(kind)
@@ -648,6 +660,13 @@ def from_guided_diffusion(state_dict, kind: str, **flags):
     err = _mismatch_error(kind, expected, given)
     if err:
         raise ValueError(err)
+    return module, _params_from_layout(layout, sd)
+
+
+def _params_from_layout(layout: tuple, sd: dict) -> dict:
+    """Flax params (float32) from a state_dict whose keys and shapes were checked against `layout`."""
+    import jax.numpy as jnp
+
     params: dict = {}
     for e in layout:
         a = np.asarray(sd[e.key])
@@ -658,14 +677,13 @@ def from_guided_diffusion(state_dict, kind: str, **flags):
         for p in e.path[:-1]:
             node = node.setdefault(p, {})
         node[e.path[-1]] = jnp.asarray(np.ascontiguousarray(a))
-    return module, params
+    return params
 
 
-def to_guided_diffusion(params, module, kind: Optional[str] = None) -> dict:
-    """Inverse of from_guided_diffusion: jaxdiff params -> {state_dict key: np.ndarray} (torch layout,
-    state_dict order)."""
+def _state_dict_from_layout(params, layout: tuple) -> dict:
+    """{state_dict key: np.ndarray} in torch layout and `layout` order, from Flax params."""
     out = {}
-    for e in _layout(module, kind):
+    for e in layout:
         node = params
         for p in e.path:
             node = node[p]
@@ -676,15 +694,21 @@ def to_guided_diffusion(params, module, kind: Optional[str] = None) -> dict:
     return out
 
 
+def to_guided_diffusion(params, module, kind: Optional[str] = None) -> dict:
+    """Inverse of from_guided_diffusion: jaxdiff params -> {state_dict key: np.ndarray} (torch layout,
+    state_dict order)."""
+    return _state_dict_from_layout(params, _layout(module, kind))
+
+
 # ----------------------------------------------------------------------------------------------
 # Converted checkpoints on disk
 # ----------------------------------------------------------------------------------------------
 
 
 def save_converted(directory, params, kind: str, model_flags: dict, diffusion_flags: Optional[dict] = None,
-                   force: bool = False) -> Path:
+                   force: bool = False, *, source: str = "guided-diffusion", extra: Optional[dict] = None) -> Path:
     """Write DIR/config.json and DIR/params (orbax), atomically via DIR.tmp + rename. Refuses an
-    existing non-empty DIR unless force."""
+    existing non-empty DIR unless force. `extra` entries are added to config.json."""
     import orbax.checkpoint as ocp
 
     out = Path(os.fspath(directory)).absolute()
@@ -703,7 +727,8 @@ def save_converted(directory, params, kind: str, model_flags: dict, diffusion_fl
             "kind": kind,
             "model": config_util.jsonable(dict(model_flags)),
             "diffusion": config_util.jsonable(dict(diffusion_flags or {})),
-            "source": "guided-diffusion",
+            "source": source,
+            **config_util.jsonable(dict(extra or {})),
         }
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=1)
@@ -727,16 +752,25 @@ def load_converted(directory, **overrides):
 
     `overrides` replace model flags that do not change parameter shapes, e.g. dtype="float32" (a
     checkpoint converted with use_fp16=True computes in bfloat16 unless dtype is given) or
-    use_checkpoint=True. config is the file's content (without the overrides)."""
+    use_checkpoint=True. config is the file's content (without the overrides). CLIP encoders
+    (kind clip-image / clip-text) have config["clip"] with glide's CLIP config (logit_scale)."""
     import orbax.checkpoint as ocp
 
     from jaxdiff.models import create_model
+    from jaxdiff.models.clip import CLIP_KINDS, create_clip_encoder
 
     d = Path(os.fspath(directory)).absolute()
     with open(d / "config.json") as f:
         config = json.load(f)
-    module = create_model(config["kind"], **{**config["model"], **overrides})
-    abstract = abstract_params(module, config["kind"])
+    flags = {**config["model"], **overrides}
+    if config["kind"] in CLIP_KINDS:
+        from jaxdiff.convert_clip import abstract_clip_params
+
+        module = create_clip_encoder(config["kind"], **flags)
+        abstract = abstract_clip_params(module)
+    else:
+        module = create_model(config["kind"], **flags)
+        abstract = abstract_params(module, config["kind"])
     ckptr = ocp.StandardCheckpointer()
     try:
         params = ckptr.restore(d / "params", abstract)
@@ -746,31 +780,47 @@ def load_converted(directory, **overrides):
 
 
 def main(argv=None) -> int:
+    from jaxdiff.models.clip import CLIP_KINDS
+
     p = argparse.ArgumentParser(
         prog="python -m jaxdiff.convert",
-        description="Convert an openai/guided-diffusion checkpoint into a jaxdiff checkpoint directory.",
+        description="Convert an openai/guided-diffusion checkpoint, or one of GLIDE's CLIP encoders "
+                    "(openai/glide-text2im), into a jaxdiff checkpoint directory.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pt", help="PyTorch .pt state_dict (needs torch)")
     src.add_argument("--npz", help="numpy .npz state_dict (keys as in the .pt file)")
-    p.add_argument("--kind", choices=KINDS, default=None,
-                   help="unet, classifier or superres (default: inferred from --flags)")
-    p.add_argument("--flags", required=True,
-                   help='guided-diffusion command-line flags, e.g. "--image_size 64 --num_channels 192 ..."')
+    p.add_argument("--kind", choices=KINDS + tuple(CLIP_KINDS), default=None,
+                   help="unet, classifier or superres (default: inferred from --flags); clip-image or "
+                        "clip-text for glide's clip/image-enc.pt and clip/text-enc.pt")
+    p.add_argument("--flags", default=None,
+                   help='guided-diffusion command-line flags, e.g. "--image_size 64 --num_channels 192 ..." '
+                        '(required for ADM kinds); for CLIP kinds, optional clip/config.yaml values as '
+                        '"--n_embd 512 ..." (default: the released config)')
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
 
-    given = _parse_given(args.flags)
-    kind = args.kind or _infer_kind(given)
-    model_flags, diffusion_flags = flags_from_args(args.flags, kind)
+    if args.kind in CLIP_KINDS:
+        from jaxdiff.convert_clip import SOURCE, clip_config, encoder_kwargs, from_glide_clip
+
+        config = clip_config(args.flags or "")
+        kind, model_flags = args.kind, encoder_kwargs(args.kind, config)
+        diffusion_flags = {"diffusion_steps": config["n_timesteps"], "noise_schedule": config["beta_schedule"]}
+        convert, save_kw = from_glide_clip, {"source": SOURCE, "extra": {"clip": config}}
+    elif args.flags is None:
+        p.error(f"--flags (guided-diffusion command-line flags) is required for --kind {args.kind or 'unet'}")
+    else:
+        kind = args.kind or _infer_kind(_parse_given(args.flags))
+        model_flags, diffusion_flags = flags_from_args(args.flags, kind)
+        convert, save_kw = from_guided_diffusion, {}
     out = Path(args.out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
         return 2
-    module, params = from_guided_diffusion(args.pt or args.npz, kind, **model_flags)
-    save_converted(out, params, kind, model_flags, diffusion_flags, force=args.force)
-    n = sum(int(np.prod(e.flax_shape)) for e in _layout(module, kind))
+    _, params = convert(args.pt or args.npz, kind, **model_flags)
+    save_converted(out, params, kind, model_flags, diffusion_flags, force=args.force, **save_kw)
+    n = sum(int(np.prod(np.shape(v))) for _, v in _flatten(params))
     print(json.dumps({"out": str(out), "kind": kind, "parameters": n}))
     return 0
 
