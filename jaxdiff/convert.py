@@ -698,7 +698,8 @@ def from_guided_diffusion(state_dict, kind: str, **flags):
     state_dict: mapping of numpy arrays / torch tensors, or a path to a .pt or .npz file.
     kind: "unet" (UNetModel), "classifier" (EncoderUNetModel) or "superres" (SuperResModel, given
     in_channels=3 like guided-diffusion), or a GLIDE text-conditional kind (`models.TEXT_KINDS`, GLIDE's
-    constructor flags; `convert_glide.from_glide` takes GLIDE's options instead). Returns (module, params) for module.apply({'params': params}, ...).
+    constructor flags; `convert_glide.from_glide` takes GLIDE's options instead).
+    Returns (module, params) for module.apply({'params': params}, ...).
     Every key must be consumed: a missing, unexpected or wrongly shaped key raises ValueError naming
     the key and the flag that most likely differs.
     """
@@ -848,6 +849,7 @@ def main(argv=None) -> int:
             p.error(f"--kind {args.kind} is a GLIDE kind: add --source glide")
         kind = args.kind or _infer_kind(_parse_given(args.flags))
         model_flags, diffusion_flags = flags_from_args(args.flags, kind)
+    check_diffusion_flags(diffusion_flags)
     out = Path(args.out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)

@@ -134,17 +134,13 @@ def flags_from_glide(options="", kind: Optional[str] = None) -> tuple:
         use_scale_shift_norm=a["use_scale_shift_norm"],
         resblock_updown=a["resblock_updown"],
     )
-    diffusion = dict(
-        learn_sigma=a["learn_sigma"],
-        diffusion_steps=a["diffusion_steps"],
-        noise_schedule=_SCHEDULES[a["noise_schedule"]],
-        timestep_respacing=a["timestep_respacing"],
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-    )
-    convert.check_diffusion_flags(diffusion)
+    diffusion = {  # guided-diffusion's names; GLIDE has no KL loss, x0 prediction or timestep rescaling
+        **convert._DIFFUSION_DEFAULTS,
+        "learn_sigma": a["learn_sigma"],
+        "diffusion_steps": a["diffusion_steps"],
+        "noise_schedule": _SCHEDULES[a["noise_schedule"]],
+        "timestep_respacing": a["timestep_respacing"],
+    }
     return kind, model, diffusion
 
 

@@ -304,11 +304,11 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jax.Array, encoder_out: Optional[jax.Array] = None) -> jax.Array:
         b, c = x.shape[0], x.shape[-1]
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
-        order = self.use_new_attention_order
         tokens = x.reshape(b, -1, c)
-        q, k, v = QKV(heads, order, self.dtype, name="qkv")(GroupNorm32(name="norm")(tokens))
+        q, k, v = QKV(heads, self.use_new_attention_order, self.dtype, name="qkv")(GroupNorm32(name="norm")(tokens))
         if encoder_out is not None:
-            ek, ev = QKV(heads, order, self.dtype, parts=2, features=c, name="encoder_kv")(encoder_out)
+            kv = QKV(heads, self.use_new_attention_order, self.dtype, parts=2, features=c, name="encoder_kv")
+            ek, ev = kv(encoder_out)
             k, v = jnp.concatenate([ek, k], axis=1), jnp.concatenate([ev, v], axis=1)
         h = Dense(c, dtype=self.dtype, zero_init=True, name="proj_out")(merge_heads(attention(q, k, v), b))
         return (tokens + h).reshape(x.shape)

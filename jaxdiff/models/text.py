@@ -14,7 +14,7 @@ Blocks: xf_layers pre-LayerNorm blocks x + attn(ln_1(x)), x + mlp(ln_2(x)), no a
 holds [q | k | v] per head (guided-diffusion's legacy order, `layers.QKV`), q and k each scaled by
 d^-1/4; mlp is c_fc (4W) - exact GELU - c_proj. LayerNorms use eps 1e-5 in float32. With xf_final_ln a
 last LayerNorm (`final_ln`) follows. Submodule names mirror GLIDE's state_dict keys ("transformer.
-resblocks.0.attn.c_qkv" <-> transformer/resblocks_0/attn/c_qkv) for `jaxdiff.convert_glide`.
+resblocks.0.attn.c_qkv" <-> transformer/resblocks_0/attn/c_qkv) for the converter (`jaxdiff.convert`).
 """
 
 from __future__ import annotations
