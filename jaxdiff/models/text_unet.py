@@ -39,7 +39,8 @@ from jaxdiff.models.unet import ADMFlags, superres_input, unet_forward
 class Text2ImUNet(ADMFlags):
     """GLIDE's Text2ImUNet (see the module docstring for the interface).
 
-    The text flags are required by `create_model`; their defaults here are the released models'.
+    create_model requires text_ctx, xf_width, xf_layers, xf_heads and xf_final_ln (their defaults here
+    are the released models'); xf_padding defaults to False as in GLIDE's constructor.
     use_new_attention_order is not GLIDE's (its attention is in the legacy order): keep it False.
     """
 
