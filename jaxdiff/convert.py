@@ -1,4 +1,4 @@
-"""Loading openai/guided-diffusion (PyTorch) checkpoints into jaxdiff models.
+"""Loading openai/guided-diffusion and openai/glide-text2im (PyTorch) checkpoints into jaxdiff models.
 
 Python API
     flags_from_args(argstring, kind=None) -> (model_flags, diffusion_flags)
@@ -15,15 +15,20 @@ Python API
 Command line
     python -m jaxdiff.convert (--pt FILE.pt | --npz FILE.npz) --kind unet|classifier|superres \
         --flags "<guided-diffusion command-line flags>" --out DIR [--force]
-    python -m jaxdiff.convert (--pt | --npz) FILE --kind clip-image|clip-text [--flags "<clip config>"] \
-        --out DIR [--force]        (GLIDE's noised CLIP encoders: see jaxdiff.convert_clip)
-writes DIR/config.json ({"kind", "model", "diffusion", "source": "guided-diffusion" | "glide-text2im"})
-and DIR/params (orbax StandardCheckpointer), atomically (DIR.tmp, then rename); an existing
-non-empty DIR is only replaced with --force.
+    python -m jaxdiff.convert --source glide (--pt | --npz) FILE [--kind text2im|text2im_superres|...] \
+        [--flags "<GLIDE options, e.g. --image_size 256 --super_res True>"] --out DIR [--force]
+    python -m jaxdiff.convert --source glide (--pt | --npz) FILE --kind clip-image|clip-text \
+        [--flags "<clip/config.yaml values>"] --out DIR [--force]   (GLIDE's noised CLIP encoders)
+writes DIR/config.json ({"kind", "model", "diffusion", "source": "guided-diffusion" | "glide"}) and
+DIR/params (orbax StandardCheckpointer), atomically (DIR.tmp, then rename); an existing non-empty DIR
+is only replaced with --force. GLIDE's options and kinds: `jaxdiff.convert_glide`, `jaxdiff.convert_clip`.
 
 Layout mapping: Conv2d OIHW -> HWIO; Linear (out, in) -> (in, out); the token-wise conv1d layers
 (qkv, proj_out, qkv_proj, c_proj; weight (O, I, 1)) -> Dense (I, O); GroupNorm weight -> scale;
-Embedding weight -> embedding; the classifier's positional_embedding (C, T) -> (T, C).
+Embedding weight -> embedding; the classifier's positional_embedding (C, T) -> (T, C). GLIDE's caption
+encoder (token_embedding, positional/padding_embedding, transformer.*, final_ln, transformer_proj, top-level
+keys) lives under `text_encoder` in the Flax tree; its Linear layers (c_qkv, c_proj, c_fc) -> Dense and
+its (text_ctx, width) embeddings are kept as they are. `encoder_kv` is a token-wise conv1d.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ __all__ = [
     "to_guided_diffusion",
 ]
 
-KINDS = ("unet", "classifier", "superres")
+KINDS = ("unet", "classifier", "superres")  # guided-diffusion's; the text-conditional ones: convert_glide
+SOURCES = ("guided-diffusion", "glide")
 
 # ----------------------------------------------------------------------------------------------
 # guided-diffusion command-line flags (script_util.py defaults)
@@ -145,8 +151,8 @@ def _str2bool(name: str, v: str) -> bool:
     raise ValueError(f"--{name} {v!r}: boolean value expected (True/False)")
 
 
-def _typed(name: str, v: str, defaults: Optional[dict] = None):
-    default = (_ALL_DEFAULTS if defaults is None else defaults)[name]
+def _typed(name: str, v: str, defaults: Mapping):
+    default = defaults[name]
     if isinstance(default, bool):
         return _str2bool(name, v)
     try:
@@ -159,10 +165,9 @@ def _typed(name: str, v: str, defaults: Optional[dict] = None):
     return v
 
 
-def _parse_given(argstring: str, defaults: Optional[dict] = None, source: str = "guided-diffusion") -> dict:
+def _parse_given(argstring: str, defaults: Mapping = _ALL_DEFAULTS, source: str = "guided-diffusion") -> dict:
     """The flags given in `argstring` ("--name value" or "--name=value"), typed like their entries in
     `defaults` (guided-diffusion's by default); unknown names raise ValueError with a suggestion."""
-    defaults = _ALL_DEFAULTS if defaults is None else defaults
     tokens = shlex.split(argstring) if isinstance(argstring, str) else list(argstring)
     given = {}
     i = 0
@@ -316,13 +321,17 @@ def flags_from_args(argstring: str, kind: Optional[str] = None) -> tuple:
 # Parameter layout: jaxdiff param tree <-> guided-diffusion state_dict
 # ----------------------------------------------------------------------------------------------
 
-_CONV1D = {"qkv", "proj_out", "qkv_proj", "c_proj"}
+_CONV1D = {"qkv", "encoder_kv", "proj_out", "qkv_proj", "c_proj"}
+_TEXT = "text_encoder"  # GLIDE's caption encoder; its parameters are top-level keys of the state_dict
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
-         "positional_embedding": "positional_embedding"}
+         "positional_embedding": "positional_embedding", "padding_embedding": "padding_embedding"}
 _ORDER = [
+    "positional_embedding", "padding_embedding",
     "time_embed", "label_emb", "input_blocks", "middle_block", "output_blocks", "out",
+    "transformer", "final_ln", "token_embedding", "transformer_proj",
     "in_layers", "emb_layers", "out_layers", "skip_connection", "op", "conv",
-    "norm", "qkv", "proj_out", "positional_embedding", "qkv_proj", "c_proj", "weight", "bias",
+    "norm", "qkv", "encoder_kv", "proj_out", "qkv_proj",
+    "resblocks", "attn", "ln_1", "mlp", "ln_2", "c_qkv", "c_fc", "c_proj", "weight", "bias",
 ]
 _RANK = {n: i for i, n in enumerate(_ORDER)}
 
@@ -337,7 +346,10 @@ class _Entry:
 
 
 def _torch_key(path: tuple) -> str:
-    mods = [re.sub(r"_(\d+)", r".\1", p) for p in path[:-1]]
+    if path[0] == _TEXT:  # names like ln_1 keep their underscore; only resblocks_<i> is indexed
+        mods = [re.sub(r"^resblocks_(\d+)$", r"resblocks.\1", p) for p in path[1:-1]]
+    else:
+        mods = [re.sub(r"_(\d+)", r".\1", p) for p in path[:-1]]
     return ".".join(mods + [_LEAF[path[-1]]])
 
 
@@ -350,6 +362,8 @@ def _order_key(key: str):
 
 def _transform(path: tuple, ndim: int) -> str:
     leaf = path[-1]
+    if path[0] == _TEXT:
+        return "dense" if leaf == "kernel" else "identity"
     if leaf == "kernel":
         if ndim == 4:
             return "conv2d"
@@ -390,8 +404,11 @@ def _to_torch(a: np.ndarray, transform: str) -> np.ndarray:
 
 
 def _kind_of(module) -> str:
-    from jaxdiff.models import EncoderUNetModel, SuperResModel, UNetModel
+    from jaxdiff.models import MODEL_KINDS, EncoderUNetModel, SuperResModel, UNetModel
 
+    for kind, cls in MODEL_KINDS.items():
+        if type(module) is cls:
+            return kind
     if isinstance(module, SuperResModel):
         return "superres"
     if isinstance(module, EncoderUNetModel):
@@ -411,9 +428,12 @@ def abstract_params(module, kind: Optional[str] = None):
     x = jax.ShapeDtypeStruct((1, s, s, module.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     kw = {}
-    if kind == "superres":
+    if kind.startswith(("superres", "text2im_superres")):
         kw["low_res"] = x
-    if kind != "classifier" and module.num_classes is not None:
+    if kind.startswith("text2im"):
+        kw["tokens"] = jax.ShapeDtypeStruct((1, module.text_ctx), jnp.int32)
+        kw["mask"] = jax.ShapeDtypeStruct((1, module.text_ctx), jnp.bool_)
+    elif kind != "classifier" and module.num_classes is not None:
         kw["y"] = jax.ShapeDtypeStruct((1,), jnp.int32)
 
     def init(x, t, kw):
@@ -471,7 +491,44 @@ def _num_blocks(keys, which: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
+_TEXT_KEYS = ("positional_embedding", "padding_embedding", "token_embedding", "transformer", "final_ln",
+              "transformer_proj")
+
+
+def _text_hint(key, problem, kind, expected: dict, given: dict) -> Optional[str]:
+    """The hint for GLIDE's caption-encoder keys and encoder_kv; None for other keys."""
+    parts = key.split(".")
+    top = parts[0]
+    if not (top in _TEXT_KEYS or "encoder_kv" in parts):
+        return None
+    exp_shape, got_shape = expected.get(key), given.get(key)
+    if not kind.startswith("text2im"):
+        return ("the model kind: a text-conditional GLIDE checkpoint needs a 'text2im*' kind (python -m "
+                "jaxdiff.convert --source glide)")
+    if top == "padding_embedding" and problem != "shape":
+        return f"xf_padding: the checkpoint {'has no' if problem == 'missing' else 'has a'} padding embedding"
+    if top == "final_ln" and problem != "shape":
+        return f"xf_final_ln: the checkpoint {'has no' if problem == 'missing' else 'has a'} final LayerNorm"
+    if top == "transformer" and problem != "shape":
+        n = {which: len({k.split(".")[2] for k in keys if k.startswith("transformer.resblocks.")})
+             for which, keys in (("given", given), ("expected", expected))}
+        return f"xf_layers: the checkpoint has {n['given']} transformer blocks, these flags give {n['expected']}"
+    if problem != "shape":
+        return ("the model kind: the checkpoint has no caption encoder / encoder_kv (a guided-diffusion checkpoint?)"
+                if problem == "missing" else "the model kind or the checkpoint (key not produced by GLIDE's constructors)")
+    if top == "token_embedding" and exp_shape[0] != got_shape[0]:
+        return f"n_vocab (the tokenizer's vocabulary size): the checkpoint has {got_shape[0]} token rows"
+    if top in ("positional_embedding", "padding_embedding") and exp_shape[0] != got_shape[0]:
+        return f"text_ctx: the checkpoint's text embeddings have {got_shape[0]} positions"
+    if top == "transformer_proj" or "encoder_kv" in parts:
+        return "xf_width / model_channels / channel_mult (channel counts differ)"
+    return f"xf_width: the checkpoint's caption encoder is {got_shape[-1]} wide"
+
+
 def _hint(key, problem, kind, expected: dict, given: dict) -> str:
+    text = _text_hint(key, problem, kind, expected, given)
+    if text is not None:
+        return text
     parts = key.split(".")
     top = parts[0]
     exp_shape, got_shape = expected.get(key), given.get(key)
@@ -493,7 +550,8 @@ def _hint(key, problem, kind, expected: dict, given: dict) -> str:
         if key == "input_blocks.0.0.weight" and problem == "shape" and exp_shape[1] != got_shape[1]:
             return (
                 f"in_channels: the checkpoint's first conv takes {got_shape[1]} channels, these flags give "
-                f"{exp_shape[1]} (a SuperResModel doubles in_channels: kind 'superres' vs 'unet')"
+                f"{exp_shape[1]} (super-resolution and inpainting models widen the input: kind 'superres' vs "
+                f"'unet', 'text2im_superres' / 'text2im_inpaint' vs 'text2im')"
             )
         if problem == "shape":
             if ".emb_layers." in key and exp_shape and got_shape:
@@ -634,10 +692,12 @@ def load_state_dict(source) -> dict:
 
 
 def _check_kind(kind: str):
-    if kind not in KINDS:
-        near = difflib.get_close_matches(str(kind), KINDS, n=1)
+    from jaxdiff.models import MODEL_KINDS
+
+    if kind not in MODEL_KINDS:
+        near = difflib.get_close_matches(str(kind), MODEL_KINDS, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown model kind {kind!r}{hint}; expected one of {KINDS}")
+        raise ValueError(f"unknown model kind {kind!r}{hint}; expected one of {tuple(MODEL_KINDS)}")
 
 
 def from_guided_diffusion(state_dict, kind: str, **flags):
@@ -645,7 +705,9 @@ def from_guided_diffusion(state_dict, kind: str, **flags):
 
     state_dict: mapping of numpy arrays / torch tensors, or a path to a .pt or .npz file.
     kind: "unet" (UNetModel), "classifier" (EncoderUNetModel) or "superres" (SuperResModel, given
-    in_channels=3 like guided-diffusion). Returns (module, params) for module.apply({'params': params}, ...).
+    in_channels=3 like guided-diffusion), or a GLIDE text-conditional kind (`models.TEXT_KINDS`, GLIDE's
+    constructor flags; `convert_glide.from_glide` takes GLIDE's options instead).
+    Returns (module, params) for module.apply({'params': params}, ...).
     Every key must be consumed: a missing, unexpected or wrongly shaped key raises ValueError naming
     the key and the flag that most likely differs.
     """
@@ -657,7 +719,9 @@ def from_guided_diffusion(state_dict, kind: str, **flags):
     layout = _layout(module, kind)
     expected = {e.key: e.shape for e in layout}
     given = {k: tuple(v.shape) for k, v in sd.items()}
-    err = _mismatch_error(kind, expected, given)
+    text = kind.startswith("text2im")
+    err = _mismatch_error(kind, expected, given, source="GLIDE" if text else "guided-diffusion",
+                          footer=_GD_FOOTER.replace("use_new_attention_order", "xf_heads") if text else _GD_FOOTER)
     if err:
         raise ValueError(err)
     return module, _params_from_layout(layout, sd)
@@ -708,9 +772,12 @@ def to_guided_diffusion(params, module, kind: Optional[str] = None) -> dict:
 def save_converted(directory, params, kind: str, model_flags: dict, diffusion_flags: Optional[dict] = None,
                    force: bool = False, *, source: str = "guided-diffusion", extra: Optional[dict] = None) -> Path:
     """Write DIR/config.json and DIR/params (orbax), atomically via DIR.tmp + rename. Refuses an
-    existing non-empty DIR unless force. `extra` entries are added to config.json."""
+    existing non-empty DIR unless force. `source` (one of SOURCES) is recorded in config.json and
+    `extra` entries are added to it."""
     import orbax.checkpoint as ocp
 
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r}: expected one of {SOURCES}")
     out = Path(os.fspath(directory)).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
@@ -780,40 +847,57 @@ def load_converted(directory, **overrides):
 
 
 def main(argv=None) -> int:
+    from jaxdiff import convert_glide
+    from jaxdiff.models import TEXT_KINDS
     from jaxdiff.models.clip import CLIP_KINDS
 
     p = argparse.ArgumentParser(
         prog="python -m jaxdiff.convert",
-        description="Convert an openai/guided-diffusion checkpoint, or one of GLIDE's CLIP encoders "
-                    "(openai/glide-text2im), into a jaxdiff checkpoint directory.",
+        description="Convert an openai/guided-diffusion or openai/glide-text2im checkpoint (text U-Nets and "
+                    "the noised CLIP encoders) into a jaxdiff checkpoint directory.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pt", help="PyTorch .pt state_dict (needs torch)")
     src.add_argument("--npz", help="numpy .npz state_dict (keys as in the .pt file)")
-    p.add_argument("--kind", choices=KINDS + tuple(CLIP_KINDS), default=None,
-                   help="unet, classifier or superres (default: inferred from --flags); clip-image or "
-                        "clip-text for glide's clip/image-enc.pt and clip/text-enc.pt")
-    p.add_argument("--flags", default=None,
-                   help='guided-diffusion command-line flags, e.g. "--image_size 64 --num_channels 192 ..." '
-                        '(required for ADM kinds); for CLIP kinds, optional clip/config.yaml values as '
-                        '"--n_embd 512 ..." (default: the released config)')
+    glide_kinds = tuple(TEXT_KINDS) + tuple(CLIP_KINDS)
+    p.add_argument("--source", choices=SOURCES, default=None,
+                   help="the repository the checkpoint comes from (default: glide for a GLIDE --kind, else "
+                        "guided-diffusion)")
+    p.add_argument("--kind", choices=KINDS + glide_kinds, default=None,
+                   help=f"guided-diffusion: {', '.join(KINDS)}; glide: {', '.join(glide_kinds)} (default: "
+                        f"inferred from --flags)")
+    p.add_argument("--flags", default="",
+                   help='guided-diffusion command-line flags, e.g. "--image_size 64 --num_channels 192 ...", '
+                        'GLIDE\'s options, e.g. "--super_res True" (absent ones take GLIDE\'s defaults), or for '
+                        'CLIP kinds clip/config.yaml values as "--n_embd 512 ..." (default: the released config)')
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
+    if args.source is None:
+        args.source = "glide" if args.kind in glide_kinds else "guided-diffusion"
 
-    if args.kind in CLIP_KINDS:
-        from jaxdiff.convert_clip import SOURCE, clip_config, encoder_kwargs, from_glide_clip
+    save_kw = {"source": args.source}
+    if args.source == "glide":
+        if args.kind is not None and args.kind not in glide_kinds:
+            p.error(f"--kind {args.kind} is a guided-diffusion kind; GLIDE's are {', '.join(glide_kinds)}")
+        if args.kind in CLIP_KINDS:
+            from jaxdiff.convert_clip import clip_config, encoder_kwargs, from_glide_clip
 
-        config = clip_config(args.flags or "")
-        kind, model_flags = args.kind, encoder_kwargs(args.kind, config)
-        diffusion_flags = {"diffusion_steps": config["n_timesteps"], "noise_schedule": config["beta_schedule"]}
-        convert, save_kw = from_glide_clip, {"source": SOURCE, "extra": {"clip": config}}
-    elif args.flags is None:
-        p.error(f"--flags (guided-diffusion command-line flags) is required for --kind {args.kind or 'unet'}")
+            config = clip_config(args.flags)
+            kind, model_flags = args.kind, encoder_kwargs(args.kind, config)
+            diffusion_flags = {"diffusion_steps": config["n_timesteps"], "noise_schedule": config["beta_schedule"]}
+            convert, save_kw["extra"] = from_glide_clip, {"clip": config}
+        else:
+            kind, model_flags, diffusion_flags = convert_glide.flags_from_glide(args.flags, args.kind)
+            convert = from_guided_diffusion
     else:
+        if args.kind is not None and args.kind not in KINDS:
+            p.error(f"--kind {args.kind} is a GLIDE kind: add --source glide")
+        if not args.flags:
+            p.error(f"--flags (guided-diffusion command-line flags) is required for --kind {args.kind or 'unet'}")
         kind = args.kind or _infer_kind(_parse_given(args.flags))
         model_flags, diffusion_flags = flags_from_args(args.flags, kind)
-        convert, save_kw = from_guided_diffusion, {}
+        convert = from_guided_diffusion
     out = Path(args.out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)

@@ -47,7 +47,7 @@ __all__ = [
     "to_glide_clip",
 ]
 
-SOURCE = "glide-text2im"
+SOURCE = "glide"
 
 # glide_text2im/clip/config.yaml (the released encoders were trained with these)
 CLIP_CONFIG = dict(

@@ -152,7 +152,7 @@ def test_convert_command_and_loader(fx, tmp_path, text):
                                                                   "n_head_state_text"))
     assert main(["--npz", str(npz), "--kind", "clip-text", "--flags", flags, "--out", str(tmp_path / "out")]) == 0
     module, params, config = load_converted(tmp_path / "out")
-    assert module == text[0] and config["source"] == "glide-text2im" and config["clip"]["logit_scale"] == 100.0
+    assert module == text[0] and config["source"] == "glide" and config["clip"]["logit_scale"] == 100.0
     assert config["diffusion"] == {"diffusion_steps": 1000, "noise_schedule": "squaredcos_cap_v2"}
     jax.tree.map(np.testing.assert_array_equal, params, text[1])
     with pytest.raises(SystemExit):  # ADM kinds still need their flags

@@ -1,11 +1,14 @@
 """ADM networks (openai/guided-diffusion architectures) in Flax linen, NHWC.
 
-    create_model(kind, **flags) -> nn.Module      kind: "unet" | "classifier" | "superres"
+    create_model(kind, **flags) -> nn.Module      kind: "unet" | "classifier" | "superres" | one of TEXT_KINDS
     check_labels(y, num_classes, null_label=False) -> np.ndarray
+    encode_text(module, params, tokens, mask) -> (xf_proj, xf_out)   (text-conditional kinds)
 
 Flags are the keyword arguments of guided-diffusion's UNetModel / EncoderUNetModel / SuperResModel
 (attention_resolutions as downsampling factors ds), plus `null_label` (U-Net, super-res) and `dtype`.
-create_model validates every flag in Python, before anything is traced or compiled.
+The text-conditional kinds (GLIDE's Text2ImUNet "text2im", SuperResText2ImUNet "text2im_superres",
+and the inpainting "text2im_inpaint", "text2im_superres_inpaint") take GLIDE's constructor flags, see
+text_unet.py. create_model validates every flag in Python, before anything is traced or compiled.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ from jaxdiff.models.layers import (
     make_plan,
     timestep_embedding,
 )
+from jaxdiff.models.text import check_text_flags
+from jaxdiff.models.text_unet import (
+    InpaintText2ImUNet,
+    SuperResInpaintText2ImUNet,
+    SuperResText2ImUNet,
+    Text2ImUNet,
+    encode_text,
+)
 from jaxdiff.models.unet import SuperResModel, UNetModel, upsample_bilinear, validate_labels
 
 __all__ = [
@@ -40,14 +51,20 @@ __all__ = [
     "Downsample",
     "EncoderUNetModel",
     "GroupNorm32",
+    "InpaintText2ImUNet",
     "MODEL_KINDS",
     "ResBlock",
+    "SuperResInpaintText2ImUNet",
     "SuperResModel",
+    "SuperResText2ImUNet",
+    "TEXT_KINDS",
+    "Text2ImUNet",
     "UNetModel",
     "Upsample",
     "check_architecture",
     "check_labels",
     "create_model",
+    "encode_text",
     "layers",
     "make_plan",
     "model_flag_names",
@@ -56,9 +73,12 @@ __all__ = [
     "upsample_bilinear",
 ]
 
-MODEL_KINDS = {"unet": UNetModel, "classifier": EncoderUNetModel, "superres": SuperResModel}
+TEXT_KINDS = {"text2im": Text2ImUNet, "text2im_superres": SuperResText2ImUNet, "text2im_inpaint": InpaintText2ImUNet,
+              "text2im_superres_inpaint": SuperResInpaintText2ImUNet}
+MODEL_KINDS = {"unet": UNetModel, "classifier": EncoderUNetModel, "superres": SuperResModel, **TEXT_KINDS}
 
 _REQUIRED = ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions")
+_TEXT_REQUIRED = ("text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln")
 
 # guided-diffusion script (command-line) names people pass by mistake -> constructor flags.
 _SCRIPT_ALIASES = {
@@ -114,7 +134,7 @@ def normalize_flags(kind: str, **flags) -> dict:
             else:
                 hint = ""
             raise ValueError(f"unknown flag {k!r} for a {kind!r} model{hint}; allowed flags: {', '.join(names)}")
-    missing = [k for k in _REQUIRED if k not in flags]
+    missing = [k for k in _REQUIRED + (_TEXT_REQUIRED if kind in TEXT_KINDS else ()) if k not in flags]
     if missing:
         raise ValueError(f"missing required flag(s) {missing} for a {kind!r} model")
     out = dict(flags)
@@ -137,7 +157,8 @@ def normalize_flags(kind: str, **flags) -> dict:
                 norm.append(a)
             out[key] = tuple(norm)
     for key in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "num_classes",
-                "num_heads", "num_head_channels", "num_heads_upsample", "dims"):
+                "num_heads", "num_head_channels", "num_heads_upsample", "dims", "text_ctx", "xf_width", "xf_layers",
+                "xf_heads", "n_vocab"):
         if isinstance(out.get(key), np.integer):
             out[key] = int(out[key])
     if out.get("dtype") is not None and not isinstance(out["dtype"], str):
@@ -149,11 +170,14 @@ def normalize_flags(kind: str, **flags) -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     ns = type("Flags", (), {**defaults, **out})()
     check_architecture(ns, "classifier" if kind == "classifier" else "unet")
+    if kind in TEXT_KINDS:
+        check_text_flags(ns)
     return out
 
 
 def create_model(kind: str, **flags) -> nn.Module:
-    """Build a UNetModel ("unet"), EncoderUNetModel ("classifier") or SuperResModel ("superres") from
-    guided-diffusion constructor flags (+ null_label, dtype), validating them first."""
+    """Build a UNetModel ("unet"), EncoderUNetModel ("classifier"), SuperResModel ("superres") or a
+    text-conditional GLIDE U-Net (TEXT_KINDS) from the constructor flags (+ null_label, dtype),
+    validating them first."""
     _kind_class(kind)
     return MODEL_KINDS[kind](**normalize_flags(kind, **flags))

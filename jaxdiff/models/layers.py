@@ -229,25 +229,27 @@ class ResBlock(nn.Module):
 
 
 def qkv_projections(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads: int, new_order: bool,
-                    dtype: Dtype) -> tuple:
-    """guided-diffusion's qkv conv1d as three projections: tokens [B, T, C_in] -> q, k, v, each
-    [B * H, T, ch] (heads folded into the batch), q and k scaled by ch^-1/4.
+                    dtype: Dtype, parts: int = 3) -> tuple:
+    """guided-diffusion's qkv conv1d as `parts` projections: tokens [B, T, C_in] -> q, k, v, each
+    [B * H, T, ch] (heads folded into the batch), q and k scaled by ch^-1/4. With parts=2 (GLIDE's
+    encoder_kv) the projections are k, v: every part but the last (v) is scaled.
 
-    `kernel` [C_in, 3*H*ch] and `bias` [3*H*ch] keep the checkpoint's channel layout: legacy order
-    (QKVAttentionLegacy) is heads first, [H, (q, k, v), ch]; new order (QKVAttention) is
+    `kernel` [C_in, parts*H*ch] and `bias` [parts*H*ch] keep the checkpoint's channel layout: legacy
+    order (QKVAttentionLegacy) is heads first, [H, (q, k, v), ch]; new order (QKVAttention) is
     [(q, k, v), H, ch]. Splitting the (small) kernel instead of the [B, T, 3*H*ch] output keeps
     the activations free of strided slices, whose gradients XLA writes as three zero-padded
     full-width tensors; the ch^-1/4 scale is folded into the q and k weights (float32).
     """
     b, t, c_in = x.shape
-    ch = kernel.shape[1] // (3 * num_heads)
-    layout = (3, num_heads, ch) if new_order else (num_heads, 3, ch)
+    ch = kernel.shape[1] // (parts * num_heads)
+    layout = (parts, num_heads, ch) if new_order else (num_heads, parts, ch)
     kernel, bias = kernel.reshape((c_in,) + layout), bias.reshape(layout)
     part = 0 if new_order else 1  # axis of (q, k, v) in `layout`
     scale = 1.0 / math.sqrt(math.sqrt(ch))
     x = cast(x, dtype)
     out = []
-    for i, s in enumerate((scale, scale, 1.0)):
+    for i in range(parts):
+        s = 1.0 if i == parts - 1 else scale
         w = jnp.take(kernel, i, axis=part + 1).reshape(c_in, num_heads * ch) * s
         w_b = jnp.take(bias, i, axis=part).reshape(num_heads * ch) * s
         y = jax.lax.dot_general(x, cast(w, dtype), (((2,), (0,)), ((), ()))) + cast(w_b, dtype)
@@ -262,19 +264,23 @@ def merge_heads(a: jax.Array, batch: int) -> jax.Array:
 
 
 class QKV(nn.Module):
-    """guided-diffusion's qkv conv1d (parameters `kernel` [C, 3C], `bias` [3C], as nn.Dense keeps
-    them) returning the per-head q, k, v of `qkv_projections`."""
+    """guided-diffusion's qkv conv1d (parameters `kernel` [C_in, parts*C], `bias` [parts*C], as nn.Dense
+    keeps them) returning the per-head projections of `qkv_projections`. C is `features`, or the
+    input's channels when None."""
 
     num_heads: int
     new_order: bool
     dtype: Dtype = jnp.float32
+    parts: int = 3
+    features: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple:
-        c = x.shape[-1]
-        kernel = self.param("kernel", torch_default_init, (c, 3 * c), jnp.float32)
-        bias = self.param("bias", zeros_init, (3 * c,), jnp.float32)
-        return qkv_projections(x, kernel, bias, self.num_heads, self.new_order, self.dtype)
+        c_in = x.shape[-1]
+        c = c_in if self.features is None else self.features
+        kernel = self.param("kernel", torch_default_init, (c_in, self.parts * c), jnp.float32)
+        bias = self.param("bias", zeros_init, (self.parts * c,), jnp.float32)
+        return qkv_projections(x, kernel, bias, self.num_heads, self.new_order, self.dtype, self.parts)
 
 
 def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
@@ -283,7 +289,11 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> in
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over all pixels: GN - qkv - attention - zero-init proj_out, residual."""
+    """Self-attention over all pixels: GN - qkv - attention - zero-init proj_out, residual.
+
+    `encoder_out` [B, S, E] (GLIDE's text features): its 1x1 projection `encoder_kv` (E -> 2C, per head
+    [k | v]) gives S more keys and values, joined to the pixels' under one softmax.
+    """
 
     num_heads: int = 1
     num_head_channels: int = -1
@@ -291,11 +301,15 @@ class AttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, encoder_out: Optional[jax.Array] = None) -> jax.Array:
         b, c = x.shape[0], x.shape[-1]
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
         tokens = x.reshape(b, -1, c)
         q, k, v = QKV(heads, self.use_new_attention_order, self.dtype, name="qkv")(GroupNorm32(name="norm")(tokens))
+        if encoder_out is not None:
+            kv = QKV(heads, self.use_new_attention_order, self.dtype, parts=2, features=c, name="encoder_kv")
+            ek, ev = kv(encoder_out)
+            k, v = jnp.concatenate([ek, k], axis=1), jnp.concatenate([ev, v], axis=1)
         h = Dense(c, dtype=self.dtype, zero_init=True, name="proj_out")(merge_heads(attention(q, k, v), b))
         return (tokens + h).reshape(x.shape)
 
@@ -514,33 +528,42 @@ def _make_layer(m, spec: LayerSpec, name: str, out_channels_conv_in: int, train:
     raise AssertionError(spec.kind)
 
 
-def run_block(m, block, prefix: str, h: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-    """Apply one TimestepEmbedSequential block; layer j is named f"{prefix}_{j}"."""
+def run_block(m, block, prefix: str, h: jax.Array, emb: jax.Array, train: bool,
+              encoder_out: Optional[jax.Array] = None) -> jax.Array:
+    """Apply one TimestepEmbedSequential block; layer j is named f"{prefix}_{j}". `encoder_out` (text
+    features) goes to the attention layers."""
     for j, spec in enumerate(block):
         layer = _make_layer(m, spec, f"{prefix}_{j}", spec.out_ch, train)
-        h = layer(h, emb) if spec.kind == "res" else layer(h)
+        if spec.kind == "res":
+            h = layer(h, emb)
+        elif spec.kind == "attn" and encoder_out is not None:
+            h = layer(h, encoder_out)
+        else:
+            h = layer(h)
     return h
 
 
-def encoder_trunk(m, plan: Plan, h: jax.Array, emb: jax.Array, train: bool):
+def encoder_trunk(m, plan: Plan, h: jax.Array, emb: jax.Array, train: bool,
+                  encoder_out: Optional[jax.Array] = None):
     """input_blocks + middle_block, the one encoder used by the U-Net and the classifier.
 
     Returns (middle block output, [output of every input block]).
     """
     hs = []
     for i, block in enumerate(plan.input_blocks):
-        h = run_block(m, block, f"input_blocks_{i}", h, emb, train)
+        h = run_block(m, block, f"input_blocks_{i}", h, emb, train, encoder_out)
         hs.append(h)
-    h = run_block(m, plan.middle_block, "middle_block", h, emb, train)
+    h = run_block(m, plan.middle_block, "middle_block", h, emb, train, encoder_out)
     return h, hs
 
 
-def decoder_trunk(m, plan: Plan, h: jax.Array, hs, emb: jax.Array, train: bool) -> jax.Array:
+def decoder_trunk(m, plan: Plan, h: jax.Array, hs, emb: jax.Array, train: bool,
+                  encoder_out: Optional[jax.Array] = None) -> jax.Array:
     """output_blocks of the U-Net: each concatenates the matching encoder output (channels last)."""
     hs = list(hs)
     for i, block in enumerate(plan.output_blocks):
         h = jnp.concatenate([h, cast(hs.pop(), h.dtype)], axis=-1)
-        h = run_block(m, block, f"output_blocks_{i}", h, emb, train)
+        h = run_block(m, block, f"output_blocks_{i}", h, emb, train, encoder_out)
     return h
 
 
