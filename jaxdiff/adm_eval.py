@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import struct
 import zipfile
@@ -40,6 +39,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, 
 
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff import metrics as M
 
 __all__ = [
@@ -218,7 +218,7 @@ def write_npz(path: PathLike, arrays: Mapping[str, Union[np.ndarray, Rows]]) -> 
                     else:
                         np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
 
-    M.atomic_write(path, write)
+    files.atomic_write(path, write)
 
 
 def _write_rows(member, name: str, rows: Rows) -> None:

@@ -26,6 +26,8 @@ def atomic_write(path: Union[str, os.PathLike], content: Content) -> str:
                 content(f)
             else:
                 f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -40,7 +40,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -48,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import cpu
+from jaxdiff import cpu, files
 from jaxdiff.convert import describe_key_problem, key_problems, load_state_dict
 from jaxdiff.models.inception import InceptionV3
 
@@ -296,17 +295,7 @@ def save_params(path, params: Any, *, source: str = "", force: bool = False) -> 
     fp = fingerprint(params)
     arrays = {_PREFIX + "/".join(p): np.asarray(a, np.float32) for p, a in _flat(params).items()}
     arrays.update(format=np.asarray(FORMAT), fingerprint=np.asarray(fp), source=np.asarray(str(source)))
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    files.atomic_write(path, lambda f: np.savez(f, **arrays))
     return fp
 
 

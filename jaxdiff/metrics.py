@@ -37,10 +37,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from jaxdiff import files
 
 __all__ = [
     "FeatureStats",
@@ -57,7 +58,6 @@ __all__ = [
     "prdc",
     "classifier_accuracy",
     "params_fingerprint",
-    "atomic_write",
     "classifier_extractor",
     "reference_stats",
     "evaluate_samples",
@@ -68,27 +68,6 @@ __all__ = [
 
 Array = np.ndarray
 DEFAULT_CHUNK_SIZE = 1024
-
-
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[Any], None]) -> None:
-    """Calls ``write(binary file)`` on a temporary file in path's directory (created if needed), then
-    renames it to ``path``; on any error the temporary file is removed and ``path`` is left as it was."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,7 +351,7 @@ class FeatureStats:
             arrays["features"] = np.asarray(self.features, np.float32)
         if self.image_shape is not None:
             arrays["image_shape"] = np.asarray(self.image_shape, np.int64)
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "FeatureStats":
@@ -771,7 +750,6 @@ def classifier_extractor(
     any N. ``config`` (JSON-able) is folded into the fingerprint: put there whatever distinguishes
     feature_fn choices (e.g. the layer name), since functions cannot be hashed stably.
     """
-    import jax
     import jax.numpy as jnp
 
     batch_size = int(batch_size)
