@@ -25,7 +25,8 @@ pool3 features (precision/recall and the IS need the rows: 50,000 x 2048 float32
 
 ``feature_fn(params, images_uint8 [B, H, W, 3]) -> {"pool3": [B, 2048], "spatial": [B, 2023],
 "logits_unbiased": [B, 1008], ...}`` is any jittable function with those keys (the dimensions are
-free), e.g. the Inception network's ``inception.feature_fn(params, mode)``.
+free and it is traced inside this module's own jitted program, so pass it un-jitted), e.g. the
+Inception network's ``inception.pure_feature_fn(mode)``.
 """
 
 from __future__ import annotations

@@ -172,9 +172,15 @@ def features(params: Any, images: jax.Array, mode: str = "tf1") -> dict:
     return InceptionV3().apply({"params": params}, preprocess(images, mode))
 
 
+def pure_feature_fn(mode: str = "tf1"):
+    """`fn(params, images_uint8) -> outputs` for `mode`, not jitted: for use inside other jitted or
+    sharded programs (e.g. `jaxdiff.adm_eval`)."""
+    return functools.partial(features, mode=_check_mode(mode))
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(mode: str):
-    return cpu.jit(functools.partial(features, mode=mode))
+    return cpu.jit(pure_feature_fn(mode))
 
 
 def feature_fn(params: Any = None, mode: str = "tf1"):

@@ -8,6 +8,8 @@ round trip reuses."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -236,3 +238,37 @@ def test_convert_pth_without_torch(tmp_path, monkeypatch, capsys):
     assert inc.main(["convert", "--pth", str(pth), "--out", str(tmp_path / "o.npz")]) == 2
     assert "needs PyTorch" in capsys.readouterr().err
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_evaluator_command(tmp_path, params, capsys, monkeypatch):
+    """`python -m jaxdiff.evaluation adm REF SAMPLES --inception W` prints and writes the evaluator's
+    numbers. The weights file is real (seeded); the network is replaced by a cheap stand-in so the
+    command's plumbing is tested without running Inception at 299 (its parity is tested above)."""
+    import subprocess
+    import sys
+
+    import _fake_features as F
+    from jaxdiff import adm_eval, evaluation
+
+    fake = F.make_params((16, 16, 3))
+    monkeypatch.setattr(inc, "pure_feature_fn", lambda mode="tf1": lambda p, images: F.feature_fn(fake, images))
+    weights = tmp_path / "inception.npz"
+    inc.save_params(weights, params)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "samples.npz", rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
+    args = ["adm", str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--inception", str(weights),
+            "--batch_size", "4", "--out", str(tmp_path / "m.json")]
+    assert evaluation.main(args) == 0
+    printed = capsys.readouterr().out
+    for name in ("Inception Score:", "FID:", "sFID:", "Precision:", "Recall:"):
+        assert name in printed
+    got = json.loads((tmp_path / "m.json").read_text())
+    direct = adm_eval.evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz", inc.pure_feature_fn(), None,
+                               mode="tf1", batch_size=4, progress=False)
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        assert got[key] == pytest.approx(direct[key], rel=1e-6), key
+    bad = subprocess.run([sys.executable, "-m", "jaxdiff.evaluation", "adm", str(tmp_path / "nope.npz"),
+                          str(tmp_path / "samples.npz"), "--inception", str(weights)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
