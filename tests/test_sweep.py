@@ -167,3 +167,33 @@ def test_readme_quickstart_runs(workdirs, tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "'fid'" in printed and "'accuracy'" in printed
+
+
+def test_sweep_with_inception_metrics(tmp_path, monkeypatch):
+    """extractor='inception': the evaluator's metrics per setting against a reference batch (RGB models).
+    The weights file is real (seeded); the network is a cheap stand-in (its parity: test_inception.py)."""
+    import _fake_features as F
+    import _inception
+    import _tiny
+    from jaxdiff import convert, inception
+
+    m, p = _tiny.unet()
+    convert.save_converted(tmp_path / "model", p, "unet", dict(_tiny.UNET_FLAGS),
+                           dict(noise_schedule="cosine", diffusion_steps=100, learn_sigma=True))
+    inception.save_params(tmp_path / "inception.npz", inception.params_from_state_dict(_inception.fixture_state_dict()))
+    fake = F.make_params((8, 8, 3))
+    monkeypatch.setattr(inception, "pure_feature_fn", lambda mode="tf1": lambda p_, x: F.feature_fn(fake, x))
+    np.savez(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
+    c = load_config("sweep_digits.py")
+    c.update(dict(model=str(tmp_path / "model"), out=str(tmp_path / "report"), extractor="inception",
+                  inception=str(tmp_path / "inception.npz"), reference_batch=str(tmp_path / "ref.npz"),
+                  classifier_scales=(), cfg_scales=(2.0,), steps=(2,), num_samples=12, batch_size=12, grid_max=4))
+    rows = sweep.run_sweep(c)
+    assert [r["guidance"] for r in rows] == ["none", "cfg"]
+    for r in rows:
+        for k in ("fid", "sfid", "inception_score", "precision", "recall"):
+            assert np.isfinite(r[k]), k
+    assert "| sFID |" in (tmp_path / "report" / "results.md").read_text()
+    c.update(dict(inception=""))
+    with pytest.raises(ValueError, match="needs 'inception'"):
+        sweep.run_sweep(c)
