@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import cpu
-from jaxdiff.guidance import log_density_guide
+from jaxdiff.guidance import CLIP_SCALE, log_density_guide
 
 __all__ = [
     "CLIP_SCALE",
@@ -40,7 +40,6 @@ __all__ = [
     "text_embeddings",
 ]
 
-CLIP_SCALE = "clip_scale"
 CLIP_TEXT_KEY = "clip_text_emb"
 
 ImageFn = Callable[[jax.Array, jax.Array], jax.Array]

@@ -52,7 +52,7 @@ BAD = [
     (dict(sampler="euler"), "unknown sampler 'euler'; allowed: ddpm, ddim, dpmpp2m"),
     (dict(guidance="cfg", scale=float("nan")), "sample.scale=nan is not allowed"),
     (dict(guidance="classifier", classifier_scale=float("inf")), "sample.classifier_scale=inf is not allowed"),
-    (dict(guidance="clip"), "unknown guidance kind 'clip'"),
+    (dict(guidance="nope"), "unknown guidance kind 'nope'"),
     (dict(eta=-1.0), "sample.eta=-1.0 must be >= 0"),
     (dict(respacing="ddim30"), "cannot take exactly 30 steps"),
     (dict(num_samples=0), "sample.num_samples=0 must be a positive integer"),
