@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--guided-diffusion", metavar="PATH", help="checkout of openai/guided-diffusion (else: installed)")
     p.add_argument("--batches", default="16,64")
     p.add_argument("--repeats", type=int, default=15, help="timed calls per side, quantity and batch")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 1: jaxdiff's first call compiles)")
     p.add_argument("--threads", type=int, default=2, help="PyTorch's torch.set_num_threads")
     p.add_argument("--check", action="store_true", help="only the gate against the fixture")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown (stderr)")
@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     batches = [v.strip() for v in args.batches.split(",") if v.strip()]
     if not batches or not all(v.isdigit() and int(v) > 0 for v in batches):
         p.error(f"--batches must be a comma list of positive integers, got {args.batches!r}")
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        p.error(f"need --repeats >= 1, --warmup >= 0, --threads >= 1; got {args.repeats}, {args.warmup}, {args.threads}")
+    if args.repeats < 1 or args.warmup < 1 or args.threads < 1:  # jaxdiff's first call compiles
+        p.error(f"need --repeats >= 1, --warmup >= 1, --threads >= 1; got {args.repeats}, {args.warmup}, {args.threads}")
     th, gd = import_guided_diffusion(args.guided_diffusion)
     th.set_num_threads(args.threads)
     th.manual_seed(0)
