@@ -7,8 +7,8 @@ memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: everything the process he
 numpy, XLA's buffers and the JAX runtime; not tracemalloc, which sees only Python's allocations) before
 and after the evaluation. The issue's target is under 4 GB.
 
-The feature function is a parameter of ``run``; the command line uses the test suite's stand-in (fixed
-random projections of the pixels, ``tests/_fake_features.py``) with ``--dims`` output sizes, e.g.
+The feature function is a parameter of ``run``; the command line uses a stand-in (fixed random
+projections of the pixels, ``projection_features``) with ``--dims`` output sizes, e.g.
 ``--dims 2048,2023,1008`` for Inception's (slow on a CPU).
 
     python bench/bench_eval_memory.py [--num-samples 50000] [--num-ref 10000] [--image-size 64]
@@ -20,18 +20,35 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+import common  # first: puts this checkout's jaxdiff on sys.path
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def projection_features(dims: tuple, image_size: int, seed: int = 0):
+    """(feature_fn, params): fixed random projections of the pixels to `dims` = (pool3, spatial,
+    logits) sizes, with the keys adm_eval reads; a stand-in for Inception (memory is measured, not
+    the metrics)."""
+    import jax
+    import jax.numpy as jnp
+
+    d_in = image_size * image_size * 3
+    params = (np.random.default_rng(seed).standard_normal((d_in, sum(dims))) / np.sqrt(d_in)).astype(np.float32)
+    splits = list(np.cumsum(dims)[:-1])
+
+    def feature_fn(w, images):
+        x = images.reshape(images.shape[0], -1).astype(jnp.float32) / 127.5 - 1.0
+        pool3, spatial, logits = jnp.split(x @ w, splits, axis=1)
+        return {"pool3": jax.nn.relu(pool3), "spatial": spatial, "logits_unbiased": logits, "logits": logits}
+
+    return feature_fn, params
 
 
 def write_random_images(path: str, n: int, size: int, seed: int) -> None:
@@ -72,18 +89,14 @@ def main(argv=None) -> None:
     p.add_argument("--distance", default="float16", choices=("float16", "float32"))
     args = p.parse_args(argv)
 
-    import jax
-
-    import _fake_features
-
     dims = tuple(int(d) for d in args.dims.split(","))
-    params = _fake_features.make_params((args.image_size, args.image_size, 3), dims)
+    feature_fn, params = projection_features(dims, args.image_size)
     with tempfile.TemporaryDirectory(prefix="bench_eval_memory-") as workdir:
-        out = run(_fake_features.feature_fn, params, num_samples=args.num_samples, num_ref=args.num_ref,
+        out = run(feature_fn, params, num_samples=args.num_samples, num_ref=args.num_ref,
                   image_size=args.image_size, batch_size=args.batch_size, distance=args.distance,
                   workdir=workdir)
-    out.update(features="tests/_fake_features.py", dims=dims, devices=jax.device_count(),
-               backend=jax.default_backend(), load_average=list(os.getloadavg()))
+    out.update(features="random projections of the pixels (projection_features)", dims=dims,
+               machine=common.machine())
     print(json.dumps(out, indent=1))
 
 

@@ -8,9 +8,9 @@ Both sides compute Inception features of the same `--images` random uint8 images
 jaxdiff's `inception.feature_fn(params, "tf1")` (pool3, logits_unbiased, logits, spatial) and
 torch-fidelity 0.4.0's `FeatureExtractorInceptionV3` (2048, logits_unbiased, logits), under
 torch.inference_mode on `--threads` threads, both in batches of `--batch`. Both get the same seeded
-random weights (tests/_inception.py's rule for tests/fixtures/inception_a.npz; the real weights are
-not needed for timing): torch-fidelity's network loads them from a temporary .pth, so it downloads
-nothing. Their outputs on the first batch are checked to agree (max |diff| <= 1e-4 max |ref| for each
+random weights (`random_state_dict`, for the keys and shapes listed in tests/fixtures/inception_a.npz;
+the real weights are not needed for timing): torch-fidelity's network loads them from a temporary
+.pth, so it downloads nothing. Their outputs on the first batch are checked to agree (max |diff| <= 1e-4 max |ref| for each
 array) before anything is timed; the script stops with exit code 1 if not.
 After one untimed pass each (jaxdiff compiles), `--rounds` rounds alternate a full pass of jaxdiff
 and one of PyTorch. Reported: ms per image for each side (median over rounds), their ratio
@@ -59,6 +59,25 @@ def load_torch_fidelity_inception():
     return FeatureExtractorInceptionV3, note
 
 
+def random_state_dict(keys, shapes, seed: int) -> dict:
+    """{key: np.ndarray} in PyTorch layout; `shapes` as comma-separated strings ("" for a scalar).
+    Weights He-scaled by fan-in, BatchNorm parameters and statistics near the identity."""
+    import numpy as np
+
+    rng = np.random.default_rng(int(seed))
+    sd = {}
+    for key, text in zip(map(str, keys), shapes):
+        shape = tuple(int(v) for v in str(text).split(",") if v)
+        if key.endswith("num_batches_tracked"):
+            sd[key] = np.zeros(shape, np.int64)
+        elif len(shape) > 1:
+            sd[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
+        else:
+            near = 1.0 if key.endswith(("weight", "running_var")) else 0.0
+            sd[key] = (near + rng.uniform(-0.1, 0.1, shape)).astype(np.float32)
+    return sd
+
+
 def _batches(images, batch: int) -> list:
     """Equal batches (the last one padded with zeros, so jaxdiff compiles once) and their true sizes."""
     import numpy as np
@@ -101,14 +120,13 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from common import machine  # also puts tests/ on sys.path
-    from _inception import FIXTURE, seeded_state_dict
+    from common import ROOT, machine  # first: puts this checkout's jaxdiff on sys.path
     from jaxdiff import inception
 
     FeatureExtractorInceptionV3, import_note = load_torch_fidelity_inception()
     torch.set_num_threads(args.threads)
-    with np.load(FIXTURE) as f:
-        sd = seeded_state_dict(f["keys"], f["shapes"], args.seed)
+    with np.load(ROOT / "tests" / "fixtures" / "inception_a.npz") as f:
+        sd = random_state_dict(f["keys"], f["shapes"], args.seed)
     params = inception.params_from_state_dict(sd)
     with tempfile.TemporaryDirectory() as tmp:
         pth = os.path.join(tmp, "inception_seeded.pth")
@@ -168,8 +186,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if not _missing():
-        from jaxdiff import cpu
-
-        cpu.use_huge_page_malloc()  # as the other bench scripts do
     sys.exit(main())

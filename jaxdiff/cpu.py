@@ -26,17 +26,12 @@ and GPU/TPU compilations get no extra options. It is left out when
 Code that jits jaxdiff's functions itself (`jax.jit(training.make_train_step(...))`) gets these
 options by using `jaxdiff.cpu.jit` instead, or by passing `compiler_options=compiler_options()`.
 
-Transparent huge pages for XLA's buffers (`use_huge_page_malloc`)
-------------------------------------------------------------------
-Each run of a compiled program allocates its temporary buffers afresh (about 300 MB for a
-fixture-A training step at batch 16); glibc maps such blocks with 4 KiB pages, so every step
-took ~76,000 page faults and ~0.2 s of kernel time. With glibc's tunable
-`glibc.malloc.hugetlb=1` (glibc >= 2.35; transparent huge pages in "madvise" or "always" mode) it
-took ~1,000 and the step ran 5-10 % faster. glibc reads tunables only at process start, so the
-command-line entry points (train.py, sample.py, sweep.py, the bench scripts) call
-`use_huge_page_malloc()` first: it re-executes the same command once with the tunable added to
-`GLIBC_TUNABLES`, and does nothing when that is already there, off Linux/glibc, when huge pages
-are disabled, or with `JAXDIFF_HUGE_PAGES=0`.
+Not done here: glibc's huge-page malloc. Each run of a compiled program allocates its temporary
+buffers afresh (~300 MB for a fixture-A training step at batch 16); with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment (glibc >= 2.35, transparent huge pages
+not "never") the step took ~1,000 page faults instead of ~76,000 and ran 5-10 % faster. glibc reads
+it only at process start, so it is set by the shell scripts (scripts/main.sh) and the documented
+bench invocations (docs/benchmarks.md), not by any Python entry point.
 
 Hand-written gradients (`custom_gradients_active`)
 --------------------------------------------------
@@ -49,21 +44,17 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
-import sys
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["compiler_options", "custom_gradients_active", "jit", "l2_cache_bytes", "use_huge_page_malloc"]
+__all__ = ["compiler_options", "custom_gradients_active", "jit", "l2_cache_bytes"]
 
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 YNN_TYPES = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE", "LIBRARY_FUSION_TYPE_ELTWISE")
 _ENV_OPTIONS = "JAXDIFF_XLA_CPU_OPTIONS"
 _ENV_PLAIN_OPS = "JAXDIFF_PLAIN_OPS"
-_ENV_HUGE_PAGES = "JAXDIFF_HUGE_PAGES"
-HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def env_off(name: str) -> bool:
@@ -137,35 +128,3 @@ def l2_cache_bytes() -> int:
     except (OSError, ValueError):
         pass
     return min(max(size, 1 << 18), 1 << 22)
-
-
-def _huge_page_env() -> Optional[dict]:
-    """The environment to re-execute with, or None when there is nothing to do."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if env_off(_ENV_HUGE_PAGES) or "glibc.malloc.hugetlb" in tunables or not sys.platform.startswith("linux"):
-        return None
-    lib, version = platform.libc_ver()
-    try:
-        if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
-            return None
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            if "[never]" in f.read():
-                return None
-    except (OSError, ValueError):
-        return None
-    return {**os.environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGETLB_TUNABLE) if t)}
-
-
-def use_huge_page_malloc() -> None:
-    """Re-execute this Python command once with glibc's huge-page malloc tunable (module doc).
-
-    Call it first thing under `if __name__ == "__main__":` of a script, before anything that
-    matters has run; it returns normally when there is nothing to do and otherwise never returns.
-    """
-    env = _huge_page_env()
-    if env is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    args = [sys.executable] + list(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
-    os.execve(sys.executable, args, env)

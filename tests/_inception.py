@@ -1,6 +1,6 @@
 """Seeded random weights for the FID Inception-v3, by the rule of tests/fixtures/README.md
 (inception_a.npz): one numpy default_rng(seed), float64 draws in state_dict order, cast to float32.
-Shared by tests/test_inception.py and bench/bench_inception.py."""
+Used by tests/test_inception.py."""
 
 from __future__ import annotations
 

@@ -28,8 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxdiff.conv import conv2d_plain
-
 __all__ = ["BN_EPS", "ConvBN", "InceptionV3", "Mixed", "NUM_LOGITS", "POOL3_DIM", "SPATIAL_DIM"]
 
 BN_EPS = 1e-3
@@ -72,7 +70,8 @@ class ConvBN(nn.Module):
         mean = self.param("mean", nn.initializers.zeros, (c,), jnp.float32)
         var = self.param("var", nn.initializers.ones, (c,), jnp.float32)
         pad = (kh // 2, kw // 2) if s.pad else (0, 0)
-        y = conv2d_plain(x, kernel, stride=s.stride, padding=pad, precision=HIGHEST)
+        y = lax.conv_general_dilated(x, kernel, (s.stride, s.stride), ((pad[0], pad[0]), (pad[1], pad[1])),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
         mult = scale * lax.rsqrt(var + BN_EPS)  # per channel: one multiply-add per activation
         return jax.nn.relu(y * mult + (bias - mean * mult))
 
