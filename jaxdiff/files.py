@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import Any, BinaryIO, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -41,10 +41,13 @@ def write_json(path: Union[str, os.PathLike], obj: Any) -> str:
     return atomic_write(path, json.dumps(obj, indent=1, default=float) + "\n")
 
 
-def save_npz(path: Union[str, os.PathLike], images: np.ndarray, labels: Optional[np.ndarray] = None) -> str:
-    """guided-diffusion's samples layout: arr_0 images (and arr_1 int64 labels), atomically."""
+def save_npz(path: Union[str, os.PathLike], images: np.ndarray, labels: Optional[np.ndarray] = None,
+             captions: Optional[Sequence[str]] = None) -> str:
+    """guided-diffusion's samples layout: arr_0 images (and arr_1 int64 labels), plus `captions` (a
+    unicode array) for text-conditional samples, atomically."""
     arrays = [images] if labels is None else [images, np.asarray(labels, np.int64)]
-    return atomic_write(path, lambda f: np.savez(f, *arrays))
+    named = {} if captions is None else {"captions": np.asarray(list(captions), dtype=str)}
+    return atomic_write(path, lambda f: np.savez(f, *arrays, **named))
 
 
 def save_grid(path: Union[str, os.PathLike], images: np.ndarray, labels: Optional[np.ndarray] = None,

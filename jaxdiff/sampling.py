@@ -26,6 +26,8 @@ from ml_collections.config_dict import placeholder
 from jaxdiff import config_util, files, guidance, samplers
 
 DTYPES = ("float32", "bfloat16")
+BASE_KINDS = ("unet", "text2im")                   # model kinds sample.py samples from noise
+SUPERRES_KINDS = ("superres", "text2im_superres")  # ... and those that upsample config.low_res
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -40,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
         for net in g.networks:
             c[net] = ""      # path of a network a guide needs (e.g. classifier, guide_model)
     c.low_res = ""           # super-resolution: samples.npz of low-resolution images (+ labels) to upsample
+    c.tokenizer = ""         # text models: "" = the model's own vocabulary, or a glide-text2im checkout (BPE files)
     c.dtype = ""             # compute dtype: "" = the checkpoint's (bfloat16 for use_fp16), float32, bfloat16
     c.out = "samples"        # OUT/samples.npz (arr_0 uint8 NHWC images, arr_1 labels) + OUT/grid.png
     sample = dict(
@@ -55,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
         dynamic_threshold=0.0,   # Imagen dynamic thresholding percentile (e.g. 0.995), 0 = off
         clip_denoised=True,      # clip x0 to [-1, 1] (guided-diffusion's default)
         classes="all",           # "all" (balanced over every class) or a list "3,5"
+        captions="",             # text models: captions separated by "|", cycled over the samples
         num_samples=16,          # with low_res: at most the file's image count (its first rows)
         batch_size=16,           # global batch per jitted call (padded to the device count)
         seed=0,
@@ -162,10 +166,10 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
         raise ValueError(f"config.dtype={dtype!r}; allowed: '' (the checkpoint's), {', '.join(DTYPES)}")
 
     kind = config_util.model_kind(model_cfg)
-    if kind == "superres" and low_res is None:
+    if kind in SUPERRES_KINDS and low_res is None:
         raise ValueError(f"config.model={config.model!r} is a super-resolution model: set config.low_res to a "
                          "samples.npz of the low-resolution images to upsample")
-    if kind not in ("unet", "superres") or (kind == "unet" and low_res is not None):
+    if kind not in BASE_KINDS + SUPERRES_KINDS or (kind in BASE_KINDS and low_res is not None):
         raise ValueError(f"config.model={config.model!r} holds a {kind!r} model; expected a diffusion U-Net"
                          + (" or, with config.low_res, a super-resolution model" if low_res is not None else ""))
     d = config_util.get(model_cfg, "diffusion", {})
@@ -185,6 +189,12 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
     null = bool(config_util.get(m, "null_label", False))
     n = int(s.num_samples)
     labels = balanced_labels(parse_classes(s.classes, num_classes), n)
+    captions = parse_captions(config_util.get(s, "captions", ""))
+    if is_text_model(model_cfg) and not captions:
+        raise ValueError("config.sample.captions is required for a text-conditional model: captions separated "
+                         "by '|', cycled over the samples (e.g. 'a thick seven|a thin two')")
+    if captions and not is_text_model(model_cfg) and "clip" not in names:
+        raise ValueError("config.sample.captions applies to text-conditional models and the 'clip' guide only")
     for name in names:
         g = guidance.GUIDES[name]
         for net in g.networks:
@@ -210,9 +220,61 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
                                  "config.low_res needs labels (arr_1)")
             labels = lr_labels[:n]
         per_sample[guidance.LOW_RES_KEY] = images[:n]
+    if captions:
+        per_sample.update(caption_inputs(config, model_cfg, networks, names, captions, n))
     return dict(sampler=sampler, guides=names, sched=sched, respacing=respacing, num_classes=num_classes,
-                null=null, labels=labels, interval=interval, per_sample=per_sample,
+                null=null, labels=labels, interval=interval, per_sample=per_sample, text=is_text_model(model_cfg),
+                captions=[captions[i % len(captions)] for i in range(n)] if captions else None,
                 shape=(size, size, channels))
+
+
+def is_text_model(cfg) -> bool:
+    """Whether a loaded model's config is a text-conditional (GLIDE-style) U-Net."""
+    return "text_ctx" in config_util.get(cfg, "model", {})
+
+
+def parse_captions(text) -> list:
+    """'a|b|c' -> ['a', 'b', 'c'] (empty parts kept only when the text names several captions)."""
+    text = str(text or "")
+    return [] if not text.strip() else [c.strip() for c in text.split("|")]
+
+
+def tokenizer_for(cfg, path: str = ""):
+    """The tokenizer of a text model or CLIP text encoder: its own word vocabulary (config["text"]
+    ["vocab"], written by train.py), or the BPE of a glide-text2im checkout at `path` (GPT-2's for a
+    text U-Net, CLIP's for a CLIP text encoder)."""
+    from jaxdiff import tokenizers
+
+    vocab = config_util.get(config_util.get(cfg, "text", {}), "vocab")
+    if vocab and not path:
+        return tokenizers.WordTokenizer(vocab, source="the model's config.json")
+    if not path:
+        raise ValueError("this model has no vocabulary of its own (a converted GLIDE checkpoint): set "
+                         "config.tokenizer to your openai/glide-text2im checkout (its BPE files)")
+    if config_util.model_kind(cfg) == "clip-text":
+        return tokenizers.ClipTokenizer.from_glide(path)
+    return tokenizers.GPT2Tokenizer.from_glide(path)
+
+
+def caption_inputs(config, model_cfg, networks: Mapping, names, captions: list, n: int) -> dict:
+    """Per-sample token arrays of the captions (cycled over n samples): for a text model its tokens and
+    mask and the empty caption's (CFG's unconditional input); for the 'clip' guide the CLIP prompts."""
+    out = {}
+    rows = np.arange(n) % len(captions)
+    path = str(config_util.get(config, "tokenizer", "") or "")
+    if is_text_model(model_cfg):
+        tok = tokenizer_for(model_cfg, path)
+        ctx = int(config_util.get(config_util.get(model_cfg, "model", {}), "text_ctx"))
+        tokens, mask = tok.tokens_and_mask(captions, ctx)
+        null_tokens, null_mask = tok.tokens_and_mask([""], ctx)
+        out.update(tokens=tokens[rows], mask=mask[rows], null_tokens=np.repeat(null_tokens, n, 0),
+                   null_mask=np.repeat(null_mask, n, 0))
+    if "clip" in names:
+        clip_cfg = networks["clip_text"]
+        tok = tokenizer_for(clip_cfg, path)
+        tokens, lens = tok.tokens_and_lengths(captions, int(config_util.get(clip_cfg["model"], "max_text_len")))
+        out.update(clip_tokens=tokens[rows], clip_len=lens[rows])
+    return out
 
 
 def _check_converted_flags(diffusion: Mapping, respacing: str) -> None:
@@ -272,7 +334,8 @@ def generate_batches(sampler_fn, params, sched, *, num_samples: int, labels: Opt
                 min(int(batch_size), int(num_samples) - b0))]
             cond = guidance.make_cond(len(ids), None if labels is None else labels[ids], **dict(scales or {}))
             for k, v in (per_sample or {}).items():
-                cond[k] = np.asarray(v[ids], np.float32)
+                v = np.asarray(v[ids])
+                cond[k] = v.astype(np.float32) if v.dtype.kind == "f" else v
             out = parallel.sample_batch_sharded(sampler_fn, params, sched, cond, key, ids, mesh=mesh, eta=eta)
             if show:
                 advance(sched.num_steps)
@@ -337,11 +400,13 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
     all_params = {"model": params, **{k: v[1] for k, v in nets.items()}}
 
     def build(p):
-        fns = {k: (guidance.logits_fn if config_util.model_kind(nets[k][2]) == "classifier" else guidance.unet_fn)(
-            nets[k][0], p[k]) for k in nets}
+        fns = {k: guidance.network_fn(nets[k][0], p[k], config_util.model_kind(nets[k][2])) for k in nets}
+        text = plan["text"]
         return guidance.build_guides(plan["guides"], guidance.unet_fn(module, p["model"]), fns=fns,
-                                     null_label=plan["num_classes"] if plan["null"] else None, learned_sigma=ls,
-                                     cfg_rescale=rescale, interval=plan["interval"], sched=sched)
+                                     null_label=plan["num_classes"] if plan["null"] else None,
+                                     uncond=guidance.caption_dropout if text else None, learned_sigma=ls,
+                                     cfg_rescale=rescale, interval=plan["interval"], sched=sched,
+                                     prepare=guidance.text_encoder(module, p["model"]) if text else None)
 
     spec = samplers.SamplerSpec(
         sampler=plan["sampler"], prediction=str(config_util.get(dcfg, "prediction", "eps")), learned_sigma=ls,
@@ -359,9 +424,10 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
                       scales=guide_scales(config, plan["guides"]), per_sample=plan["per_sample"],
                       seed=int(s.seed), batch_size=int(s.batch_size), eta=float(s.eta),
                       progress=bool(s.progress), desc=plan["sampler"])
-    result = {"images": images, "labels": labels, "npz": None, "grid": None}
+    result = {"images": images, "labels": labels, "captions": plan["captions"], "npz": None, "grid": None}
     if jax.process_index() == 0:
-        result["npz"] = files.save_npz(os.path.join(config.out, "samples.npz"), images, labels)
+        result["npz"] = files.save_npz(os.path.join(config.out, "samples.npz"), images, labels,
+                                       captions=plan["captions"])
         if int(config_util.get(s, "grid_max", 64)) > 0:
             k = min(len(images), int(s.grid_max))
             result["grid"] = files.save_grid(os.path.join(config.out, "grid.png"), images[:k],

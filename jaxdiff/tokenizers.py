@@ -41,12 +41,13 @@ import html
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from jaxdiff import files
 
 __all__ = [
     "CLIP_MAX_TEXT_LEN",
@@ -446,17 +447,19 @@ class WordTokenizer:
         rows = [_truncated(self.encode(c), ctx, c, truncate) for c in _as_list(captions, "tokens_and_mask")]
         return _pad_batch(rows, ctx, self.end_token)
 
+    def tokens_and_lengths(self, prompts: Sequence[str], max_text_len: int) -> tuple:
+        """For a CLIP text encoder over this vocabulary: (tokens int32 [B, max_text_len], text_len int32
+        [B]): the words' ids then the end id (no start id), padded with the end id; text_len counts
+        the end id (the encoder reads position text_len - 1), like ClipTokenizer.tokens_and_lengths."""
+        n = _check_ctx("max_text_len", max_text_len, 2)
+        rows = [self.encode(p)[:n - 1] + [self.end_token] for p in _as_list(prompts, "tokens_and_lengths")]
+        tokens, mask = _pad_batch(rows, n, self.end_token)
+        return tokens, mask.sum(axis=1, dtype=np.int32)
+
     def save(self, path) -> Path:
         """Write the vocabulary as JSON ({"format", "words"}), atomically (temporary file + rename)."""
         path = Path(os.fspath(path)).absolute()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": _VOCAB_FORMAT, "words": list(self.words)}, f, indent=0)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        files.atomic_write(path, json.dumps({"format": _VOCAB_FORMAT, "words": list(self.words)}, indent=0))
         return path
 
     @classmethod

@@ -113,3 +113,46 @@ def test_cfg_identities_over_captions(fx, nets):
     np.testing.assert_allclose(g1, cond_out, atol=1e-5)
     np.testing.assert_allclose(g0[..., :3], uncond_out[..., :3], atol=1e-5)
     np.testing.assert_allclose(g0[..., 3:], cond_out[..., 3:], atol=1e-6)
+
+
+def test_sample_py_with_captions_cfg_and_clip(fx, nets, tmp_path):
+    """sample.py on converted GLIDE-style models with captions: CFG over captions, then the clip guide;
+    the captions are tokenized with the model's own word vocabulary and stored with the samples."""
+    import subprocess
+    import sys
+
+    from jaxdiff import convert, sampling
+
+    words = [f"w{i}" for i in range(63)]  # 63 words + the end id = the fixture's n_vocab 64
+    dirs = {}
+    for name, kind in (("model", nets["model"][0]), ("clip_image", "clip-image"), ("clip_text", "clip-text")):
+        module, params = nets[name]
+        flags = {f: getattr(module, f) for f in module.__dataclass_fields__ if f not in ("parent", "name")}
+        kind = "text2im" if name == "model" else kind
+        dirs[name] = convert.save_converted(tmp_path / name, params, kind, flags,
+                                            dict(noise_schedule="cosine", diffusion_steps=1000, learn_sigma=True),
+                                            source="glide")
+        cfg = json.loads((dirs[name] / "config.json").read_text())
+        cfg["text"] = {"vocab": words}
+        (dirs[name] / "config.json").write_text(json.dumps(cfg))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(root / "sample.py"), "--config", str(root / "configs" / "sample.py"),
+                        f"--config.model={dirs['model']}", f"--config.out={out}", "--config.sample.guidance=cfg",
+                        "--config.sample.scale=3", "--config.sample.captions=w1 w2 w3|w40", "--config.sample.steps=3",
+                        "--config.sample.num_samples=4", "--config.sample.batch_size=4"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape == (4, 16, 16, 3) and "arr_1" not in f.files
+        assert list(f["captions"]) == ["w1 w2 w3", "w40", "w1 w2 w3", "w40"]
+    cfg = sampling.default_config()
+    cfg.update(dict(model=str(dirs["model"]), clip_image=str(dirs["clip_image"]), clip_text=str(dirs["clip_text"]),
+                    out=str(tmp_path / "clip")))
+    cfg.sample.update(guidance="clip", clip_scale=3.0, captions="w5 w6", steps=3, num_samples=2, batch_size=2,
+                      sampler="ddpm", progress=False)
+    res = sampling.run(cfg)
+    assert res["images"].shape == (2, 16, 16, 3)
+    cfg.sample.captions = "w5 nope"
+    with pytest.raises(ValueError, match="nope"):
+        sampling.run(cfg)
