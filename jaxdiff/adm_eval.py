@@ -40,8 +40,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, 
 
 import numpy as np
 
-from jaxdiff import files
 from jaxdiff import metrics as M
+from jaxdiff.files import Rows, write_npz
 
 __all__ = [
     "FEATURE_KEYS",
@@ -190,51 +190,6 @@ def npy_header(path: PathLike, name: str) -> Optional[NpyHeader]:
 def _read_member(path: str, name: str) -> np.ndarray:
     with np.load(path, allow_pickle=False) as z:
         return np.asarray(z[name])
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing .npz files (np.savez's layout) atomically, arrays given whole or as chunks of rows
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Rows:
-    """An array to write as chunks of rows: its full shape and dtype and an iterable of the chunks."""
-
-    shape: Tuple[int, ...]
-    dtype: Any
-    chunks: Iterable[np.ndarray]
-
-
-def write_npz(path: PathLike, arrays: Mapping[str, Union[np.ndarray, Rows]]) -> None:
-    """Writes ``arrays`` as ``np.savez`` does (uncompressed members ``<name>.npy``), streaming ``Rows``
-    chunk by chunk; to a temporary file in the same directory, renamed into place when complete."""
-
-    def write(f) -> None:
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, value in arrays.items():
-                with zf.open(name + ".npy", "w", force_zip64=True) as member:
-                    if isinstance(value, Rows):
-                        _write_rows(member, name, value)
-                    else:
-                        np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
-
-    files.atomic_write(path, write)
-
-
-def _write_rows(member, name: str, rows: Rows) -> None:
-    dtype, shape = np.dtype(rows.dtype), tuple(int(s) for s in rows.shape)
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    np.lib.format.write_array_header_1_0(member, header)
-    written = 0
-    for chunk in rows.chunks:
-        chunk = np.ascontiguousarray(chunk, dtype)
-        if chunk.shape[1:] != shape[1:]:
-            raise ValueError(f"{name}: a chunk has rows of shape {chunk.shape[1:]}, expected {shape[1:]}")
-        member.write(chunk.tobytes())
-        written += chunk.shape[0]
-    if written != shape[0]:
-        raise ValueError(f"{name}: {written} rows were written, the header says {shape[0]}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -838,9 +838,15 @@ def load_converted(directory, **overrides):
     else:
         module = create_model(config["kind"], **flags)
         abstract = abstract_params(module, config["kind"])
-    ckptr = ocp.StandardCheckpointer()
+    # Restored on the host, as numpy (as checkpoints.load_model does): with no target sharding,
+    # orbax would place the arrays as saved, on process 0's device, which fails on other processes.
+    import jax
+
+    ckptr = ocp.PyTreeCheckpointer()
     try:
-        params = ckptr.restore(d / "params", abstract)
+        params = ckptr.restore(d / "params", args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=jax.tree_util.tree_map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)))
     finally:
         ckptr.close()
     return module, params, config
