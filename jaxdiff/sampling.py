@@ -11,16 +11,17 @@ to every process (training grids, the evaluation command's CFG accuracy, the swe
 
 Sharded runs (`run(..., shards=True)`, sample.py): each process writes its rows of each global
 batch as it goes, atomically, to OUT/shards/SSSSSSSS-EEEEEEEE.npz (sample ids S..E-1: `ids`,
-`images` uint8, `labels`), next to OUT/shards/manifest.json, which records what determines the
-images (fingerprints of the networks' parameters and configs and of config.low_res, config.dtype,
-every sample setting except progress and grid_max). A rerun with the same settings generates only
+`images` uint8, `labels`, `captions`), next to OUT/shards/manifest.json, which records what
+determines the images (fingerprints of the networks' parameters and configs and of config.low_res,
+config.dtype, config.tokenizer, every sample setting except progress and grid_max). A rerun with the same settings generates only
 the global batches whose ids are not all in OUT/shards; other settings are refused before any work,
 naming what differs, and nothing is deleted. Every process reports what it sees and the reports
 are all-gathered, so all make the same decision. When every process is done (a barrier), process 0
 merges: OUT/grid.png, then OUT/samples.npz streamed shard by shard in sample-id order (arr_0,
-arr_1; the manifest in the zip comment, which np.load ignores), then the shards are deleted. A
-rerun into a complete OUT does nothing. Resuming and merging need OUT on a filesystem every host
-sees; with per-host disks, copy every host's OUT/shards/ into one and run the merge command.
+arr_1, captions; the manifest in the zip comment, which np.load ignores), then the shards are
+deleted. A rerun into a complete OUT does nothing. Resuming and merging need OUT on a filesystem
+every host sees; with per-host disks, copy every host's OUT/shards/ into one and run the merge
+command.
 
 Guides and samplers come from their registries (`guidance.GUIDES`, `samplers.SAMPLERS`): the
 sample config has one scale key per registered guide (`config_scale`, e.g. `scale` for CFG,
@@ -715,7 +716,8 @@ def _images(plan) -> Iterator[np.ndarray]:
 def merge(out: str, *, grid_max: int = 64) -> dict:
     """OUT/shards -> OUT/grid.png (the first `grid_max` images) and OUT/samples.npz (arr_0 uint8
     images in sample-id order, streamed one shard at a time; arr_1 labels and `captions` when the
-    shards have them, as `files.save_npz`; the manifest in the zip comment), then the shards are deleted. Raises ValueError naming missing ids."""
+    shards have them, as `files.save_npz`; the manifest in the zip comment), then the shards are
+    deleted. Raises ValueError naming missing ids."""
     shards = os.path.join(out, SHARDS_DIR)
     manifest = _read_manifest(out)
     if manifest is None:

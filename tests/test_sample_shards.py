@@ -179,3 +179,29 @@ def test_other_settings_refused_complete_run_not_redone(runs, monkeypatch):
     # merging an incomplete run names the missing ids
     with pytest.raises(ValueError, match=r"killed_copy/shards lacks \d+ of the 1000 samples \(ids \d+\.\."):
         sampling.main(["merge", str(killed)])
+
+
+def test_shards_of_different_process_counts_resume_and_merge_in_id_order(tmp_path):
+    """Shards from runs with 2 and 3 processes overlap; a batch counts as done when its ids are covered."""
+    from jaxdiff import files, sampling
+
+    out = str(tmp_path / "out")
+    manifest = {"format": sampling.MANIFEST_FORMAT, "sample": {"num_samples": 14, "batch_size": 10}}
+    files.write_json(tmp_path / "out" / "shards" / "manifest.json", manifest)
+    images = np.arange(14, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    labels = np.arange(14) % 3
+    for lo, hi in [(0, 5), (4, 7), (10, 12)]:  # batch 0 split 5/5 and 4/3/3; batch 1 (10..13) half done
+        sampling.write_shard(out, np.arange(lo, hi), images[lo:hi], labels)
+    assert sampling.resume_plan(out, manifest, 14, 10) == [0, 1]
+    sampling.write_shard(out, np.arange(7, 10), images[7:10], labels)
+    assert sampling.resume_plan(out, manifest, 14, 10) == [1]
+    with pytest.raises(ValueError, match=r"lacks 2 of the 14 samples \(ids 12\.\.13\)"):
+        sampling.merge(out)
+    sampling.write_shard(out, np.arange(12, 14), images[12:14], labels)
+    assert sampling.resume_plan(out, manifest, 14, 10) == []
+    res = sampling.merge(out, grid_max=0)
+    with np.load(res["npz"]) as z:
+        np.testing.assert_array_equal(z["arr_0"], images)
+        np.testing.assert_array_equal(z["arr_1"], labels)
+    assert sorted(os.listdir(out)) == ["samples.npz"] and sampling.recorded_settings(res["npz"]) == manifest
+    assert sampling.resume_plan(out, manifest, 14, 10) is None  # complete: nothing to redo
