@@ -64,7 +64,10 @@ def unet_fn(module, params, *, label_key: str = LABEL_KEY) -> ModelFn:
     text = hasattr(module, "text_ctx")
 
     def model_fn(x, t, cond):
-        extra = {LOW_RES_KEY: cond[LOW_RES_KEY]} if LOW_RES_KEY in cond else {}
+        extra = {}
+        if LOW_RES_KEY in cond:  # uint8 low-resolution samples -> [-1, 1]
+            low = cond[LOW_RES_KEY]
+            extra[LOW_RES_KEY] = low / 127.5 - 1.0 if jnp.issubdtype(low.dtype, jnp.integer) else low
         if text:
             return module.apply({"params": params}, x, t, text=tuple(cond[k] for k in TEXT_KEYS), **extra)
         return module.apply({"params": params}, x, t, y=cond.get(label_key), **extra)

@@ -141,13 +141,13 @@ def learned_sigma(cfg) -> bool:
 
 
 def read_low_res(path: str, num_classes: Optional[int]) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Low-resolution images (model range [-1, 1], as guided-diffusion's super_res_sample) and labels."""
+    """Low-resolution images (uint8, mapped to [-1, 1] inside the model call, as guided-diffusion's
+    super_res_sample does: x / 127.5 - 1) and labels."""
     from jaxdiff.metrics import load_samples_npz
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config.low_res={path!r} is not a file (a samples.npz of low-resolution images)")
-    images, labels = load_samples_npz(path, num_classes=num_classes)
-    return images.astype(np.float32) / 127.5 - 1.0, labels
+    return load_samples_npz(path, num_classes=num_classes)
 
 
 def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
