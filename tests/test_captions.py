@@ -228,6 +228,9 @@ def test_fashion_mnist_text_real_files(data_dir):
     padded = data.resize_images(images, 32, "pad")  # what the model is trained on
     acc = captions.attribute_accuracy(s, t, padded, labels, requested)
     assert acc == {"size": 1.0, "width": 1.0, "brightness": 1.0}
+    # the pipeline flips Fashion-MNIST horizontally: the attributes must not change
+    np.testing.assert_array_equal(captions.measured_bins(s, t, images[:, :, ::-1], labels),
+                                  text["attributes"])
     # test-split balance with the train thresholds: near a third
     np.testing.assert_allclose(np.mean(text["attributes"][..., None] == np.arange(3), axis=0),
                                1 / 3, atol=0.03)
