@@ -1,18 +1,9 @@
 """Loading GLIDE's noised CLIP checkpoints (openai/glide-text2im clip/image-enc, clip/text-enc).
 
-    CLIP_CONFIG                              the released clip/config.yaml values
-    clip_config(argstring="") -> dict        CLIP_CONFIG overridden by "--name value" flags
-    encoder_kwargs(kind, config) -> dict     glide's ImageEncoder / TextEncoder constructor kwargs
-    abstract_clip_params(module) -> params pytree of jax.ShapeDtypeStruct
-    expected_clip_shapes(module) -> {state_dict key: torch shape}, in state_dict order
-    from_glide_clip(state_dict, kind, **kwargs) -> (module, params)
-    to_glide_clip(params, module) -> {state_dict key: np.ndarray}
-
-kind is "clip-image" or "clip-text". The command line is jaxdiff.convert's:
+kind is "clip-image" or "clip-text"; the command line is jaxdiff.convert's:
     python -m jaxdiff.convert --pt image-enc.pt --kind clip-image [--flags "--n_embd 512 ..."] --out DIR
-with flags named as in glide's clip/config.yaml (defaults: the released values). The directory
-loads with `jaxdiff.convert.load_converted`; its config.json holds the encoder kwargs ("model"),
-the schedule ("diffusion") and the whole CLIP config ("clip", with logit_scale).
+with flags named as in glide's clip/config.yaml (defaults: the released values). DIR's config.json
+holds the encoder kwargs ("model"), the schedule ("diffusion") and the whole CLIP config ("clip").
 
 Key map: `blocks.<path>.<leaf>` <-> params[<path>][<leaf>], with Linear `.w` (out, in) <-> Dense
 `kernel` (in, out), LayerNorm `.g`/`.b` <-> `scale`/`bias`, Linear `.b` <-> `bias`, the patch
@@ -25,47 +16,18 @@ import functools
 import re
 from typing import Optional
 
-from jaxdiff.convert import (
-    _Entry,
-    _flatten,
-    _mismatch_error,
-    _params_from_layout,
-    _parse_given,
-    _state_dict_from_layout,
-    _to_torch_shape,
-    load_state_dict,
-)
+from jaxdiff.convert import _checked_params, _make_layout, _parse_given, _state_dict_from_layout, load_state_dict
 from jaxdiff.models.clip import ClipImageEncoder, check_clip_kind, create_clip_encoder
 
-__all__ = [
-    "CLIP_CONFIG",
-    "abstract_clip_params",
-    "clip_config",
-    "encoder_kwargs",
-    "expected_clip_shapes",
-    "from_glide_clip",
-    "to_glide_clip",
-]
+__all__ = ["CLIP_CONFIG", "abstract_clip_params", "clip_config", "encoder_kwargs", "expected_clip_shapes",
+           "from_glide_clip", "to_glide_clip"]
 
 SOURCE = "glide"
 
 # glide_text2im/clip/config.yaml (the released encoders were trained with these)
-CLIP_CONFIG = dict(
-    logit_scale=100.0,
-    beta_schedule="squaredcos_cap_v2",
-    n_timesteps=1000,
-    image_size=64,
-    patch_size=4,
-    n_vocab=65536,
-    max_text_len=77,
-    n_embd=512,
-    n_head_state_text=64,
-    n_head_text=8,
-    n_xf_blocks_text=12,
-    n_head_state_image=64,
-    n_head_image=12,
-    n_xf_blocks_image=12,
-)
+CLIP_CONFIG = dict(logit_scale=100.0, beta_schedule="squaredcos_cap_v2", n_timesteps=1000, image_size=64, patch_size=4,
+                   n_vocab=65536, max_text_len=77, n_embd=512, n_head_state_text=64, n_head_text=8, n_xf_blocks_text=12,
+                   n_head_state_image=64, n_head_image=12, n_xf_blocks_image=12)
 
 # encoder kwarg -> config.yaml key, per kind
 _KWARG_KEYS = {
@@ -109,10 +71,6 @@ _ORDER = ["input", "block", "output", "w_t", "w_voc", "patch_proj", "w_pos", "ln
 _RANK = {n: i for i, n in enumerate(_ORDER)}
 
 
-def _key(path: tuple) -> str:
-    return ".".join(("blocks",) + path[:-1] + (_LEAF.get(path[-1], path[-1]),))
-
-
 def _order_key(key: str) -> list:
     out = []
     for part in key.split(".")[1:]:
@@ -121,20 +79,12 @@ def _order_key(key: str) -> list:
     return out
 
 
-def _transform(path: tuple) -> str:
-    if path[-1] == "kernel":
-        return "dense"
-    return "conv2d" if path[-1] == "patch_proj" else "identity"
-
-
 @functools.lru_cache(maxsize=16)
 def _layout(module) -> tuple:
-    entries = []
-    for path, leaf in _flatten(abstract_clip_params(module)):
-        tr = _transform(path)
-        entries.append(_Entry(path, _key(path), _to_torch_shape(tuple(leaf.shape), tr), tuple(leaf.shape), tr))
-    entries.sort(key=lambda e: _order_key(e.key))
-    return tuple(entries)
+    return _make_layout(abstract_clip_params(module),
+                        lambda path: ".".join(("blocks",) + path[:-1] + (_LEAF.get(path[-1], path[-1]),)),
+                        lambda path, shape: {"kernel": "dense", "patch_proj": "conv2d"}.get(path[-1], "identity"),
+                        _order_key)
 
 
 def expected_clip_shapes(module) -> dict:
@@ -178,14 +128,9 @@ def from_glide_clip(state_dict, kind: str, **kwargs):
     value that most likely differs."""
     kwargs = {**encoder_kwargs(kind), **kwargs}
     module = create_clip_encoder(kind, **kwargs)
-    sd = load_state_dict(state_dict)
-    layout = _layout(module)
-    expected = {e.key: e.shape for e in layout}
-    err = _mismatch_error(kind, expected, {k: tuple(v.shape) for k, v in sd.items()}, hint_fn=_hint,
-                          source=SOURCE, footer=None)
-    if err:
-        raise ValueError(err)
-    return module, _params_from_layout(layout, sd)
+    params = _checked_params(_layout(module), load_state_dict(state_dict), f"{SOURCE} state_dict does not fit the "
+                             f"{kind!r} model built from these flags", hint_fn=_hint, kind=kind)
+    return module, params
 
 
 def to_glide_clip(params, module) -> dict:

@@ -1,24 +1,15 @@
 """Loading openai/glide-text2im checkpoints (Text2ImUNet and its variants) into jaxdiff models.
 
-    flags_from_glide(options="", kind=None) -> (kind, model_flags, diffusion_flags)
-    from_glide(state_dict, options="", kind=None) -> (module, params)
-
 `options` are GLIDE's model_and_diffusion options, as command-line flags ("--image_size 256
 --super_res True") or a mapping (e.g. GLIDE's model_and_diffusion_defaults() dict). Absent options take
 GLIDE's defaults: model_and_diffusion_defaults() (the released "base" 64x64 model), or
-model_and_diffusion_defaults_upsampler() for the super-resolution kinds (image_size 256, num_res_blocks 2,
-linear schedule). The kind follows GLIDE's super_res / inpaint options:
-
-    text2im (Text2ImUNet)   text2im_superres (super_res)   text2im_inpaint (inpaint)
-    text2im_superres_inpaint (super_res and inpaint)
+model_and_diffusion_defaults_upsampler() for the super-resolution kinds. The kind follows GLIDE's
+super_res / inpaint options: text2im, text2im_superres, text2im_inpaint, text2im_superres_inpaint.
 
 Two options are jaxdiff's, not GLIDE's: n_vocab (the tokenizer's vocabulary size, 50257 for GLIDE's
 GPT-2 BPE) and learn_sigma (default True: out_channels 6; False builds a fixed-variance model with 3).
-cache_text_emb is accepted and ignored (jaxdiff caches explicitly: `models.encode_text`).
-
-Key mapping, strict checks and the inverse (`to_guided_diffusion`, `expected_state_dict_shapes`) are
-jaxdiff.convert's, which handles the text-conditional kinds; `python -m jaxdiff.convert --source glide`
-writes a converted directory that `jaxdiff.checkpoints.load_model` loads.
+cache_text_emb is accepted and ignored (jaxdiff caches explicitly: `models.encode_text`). Key mapping,
+strict checks and the inverse are jaxdiff.convert's.
 """
 
 from __future__ import annotations
@@ -30,31 +21,11 @@ from jaxdiff import convert
 __all__ = ["GLIDE_DEFAULTS", "GLIDE_UPSAMPLER_DEFAULTS", "flags_from_glide", "from_glide", "glide_kind"]
 
 GLIDE_DEFAULTS = dict(
-    image_size=64,
-    num_channels=192,
-    num_res_blocks=3,
-    channel_mult="",
-    num_heads=1,
-    num_head_channels=64,
-    num_heads_upsample=-1,
-    attention_resolutions="32,16,8",
-    dropout=0.1,
-    text_ctx=128,
-    xf_width=512,
-    xf_layers=16,
-    xf_heads=8,
-    xf_final_ln=True,
-    xf_padding=True,
-    diffusion_steps=1000,
-    noise_schedule="squaredcos_cap_v2",
-    timestep_respacing="",
-    use_scale_shift_norm=True,
-    resblock_updown=True,
-    use_fp16=True,
-    cache_text_emb=False,
-    inpaint=False,
-    super_res=False,
-)
+    image_size=64, num_channels=192, num_res_blocks=3, channel_mult="", num_heads=1, num_head_channels=64,
+    num_heads_upsample=-1, attention_resolutions="32,16,8", dropout=0.1, text_ctx=128, xf_width=512, xf_layers=16,
+    xf_heads=8, xf_final_ln=True, xf_padding=True, diffusion_steps=1000, noise_schedule="squaredcos_cap_v2",
+    timestep_respacing="", use_scale_shift_norm=True, resblock_updown=True, use_fp16=True, cache_text_emb=False,
+    inpaint=False, super_res=False)
 GLIDE_UPSAMPLER_DEFAULTS = {**GLIDE_DEFAULTS, **dict(image_size=256, num_res_blocks=2, noise_schedule="linear",
                                                      super_res=True)}
 _EXTRAS = dict(n_vocab=50257, learn_sigma=True)
@@ -111,36 +82,12 @@ def flags_from_glide(options="", kind: Optional[str] = None) -> tuple:
                              f"create_model needs 2 ** (levels + 2) == image_size ({size})")
     if a["noise_schedule"] not in _SCHEDULES:
         raise ValueError(f"noise_schedule {a['noise_schedule']!r} is not one of GLIDE's: {', '.join(_SCHEDULES)}")
-    model = dict(
-        image_size=size,
-        in_channels=3,
-        model_channels=a["num_channels"],
-        out_channels=6 if a["learn_sigma"] else 3,
-        num_res_blocks=a["num_res_blocks"],
-        attention_resolutions=convert._ds(a["attention_resolutions"], size),
-        text_ctx=a["text_ctx"],
-        xf_width=a["xf_width"],
-        xf_layers=a["xf_layers"],
-        xf_heads=a["xf_heads"],
-        xf_final_ln=a["xf_final_ln"],
-        xf_padding=a["xf_padding"],
-        n_vocab=a["n_vocab"],
-        dropout=a["dropout"],
-        channel_mult=channel_mult,
-        use_fp16=a["use_fp16"],
-        num_heads=a["num_heads"],
-        num_head_channels=a["num_head_channels"],
-        num_heads_upsample=a["num_heads_upsample"],
-        use_scale_shift_norm=a["use_scale_shift_norm"],
-        resblock_updown=a["resblock_updown"],
-    )
-    diffusion = {  # guided-diffusion's names; GLIDE has no KL loss, x0 prediction or timestep rescaling
-        **convert._DIFFUSION_DEFAULTS,
-        "learn_sigma": a["learn_sigma"],
-        "diffusion_steps": a["diffusion_steps"],
-        "noise_schedule": _SCHEDULES[a["noise_schedule"]],
-        "timestep_respacing": a["timestep_respacing"],
-    }
+    model = convert._unet_flags(a, size, channel_mult)
+    model.update({k: a[k] for k in ("text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln", "xf_padding",
+                                     "n_vocab")})
+    # guided-diffusion's names; GLIDE has no KL loss, x0 prediction or timestep rescaling
+    diffusion = {**convert._DIFFUSION_DEFAULTS, "learn_sigma": a["learn_sigma"], "diffusion_steps": a["diffusion_steps"],
+                 "noise_schedule": _SCHEDULES[a["noise_schedule"]], "timestep_respacing": a["timestep_respacing"]}
     return kind, model, diffusion
 
 

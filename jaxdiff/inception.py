@@ -1,16 +1,5 @@
 """The FID Inception-v3 around its network: preprocessing, weights, and the jitted feature function.
 
-Python API
-    feature_fn(params=None, mode="tf1") -> fn(params, images_uint8[B, H, W, 3]) -> outputs (jitted)
-    features(params, images, mode="tf1") -> {"pool3", "logits_unbiased", "logits", "spatial"}
-    preprocess(images, mode="tf1") -> float32 [B, 299, 299, 3], the network's input
-    resize_matrix(in_size, out_size, mode) -> float64 [out_size, in_size] interpolation weights
-    source_coordinates(in_size, out_size, mode) -> float32 [out_size] (where each output pixel samples)
-    params_from_state_dict(state_dict) -> params;  expected_state_dict_shapes() -> {key: shape}
-    check_images(images), check_params(params): raise naming what is wrong
-    save_params(path, params, force=False);  load_params(path) -> params;  fingerprint(params) -> str
-
-Command line
     python -m jaxdiff.inception convert --pth weights-inception-2015-12-05-6726825d.pth \
         --out inception_fid.npz [--force]
 reads the PyTorch weights of torch-fidelity (weights-inception-2015-12-05-6726825d.pth) or
@@ -24,12 +13,10 @@ Preprocessing (`mode`)
 * "pytorch_fid" (pytorch-fid): x / 255; bilinear resize with half-pixel centres (PyTorch's
   F.interpolate(mode="bilinear", align_corners=False): source = (index + 0.5) * in / out - 0.5,
   clamped at 0); then 2x - 1. Its numbers are pytorch-fid's, not the ADM evaluator's.
-Neither antialiases (jax.image.resize would, when downsampling). The resize is two small
-interpolation-matrix products at full float32 precision; any input size, up or down, non-square.
+Neither antialiases. The resize is two interpolation-matrix products at full float32 precision.
 
 Weights file (.npz, written atomically): `params/<path>` arrays (Flax layout), `format`
-("jaxdiff-inception-fid-v1"), `fingerprint` (jaxdiff.metrics.params_fingerprint of the params; checked
-on load), `source` (the converted file's name).
+("jaxdiff-inception-fid-v1"), `fingerprint` (checked on load), `source` (the converted file's name).
 """
 
 from __future__ import annotations
@@ -46,29 +33,15 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxdiff import cpu, files
-from jaxdiff.convert import describe_key_problem, key_problems, load_state_dict
+from jaxdiff.convert import _checked_params, _make_layout, _mismatch_error, load_state_dict
 from jaxdiff.models.inception import InceptionV3
 
-__all__ = [
-    "FORMAT",
-    "INPUT_SIZE",
-    "MODES",
-    "check_images",
-    "check_params",
-    "expected_state_dict_shapes",
-    "feature_fn",
-    "features",
-    "fingerprint",
-    "load_params",
-    "main",
-    "params_from_state_dict",
-    "preprocess",
-    "resize_matrix",
-    "save_params",
-    "source_coordinates",
-]
+__all__ = ["FORMAT", "INPUT_SIZE", "MODES", "check_images", "check_params", "expected_state_dict_shapes",
+           "feature_fn", "features", "fingerprint", "load_params", "main", "params_from_state_dict", "preprocess",
+           "resize_matrix", "save_params", "source_coordinates"]
 
 MODES = ("tf1", "pytorch_fid")
 INPUT_SIZE = 299
@@ -205,81 +178,44 @@ def _abstract_params() -> dict:
     return jax.eval_shape(lambda x: InceptionV3().init(jax.random.key(0), x), x)["params"]
 
 
-def _flat(tree: Any) -> dict:
-    """{(name, ..., leaf name): leaf} of a nested params tree."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf for path, leaf in leaves}
-
-
 def _torch_key(path: tuple) -> str:
     leaves = _FC_LEAVES if path[0] == "fc" else _CONV_LEAVES
     return ".".join(path[:-1] + (leaves[path[-1]],))
 
 
-def _torch_shape(path: tuple, shape: tuple) -> tuple:
-    if path[-1] != "kernel":
-        return shape
-    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else (shape[1], shape[0])
+def _transform(path: tuple, shape: tuple) -> str:
+    return ("conv2d" if len(shape) == 4 else "dense") if path[-1] == "kernel" else "identity"
 
 
 @functools.lru_cache(maxsize=None)
 def _layout() -> tuple:
-    """(Flax path, state_dict key, torch shape) of every parameter."""
-    return tuple((p, _torch_key(p), _torch_shape(p, tuple(a.shape))) for p, a in _flat(_abstract_params()).items())
+    """The state_dict entry (convert._Entry) of every parameter."""
+    return _make_layout(_abstract_params(), _torch_key, _transform)
 
 
 def expected_state_dict_shapes() -> dict:
     """state_dict key -> PyTorch shape of every tensor the network needs (the `*.bn.num_batches_tracked`
     counters of the real files are accepted too, and ignored)."""
-    return {key: shape for _, key, shape in _layout()}
-
-
-def _mismatch(what: str, expected: Mapping, given: Mapping, limit: int = 12) -> Optional[str]:
-    problems = key_problems(expected, given)
-    if not problems:
-        return None
-    count = {p: sum(1 for q, _ in problems if q == p) for p in ("missing", "unexpected", "shape")}
-    lines = [f"{what} does not fit the FID Inception-v3 ({count['missing']} missing, {count['unexpected']} "
-             f"unexpected, {count['shape']} wrongly shaped keys):"]
-    lines += [f"  {describe_key_problem(p, k, expected, given)}" for p, k in problems[:limit]]
-    if len(problems) > limit:
-        lines.append(f"  ... and {len(problems) - limit} more")
-    return "\n".join(lines)
+    return {e.key: e.shape for e in _layout()}
 
 
 def params_from_state_dict(state_dict: Any) -> dict:
     """torch-fidelity's / pytorch-fid's Inception state_dict (a mapping of numpy arrays or torch tensors,
     or a .pth/.npz path) -> Flax params (float32 jax arrays). Strict: every missing, unexpected or
     wrongly shaped key is named in one ValueError."""
-    sd = load_state_dict(state_dict)
     expected = expected_state_dict_shapes()
-    given = {k: tuple(np.shape(v)) for k, v in sd.items()
-             if not (k.endswith(_UNUSED_SUFFIX) and k[: -len(_UNUSED_SUFFIX)] + ".conv.weight" in expected)}
-    err = _mismatch("Inception state_dict", expected, given)
-    if err:
-        raise ValueError(err)
-    params: dict = {}
-    for path, key, _ in _layout():
-        a = np.asarray(sd[key])
-        if not np.issubdtype(a.dtype, np.floating):
-            raise ValueError(f"key {key!r} has dtype {a.dtype}, expected floating point")
-        a = a.astype(np.float32)
-        if path[-1] == "kernel":
-            a = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T  # OIHW -> HWIO; (out, in) -> (in, out)
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = np.ascontiguousarray(a)
-    return jax.device_put(params)  # one transfer of the whole tree (jnp.asarray per leaf is ~10x slower)
+    sd = {k: v for k, v in load_state_dict(state_dict).items()
+          if not (k.endswith(_UNUSED_SUFFIX) and k[: -len(_UNUSED_SUFFIX)] + ".conv.weight" in expected)}
+    return _checked_params(_layout(), sd, "Inception state_dict does not fit the FID Inception-v3", limit=12)
 
 
 def check_params(params: Any) -> None:
     """Raise ValueError naming every missing, unexpected or wrongly shaped leaf of Flax `params`."""
     if not isinstance(params, Mapping):
         raise TypeError(f"Inception params must be a nested mapping of arrays, got {type(params).__name__}")
-    expected = {"/".join(p): tuple(a.shape) for p, a in _flat(_abstract_params()).items()}
-    given = {"/".join(map(str, p)): tuple(np.shape(a)) for p, a in _flat(params).items()}
-    err = _mismatch("Inception params", expected, given)
+    expected = {k: tuple(a.shape) for k, a in flatten_dict(_abstract_params(), sep="/").items()}
+    given = {k: tuple(np.shape(a)) for k, a in flatten_dict(params, sep="/").items()}
+    err = _mismatch_error("Inception params does not fit the FID Inception-v3", expected, given, limit=12)
     if err:
         raise ValueError(err)
 
@@ -299,7 +235,7 @@ def save_params(path, params: Any, *, source: str = "", force: bool = False) -> 
     if os.path.exists(path) and not force:
         raise FileExistsError(f"{path} exists; pass --force (force=True) to replace it")
     fp = fingerprint(params)
-    arrays = {_PREFIX + "/".join(p): np.asarray(a, np.float32) for p, a in _flat(params).items()}
+    arrays = {_PREFIX + k: np.asarray(a, np.float32) for k, a in flatten_dict(params, sep="/").items()}
     arrays.update(format=np.asarray(FORMAT), fingerprint=np.asarray(fp), source=np.asarray(str(source)))
     files.atomic_write(path, lambda f: np.savez(f, **arrays))
     return fp
@@ -320,14 +256,7 @@ def load_params(path) -> dict:
         if str(z["format"]) != FORMAT:
             raise ValueError(f"{path} has format {str(z['format'])!r}; this jaxdiff reads {FORMAT!r}")
         stored = str(z["fingerprint"])
-        params: dict = {}
-        for k in z.files:
-            if k.startswith(_PREFIX):
-                *parents, leaf = k[len(_PREFIX):].split("/")
-                node = params
-                for p in parents:
-                    node = node.setdefault(p, {})
-                node[leaf] = z[k]
+        params = unflatten_dict({k[len(_PREFIX):]: z[k] for k in z.files if k.startswith(_PREFIX)}, sep="/")
     check_params(params)
     if fingerprint(params) != stored:
         raise ValueError(f"{path}: the weights' fingerprint differs from the one stored in the file "
@@ -367,7 +296,7 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     params = params_from_state_dict(src)
     fp = save_params(out, params, source=src.name, force=args.force)
-    n = sum(int(np.prod(np.shape(a))) for a in _flat(params).values())
+    n = sum(int(np.prod(np.shape(a))) for a in flatten_dict(params).values())
     print(json.dumps({"out": str(out), "parameters": n, "fingerprint": fp}))
     return 0
 

@@ -14,12 +14,12 @@ text_unet.py. create_model validates every flag in Python, before anything is tr
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Optional
 
 import numpy as np
 import flax.linen as nn
 
+from jaxdiff.config_util import did_you_mean
 from jaxdiff.models import layers
 from jaxdiff.models.classifier import EncoderUNetModel
 from jaxdiff.models.layers import (
@@ -104,9 +104,8 @@ def model_flag_names(kind: str) -> tuple:
 
 def _kind_class(kind: str):
     if kind not in MODEL_KINDS:
-        near = difflib.get_close_matches(str(kind), MODEL_KINDS, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown model kind {kind!r}{hint}; expected one of {sorted(MODEL_KINDS)}")
+        raise ValueError(f"unknown model kind {kind!r}{did_you_mean(kind, MODEL_KINDS)}; expected one of "
+                         f"{sorted(MODEL_KINDS)}")
     return MODEL_KINDS[kind]
 
 
@@ -122,17 +121,12 @@ def normalize_flags(kind: str, **flags) -> dict:
     names = model_flag_names(kind)
     for k in flags:
         if k not in names:
-            near = difflib.get_close_matches(k, names, n=1, cutoff=0.5)
             alias = _SCRIPT_ALIASES.get(k)
             if alias in names:
-                hint = (
-                    f" (did you mean {alias!r}? {k!r} is a guided-diffusion command-line flag; "
-                    f"jaxdiff.convert.flags_from_args translates those)"
-                )
-            elif near:
-                hint = f" (did you mean {near[0]!r}?)"
+                hint = (f" (did you mean {alias!r}? {k!r} is a guided-diffusion command-line flag; "
+                        f"jaxdiff.convert.flags_from_args translates those)")
             else:
-                hint = ""
+                hint = did_you_mean(k, names, cutoff=0.5)
             raise ValueError(f"unknown flag {k!r} for a {kind!r} model{hint}; allowed flags: {', '.join(names)}")
     missing = [k for k in _REQUIRED + (_TEXT_REQUIRED if kind in TEXT_KINDS else ()) if k not in flags]
     if missing:

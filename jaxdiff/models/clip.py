@@ -21,7 +21,6 @@ here (image: no mask; text: causal).
 
 from __future__ import annotations
 
-import difflib
 import math
 
 import jax
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxdiff.attention import attention
+from jaxdiff.config_util import did_you_mean
 from jaxdiff.models.layers import merge_heads, torch_default_init
 
 __all__ = [
@@ -274,9 +274,8 @@ CLIP_KINDS = {"clip-image": ClipImageEncoder, "clip-text": ClipTextEncoder}
 def check_clip_kind(kind: str) -> str:
     """`kind` if it names a CLIP encoder, else ValueError listing the kinds."""
     if kind not in CLIP_KINDS:
-        near = difflib.get_close_matches(str(kind), CLIP_KINDS, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown CLIP encoder kind {kind!r}{hint}; expected one of {sorted(CLIP_KINDS)}")
+        raise ValueError(f"unknown CLIP encoder kind {kind!r}{did_you_mean(kind, CLIP_KINDS)}; expected one of "
+                         f"{sorted(CLIP_KINDS)}")
     return kind
 
 
