@@ -1,32 +1,20 @@
 """guided-diffusion's evaluator (``evaluations/evaluator.py``): the ADM tables' metrics, streamed and sharded.
 
 ``evaluate(ref_path, sample_path, feature_fn, params)`` gives the Inception Score, FID, sFID, precision
-and recall with the evaluator's semantics (see ``jaxdiff.metrics``):
+and recall with the evaluator's semantics: FID / sFID from float32 means and float64 covariances of the
+``pool3`` / ``spatial`` features (a reference batch's stored ``mu``, ``sigma``, ``mu_s``, ``sigma_s``
+when present); the IS from the float32 softmax of ``logits_unbiased`` in consecutive parts of 5000
+rows; precision / recall with k = 3 on ``pool3`` in the evaluator's float16 distances.
 
-* FID / sFID: mean in float32 (numpy's float32 mean of the float32 features), covariance float64
-  (``np.cov(rowvar=False)``), of the ``pool3`` / ``spatial`` features; a reference batch's stored
-  ``mu``, ``sigma`` (``mu_s``, ``sigma_s``) are used when present. The Frechet distance is
-  ``metrics.frechet_distance`` (a stable matrix square root; equal to scipy's sqrtm formula wherever
-  that one is accurate).
-* Inception Score: float32 softmax of ``logits_unbiased`` (Inception's softmax weights without bias),
-  consecutive parts of 5000 rows in file order, float32 arithmetic, mean over parts.
-* precision / recall: k = 3, reference and sample ``pool3`` features, squared distances in float16 as
-  the evaluator's (``distance="float32"`` for float32), a point inside a ball when its distance is
-  ``<=`` the radius.
+Images are streamed from the ``.npz`` files in chunks of rows, so a 50,000-image file is never in
+memory. One compiled program runs over a ('data',) mesh of every device of every process, each
+process reading only its rows of each global batch; the output is replicated, so every process
+computes the same metrics. Host memory holds the samples' pool3 features and logits and the
+reference's pool3 features (precision / recall and the IS need the rows), the spatial features only
+as running sums.
 
-Images are streamed from the ``.npz`` files (``arr_0`` uint8 NHWC, read in chunks of rows, whether
-written by ``np.savez`` or ``np.savez_compressed``), so a 50,000-image file is never in memory. The
-features are computed by one compiled program over a ('data',) mesh of every device of every process:
-global batches of ``batch_size`` images (a multiple of the device count), each process reading only
-its rows; the output is replicated, so every process holds every row's features and computes the
-same metrics. Kept in host memory: the samples' pool3 features and unbiased logits and the reference's
-pool3 features (precision/recall and the IS need the rows: 50,000 x 2048 float32 = 410 MB of pool3,
-50,000 x 1008 float32 = 200 MB of logits); the spatial features only as running sums.
-
-``feature_fn(params, images_uint8 [B, H, W, 3]) -> {"pool3": [B, 2048], "spatial": [B, 2023],
-"logits_unbiased": [B, 1008], ...}`` is any jittable function with those keys (the dimensions are
-free and it is traced inside this module's own jitted program, so pass it un-jitted), e.g. the
-Inception network's ``inception.pure_feature_fn(mode)``.
+``feature_fn(params, images_uint8 [B, H, W, 3]) -> {"pool3", "spatial", "logits_unbiased", ...}`` is
+any jittable function with those keys (pass it un-jitted), e.g. ``inception.pure_feature_fn(mode)``.
 """
 
 from __future__ import annotations
@@ -43,17 +31,8 @@ import numpy as np
 from jaxdiff import metrics as M
 from jaxdiff.files import Rows, write_npz
 
-__all__ = [
-    "FEATURE_KEYS",
-    "NpzArrayReader",
-    "Rows",
-    "ShardedFeatures",
-    "evaluate",
-    "file_fingerprint",
-    "npy_header",
-    "write_npz",
-    "write_reference_batch",
-]
+__all__ = ["FEATURE_KEYS", "NpzArrayReader", "Rows", "ShardedFeatures", "evaluate", "file_fingerprint", "npy_header",
+           "write_npz", "write_reference_batch"]
 
 PathLike = Union[str, os.PathLike]
 FEATURE_KEYS = ("pool3", "spatial", "logits_unbiased")
@@ -61,9 +40,7 @@ IS_SPLIT_SIZE = 5000
 DEFAULT_BATCH_SIZE = 256
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading .npz members in chunks of rows
-# --------------------------------------------------------------------------------------------------
+# --- Reading .npz members in chunks of rows ----------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +126,9 @@ class NpzArrayReader:
         count = max(0, stop - start)
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         size = count * row_bytes
-        if self._offset is not None:
-            data = os.pread(self._file.fileno(), size, self._offset + start * row_bytes)
-            while len(data) < size:
-                more = os.pread(self._file.fileno(), size - len(data), self._offset + start * row_bytes + len(data))
-                if not more:
-                    break
-                data += more
+        if self._offset is not None:  # stored uncompressed: read in place
+            self._file.seek(self._offset + start * row_bytes)
+            data = self._file.read(size)
         else:
             self._stream.seek(self._data_start + start * row_bytes)
             data = self._stream.read(size)
@@ -192,9 +165,7 @@ def _read_member(path: str, name: str) -> np.ndarray:
         return np.asarray(z[name])
 
 
-# --------------------------------------------------------------------------------------------------
-# Checks made before any work
-# --------------------------------------------------------------------------------------------------
+# --- Checks made before any work ---------------------------------------------------------------------
 
 
 def _check_images(path: str, min_images: int, what: str) -> NpyHeader:
@@ -247,9 +218,7 @@ def _stored_stats(path: str, dims: Mapping[str, int]) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Sharded feature extraction
-# --------------------------------------------------------------------------------------------------
+# --- Sharded feature extraction ----------------------------------------------------------------------
 
 
 class ShardedFeatures:
@@ -371,9 +340,7 @@ def _all_processes(flag: bool) -> bool:
     return bool(np.min(multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))) == 1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Fingerprints and the reference cache
-# --------------------------------------------------------------------------------------------------
+# --- Fingerprints and the reference cache ------------------------------------------------------------
 
 
 def file_fingerprint(path: PathLike, *, blocks: int = 16, block_size: int = 1 << 16) -> str:
@@ -404,93 +371,51 @@ def _features_fingerprint(params: Any, mode: str, dims: Mapping[str, int]) -> st
     return M.params_fingerprint(params, name="adm_eval", config=config)
 
 
-def _cache_key(features_fp: str, ref_fp: str) -> str:
-    return hashlib.sha256(f"{features_fp}\0{ref_fp}".encode()).hexdigest()
-
-
-def _load_cached(cache_dir: Optional[str], base: str, key: str) -> Optional[dict]:
-    if cache_dir is None:
-        return None
-    out = {}
-    for k in ("pool3", "spatial"):
-        path = M._cache_path(cache_dir, f"{base}-{k}", key)
-        if not os.path.exists(path):
-            return None
-        stats = M.FeatureStats.load(path)
-        if stats.fingerprint != key or (k == "pool3" and stats.features is None):
-            return None
-        out[k] = stats
-    return out
-
-
 def _reference_stats(ref_path: str, header: NpyHeader, extractor: ShardedFeatures, features_fp: str,
                      cache_dir: Optional[str], progress: bool) -> Tuple[dict, str]:
     """{"pool3": FeatureStats with features, "spatial": FeatureStats} of the reference images, and
     "hit" / "miss" / "off" for the cache (keyed by the features' and the file's fingerprints)."""
-    key = _cache_key(features_fp, file_fingerprint(ref_path)) if cache_dir is not None else ""
-    base = "adm_ref-" + os.path.splitext(os.path.basename(ref_path))[0]
-    cached = _load_cached(cache_dir, base, key)
-    # Every process must take the same branch: a process extracting alone would wait forever.
-    if cache_dir is not None and _all_processes(cached is not None):
-        return cached, "hit"
-    n = header.shape[0]
-    collect = _Collect(n, extractor.dims, keep=("pool3",))
+    key, paths = "", {}
+    if cache_dir is not None:
+        key = hashlib.sha256(f"{features_fp}\0{file_fingerprint(ref_path)}".encode()).hexdigest()
+        base = "adm_ref-" + os.path.splitext(os.path.basename(ref_path))[0]
+        paths = {k: M._cache_path(cache_dir, f"{base}-{k}", key) for k in ("pool3", "spatial")}
+        cached = {k: M.FeatureStats.load(p) for k, p in paths.items() if os.path.exists(p)}
+        hit = (len(cached) == 2 and all(c.fingerprint == key for c in cached.values())
+               and cached["pool3"].features is not None)
+        # Every process must take the same branch: a process extracting alone would wait forever.
+        if _all_processes(hit):
+            return cached, "hit"
+    collect = _Collect(header.shape[0], extractor.dims, keep=("pool3",))
     with NpzArrayReader(ref_path) as reader:
         extractor.run(reader, collect, progress=progress, desc="reference")
-    stats = {
-        "pool3": collect.moments["pool3"].stats(key, features=collect.kept["pool3"],
-                                                image_shape=header.shape[1:], require_full_rank=False),
-        "spatial": collect.moments["spatial"].stats(key, image_shape=header.shape[1:], require_full_rank=False),
-    }
-    if cache_dir is None:
-        return stats, "off"
-    for k, s in stats.items():
-        s.save(M._cache_path(cache_dir, f"{base}-{k}", key))
-    return stats, "miss"
+    stats = {k: collect.moments[k].stats(key, features=collect.kept.get(k), image_shape=header.shape[1:],
+                                         require_full_rank=False) for k in ("pool3", "spatial")}
+    for k, path in paths.items():
+        stats[k].save(path)
+    return stats, "miss" if paths else "off"
 
 
-# --------------------------------------------------------------------------------------------------
-# The evaluation
-# --------------------------------------------------------------------------------------------------
+# --- The evaluation ----------------------------------------------------------------------------------
 
 
-def evaluate(
-    ref_path: PathLike,
-    sample_path: PathLike,
-    feature_fn: Callable[[Any, Any], Mapping[str, Any]],
-    params: Any,
-    *,
-    mode: str = "",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    cache_dir: Optional[PathLike] = None,
-    distance: str = "float16",
-    k: int = 3,
-    chunk_size: int = M.DEFAULT_CHUNK_SIZE,
-    mesh: Any = None,
-    progress: bool = True,
-) -> dict:
+def evaluate(ref_path: PathLike, sample_path: PathLike, feature_fn: Callable[[Any, Any], Mapping[str, Any]],
+             params: Any, *, mode: str = "", batch_size: int = DEFAULT_BATCH_SIZE,
+             cache_dir: Optional[PathLike] = None, distance: str = "float16", k: int = 3,
+             chunk_size: int = M.DEFAULT_CHUNK_SIZE, mesh: Any = None, progress: bool = True) -> dict:
     """guided-diffusion's evaluator on a reference batch and a sample file (see the module doc).
 
-    Args:
-      ref_path: reference batch ``.npz``: ``arr_0`` uint8 [N, H, W, 3]; ``mu``/``sigma`` and
-        ``mu_s``/``sigma_s`` used for FID / sFID when present (the pool3 features are computed anyway:
-        precision/recall need them).
-      sample_path: samples ``.npz``: ``arr_0`` uint8 [N, H, W, 3] of the same H, W; optional ``arr_1``
-        labels (checked, not used by these metrics).
-      feature_fn, params: ``feature_fn(params, images_uint8) -> {"pool3", "spatial", "logits_unbiased"}``.
-      mode: the feature function's preprocessing mode, part of the cache key (and of the result).
-      batch_size: global batch (a multiple of the device count); one compiled program for both files.
-      cache_dir: where the reference's features and statistics are cached, keyed by (weights, mode,
-        output dims, reference file fingerprint); None: no cache.
-      distance: "float16" (the evaluator's) or "float32" squared distances for precision/recall.
-      k: the neighbourhood of precision/recall (the evaluator's is 3).
-      chunk_size: block size of the distance computations (chunk_size^2 distances at once).
-      mesh: a ('data',) mesh (default every device of every process).
+    ref_path: ``arr_0`` uint8 [N, H, W, 3], and ``mu``/``sigma``, ``mu_s``/``sigma_s`` used for FID /
+    sFID when present. sample_path: ``arr_0`` of the same H, W; optional ``arr_1`` labels (checked, not
+    used). ``mode`` (the feature function's preprocessing) is part of the cache key and the result.
+    batch_size: global, a multiple of the device count. cache_dir: where the reference's features and
+    statistics are cached, keyed by (weights, mode, output dims, reference file fingerprint); None: no
+    cache. distance: "float16" (the evaluator's) or "float32" for precision/recall, over k neighbours,
+    in blocks of chunk_size^2 distances. mesh: a ('data',) mesh (default every device of every process).
 
     Returns a dict: inception_score, fid, sfid, precision, recall, num_samples, num_reference, has_labels,
     mode, distance, k, is_split_size, reference_stats ("file", "computed", or "mixed" when the file holds
-    only one of the two pairs), reference_cache
-    ("hit", "miss" or "off"). Every process returns the same values.
+    only one of the two pairs), reference_cache ("hit", "miss" or "off"). Every process returns the same.
     """
     ref_path, sample_path = os.fspath(ref_path), os.fspath(sample_path)
     if distance not in ("float16", "float32"):
@@ -551,9 +476,7 @@ def evaluate(
     }
 
 
-# --------------------------------------------------------------------------------------------------
-# Writing a reference batch from a dataset split
-# --------------------------------------------------------------------------------------------------
+# --- Writing a reference batch from a dataset split --------------------------------------------------
 
 
 class _SplitRows:

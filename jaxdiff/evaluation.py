@@ -6,19 +6,14 @@
     python -m jaxdiff.evaluation adm REF.npz SAMPLES.npz --inception W.npz [--mode tf1] [--out m.json]
     python -m jaxdiff.evaluation reference --dataset NAME --split train --inception W.npz --out REF.npz
 
-`samples` (the default when no subcommand is given): FID, IS, precision/recall, density/coverage and
-class accuracy of a samples.npz against a dataset split, in the feature space of a classifier
-trained on clean real images (`configs/*_eval_classifier.py`: its penultimate features feed FID and
-precision/recall, its logits IS and accuracy). `accuracy`: a classifier's top-1 accuracy on
-q_sample'd images against the diffusion timestep (clean images at t = 0 for a classifier trained
-without noise). `cfg`: the class accuracy of classifier-free-guided samples of a trained diffusion
-model (DDIM, Imagen scale convention). `adm`: guided-diffusion's evaluator (`evaluations/evaluator.py
-REF SAMPLES`): Inception Score, FID, sFID, precision and recall with the FID Inception-v3
-(`jaxdiff.inception`, weights converted once with `python -m jaxdiff.inception convert`), the
-numbers papers report (`jaxdiff.adm_eval`). `reference`: a reference batch in the evaluator's layout
-from any prepared tfds split. `adm` and `reference` run on every device of every process (start one
-per host with --coordinator_address/--num_processes/--process_id). Every subcommand prints JSON;
-bad input is one error line.
+`samples` (the default): FID, IS, precision/recall, density/coverage and class accuracy of a
+samples.npz against a dataset split, in the feature space of a classifier trained on clean images
+(`configs/*_eval_classifier.py`). `accuracy`: a classifier's top-1 accuracy on q_sample'd images
+against t. `cfg`: the class accuracy of classifier-free-guided samples (DDIM). `adm`: guided-diffusion's
+evaluator (IS, FID, sFID, precision, recall with the FID Inception-v3, `jaxdiff.adm_eval`).
+`reference`: a reference batch in the evaluator's layout from a prepared tfds split. `adm` and
+`reference` run on every device of every process. Every subcommand prints JSON; bad input is one
+error line.
 """
 
 from __future__ import annotations

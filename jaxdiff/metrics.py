@@ -1,33 +1,19 @@
-"""Sample-quality metrics for guided diffusion: FID, Inception Score, precision/recall, density/coverage,
-classifier accuracy, and the feature extractors they are computed with.
+"""Sample-quality metrics: FID, Inception Score, precision/recall, density/coverage, classifier
+accuracy, and the feature extractors they are computed with.
 
-Conventions
------------
-* Images are uint8 NHWC everywhere at the boundary (guided-diffusion's ``arr_0`` layout). Extractors
-  convert them to float32 in [-1, 1] (``x / 127.5 - 1``), the range jaxdiff's networks are trained on.
-* All statistics are computed on the host in float64 numpy; only the feature extraction runs in JAX.
-* FID (Heusel et al. 2017) is ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrtm(S1 S2)``. The last trace is
-  computed without ``scipy.linalg.sqrtm`` of the non-symmetric product: with S1 = U1 L1 U1^T and
-  F1 = U1 L1^{1/2} (likewise F2), ``tr sqrtm(S1 S2) = tr sqrtm(S1^{1/2} S2 S1^{1/2})`` equals the sum of
-  the singular values of ``F1^T F2`` (its Gram matrix is similar to S1^{1/2} S2 S1^{1/2}). Only symmetric
-  eigendecompositions and one SVD are used; tiny negative eigenvalues from round-off are clamped to 0,
-  so singular (rank-deficient) covariances are handled exactly, and nothing is squared, so FID of a set
-  against itself is 0 to round-off. It agrees with the classic pytorch-fid / guided-diffusion formula
-  (scipy sqrtm with its eps-offset fallback) wherever that one is accurate.
-* A sample covariance of N features of dimension D has rank at most N - 1, so FeatureStats insists on
-  N >= D + 1 ("need at least D+1 samples") unless ``require_full_rank=False``.
-* Precision / recall follow Kynkaenniemi et al. 2019 (k-NN radius manifolds, a point is inside a ball
-  when its distance is ``<=`` the radius, as in their code and guided-diffusion's evaluator). Density /
-  coverage follow Naeem et al. 2020 and their ``prdc`` code (strict ``<``, so density of a set against
-  itself is exactly 1). The k-NN radius of a point is the (k+1)-th smallest distance to its own set
-  including itself (distance 0), as in both reference implementations. Distances are computed in
-  ``chunk_size x chunk_size`` blocks, so 50k x 50k distances never exist at once. Their arithmetic is
-  float64 by default; ``distance="float16"`` is guided-diffusion's evaluator's (see ``_Points``).
-* Inception Score: ``exp(E_x KL(p(y|x) || p(y)))`` over ``splits`` equal parts (numpy.array_split, so
-  every sample is used); the default is 1 split over all samples, which is the unbiased choice for small
-  sample sets. The classic report uses 10 splits; pass ``splits=10`` to reproduce it. guided-diffusion's
-  evaluator (``jaxdiff.adm_eval``) uses consecutive parts of 5000 rows in float32: ``split_size=5000,
-  dtype=np.float32`` on ``softmax(logits, np.float32)``.
+* Images are uint8 NHWC at the boundary (guided-diffusion's ``arr_0``); extractors map them to
+  float32 ``x / 127.5 - 1``. Statistics are float64 numpy on the host; only extraction runs in JAX.
+* FID: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrtm(S1 S2)``, the last trace as the sum of the
+  singular values of ``F1^T F2`` with ``Fi = Ui Li^{1/2}`` from symmetric eigendecompositions
+  (negative round-off eigenvalues clamped): exact for singular covariances, 0 for a set against
+  itself, equal to scipy's sqrtm formula wherever that one is accurate. A sample covariance of N
+  features of dimension D needs N >= D + 1 unless ``require_full_rank=False``.
+* Precision / recall (Kynkaenniemi et al. 2019; inside a ball when the distance is ``<=`` the
+  radius) and density / coverage (Naeem et al. 2020; strict ``<``) with k-NN radii that count the
+  point itself, as their reference code. Distances come in ``chunk_size`` blocks, float64 by
+  default; ``distance="float16"`` is guided-diffusion's evaluator's (see ``_Points``).
+* Inception Score over ``splits`` numpy.array_split parts (default 1: all samples); the evaluator's
+  (``jaxdiff.adm_eval``) is ``split_size=5000, dtype=np.float32`` on ``softmax(logits, np.float32)``.
 """
 
 from __future__ import annotations
@@ -43,36 +29,16 @@ import numpy as np
 
 from jaxdiff import files
 
-__all__ = [
-    "FeatureStats",
-    "FeatureExtractor",
-    "frechet_distance",
-    "fid_from_stats",
-    "fid_from_features",
-    "inception_score",
-    "softmax",
-    "MomentAccumulator",
-    "knn_radii",
-    "precision_recall",
-    "density_coverage",
-    "prdc",
-    "classifier_accuracy",
-    "params_fingerprint",
-    "classifier_extractor",
-    "reference_stats",
-    "evaluate_samples",
-    "validate_images",
-    "validate_labels",
-    "load_samples_npz",
-]
+__all__ = ["FeatureStats", "FeatureExtractor", "frechet_distance", "fid_from_stats", "fid_from_features",
+           "inception_score", "softmax", "MomentAccumulator", "knn_radii", "precision_recall", "density_coverage",
+           "prdc", "classifier_accuracy", "params_fingerprint", "classifier_extractor", "reference_stats",
+           "evaluate_samples", "validate_images", "validate_labels", "load_samples_npz"]
 
 Array = np.ndarray
 DEFAULT_CHUNK_SIZE = 1024
 
 
-# --------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------
+# --- Validation --------------------------------------------------------------------------------------
 
 
 def validate_images(images: Any, *, image_shape: Optional[Sequence[int]] = None, what: str = "images") -> Array:
@@ -81,32 +47,23 @@ def validate_images(images: Any, *, image_shape: Optional[Sequence[int]] = None,
         raise ValueError(f"{what} must be a uint8 array of shape [N, H, W, C], got {type(images).__name__}")
     images = np.asarray(images)
     if images.ndim != 4:
-        raise ValueError(
-            f"{what} must be a uint8 array of shape [N, H, W, C] (NHWC), got shape {images.shape} "
-            f"with {images.ndim} dimensions"
-        )
+        raise ValueError(f"{what} must be a uint8 array of shape [N, H, W, C] (NHWC), got shape {images.shape} "
+                         f"with {images.ndim} dimensions")
     if images.dtype != np.uint8:
-        raise ValueError(
-            f"{what} must have dtype uint8 (values 0..255, NHWC), got dtype {images.dtype}; "
-            "convert float images in [-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)"
-        )
+        raise ValueError(f"{what} must have dtype uint8 (values 0..255, NHWC), got dtype {images.dtype}; "
+                         "convert float images in [-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
     if images.shape[-1] not in (1, 3, 4):
-        raise ValueError(
-            f"{what} must be NHWC with 1, 3 or 4 channels on the last axis, got shape {images.shape}"
-            + (" (channels-first NCHW? transpose to NHWC)" if images.shape[1] in (1, 3, 4) else "")
-        )
+        raise ValueError(f"{what} must be NHWC with 1, 3 or 4 channels on the last axis, got shape {images.shape}"
+                         + (" (channels-first NCHW? transpose to NHWC)" if images.shape[1] in (1, 3, 4) else ""))
     if image_shape is not None and tuple(images.shape[1:]) != tuple(int(s) for s in image_shape):
-        raise ValueError(
-            f"{what} have per-image shape {tuple(images.shape[1:])} (H, W, C) but the reference images "
-            f"have {tuple(int(s) for s in image_shape)}; samples must match the reference image shape"
-        )
+        raise ValueError(f"{what} have per-image shape {tuple(images.shape[1:])} (H, W, C) but the reference images "
+                         f"have {tuple(int(s) for s in image_shape)}; samples must match the reference image shape")
     return images
 
 
-def validate_labels(labels: Any, *, num_samples: int, num_classes: int, what: str = "labels") -> Array:
-    """Checks integer class labels: shape [num_samples], every value in [0, num_classes)."""
-    if num_classes is None or int(num_classes) < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+def validate_labels(labels: Any, *, num_samples: int, num_classes: Optional[int], what: str = "labels") -> Array:
+    """Checks integer class labels: shape [num_samples], every value in [0, num_classes) (>= 0 when
+    num_classes is None)."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"{what} must be a 1-D integer array of shape [N], got shape {labels.shape}")
@@ -115,18 +72,14 @@ def validate_labels(labels: Any, *, num_samples: int, num_classes: int, what: st
         integral = labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))
         if labels.size and not integral:
             raise ValueError(f"{what} must be integers, got dtype {labels.dtype}")
-        labels = labels.astype(np.int64)
     if labels.shape[0] != num_samples:
         raise ValueError(
-            f"{what} count {labels.shape[0]} != samples count {num_samples}; there must be one label per sample"
-        )
+            f"{what} count {labels.shape[0]} != samples count {num_samples}; there must be one label per sample")
     if labels.size:
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"{what} contain {bad}, outside the allowed range [0, {num_classes}) for num_classes={num_classes}"
-            )
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            allowed = "[0, inf)" if num_classes is None else f"[0, {num_classes}) for num_classes={num_classes}"
+            raise ValueError(f"{what} contain {lo if lo < 0 else hi}, outside the allowed range {allowed}")
     return labels.astype(np.int64)
 
 
@@ -143,26 +96,20 @@ def _validate_features(features: Any, what: str = "features") -> Array:
 
 def _check_full_rank(n: int, d: int, what: str = "features") -> None:
     if n < d + 1:
-        raise ValueError(
-            f"FID: need at least D+1 samples for a full-rank covariance (N must exceed the feature "
-            f"dimension D; a sample covariance has rank <= N - 1), but {what} have N = {n} samples of "
-            f"dimension D = {d}: need at least {d + 1}"
-        )
+        raise ValueError(f"FID: need at least D+1 samples for a full-rank covariance (N must exceed the feature "
+                         f"dimension D; a sample covariance has rank <= N - 1), but {what} have N = {n} samples of "
+                         f"dimension D = {d}: need at least {d + 1}")
 
 
 def _check_knn(n: int, k: int, what: str) -> None:
     if int(k) < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
     if n <= k:
-        raise ValueError(
-            f"precision/recall/density/coverage need more than k = {k} samples in {what}, got {n}; "
-            f"need at least k+1 = {k + 1}"
-        )
+        raise ValueError(f"precision/recall/density/coverage need more than k = {k} samples in {what}, got {n}; "
+                         f"need at least k+1 = {k + 1}")
 
 
-# --------------------------------------------------------------------------------------------------
-# FID
-# --------------------------------------------------------------------------------------------------
+# --- FID ---------------------------------------------------------------------------------------------
 
 
 def _psd_factor(sigma: Array) -> Array:
@@ -267,27 +214,16 @@ class MomentAccumulator:
         sigma = (self._s2 - self.n * np.outer(offset, offset)) / (self.n - 1)
         return 0.5 * (sigma + sigma.T)
 
-    def stats(
-        self,
-        fingerprint: str = "",
-        *,
-        features: Optional[Array] = None,
-        image_shape: Optional[Sequence[int]] = None,
-        require_full_rank: bool = True,
-    ) -> "FeatureStats":
+    def stats(self, fingerprint: str = "", *, features: Optional[Array] = None,
+              image_shape: Optional[Sequence[int]] = None, require_full_rank: bool = True) -> "FeatureStats":
         """FeatureStats of the rows seen so far (``features``: the rows themselves, to keep)."""
         if self.n == 0:
             raise ValueError("no feature rows were accumulated")
         if require_full_rank:
             _check_full_rank(self.n, self.dim)
-        return FeatureStats(
-            mu=self.mean(),
-            sigma=self.covariance(),
-            n=self.n,
-            fingerprint=str(fingerprint),
-            features=None if features is None else np.asarray(features, np.float32),
-            image_shape=None if image_shape is None else tuple(int(s) for s in image_shape),
-        )
+        return FeatureStats(mu=self.mean(), sigma=self.covariance(), n=self.n, fingerprint=str(fingerprint),
+                            features=None if features is None else np.asarray(features, np.float32),
+                            image_shape=None if image_shape is None else tuple(int(s) for s in image_shape))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -313,16 +249,9 @@ class FeatureStats:
         return int(self.mu.shape[0])
 
     @classmethod
-    def from_features(
-        cls,
-        features: Any,
-        fingerprint: str = "",
-        *,
-        keep_features: bool = False,
-        image_shape: Optional[Sequence[int]] = None,
-        require_full_rank: bool = True,
-        mean_dtype: Any = np.float64,
-    ) -> "FeatureStats":
+    def from_features(cls, features: Any, fingerprint: str = "", *, keep_features: bool = False,
+                      image_shape: Optional[Sequence[int]] = None, require_full_rank: bool = True,
+                      mean_dtype: Any = np.float64) -> "FeatureStats":
         """Statistics of [N, D] features; ``mean_dtype=np.float32`` gives guided-diffusion's evaluator's
         mean (numpy's float32 mean of float32 features; see MomentAccumulator), the covariance is float64."""
         features = _validate_features(features)
@@ -330,23 +259,15 @@ class FeatureStats:
             _check_full_rank(*features.shape)
         acc = MomentAccumulator(mean_dtype)
         acc.update(features)
-        return acc.stats(
-            fingerprint,
-            features=features if keep_features else None,
-            image_shape=image_shape,
-            require_full_rank=False,
-        )
+        return acc.stats(fingerprint, features=features if keep_features else None, image_shape=image_shape,
+                         require_full_rank=False)
 
     # --- persistence -------------------------------------------------------------------------------
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes an .npz atomically (temporary file in the same directory, then os.replace)."""
-        arrays = {
-            "mu": self.mu,
-            "sigma": self.sigma,
-            "n": np.asarray(self.n, np.int64),
-            "fingerprint": np.asarray(self.fingerprint),
-        }
+        arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.asarray(self.n, np.int64),
+                  "fingerprint": np.asarray(self.fingerprint)}
         if self.features is not None:
             arrays["features"] = np.asarray(self.features, np.float32)
         if self.image_shape is not None:
@@ -359,23 +280,17 @@ class FeatureStats:
             missing = {"mu", "sigma", "n", "fingerprint"} - set(z.files)
             if missing:
                 raise ValueError(f"{os.fspath(path)} is not a FeatureStats file: missing {sorted(missing)}")
-            return cls(
-                mu=np.asarray(z["mu"], np.float64),
-                sigma=np.asarray(z["sigma"], np.float64),
-                n=int(z["n"]),
-                fingerprint=str(z["fingerprint"]),
-                features=np.asarray(z["features"], np.float32) if "features" in z.files else None,
-                image_shape=tuple(int(s) for s in z["image_shape"]) if "image_shape" in z.files else None,
-            )
+            return cls(mu=np.asarray(z["mu"], np.float64), sigma=np.asarray(z["sigma"], np.float64), n=int(z["n"]),
+                       fingerprint=str(z["fingerprint"]),
+                       features=np.asarray(z["features"], np.float32) if "features" in z.files else None,
+                       image_shape=tuple(int(s) for s in z["image_shape"]) if "image_shape" in z.files else None)
 
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     """FID between two FeatureStats; refuses statistics of different extractors."""
     if a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint:
-        raise ValueError(
-            f"feature statistics come from different extractors (fingerprints {a.fingerprint[:16]}... and "
-            f"{b.fingerprint[:16]}...); FID is only defined between features of the same extractor"
-        )
+        raise ValueError(f"feature statistics come from different extractors (fingerprints {a.fingerprint[:16]}... and "
+                         f"{b.fingerprint[:16]}...); FID is only defined between features of the same extractor")
     if a.dim != b.dim:
         raise ValueError(f"feature dimensions differ: {a.dim} vs {b.dim}")
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
@@ -386,9 +301,7 @@ def fid_from_features(features1: Any, features2: Any) -> float:
     return fid_from_stats(FeatureStats.from_features(features1), FeatureStats.from_features(features2))
 
 
-# --------------------------------------------------------------------------------------------------
-# Inception Score and accuracy
-# --------------------------------------------------------------------------------------------------
+# --- Inception Score and accuracy --------------------------------------------------------------------
 
 
 def softmax(logits: Any, dtype: Any = np.float64) -> Array:
@@ -399,9 +312,8 @@ def softmax(logits: Any, dtype: Any = np.float64) -> Array:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def inception_score(
-    probs: Any, *, splits: int = 1, split_size: Optional[int] = None, dtype: Any = np.float64
-) -> Tuple[float, float]:
+def inception_score(probs: Any, *, splits: int = 1, split_size: Optional[int] = None,
+                    dtype: Any = np.float64) -> Tuple[float, float]:
     """Inception Score from class probabilities [N, K]: (mean, std) over parts of the samples.
 
     Each part scores exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean prediction. The parts are
@@ -421,10 +333,8 @@ def inception_score(
         raise ValueError("probs must be finite and non-negative")
     row = p.sum(axis=1)
     if not np.allclose(row, 1.0, atol=1e-3):
-        raise ValueError(
-            f"probs rows must sum to 1 (got sums between {row.min():.4g} and {row.max():.4g}); "
-            "pass softmax(logits), not logits"
-        )
+        raise ValueError(f"probs rows must sum to 1 (got sums between {row.min():.4g} and {row.max():.4g}); "
+                         "pass softmax(logits), not logits")
     if split_size is not None:
         split_size = int(split_size)
         if split_size < 1:
@@ -460,9 +370,7 @@ def classifier_accuracy(logits: Any, labels: Any) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-# --------------------------------------------------------------------------------------------------
-# Precision / recall / density / coverage
-# --------------------------------------------------------------------------------------------------
+# --- Precision / recall / density / coverage ---------------------------------------------------------
 
 
 DISTANCES = ("float64", "float32", "float16")
@@ -570,9 +478,7 @@ def _knn_sq_radii(x: _Points, k: int, chunk_size: int) -> Array:
     return out
 
 
-def knn_radii(
-    features: Any, k: int = 3, *, chunk_size: int = DEFAULT_CHUNK_SIZE, distance: str = "float64"
-) -> Array:
+def knn_radii(features: Any, k: int = 3, *, chunk_size: int = DEFAULT_CHUNK_SIZE, distance: str = "float64") -> Array:
     """Euclidean distance from each feature to its k-th nearest neighbour within the same set.
 
     ``distance`` is the arithmetic of the squared distances (``DISTANCES``; float16 is guided-diffusion's
@@ -583,16 +489,12 @@ def knn_radii(
     return np.sqrt(_knn_sq_radii(_Points(x, distance), int(k), chunk_size))
 
 
-def _manifold_pass(
-    real: Array,
-    fake: Array,
-    k: int,
-    chunk_size: int,
-    *,
-    want_pr: bool,
-    want_dc: bool,
-    distance: str = "float64",
-) -> dict:
+def _manifold_pass(real_features: Any, fake_features: Any, k: int, chunk_size: int, distance: str, *,
+                   want_pr: bool = True, want_dc: bool = True) -> dict:
+    """Precision/recall and/or density/coverage in one pass over the real x fake distances."""
+    real = _validate_features(real_features, "reference features")
+    fake = _validate_features(fake_features, "sample features")
+    k = int(k)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dimensions differ: reference {real.shape[1]} vs samples {fake.shape[1]}")
     _check_knn(real.shape[0], k, "the reference features")
@@ -618,64 +520,36 @@ def _manifold_pass(
                 covered[s:e] |= inside.any(axis=1)
     out = {}
     if want_pr:
-        out["precision"] = float(fake_in_real.mean())
-        out["recall"] = float(real_in_fake.mean())
+        out.update(precision=float(fake_in_real.mean()), recall=float(real_in_fake.mean()))
     if want_dc:
-        out["density"] = float(density_counts.sum() / (k * n))
-        out["coverage"] = float(covered.mean())
+        out.update(density=float(density_counts.sum() / (k * n)), coverage=float(covered.mean()))
     return out
 
 
-def precision_recall(
-    real_features: Any,
-    fake_features: Any,
-    *,
-    k: int = 3,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    distance: str = "float64",
-) -> Tuple[float, float]:
+def precision_recall(real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     distance: str = "float64") -> Tuple[float, float]:
     """Improved precision and recall (Kynkaenniemi et al. 2019) with k-NN radii; returns (precision, recall).
 
     ``distance="float16"`` gives guided-diffusion's evaluator's squared distances (see ``_Points``).
     """
-    real = _validate_features(real_features, "reference features")
-    fake = _validate_features(fake_features, "sample features")
-    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=False, distance=distance)
+    r = _manifold_pass(real_features, fake_features, k, chunk_size, distance, want_dc=False)
     return r["precision"], r["recall"]
 
 
-def density_coverage(
-    real_features: Any,
-    fake_features: Any,
-    *,
-    k: int = 3,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    distance: str = "float64",
-) -> Tuple[float, float]:
+def density_coverage(real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     distance: str = "float64") -> Tuple[float, float]:
     """Density and coverage (Naeem et al. 2020); returns (density, coverage)."""
-    real = _validate_features(real_features, "reference features")
-    fake = _validate_features(fake_features, "sample features")
-    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=False, want_dc=True, distance=distance)
+    r = _manifold_pass(real_features, fake_features, k, chunk_size, distance, want_pr=False)
     return r["density"], r["coverage"]
 
 
-def prdc(
-    real_features: Any,
-    fake_features: Any,
-    *,
-    k: int = 3,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    distance: str = "float64",
-) -> dict:
+def prdc(real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE,
+         distance: str = "float64") -> dict:
     """Precision, recall, density and coverage in one pass over the real x fake distances."""
-    real = _validate_features(real_features, "reference features")
-    fake = _validate_features(fake_features, "sample features")
-    return _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=True, distance=distance)
+    return _manifold_pass(real_features, fake_features, k, chunk_size, distance)
 
 
-# --------------------------------------------------------------------------------------------------
-# Feature extractors
-# --------------------------------------------------------------------------------------------------
+# --- Feature extractors ------------------------------------------------------------------------------
 
 
 def params_fingerprint(params: Any, *, name: str = "", config: Optional[Mapping[str, Any]] = None) -> str:
@@ -711,32 +585,17 @@ class FeatureExtractor:
 
     def __call__(self, images: Any) -> Tuple[Array, Optional[Array]]:
         images = validate_images(images)
-        features, logits = self.fn(images)
-        features = np.asarray(features)
-        if features.ndim != 2 or features.shape[0] != images.shape[0]:
-            raise ValueError(
-                f"extractor {self.name!r} returned features of shape {features.shape} for {images.shape[0]} "
-                "images; expected [N, D]"
-            )
-        if logits is not None:
-            logits = np.asarray(logits)
-            if logits.ndim != 2 or logits.shape[0] != images.shape[0]:
-                raise ValueError(
-                    f"extractor {self.name!r} returned logits of shape {logits.shape} for "
-                    f"{images.shape[0]} images; expected [N, K]"
-                )
-        return features, logits
+        out = [None if a is None else np.asarray(a) for a in self.fn(images)]
+        for what, a, shape in zip(("features", "logits"), out, ("[N, D]", "[N, K]")):
+            if a is not None and (a.ndim != 2 or a.shape[0] != images.shape[0]):
+                raise ValueError(f"extractor {self.name!r} returned {what} of shape {a.shape} for "
+                                 f"{images.shape[0]} images; expected {shape}")
+        return out[0], out[1]
 
 
-def classifier_extractor(
-    apply_fn: Callable[[Any, Any], Any],
-    params: Any,
-    *,
-    feature_fn: Optional[Callable[[Any, Any], Any]] = None,
-    batch_size: int = 256,
-    name: str = "classifier",
-    config: Optional[Mapping[str, Any]] = None,
-) -> FeatureExtractor:
+def classifier_extractor(apply_fn: Callable[[Any, Any], Any], params: Any, *,
+                         feature_fn: Optional[Callable[[Any, Any], Any]] = None, batch_size: int = 256,
+                         name: str = "classifier", config: Optional[Mapping[str, Any]] = None) -> FeatureExtractor:
     """Wraps a Flax classifier as a FeatureExtractor.
 
     apply_fn(params, x) -> logits [B, K], with x float32 NHWC in [-1, 1] (uint8 / 127.5 - 1). For a
@@ -752,51 +611,37 @@ def classifier_extractor(
     """
     import jax.numpy as jnp
 
+    from jaxdiff import cpu
+
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    full_config = {"input": "uint8/127.5-1", "feature_fn": feature_fn is not None}
-    full_config.update(dict(config or {}))
-    fingerprint = params_fingerprint(params, name=name, config=full_config)
+    config = {"input": "uint8/127.5-1", "feature_fn": feature_fn is not None, **dict(config or {})}
 
+    @cpu.jit
     def forward(p, images_u8):
         x = images_u8.astype(jnp.float32) / 127.5 - 1.0
         if feature_fn is None:
-            logits = apply_fn(p, x)
-            return logits.reshape(logits.shape[0], -1), logits
-        out = feature_fn(p, x)
-        if isinstance(out, (tuple, list)) and len(out) == 2:
-            feats, logits = out
+            feats = logits = apply_fn(p, x)
         else:
-            feats, logits = out, apply_fn(p, x)
+            out = feature_fn(p, x)
+            feats, logits = out if isinstance(out, (tuple, list)) and len(out) == 2 else (out, apply_fn(p, x))
         return feats.reshape(feats.shape[0], -1), logits
 
-    from jaxdiff import cpu
-
-    jitted = cpu.jit(forward)
-
     def fn(images: Array):
-        n = images.shape[0]
-        feats, logits = [], []
-        for s in range(0, n, batch_size):
-            batch = images[s : s + batch_size]
-            b = batch.shape[0]
-            if b < batch_size:
-                pad = np.zeros((batch_size - b,) + batch.shape[1:], batch.dtype)
-                batch = np.concatenate([batch, pad], axis=0)
-            f, l = jitted(params, batch)
-            feats.append(np.asarray(f, np.float32)[:b])
-            logits.append(np.asarray(l, np.float32)[:b])
-        if not feats:
+        if not len(images):
             raise ValueError("cannot extract features of zero images")
-        return np.concatenate(feats), np.concatenate(logits)
+        parts = []
+        for s in range(0, len(images), batch_size):
+            batch = images[s: s + batch_size]
+            padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
+            parts.append([np.asarray(a, np.float32)[:len(batch)] for a in forward(params, padded)])
+        return tuple(np.concatenate(a) for a in zip(*parts))
 
-    return FeatureExtractor(name=name, fingerprint=fingerprint, fn=fn)
+    return FeatureExtractor(name=name, fingerprint=params_fingerprint(params, name=name, config=config), fn=fn)
 
 
-# --------------------------------------------------------------------------------------------------
-# Reference statistics cache and evaluation
-# --------------------------------------------------------------------------------------------------
+# --- Reference statistics cache and evaluation -------------------------------------------------------
 
 
 def _cache_path(cache_dir: str, key: str, fingerprint: str) -> str:
@@ -804,14 +649,8 @@ def _cache_path(cache_dir: str, key: str, fingerprint: str) -> str:
     return os.path.join(os.fspath(cache_dir), f"{safe}-{fingerprint[:20]}.npz")
 
 
-def reference_stats(
-    images: Union[Array, Callable[[], Array]],
-    extractor: FeatureExtractor,
-    cache_dir: Union[str, os.PathLike],
-    key: str,
-    *,
-    keep_features: bool = True,
-) -> FeatureStats:
+def reference_stats(images: Union[Array, Callable[[], Array]], extractor: FeatureExtractor,
+                    cache_dir: Union[str, os.PathLike], key: str, *, keep_features: bool = True) -> FeatureStats:
     """Reference statistics of a dataset split, computed once and cached on disk.
 
     The cache file is ``cache_dir/<key>-<fingerprint[:20]>.npz`` (key such as "cifar10/train", sanitised),
@@ -823,42 +662,24 @@ def reference_stats(
     if os.path.exists(path):
         stats = FeatureStats.load(path)
         if stats.fingerprint != extractor.fingerprint:
-            raise ValueError(
-                f"cached statistics {path} were made by extractor {stats.fingerprint[:16]}..., not "
-                f"{extractor.fingerprint[:16]}...; delete the file"
-            )
-        if not callable(images):
-            arr = np.asarray(images)
-            if arr.ndim >= 1 and arr.shape[0] != stats.n:
-                raise ValueError(
-                    f"cached statistics {path} for key {key!r} hold n = {stats.n} images but {arr.shape[0]} "
-                    "were given; use a different key for a different dataset/split or delete the file"
-                )
-        if keep_features and stats.features is None:
-            pass  # fall through: recompute with features
-        else:
+            raise ValueError(f"cached statistics {path} were made by extractor {stats.fingerprint[:16]}..., not "
+                             f"{extractor.fingerprint[:16]}...; delete the file")
+        n = None if callable(images) else np.shape(images)[:1]
+        if n and n[0] != stats.n:
+            raise ValueError(f"cached statistics {path} for key {key!r} hold n = {stats.n} images but {n[0]} were "
+                             "given; use a different key for a different dataset/split or delete the file")
+        if not (keep_features and stats.features is None):  # else recompute, with the features
             return stats
-    arr = images() if callable(images) else images
-    arr = validate_images(arr, what="reference images")
-    features, _ = extractor(arr)
-    stats = FeatureStats.from_features(
-        features, extractor.fingerprint, keep_features=keep_features, image_shape=arr.shape[1:]
-    )
+    arr = validate_images(images() if callable(images) else images, what="reference images")
+    stats = FeatureStats.from_features(extractor(arr)[0], extractor.fingerprint, keep_features=keep_features,
+                                       image_shape=arr.shape[1:])
     stats.save(path)
     return stats
 
 
-def evaluate_samples(
-    sample_images: Any,
-    sample_labels: Any,
-    reference: Union[FeatureStats, Array],
-    extractor: FeatureExtractor,
-    *,
-    num_classes: int,
-    k: int = 3,
-    is_splits: int = 1,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> dict:
+def evaluate_samples(sample_images: Any, sample_labels: Any, reference: Union[FeatureStats, Array],
+                     extractor: FeatureExtractor, *, num_classes: int, k: int = 3, is_splits: int = 1,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
     """All sample-quality metrics of uint8 NHWC samples against a reference (FeatureStats or images).
 
     Returns a dict with fid, inception_score, inception_score_std, precision, recall, density, coverage,
@@ -870,29 +691,28 @@ def evaluate_samples(
     """
     if isinstance(reference, FeatureStats):
         if reference.fingerprint != extractor.fingerprint:
-            raise ValueError(
-                f"reference statistics were computed with extractor fingerprint {reference.fingerprint[:16]}... "
-                f"but the extractor {extractor.name!r} has {extractor.fingerprint[:16]}...; recompute them"
-            )
+            raise ValueError(f"reference statistics were computed with extractor fingerprint "
+                             f"{reference.fingerprint[:16]}... but the extractor {extractor.name!r} has "
+                             f"{extractor.fingerprint[:16]}...; recompute them")
         ref_shape = reference.image_shape
     else:
         ref_images = validate_images(reference, what="reference images")
         ref_shape = ref_images.shape[1:]
     images = validate_images(sample_images, image_shape=ref_shape, what="sample images")
     n = images.shape[0]
+    if num_classes is None or int(num_classes) < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    num_classes = int(num_classes)
     labels = None
     if sample_labels is not None:
         labels = validate_labels(sample_labels, num_samples=n, num_classes=num_classes, what="sample labels")
-    elif num_classes is None or int(num_classes) < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     k = int(k)
     _check_knn(n, k, "the samples")
 
     if not isinstance(reference, FeatureStats):
         ref_feats, _ = extractor(ref_images)
-        reference = FeatureStats.from_features(
-            ref_feats, extractor.fingerprint, keep_features=True, image_shape=ref_shape
-        )
+        reference = FeatureStats.from_features(ref_feats, extractor.fingerprint, keep_features=True,
+                                               image_shape=ref_shape)
 
     features, logits = extractor(images)
     d = features.shape[1]
@@ -901,70 +721,35 @@ def evaluate_samples(
     _check_full_rank(n, d, "the sample features")
     sample_stats = FeatureStats.from_features(features, extractor.fingerprint)
 
-    result = {"fid": fid_from_stats(sample_stats, reference)}
-
     nan = float("nan")
+    result = {"fid": fid_from_stats(sample_stats, reference), "inception_score": nan, "inception_score_std": nan}
     if logits is not None:
-        if logits.shape[1] != int(num_classes):
-            raise ValueError(
-                f"extractor {extractor.name!r} gives {logits.shape[1]} logits per image but num_classes = "
-                f"{num_classes}; they must agree"
-            )
-        is_mean, is_std = inception_score(softmax(logits), splits=is_splits)
-        acc = classifier_accuracy(logits, labels) if labels is not None else nan
-    else:
-        is_mean, is_std, acc = nan, nan, nan
-    result.update(inception_score=is_mean, inception_score_std=is_std)
-
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"extractor {extractor.name!r} gives {logits.shape[1]} logits per image but "
+                             f"num_classes = {num_classes}; they must agree")
+        result["inception_score"], result["inception_score_std"] = inception_score(softmax(logits), splits=is_splits)
     if reference.features is not None:
         result.update(prdc(reference.features, features, k=k, chunk_size=chunk_size))
     else:
         result.update(precision=nan, recall=nan, density=nan, coverage=nan)
-    result.update(
-        accuracy=acc,
-        extractor_fingerprint=extractor.fingerprint,
-        num_samples=int(n),
-        num_reference=int(reference.n),
-        feature_dim=int(d),
-        k=k,
-        is_splits=int(is_splits),
-    )
+    result.update(accuracy=classifier_accuracy(logits, labels) if logits is not None and labels is not None else nan,
+                  extractor_fingerprint=extractor.fingerprint, num_samples=int(n), num_reference=int(reference.n),
+                  feature_dim=int(d), k=k, is_splits=int(is_splits))
     return result
 
 
-def load_samples_npz(
-    path: Union[str, os.PathLike],
-    *,
-    num_classes: Optional[int] = None,
-    image_shape: Optional[Sequence[int]] = None,
-) -> Tuple[Array, Optional[Array]]:
+def load_samples_npz(path: Union[str, os.PathLike], *, num_classes: Optional[int] = None,
+                     image_shape: Optional[Sequence[int]] = None) -> Tuple[Array, Optional[Array]]:
     """Reads guided-diffusion's sample file: ``arr_0`` uint8 NHWC images, optional ``arr_1`` labels.
 
     Returns (images, labels or None), validated like evaluate_samples' inputs (labels checked against
     [0, num_classes) when num_classes is given, images against image_shape when given).
     """
-    with np.load(os.fspath(path), allow_pickle=False) as z:
+    path = os.fspath(path)
+    with np.load(path, allow_pickle=False) as z:
         if "arr_0" not in z.files:
-            raise ValueError(f"{os.fspath(path)} has no 'arr_0' (uint8 NHWC images); it holds {z.files}")
-        images = validate_images(z["arr_0"], image_shape=image_shape, what=f"{os.fspath(path)}:arr_0")
-        labels = None
-        if "arr_1" in z.files:
-            raw = z["arr_1"]
-            if num_classes is not None:
-                labels = validate_labels(raw, num_samples=images.shape[0], num_classes=num_classes,
-                                         what=f"{os.fspath(path)}:arr_1 labels")
-            else:
-                raw = np.asarray(raw)
-                if raw.ndim != 1 or raw.dtype.kind not in "iu":
-                    raise ValueError(
-                        f"{os.fspath(path)}:arr_1 labels must be a 1-D integer array, got shape {raw.shape} "
-                        f"dtype {raw.dtype}"
-                    )
-                if raw.shape[0] != images.shape[0]:
-                    raise ValueError(
-                        f"{os.fspath(path)}:arr_1 labels count {raw.shape[0]} != samples count {images.shape[0]}"
-                    )
-                if raw.size and raw.min() < 0:
-                    raise ValueError(f"{os.fspath(path)}:arr_1 labels contain {int(raw.min())} < 0")
-                labels = raw.astype(np.int64)
+            raise ValueError(f"{path} has no 'arr_0' (uint8 NHWC images); it holds {z.files}")
+        images = validate_images(z["arr_0"], image_shape=image_shape, what=f"{path}:arr_0")
+        labels = None if "arr_1" not in z.files else validate_labels(
+            z["arr_1"], num_samples=images.shape[0], num_classes=num_classes, what=f"{path}:arr_1 labels")
     return images, labels
