@@ -44,34 +44,11 @@ from jaxdiff.models.text_unet import (
 )
 from jaxdiff.models.unet import SuperResModel, UNetModel, upsample_bilinear, validate_labels
 
-__all__ = [
-    "AttentionBlock",
-    "AttentionPool2d",
-    "Conv",
-    "Downsample",
-    "EncoderUNetModel",
-    "GroupNorm32",
-    "InpaintText2ImUNet",
-    "MODEL_KINDS",
-    "ResBlock",
-    "SuperResInpaintText2ImUNet",
-    "SuperResModel",
-    "SuperResText2ImUNet",
-    "TEXT_KINDS",
-    "Text2ImUNet",
-    "UNetModel",
-    "Upsample",
-    "check_architecture",
-    "check_labels",
-    "create_model",
-    "encode_text",
-    "layers",
-    "make_plan",
-    "model_flag_names",
-    "normalize_flags",
-    "timestep_embedding",
-    "upsample_bilinear",
-]
+__all__ = ["AttentionBlock", "AttentionPool2d", "Conv", "Downsample", "EncoderUNetModel", "GroupNorm32",
+           "InpaintText2ImUNet", "MODEL_KINDS", "ResBlock", "SuperResInpaintText2ImUNet", "SuperResModel",
+           "SuperResText2ImUNet", "TEXT_KINDS", "Text2ImUNet", "UNetModel", "Upsample", "check_architecture",
+           "check_labels", "create_model", "encode_text", "layers", "make_plan", "model_flag_names", "normalize_flags",
+           "timestep_embedding", "upsample_bilinear"]
 
 TEXT_KINDS = {"text2im": Text2ImUNet, "text2im_superres": SuperResText2ImUNet, "text2im_inpaint": InpaintText2ImUNet,
               "text2im_superres_inpaint": SuperResInpaintText2ImUNet}
@@ -131,30 +108,17 @@ def normalize_flags(kind: str, **flags) -> dict:
     missing = [k for k in _REQUIRED + (_TEXT_REQUIRED if kind in TEXT_KINDS else ()) if k not in flags]
     if missing:
         raise ValueError(f"missing required flag(s) {missing} for a {kind!r} model")
-    out = dict(flags)
+    out = {k: int(v) if isinstance(v, np.integer) else v for k, v in flags.items()}
     for key in ("attention_resolutions", "channel_mult"):
         if key in out:
             v = out[key]
             if isinstance(v, str):
-                v = [s for s in v.split(",") if s.strip()]
-                v = [float(s) for s in v]
-            try:
-                v = tuple(v)
+                v = [float(a) for a in v.split(",") if a.strip()]
+            try:  # integral numbers as ints
+                out[key] = tuple(int(a) if isinstance(a, (float, np.number)) and float(a).is_integer() else a
+                                 for a in v)
             except TypeError:
                 raise ValueError(f"{key}={out[key]!r}: expected a sequence of numbers") from None
-            norm = []
-            for a in v:
-                if isinstance(a, (float, np.floating)) and float(a).is_integer():
-                    a = int(a)
-                elif isinstance(a, np.integer):
-                    a = int(a)
-                norm.append(a)
-            out[key] = tuple(norm)
-    for key in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "num_classes",
-                "num_heads", "num_head_channels", "num_heads_upsample", "dims", "text_ctx", "xf_width", "xf_layers",
-                "xf_heads", "n_vocab"):
-        if isinstance(out.get(key), np.integer):
-            out[key] = int(out[key])
     if out.get("dtype") is not None and not isinstance(out["dtype"], str):
         try:
             out["dtype"] = np.dtype(out["dtype"]).name
@@ -173,5 +137,5 @@ def create_model(kind: str, **flags) -> nn.Module:
     """Build a UNetModel ("unet"), EncoderUNetModel ("classifier"), SuperResModel ("superres") or a
     text-conditional GLIDE U-Net (TEXT_KINDS) from the constructor flags (+ null_label, dtype),
     validating them first."""
-    _kind_class(kind)
-    return MODEL_KINDS[kind](**normalize_flags(kind, **flags))
+    flags = normalize_flags(kind, **flags)  # checks the kind too
+    return MODEL_KINDS[kind](**flags)

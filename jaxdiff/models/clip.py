@@ -7,12 +7,8 @@
     create_clip_encoder(kind, **kwargs)         kind: "clip-image" | "clip-text"
 
 Both return unnormalised embeddings. Constructor arguments are glide's own (width = n_head *
-n_head_state). Generic pieces, kept small so other transformers can share them:
-`multihead_attention` (optional causal mask), `PreLNAttention`, `PreLNMLP`, `TransformerBlock`.
-
-Submodule and parameter names mirror the state_dict keys with the leading "blocks." dropped
-(`blocks.block_3.f_attn.f_q.w` <-> `block_3/f_attn/f_q/kernel`; LayerNorm `.g`/`.b` <-> scale/bias),
-so `jaxdiff.convert_clip` maps them mechanically.
+n_head_state). Submodule and parameter names mirror the state_dict keys without the leading "blocks."
+(`blocks.block_3.f_attn.f_q.w` <-> `block_3/f_attn/f_q/kernel`) for `jaxdiff.convert_clip`.
 
 glide pads every sequence to a multiple of 32 tokens and masks the padding with -1e10 logits; for
 the real tokens that equals plain attention over the unpadded sequence, which is what is computed
@@ -29,43 +25,14 @@ import flax.linen as nn
 
 from jaxdiff.attention import attention
 from jaxdiff.config_util import did_you_mean
-from jaxdiff.models.layers import merge_heads, torch_default_init
+from jaxdiff.models.layers import Dense, gelu_mlp, layer_norm, merge_heads, split_heads
 
-__all__ = [
-    "CLIP_IMAGE_MEAN",
-    "CLIP_IMAGE_STD",
-    "CLIP_KINDS",
-    "ClipImageEncoder",
-    "ClipTextEncoder",
-    "PreLNAttention",
-    "PreLNMLP",
-    "TransformerBlock",
-    "check_clip_kind",
-    "create_clip_encoder",
-    "layer_norm",
-    "multihead_attention",
-    "split_heads",
-]
+__all__ = ["CLIP_IMAGE_MEAN", "CLIP_IMAGE_STD", "CLIP_KINDS", "ClipImageEncoder", "ClipTextEncoder", "PreLNAttention",
+           "PreLNMLP", "TransformerBlock", "check_clip_kind", "create_clip_encoder", "multihead_attention"]
 
 # CLIP's per-channel statistics of [0, 255] images (glide_text2im/clip/encoders.py).
 CLIP_IMAGE_MEAN = (122.77093945, 116.74601272, 104.09373519)
 CLIP_IMAGE_STD = (68.50053285, 66.63215831, 70.32316309)
-
-
-def layer_norm(name: str) -> nn.LayerNorm:
-    """torch.nn.LayerNorm(eps=1e-5) in float32 (two-pass variance)."""
-    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32, name=name)
-
-
-def _dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, param_dtype=jnp.float32, kernel_init=torch_default_init,
-                    name=name)
-
-
-def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
-    """[B, T, H * d] -> [B * H, T, d]; head h holds channels h*d .. (h+1)*d - 1."""
-    b, t, c = x.shape
-    return jnp.swapaxes(x.reshape(b, t, num_heads, c // num_heads), 1, 2).reshape(b * num_heads, t, c // num_heads)
 
 
 def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -103,8 +70,8 @@ class PreLNAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         h = layer_norm("ln")(x)
-        q, k, v = _dense(c, "f_q")(h), _dense(c, "f_k", use_bias=False)(h), _dense(c, "f_v")(h)
-        return x + _dense(c, "f_c")(multihead_attention(q, k, v, self.num_heads, causal=self.causal))
+        q, k, v = Dense(c, name="f_q")(h), Dense(c, name="f_k", use_bias=False)(h), Dense(c, name="f_v")(h)
+        return x + Dense(c, name="f_c")(multihead_attention(q, k, v, self.num_heads, causal=self.causal))
 
 
 class PreLNMLP(nn.Module):
@@ -112,9 +79,7 @@ class PreLNMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        h = _dense(4 * c, "f_1")(layer_norm("ln")(x))
-        return x + _dense(c, "f_2")(jax.nn.gelu(h, approximate=False))
+        return x + gelu_mlp(layer_norm("ln")(x), "f_1", "f_2")
 
 
 class TransformerBlock(nn.Module):
@@ -136,7 +101,7 @@ class _Head(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        return _dense(self.n_embd, "f", use_bias=False)(layer_norm("ln")(h))
+        return Dense(self.n_embd, name="f", use_bias=False)(layer_norm("ln")(h))
 
 
 def _check_positive(owner: str, **values) -> None:

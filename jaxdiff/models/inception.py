@@ -176,10 +176,8 @@ def _block_e(pool: str) -> dict:
 
 
 MAX_POOL = "max_pool"  # a stem step: 3x3 max pool, stride 2
-STEM = (
-    _c("Conv2d_1a_3x3", 32, 3, 2, False), _c("Conv2d_2a_3x3", 32, 3, pad=False), _c("Conv2d_2b_3x3", 64, 3),
-    MAX_POOL, _c("Conv2d_3b_1x1", 80), _c("Conv2d_4a_3x3", 192, 3, pad=False), MAX_POOL,
-)
+STEM = (_c("Conv2d_1a_3x3", 32, 3, 2, False), _c("Conv2d_2a_3x3", 32, 3, pad=False), _c("Conv2d_2b_3x3", 64, 3),
+        MAX_POOL, _c("Conv2d_3b_1x1", 80), _c("Conv2d_4a_3x3", 192, 3, pad=False), MAX_POOL,)
 BLOCKS = (
     ("Mixed_5b", _block_a(32)), ("Mixed_5c", _block_a(64)), ("Mixed_5d", _block_a(64)), ("Mixed_6a", _block_b()),
     ("Mixed_6b", _block_c(128)), ("Mixed_6c", _block_c(160)), ("Mixed_6d", _block_c(160)), ("Mixed_6e", _block_c(192)),

@@ -1,10 +1,8 @@
-"""Shared ADM (openai/guided-diffusion) building blocks, NHWC.
+"""Shared building blocks of the ADM (openai/guided-diffusion) networks and the transformers, NHWC.
 
-Everything that both the U-Net (`unet.py`) and the noisy classifier (`classifier.py`) use lives here,
-once: the timestep embedding, GroupNorm32, the convolution wrapper, ResBlock, AttentionBlock (legacy
-and new QKV order), Up/Downsample, the architecture plan (which block sits where, with how many
-channels) and the single code path that builds the encoder trunk (input blocks + middle block) from
-that plan.
+The timestep embedding, GroupNorm32, Conv, Dense, ResBlock, AttentionBlock (legacy and new QKV order),
+Up/Downsample, LayerNorm and the GELU MLP, the architecture plan (which block sits where, with how many
+channels) and the one code path that builds the U-Net's and the classifier's trunks from it.
 
 Submodule names mirror guided-diffusion's state_dict keys with "." written as "_" before an index
 (`input_blocks.3.0.in_layers.2` <-> `input_blocks_3_0/in_layers_2`), so that the checkpoint converter
@@ -27,6 +25,7 @@ import numpy as np
 import flax.linen as nn
 
 from jaxdiff.attention import attention
+from jaxdiff.config_util import is_int
 from jaxdiff.norm import group_norm
 
 Dtype = Any
@@ -54,9 +53,7 @@ def resolve_dtype(dtype: Any = None, use_fp16: bool = False) -> jnp.dtype:
     return d
 
 
-# ----------------------------------------------------------------------------------------------
-# Elementary layers
-# ----------------------------------------------------------------------------------------------
+# --- Elementary layers -------------------------------------------------------------------------------
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -130,20 +127,29 @@ class Conv(nn.Module):
         return y + cast(bias, self.dtype)
 
 
-def Dense(features: int, *, name: str, dtype: Dtype = jnp.float32, zero_init: bool = False) -> nn.Dense:
+def Dense(features: int, *, name: str, dtype: Dtype = jnp.float32, zero_init: bool = False,
+          use_bias: bool = True) -> nn.Dense:
     """nn.Dense with float32 parameters, PyTorch-like kernel init (or zeros), zero bias, compute `dtype`.
 
     Also used for guided-diffusion's 1x1 conv1d layers over tokens (qkv, proj_out, qkv_proj, c_proj):
     a pointwise conv1d is a matmul over the channel axis, not a spatial convolution.
     """
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=zeros_init if zero_init else torch_default_init,
-        bias_init=zeros_init if zero_init else nn.initializers.zeros,
-        name=name,
-    )
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=zeros_init if zero_init else torch_default_init, bias_init=zeros_init, name=name)
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+    """torch.nn.LayerNorm(eps=1e-5) in float32 (two-pass variance, as torch)."""
+    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+                        name=name)
+
+
+def gelu_mlp(x: jax.Array, fc: str, proj: str, dtype: Dtype = jnp.float32) -> jax.Array:
+    """Dense(4W) - exact (erf) GELU - Dense(W), the transformers' MLP, its layers named `fc` and `proj`
+    in the calling module."""
+    w = x.shape[-1]
+    h = nn.gelu(Dense(4 * w, dtype=dtype, name=fc)(x), approximate=False)
+    return Dense(w, dtype=dtype, name=proj)(h)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -254,8 +260,14 @@ def qkv_projections(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads:
         w = jnp.take(kernel, i, axis=part + 1).reshape(c_in, num_heads * ch) * s
         w_b = jnp.take(bias, i, axis=part).reshape(num_heads * ch) * s
         y = jax.lax.dot_general(x, cast(w, dtype), (((2,), (0,)), ((), ()))) + cast(w_b, dtype)
-        out.append(jnp.swapaxes(y.reshape(b, t, num_heads, ch), 1, 2).reshape(b * num_heads, t, ch))
+        out.append(split_heads(y, num_heads))
     return tuple(out)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """[B, T, H * d] -> [B * H, T, d]; head h holds channels h*d .. (h+1)*d - 1."""
+    b, t, c = x.shape
+    return jnp.swapaxes(x.reshape(b, t, num_heads, c // num_heads), 1, 2).reshape(b * num_heads, t, c // num_heads)
 
 
 def merge_heads(a: jax.Array, batch: int) -> jax.Array:
@@ -347,10 +359,7 @@ class AttentionPool2d(nn.Module):
         return out[:, 0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Architecture plan: one description of the block layout, used by validation, the modules and the
-# converter's error hints.
-# ----------------------------------------------------------------------------------------------
+# --- Architecture plan: the block layout, used by validation and the modules -------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,19 +398,10 @@ class Plan:
                     if spec.kind == "attn":
                         yield spec
 
-    def reached_ds(self):
-        return sorted({spec.ds for block in self.input_blocks for spec in block} | {self.mid_ds})
 
-
-def make_plan(
-    model_channels: int,
-    channel_mult: Sequence[float],
-    num_res_blocks: int,
-    attention_resolutions: Sequence[int],
-    resblock_updown: bool,
-    conv_resample: bool = True,
-    decoder: bool = True,
-) -> Plan:
+def make_plan(model_channels: int, channel_mult: Sequence[float], num_res_blocks: int,
+              attention_resolutions: Sequence[int], resblock_updown: bool, conv_resample: bool = True,
+              decoder: bool = True) -> Plan:
     """Block layout exactly as guided-diffusion's UNetModel / EncoderUNetModel constructors."""
     attn = set(int(a) for a in attention_resolutions)
     ch = input_ch = int(channel_mult[0] * model_channels)
@@ -448,36 +448,19 @@ def make_plan(
                         layers.append(LayerSpec("up", ch, ch, ds, use_conv=conv_resample))
                     ds //= 2
                 output_blocks.append(tuple(layers))
-    return Plan(
-        input_blocks=tuple(input_blocks),
-        middle_block=middle,
-        output_blocks=tuple(output_blocks),
-        input_ch=input_ch,
-        mid_ch=mid_ch,
-        mid_ds=mid_ds,
-        feature_size=feature_size,
-        out_ch=ch,
-    )
+    return Plan(input_blocks=tuple(input_blocks), middle_block=middle, output_blocks=tuple(output_blocks),
+                input_ch=input_ch, mid_ch=mid_ch, mid_ds=mid_ds, feature_size=feature_size, out_ch=ch)
 
 
 def plan_of(m) -> Plan:
     """The plan of a UNetModel / SuperResModel / EncoderUNetModel instance."""
-    return make_plan(
-        m.model_channels,
-        tuple(m.channel_mult),
-        m.num_res_blocks,
-        tuple(m.attention_resolutions),
-        m.resblock_updown,
-        m.conv_resample,
-        decoder=not hasattr(m, "pool"),
-    )
+    return make_plan(m.model_channels, tuple(m.channel_mult), m.num_res_blocks, tuple(m.attention_resolutions),
+                     m.resblock_updown, m.conv_resample, decoder=not hasattr(m, "pool"))
 
 
-# ----------------------------------------------------------------------------------------------
-# Trunk construction shared by the U-Net and the classifier. These functions are called from inside
-# a module's @nn.compact __call__ (the module is passed as `m`), so the layers they create become
+# --- Trunks of the U-Net and the classifier ----------------------------------------------------------
+# Called from inside a module's @nn.compact __call__ (passed as `m`), so the layers they create become
 # that module's submodules under guided-diffusion's names.
-# ----------------------------------------------------------------------------------------------
 
 
 def compute_dtype(m) -> jnp.dtype:
@@ -500,28 +483,15 @@ def _make_layer(m, spec: LayerSpec, name: str, out_channels_conv_in: int, train:
         return Conv(out_channels_conv_in, 3, dtype=dtype, name=name)
     if spec.kind == "res":
         cls = nn.remat(ResBlock) if remat else ResBlock
-        return cls(
-            out_channels=spec.out_ch,
-            dropout=float(m.dropout),
-            use_scale_shift_norm=m.use_scale_shift_norm,
-            up=spec.up,
-            down=spec.down,
-            deterministic=not train,
-            dtype=dtype,
-            name=name,
-        )
+        return cls(out_channels=spec.out_ch, dropout=float(m.dropout), use_scale_shift_norm=m.use_scale_shift_norm,
+                   up=spec.up, down=spec.down, deterministic=not train, dtype=dtype, name=name)
     if spec.kind == "attn":
         cls = nn.remat(AttentionBlock) if remat else AttentionBlock
         heads = m.num_heads
         if spec.upsample_heads and getattr(m, "num_heads_upsample", -1) != -1:
             heads = m.num_heads_upsample
-        return cls(
-            num_heads=heads,
-            num_head_channels=m.num_head_channels,
-            use_new_attention_order=m.use_new_attention_order,
-            dtype=dtype,
-            name=name,
-        )
+        return cls(num_heads=heads, num_head_channels=m.num_head_channels,
+                   use_new_attention_order=m.use_new_attention_order, dtype=dtype, name=name)
     if spec.kind == "down":
         return Downsample(spec.out_ch, use_conv=spec.use_conv, dtype=dtype, name=name)
     if spec.kind == "up":
@@ -568,15 +538,9 @@ def decoder_trunk(m, plan: Plan, h: jax.Array, hs, emb: jax.Array, train: bool,
     return h
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation (pure Python, before anything is traced or compiled)
-# ----------------------------------------------------------------------------------------------
+# --- Validation (pure Python, before anything is traced or compiled) ---------------------------------
 
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def check_architecture(m, kind: str) -> None:
@@ -584,7 +548,7 @@ def check_architecture(m, kind: str) -> None:
     or any object with the constructor flags as attributes) cannot build a working network."""
     for flag in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks"):
         v = getattr(m, flag)
-        if not _is_int(v) or v < (0 if flag == "num_res_blocks" else 1):
+        if not is_int(v) or v < (0 if flag == "num_res_blocks" else 1):
             raise ValueError(f"{flag}={v!r}: expected a positive integer")
     if getattr(m, "dims", 2) != 2:
         raise ValueError(f"dims={m.dims!r}: jaxdiff models are 2-D only (dims=2)")
@@ -594,57 +558,44 @@ def check_architecture(m, kind: str) -> None:
     for c in cm:
         ch = int(c * m.model_channels)
         if ch < 32 or ch % 32:
-            raise ValueError(
-                f"channel_mult entry {c} with model_channels={m.model_channels} gives {ch} channels; GroupNorm32 "
-                f"needs a positive multiple of 32 channels (ch = int(mult * model_channels))"
-            )
+            raise ValueError(f"channel_mult entry {c} with model_channels={m.model_channels} gives {ch} channels; "
+                             f"GroupNorm32 needs a positive multiple of 32 channels (ch = int(mult * model_channels))")
     levels = len(cm)
     factor = 2 ** (levels - 1)
     if m.image_size % factor:
-        raise ValueError(
-            f"image_size={m.image_size} cannot be halved {levels - 1} times by channel_mult={cm} "
-            f"({levels} levels): image_size must be divisible by {factor}"
-        )
+        raise ValueError(f"image_size={m.image_size} cannot be halved {levels - 1} times by channel_mult={cm} "
+                         f"({levels} levels): image_size must be divisible by {factor}")
     if not 0.0 <= float(m.dropout) < 1.0:
         raise ValueError(f"dropout={m.dropout!r}: expected a probability in [0, 1)")
     reached = [2**i for i in range(levels)]
     for a in m.attention_resolutions:
-        if not _is_int(a) or a not in reached:
+        if not is_int(a) or a not in reached:
             res = [m.image_size // d for d in reached]
-            raise ValueError(
-                f"attention_resolutions contains {a!r}, a downsampling factor (ds) this network never reaches: "
-                f"with channel_mult={cm} it runs at ds {reached} (resolutions {res} for image_size "
-                f"{m.image_size}). attention_resolutions are factors ds = image_size // resolution, as inside "
-                f"guided-diffusion's UNetModel; jaxdiff.convert.flags_from_args converts command-line resolutions"
-            )
+            raise ValueError(f"attention_resolutions contains {a!r}, a downsampling factor (ds) this network never "
+                             f"reaches: with channel_mult={cm} it runs at ds {reached} (resolutions {res} for "
+                             f"image_size {m.image_size}). attention_resolutions are factors ds = image_size // "
+                             f"resolution, as inside guided-diffusion's UNetModel; jaxdiff.convert.flags_from_args "
+                             f"converts command-line resolutions")
     nh, nhc = m.num_heads, m.num_head_channels
     nhu = getattr(m, "num_heads_upsample", -1)
     if nhc == -1:
-        if not _is_int(nh) or nh < 1:
+        if not is_int(nh) or nh < 1:
             raise ValueError(f"num_heads={nh!r}: expected a positive integer (or set num_head_channels)")
-        if nhu != -1 and (not _is_int(nhu) or nhu < 1):
+        if nhu != -1 and (not is_int(nhu) or nhu < 1):
             raise ValueError(f"num_heads_upsample={nhu!r}: expected a positive integer or -1 (= num_heads)")
-    elif not _is_int(nhc) or nhc < 1:
+    elif not is_int(nhc) or nhc < 1:
         raise ValueError(f"num_head_channels={nhc!r}: expected a positive integer or -1 (use num_heads)")
-    plan = make_plan(
-        m.model_channels, cm, m.num_res_blocks, tuple(m.attention_resolutions), m.resblock_updown,
-        m.conv_resample, decoder=(kind != "classifier"),
-    )
+    plan = make_plan(m.model_channels, cm, m.num_res_blocks, tuple(m.attention_resolutions), m.resblock_updown,
+                     m.conv_resample, decoder=(kind != "classifier"))
     for spec in plan.attention_layers():
         ch = spec.in_ch
-        if nhc != -1:
-            if ch % nhc:
-                raise ValueError(
-                    f"num_head_channels={nhc} does not divide the {ch} channels of the attention layer at ds "
-                    f"{spec.ds}; every attention layer's channels must be a multiple of num_head_channels"
-                )
-        else:
-            heads = nhu if (spec.upsample_heads and nhu != -1) else nh
-            flag = "num_heads_upsample" if (spec.upsample_heads and nhu != -1) else "num_heads"
-            if ch % heads:
-                raise ValueError(
-                    f"{flag}={heads} does not divide the {ch} channels of the attention layer at ds {spec.ds}"
-                )
+        if nhc != -1 and ch % nhc:
+            raise ValueError(f"num_head_channels={nhc} does not divide the {ch} channels of the attention layer at "
+                             f"ds {spec.ds}; every attention layer's channels must be a multiple of num_head_channels")
+        flag = "num_heads_upsample" if spec.upsample_heads and nhu != -1 else "num_heads"
+        heads = nhu if flag == "num_heads_upsample" else nh
+        if nhc == -1 and ch % heads:
+            raise ValueError(f"{flag}={heads} does not divide the {ch} channels of the attention layer at ds {spec.ds}")
     if kind == "classifier":
         if m.pool not in POOLS:
             raise ValueError(f"pool={m.pool!r} is unknown; expected one of {POOLS}")
@@ -652,12 +603,11 @@ def check_architecture(m, kind: str) -> None:
             if nhc == -1:
                 raise ValueError("pool='attention' needs num_head_channels (64 in guided-diffusion), not -1")
             if plan.mid_ch % nhc:
-                raise ValueError(
-                    f"num_head_channels={nhc} does not divide the {plan.mid_ch} channels of the attention pooling"
-                )
+                raise ValueError(f"num_head_channels={nhc} does not divide the {plan.mid_ch} channels of the "
+                                 "attention pooling")
     else:
         nc = getattr(m, "num_classes", None)
-        if nc is not None and (not _is_int(nc) or nc < 1):
+        if nc is not None and (not is_int(nc) or nc < 1):
             raise ValueError(f"num_classes={nc!r}: expected a positive integer or None (unconditional)")
         if getattr(m, "null_label", False) and nc is None:
             raise ValueError("null_label=True needs num_classes (the null label is index num_classes)")

@@ -11,10 +11,9 @@ real tokens) to
 Input: token_embedding[token] + positional_embedding; with xf_padding, positions where the mask is False
 take padding_embedding[position] instead (so their ids have no effect); without it the mask is unused.
 Blocks: xf_layers pre-LayerNorm blocks x + attn(ln_1(x)), x + mlp(ln_2(x)), no attention mask; c_qkv
-holds [q | k | v] per head (guided-diffusion's legacy order, `layers.QKV`), q and k each scaled by
-d^-1/4; mlp is c_fc (4W) - exact GELU - c_proj. LayerNorms use eps 1e-5 in float32. With xf_final_ln a
-last LayerNorm (`final_ln`) follows. Submodule names mirror GLIDE's state_dict keys ("transformer.
-resblocks.0.attn.c_qkv" <-> transformer/resblocks_0/attn/c_qkv) for the converter (`jaxdiff.convert`).
+holds [q | k | v] per head (guided-diffusion's legacy order, `layers.QKV`). With xf_final_ln a last
+LayerNorm (`final_ln`) follows. Submodule names mirror GLIDE's state_dict keys ("transformer.
+resblocks.0.attn.c_qkv" <-> transformer/resblocks_0/attn/c_qkv) for `jaxdiff.convert`.
 """
 
 from __future__ import annotations
@@ -31,12 +30,6 @@ from jaxdiff.models import layers as L
 from jaxdiff.models.unet import _concrete
 
 TEXT_FLAGS = ("text_ctx", "xf_width", "xf_layers", "xf_heads", "n_vocab")
-
-
-def _layer_norm(name: str) -> nn.LayerNorm:
-    """torch.nn.LayerNorm(eps=1e-5) in float32 (two-pass variance, as torch)."""
-    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
-                        name=name)
 
 
 class MultiheadAttention(nn.Module):
@@ -59,9 +52,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = x.shape[-1]
-        h = nn.gelu(L.Dense(4 * w, dtype=self.dtype, name="c_fc")(x), approximate=False)
-        return L.Dense(w, dtype=self.dtype, name="c_proj")(h)
+        return L.gelu_mlp(x, "c_fc", "c_proj", self.dtype)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -72,8 +63,8 @@ class ResidualAttentionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + L.cast(MultiheadAttention(self.heads, self.dtype, name="attn")(_layer_norm("ln_1")(x)), jnp.float32)
-        return x + L.cast(MLP(self.dtype, name="mlp")(_layer_norm("ln_2")(x)), jnp.float32)
+        x = x + L.cast(MultiheadAttention(self.heads, self.dtype, name="attn")(L.layer_norm("ln_1")(x)), jnp.float32)
+        return x + L.cast(MLP(self.dtype, name="mlp")(L.layer_norm("ln_2")(x)), jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -120,7 +111,7 @@ class TextEncoder(nn.Module):
             x = jnp.where(jnp.asarray(mask, bool)[..., None], x, pad[None])
         x = Transformer(self.xf_layers, self.xf_heads, self.dtype, name="transformer")(x)
         if self.xf_final_ln:
-            x = _layer_norm("final_ln")(x)
+            x = L.layer_norm("final_ln")(x)
         xf_proj = L.Dense(self.emb_channels, dtype=self.dtype, name="transformer_proj")(x[:, -1])
         return L.cast(xf_proj, jnp.float32), x
 

@@ -71,10 +71,8 @@ def _check_input(m, x, in_channels: int, exact_size: bool = False):
     if x.ndim != 4:
         raise ValueError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
     if x.shape[-1] != in_channels:
-        raise ValueError(
-            f"x has {x.shape[-1]} channels (last axis, NHWC) but the model was built with in_channels="
-            f"{in_channels}" + (" (did you pass NCHW?)" if x.shape[1] == in_channels else "")
-        )
+        raise ValueError(f"x has {x.shape[-1]} channels (last axis, NHWC) but the model was built with in_channels="
+                         f"{in_channels}" + (" (did you pass NCHW?)" if x.shape[1] == in_channels else ""))
     factor = 2 ** (len(m.channel_mult) - 1)
     h, w = x.shape[1], x.shape[2]
     if exact_size and (h, w) != (m.image_size, m.image_size):
@@ -101,10 +99,8 @@ def unet_forward(m, x, timesteps, y, train: bool, in_channels: int, extra_emb=No
     if getattr(m, "num_classes", None) is not None:
         if y is None:
             if not m.null_label:
-                raise ValueError(
-                    "this model is class-conditional (num_classes set): pass labels y "
-                    "(or build it with null_label=True to allow y=None as 'no label')"
-                )
+                raise ValueError("this model is class-conditional (num_classes set): pass labels y "
+                                 "(or build it with null_label=True to allow y=None as 'no label')")
             y = jnp.full((x.shape[0],), m.num_classes, jnp.int32)
         y = jnp.asarray(y)
         if y.shape != (x.shape[0],):
