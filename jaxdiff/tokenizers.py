@@ -49,16 +49,8 @@ import numpy as np
 
 from jaxdiff import files
 
-__all__ = [
-    "CLIP_MAX_TEXT_LEN",
-    "ClipTokenizer",
-    "GLIDE_TEXT_CTX",
-    "GPT2Tokenizer",
-    "WordTokenizer",
-    "bytes_to_unicode",
-    "clean_clip_text",
-    "split_words",
-]
+__all__ = ["CLIP_MAX_TEXT_LEN", "ClipTokenizer", "GLIDE_TEXT_CTX", "GPT2Tokenizer", "WordTokenizer", "bytes_to_unicode",
+           "clean_clip_text", "split_words"]
 
 GLIDE_TEXT_CTX = 128
 CLIP_MAX_TEXT_LEN = 77
@@ -67,9 +59,7 @@ _CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")
 _CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-# ----------------------------------------------------------------------------------------------
-# Shared pieces
-# ----------------------------------------------------------------------------------------------
+# --- Shared pieces -----------------------------------------------------------------------------------
 
 
 def bytes_to_unicode() -> dict:
@@ -211,6 +201,7 @@ def _find(root, names: Sequence[str], what: str) -> Path:
 
 
 def _pad_batch(rows: list, ctx: int, pad: int) -> tuple:
+    """(tokens int32 [B, ctx] padded with `pad`, mask bool [B, ctx] True on the rows' ids)."""
     tokens = np.full((len(rows), ctx), pad, np.int32)
     mask = np.zeros((len(rows), ctx), bool)
     for b, ids in enumerate(rows):
@@ -235,15 +226,19 @@ def _as_list(captions, what: str) -> list:
     return captions
 
 
-def _truncated(ids: list, ctx: int, caption: str, truncate: bool) -> list:
-    if len(ids) > ctx and not truncate:
-        raise ValueError(f"caption {caption!r} has {len(ids)} tokens, more than text_ctx={ctx} (truncate=False)")
-    return ids[:ctx]
+def _tokens_and_mask(tok, captions: Sequence[str], text_ctx: int, truncate: bool) -> tuple:
+    """GLIDE's caption batch: ids truncated to text_ctx (ValueError with truncate=False), end-padded."""
+    ctx = _check_ctx("text_ctx", text_ctx, 1)
+    rows = []
+    for c in _as_list(captions, "tokens_and_mask"):
+        ids = tok.encode(c)
+        if len(ids) > ctx and not truncate:
+            raise ValueError(f"caption {c!r} has {len(ids)} tokens, more than text_ctx={ctx} (truncate=False)")
+        rows.append(ids[:ctx])
+    return _pad_batch(rows, ctx, tok.end_token)
 
 
-# ----------------------------------------------------------------------------------------------
-# GPT-2 (GLIDE's text model)
-# ----------------------------------------------------------------------------------------------
+# --- GPT-2 (GLIDE's text model) ----------------------------------------------------------------------
 
 
 class GPT2Tokenizer:
@@ -299,14 +294,10 @@ class GPT2Tokenizer:
                         truncate: bool = True) -> tuple:
         """(tokens int32 [B, text_ctx], mask bool [B, text_ctx]): ids truncated to text_ctx (or
         ValueError with truncate=False), padded with end_token where mask is False."""
-        ctx = _check_ctx("text_ctx", text_ctx, 1)
-        rows = [_truncated(self.encode(c), ctx, c, truncate) for c in _as_list(captions, "tokens_and_mask")]
-        return _pad_batch(rows, ctx, self.end_token)
+        return _tokens_and_mask(self, captions, text_ctx, truncate)
 
 
-# ----------------------------------------------------------------------------------------------
-# CLIP (GLIDE's noised CLIP text encoder)
-# ----------------------------------------------------------------------------------------------
+# --- CLIP (GLIDE's noised CLIP text encoder) ---------------------------------------------------------
 
 
 def _fix_text(text: str) -> str:
@@ -386,9 +377,7 @@ class ClipTokenizer:
         return tokens, mask.sum(axis=1, dtype=np.int32)
 
 
-# ----------------------------------------------------------------------------------------------
-# Word level (our own captioned datasets)
-# ----------------------------------------------------------------------------------------------
+# --- Word level (our own captioned datasets) ---------------------------------------------------------
 
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 _VOCAB_FORMAT = "jaxdiff-word-vocabulary"
@@ -443,9 +432,7 @@ class WordTokenizer:
 
     def tokens_and_mask(self, captions: Sequence[str], text_ctx: int, *, truncate: bool = True) -> tuple:
         """(tokens int32 [B, text_ctx], mask bool [B, text_ctx]), like GPT2Tokenizer.tokens_and_mask."""
-        ctx = _check_ctx("text_ctx", text_ctx, 1)
-        rows = [_truncated(self.encode(c), ctx, c, truncate) for c in _as_list(captions, "tokens_and_mask")]
-        return _pad_batch(rows, ctx, self.end_token)
+        return _tokens_and_mask(self, captions, text_ctx, truncate)
 
     def tokens_and_lengths(self, prompts: Sequence[str], max_text_len: int) -> tuple:
         """For a CLIP text encoder over this vocabulary: (tokens int32 [B, max_text_len], text_len int32
