@@ -2,57 +2,31 @@
 
 NumPy only, pure functions. The captioned datasets ``digits_text`` and ``fashion_mnist_text``
 (`jaxdiff.datasets.captioned`) are built with these functions, and the oracle uses the same
-measurements and the same thresholds, so it gives back a real image's stored attributes exactly.
+measurements and thresholds, so it gives back a real image's stored attributes exactly.
 
-Scheme (one per image dataset; `scheme(name)`)
-----------------------------------------------
-Three attributes per dataset, each measured as one number per image and cut into three bins at
-the tertiles of the TRAIN split, computed per class (so each bin holds a third of every class):
+Scheme (`scheme(name)`, `SCHEMES`): three attributes per dataset, each one number per image, cut into
+three bins at the per-class tertiles of the TRAIN split.
+* ``digits`` (8x8): thickness (the ink, mean of ``x``), width (horizontal standard deviation of the
+  ink), slant (the shear ``-cov(x, y) / var(y)``, positive leaning right as in "/").
+* ``fashion_mnist`` (28x28): size (radius of gyration ``sqrt(var(x) + var(y))``), width (aspect ratio
+  ``log(sd(x) / sd(y))``), brightness (``sum(w^2) / sum(w)``). All three are unchanged by the training
+  pipeline's horizontal flip; slant or texture would not survive it or the blur of generated samples.
+Measurements are smooth in the pixel values: ``x`` is the image in [0, 1] (Fashion-MNIST's first
+blurred by a mass-preserving Gaussian of sigma 1 pixel); moments are of ``w = max(x - 0.1, 0)``, whose
+floor removes faint background noise; coordinates are pixel centres in [0, 1].
 
-* ``digits`` (8x8): ``thickness`` thin / medium / thick: the ink, the mean of ``x``, which at
-  8x8 mostly reflects the stroke thickness; ``width`` narrow / regular / wide: the horizontal
-  standard deviation of the ink; ``slant`` backslanted / upright / slanted: the shear
-  ``-cov(x, y) / var(y)`` of the ink (positive leans right, as in "/"), the quantity used to
-  deskew digits.
-* ``fashion_mnist`` (28x28): ``size`` small / midsize / large: the radius of gyration
-  ``sqrt(var(x) + var(y))`` of the garment; ``width`` narrow / regular / wide: its aspect ratio
-  ``log(sd(x) / sd(y))``; ``brightness`` dark / grey / light: its mean intensity weighted by
-  intensity, ``sum(w^2) / sum(w)``. Slant or texture would not do here: garments are upright, the
-  training pipeline flips Fashion-MNIST horizontally (these three are unchanged by a flip), and
-  texture disappears in the blurrier generated images.
+Thresholds are the midpoints between the order statistics ``round(k n / 3) - 1`` and ``round(k n / 3)``
+(k = 1, 2) of the class's n training values; a value above a threshold goes to the higher bin.
 
-Measurements are smooth in the pixel values (means and moments, no pixel is thresholded): ``x``
-is the image in [0, 1] (Fashion-MNIST's first smoothed by a mass-preserving Gaussian of sigma 1
-pixel, which makes its measurements insensitive to the extra blur of generated samples);
-moments are taken of ``w = max(x - 0.1, 0)``, whose floor removes a faint background such as the
-noise of generated samples; coordinates are pixel centres in [0, 1]. The digits' ink has no floor:
-the plain mean is unchanged by any blur that keeps the ink in the image. Within a class the three
-attributes are nearly uncorrelated (|r| <= 0.24 on digits, <= 0.04 on Fashion-MNIST).
+Captions: ``"a" | "an"`` + the words of the NAMED attributes in the scheme's order + the class's words
+(``"a thick wide slanted seven"``, ``"a four"``). Each attribute is named with probability 1/2 by
+`named_mask` from (seed, split, example index) with NumPy's legacy RandomState (a frozen stream).
+`vocabulary(scheme)` lists every word the grammar produces, for `tokenizers.WordTokenizer`.
 
-Thresholds are the midpoints between the order statistics ``round(k n / 3) - 1`` and
-``round(k n / 3)`` (k = 1, 2) of the class's n training values, so no training image lies on a
-threshold and the bins hold round(n/3) +- 1 images (fewer only where values tie). A value above
-a threshold goes to the higher bin.
-
-Captions
---------
-``"a" | "an"`` + the words of the NAMED attributes in the scheme's order + the class's words,
-e.g. ``"a thick wide slanted seven"``, ``"an upright eight"``, ``"a small dark ankle boot"``,
-``"a four"``. Each attribute is named independently with probability 1/2, decided by
-`named_mask` from (seed, split, example index) with NumPy's legacy RandomState (its stream is
-frozen by NumPy's compatibility policy), so 1/8 of the captions name only the class.
-`vocabulary(scheme)` lists every word the grammar produces, in a fixed order, for
-`jaxdiff.tokenizers.WordTokenizer`.
-
-Oracle
-------
-`measured_bins` measures images (uint8 0..255, or float in the model's range [-1, 1]; at the
-dataset's stored size or at the size the training pipeline makes of it: Fashion-MNIST padded
-28 -> 32 is centre-cropped back, digits resized 8 -> 8k are box-averaged back to 8x8) and bins them with
-the thresholds of the REQUESTED class. `attribute_accuracy` compares them with the requested
-bins, over the samples whose caption names each attribute. Chance is 1/3 (`CHANCE`): when the
-image does not depend on the caption, the requested bins are uniform over the three, whatever
-the images' own distribution of bins.
+Oracle: `measured_bins` measures images (uint8, or float in [-1, 1]; at the stored size or the size
+the training pipeline makes of it) and bins them with the thresholds of the REQUESTED class;
+`attribute_accuracy` compares them with the requested bins, over the samples whose caption names each
+attribute. Chance is 1/3 (`CHANCE`) whatever the images' own distribution of bins.
 """
 
 from __future__ import annotations
@@ -63,28 +37,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = [
-    "CHANCE",
-    "DEFAULT_SEED",
-    "NAME_PROBABILITY",
-    "SCHEMES",
-    "Attribute",
-    "Scheme",
-    "attribute_accuracy",
-    "bins_of",
-    "caption",
-    "captions",
-    "from_metadata",
-    "measure",
-    "measured_bins",
-    "metadata",
-    "named_mask",
-    "parse_caption",
-    "requested_bins",
-    "scheme",
-    "tertile_thresholds",
-    "vocabulary",
-]
+__all__ = ["CHANCE", "DEFAULT_SEED", "NAME_PROBABILITY", "SCHEMES", "Attribute", "Scheme", "attribute_accuracy",
+           "bins_of", "caption", "captions", "from_metadata", "measure", "measured_bins", "metadata", "named_mask",
+           "parse_caption", "requested_bins", "scheme", "tertile_thresholds", "vocabulary"]
 
 #: Expected attribute accuracy of images that ignore the caption.
 CHANCE = 1.0 / 3.0
@@ -165,9 +120,7 @@ def _as_scheme(s) -> Scheme:
     return s if isinstance(s, Scheme) else scheme(s)
 
 
-# ----------------------------------------------------------------------------------------------
-# Measurements
-# ----------------------------------------------------------------------------------------------
+# --- Measurements ------------------------------------------------------------------------------------
 
 
 def _check_images(images) -> np.ndarray:
@@ -365,9 +318,7 @@ def attribute_accuracy(s: Scheme | str, thresholds, images, labels,
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Captions
-# ----------------------------------------------------------------------------------------------
+# --- Captions ----------------------------------------------------------------------------------------
 
 
 def named_mask(num_examples: int, *, num_attributes: int = 3, seed: int = DEFAULT_SEED,
@@ -432,9 +383,7 @@ def vocabulary(s: Scheme | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(words))
 
 
-# ----------------------------------------------------------------------------------------------
-# What a captioned dataset stores
-# ----------------------------------------------------------------------------------------------
+# --- What a captioned dataset stores -----------------------------------------------------------------
 
 
 def metadata(s: Scheme | str, thresholds, *, seed: int = DEFAULT_SEED) -> dict:
