@@ -86,8 +86,8 @@ def flags_from_glide(options="", kind: Optional[str] = None) -> tuple:
     model.update({k: a[k] for k in ("text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln", "xf_padding",
                                      "n_vocab")})
     # guided-diffusion's names; GLIDE has no KL loss, x0 prediction or timestep rescaling
-    diffusion = {**convert._DIFFUSION_DEFAULTS, "learn_sigma": a["learn_sigma"], "diffusion_steps": a["diffusion_steps"],
-                 "noise_schedule": _SCHEDULES[a["noise_schedule"]], "timestep_respacing": a["timestep_respacing"]}
+    diffusion = {**convert._DIFFUSION_DEFAULTS, "noise_schedule": _SCHEDULES[a["noise_schedule"]],
+                 **{k: a[k] for k in ("learn_sigma", "diffusion_steps", "timestep_respacing")}}
     return kind, model, diffusion
 
 
