@@ -29,16 +29,8 @@ import numpy as np
 from jaxdiff import cpu
 from jaxdiff.guidance import CLIP_SCALE, log_density_guide
 
-__all__ = [
-    "CLIP_SCALE",
-    "CLIP_TEXT_KEY",
-    "clip_guide",
-    "clip_log_density",
-    "image_embedding_fn",
-    "logit_scale_exp",
-    "normalize",
-    "text_embeddings",
-]
+__all__ = ["CLIP_SCALE", "CLIP_TEXT_KEY", "clip_guide", "clip_log_density", "image_embedding_fn", "logit_scale_exp",
+           "normalize", "text_embeddings"]
 
 CLIP_TEXT_KEY = "clip_text_emb"
 

@@ -183,9 +183,7 @@ def flags_from_args(argstring: str, kind: Optional[str] = None) -> tuple:
     return model, diffusion
 
 
-# ----------------------------------------------------------------------------------------------
-# Parameter layout: jaxdiff param tree <-> state_dict
-# ----------------------------------------------------------------------------------------------
+# --- Parameter layout: jaxdiff param tree <-> state_dict ---------------------------------------------
 
 _CONV1D = {"qkv", "encoder_kv", "proj_out", "qkv_proj", "c_proj"}
 _TEXT = "text_encoder"  # GLIDE's caption encoder; its parameters are top-level keys of the state_dict
@@ -309,9 +307,7 @@ def expected_state_dict_shapes(module, kind: Optional[str] = None) -> dict:
     return {e.key: e.shape for e in _layout(module, kind)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Error hints
-# ----------------------------------------------------------------------------------------------
+# --- Error hints -------------------------------------------------------------------------------------
 
 
 def _num_blocks(keys, which: str) -> int:
@@ -461,9 +457,7 @@ def _mismatch_error(what: str, expected: dict, given: dict, hint_fn: Optional[Ca
     return "\n".join([head] + lines[:limit] + more + ([footer] if footer else []))
 
 
-# ----------------------------------------------------------------------------------------------
-# Conversion
-# ----------------------------------------------------------------------------------------------
+# --- Conversion --------------------------------------------------------------------------------------
 
 
 def _as_numpy(v) -> np.ndarray:
@@ -555,9 +549,7 @@ def to_guided_diffusion(params, module, kind: Optional[str] = None) -> dict:
     return _state_dict_from_layout(params, _layout(module, kind))
 
 
-# ----------------------------------------------------------------------------------------------
-# Converted checkpoints on disk
-# ----------------------------------------------------------------------------------------------
+# --- Converted checkpoints on disk -------------------------------------------------------------------
 
 
 def save_converted(directory, params, kind: str, model_flags: dict, diffusion_flags: Optional[dict] = None,

@@ -1,49 +1,33 @@
-"""What jaxdiff does differently when it runs on the CPU backend, in one place.
+"""What jaxdiff does differently when it runs on the CPU backend, in one place (measurements:
+docs/benchmarks.md).
 
-XLA compiler options (`compiler_options`, `jit`)
-------------------------------------------------
-XLA's CPU backend hands convolutions, matrix products and reductions to YNNPACK by default. For
-the convolutions of jaxdiff's networks that is the slow choice: on the 2-core Xeon we develop on,
-forward + backward of the U-Net's convolutions ran 1.1-2.8x faster (geometric mean 1.56x,
-`bench/bench_conv.py`) on XLA's other convolution path (Eigen) than on YNNPACK, while YNNPACK's products,
-reductions and element-wise fusions stay faster than XLA's own (turning YNNPACK off altogether
-made GroupNorm's reductions several times slower). So every program jaxdiff compiles itself goes
-through `jit`, which on the CPU adds the per-compilation option
+XLA compiler options (`compiler_options`, `jit`): XLA's CPU backend hands convolutions, matrix
+products and reductions to YNNPACK; for jaxdiff's convolutions XLA's other path (Eigen) is faster,
+while YNNPACK's products, reductions and element-wise fusions stay faster than XLA's own. So every
+program jaxdiff compiles goes through `jit`, which on the CPU adds the per-compilation option
 
     xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,
                                            LIBRARY_FUSION_TYPE_REDUCE, LIBRARY_FUSION_TYPE_ELTWISE
 
-(YNNPACK for everything it handles except convolutions; with ELTWISE the fixture-A training step
-ran ~5 % faster than without, interleaved A/B, batch 16 and 64). It is a compile option of those
-programs only: nothing global is changed, other programs in the process are compiled as before,
-and GPU/TPU compilations get no extra options. It is left out when
+(YNNPACK for everything but convolutions). Nothing global changes and GPU/TPU compilations get no
+extra options. It is left out when the default backend is not the CPU, when the user's `XLA_FLAGS`
+already set the option, with `JAXDIFF_XLA_CPU_OPTIONS=0`, or when the installed jaxlib refuses it
+(probed once). Code that jits jaxdiff's functions itself gets the options from `jaxdiff.cpu.jit` or
+`compiler_options=compiler_options()`.
 
-* the default backend is not the CPU;
-* the user's `XLA_FLAGS` already set `--xla_cpu_experimental_ynn_fusion_type` (theirs wins);
-* `JAXDIFF_XLA_CPU_OPTIONS=0`;
-* the installed jaxlib does not accept the option (probed once by compiling a tiny program).
+glibc's huge-page malloc (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) is read only at process start, so
+the shell scripts set it, not any Python entry point.
 
-Code that jits jaxdiff's functions itself (`jax.jit(training.make_train_step(...))`) gets these
-options by using `jaxdiff.cpu.jit` instead, or by passing `compiler_options=compiler_options()`.
-
-Not done here: glibc's huge-page malloc. Each run of a compiled program allocates its temporary
-buffers afresh (~300 MB for a fixture-A training step at batch 16); with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment (glibc >= 2.35, transparent huge pages
-not "never") the step took ~1,000 page faults instead of ~76,000 and ran 5-10 % faster. glibc reads
-it only at process start, so it is set by the shell scripts (scripts/main.sh) and the documented
-bench invocations (docs/benchmarks.md), not by any Python entry point.
-
-Hand-written gradients (`custom_gradients_active`)
---------------------------------------------------
-GroupNorm (`norm.py`) and attention (`attention.py`) have CPU-specific custom VJPs; they are used
-when the default backend is the CPU, unless `JAXDIFF_PLAIN_OPS=1` (the plain formulas and XLA's
-derivatives, e.g. for A/B tests). Both switches are read when a function is traced.
+Hand-written gradients (`custom_gradients_active`): GroupNorm (`norm.py`) and attention
+(`attention.py`) have CPU-specific custom VJPs, used when the default backend is the CPU unless
+`JAXDIFF_PLAIN_OPS=1`. Both switches are read when a function is traced.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
@@ -112,18 +96,11 @@ def l2_cache_bytes() -> int:
     """Per-core L2 cache size from sysfs (Linux), else 1 MiB; clamped to [256 KiB, 4 MiB]."""
     size = 1 << 20
     try:
-        base = "/sys/devices/system/cpu/cpu0/cache"
-        for index in sorted(os.listdir(base)):
-            path = os.path.join(base, index)
-            with open(os.path.join(path, "level")) as f:
-                level = f.read().strip()
-            with open(os.path.join(path, "type")) as f:
-                kind = f.read().strip()
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").iterdir()):
+            level, kind = ((index / name).read_text().strip() for name in ("level", "type"))
             if level == "2" and kind in ("Unified", "Data"):
-                with open(os.path.join(path, "size")) as f:
-                    text = f.read().strip().upper()
-                mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-                size = int(text.rstrip("KM")) * mult
+                text = (index / "size").read_text().strip().upper()
+                size = int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
                 break
     except (OSError, ValueError):
         pass

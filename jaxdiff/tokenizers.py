@@ -48,6 +48,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from jaxdiff import files
+from jaxdiff.config_util import is_int
 
 __all__ = ["CLIP_MAX_TEXT_LEN", "ClipTokenizer", "GLIDE_TEXT_CTX", "GPT2Tokenizer", "WordTokenizer", "bytes_to_unicode",
            "clean_clip_text", "split_words"]
@@ -211,7 +212,7 @@ def _pad_batch(rows: list, ctx: int, pad: int) -> tuple:
 
 
 def _check_ctx(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
     return int(value)
 

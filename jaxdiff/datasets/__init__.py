@@ -36,16 +36,5 @@ BUILDERS = {
     FashionMnistText.name: FashionMnistText,
 }
 
-__all__ = [
-    "BUILDERS",
-    "Digits",
-    "DigitsText",
-    "FASHION_MNIST_DEBIAN_DIR",
-    "FashionMnist",
-    "FashionMnistText",
-    "digits_arrays",
-    "digits_split",
-    "find_idx_files",
-    "read_idx",
-    "read_split",
-]
+__all__ = ["BUILDERS", "Digits", "DigitsText", "FASHION_MNIST_DEBIAN_DIR", "FashionMnist", "FashionMnistText",
+           "digits_arrays", "digits_split", "find_idx_files", "read_idx", "read_split"]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxdiff.attention import attention
-from jaxdiff.config_util import did_you_mean
+from jaxdiff.config_util import did_you_mean, is_int
 from jaxdiff.models.layers import Dense, gelu_mlp, layer_norm, merge_heads, split_heads
 
 __all__ = ["CLIP_IMAGE_MEAN", "CLIP_IMAGE_STD", "CLIP_KINDS", "ClipImageEncoder", "ClipTextEncoder", "PreLNAttention",
@@ -106,7 +106,7 @@ class _Head(nn.Module):
 
 def _check_positive(owner: str, **values) -> None:
     for name, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{owner}: {name}={v!r} must be a positive integer")
 
 

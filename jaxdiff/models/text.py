@@ -26,6 +26,7 @@ import numpy as np
 import flax.linen as nn
 
 from jaxdiff.attention import attention
+from jaxdiff.config_util import is_int
 from jaxdiff.models import layers as L
 from jaxdiff.models.unet import _concrete
 
@@ -121,7 +122,7 @@ def check_text_flags(m) -> None:
     attributes) cannot build the encoder."""
     for flag in TEXT_FLAGS:
         v = getattr(m, flag)
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if flag == "xf_layers" else 1):
+        if not is_int(v) or v < (0 if flag == "xf_layers" else 1):
             raise ValueError(f"{flag}={v!r}: expected a positive integer" + (" (or 0)" if flag == "xf_layers" else ""))
     if m.xf_width % m.xf_heads:
         raise ValueError(f"xf_heads={m.xf_heads} does not divide xf_width={m.xf_width}")
