@@ -43,7 +43,7 @@ KINDS = ("unet", "classifier", "superres")  # guided-diffusion's; the text-condi
 SOURCES = ("guided-diffusion", "glide")
 NUM_CLASSES = 1000
 
-# guided-diffusion's command-line flags with script_util's defaults
+# --- guided-diffusion's command-line flags (script_util's defaults) ---------------------------------
 _DIFFUSION_DEFAULTS = dict(learn_sigma=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
                            use_kl=False, predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False)
 _MODEL_DEFAULTS = dict(image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
@@ -174,8 +174,10 @@ def flags_from_args(argstring: str, kind: Optional[str] = None) -> tuple:
         channel_mult = _channel_mult_for(size, _SR_MULT, "large size")
     else:
         size = a["image_size"]
-        channel_mult = (tuple(int(v) if v.is_integer() else v for v in map(float, a["channel_mult"].split(",")))
-                        if a["channel_mult"] else _channel_mult_for(size, _UNET_MULT, "image size"))
+        if a["channel_mult"]:
+            channel_mult = tuple(int(v) if v.is_integer() else v for v in map(float, a["channel_mult"].split(",")))
+        else:
+            channel_mult = _channel_mult_for(size, _UNET_MULT, "image size")
     model = _unet_flags(a, size, channel_mult)
     model.update(num_classes=NUM_CLASSES if a["class_cond"] else None, use_checkpoint=a["use_checkpoint"])
     if kind == "unet":
