@@ -18,9 +18,10 @@ already set the option, with `JAXDIFF_XLA_CPU_OPTIONS=0`, or when the installed 
 glibc's huge-page malloc (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) is read only at process start, so
 the shell scripts set it, not any Python entry point.
 
-Hand-written gradients (`custom_gradients_active`): GroupNorm (`norm.py`) and attention
-(`attention.py`) have CPU-specific custom VJPs, used when the default backend is the CPU unless
-`JAXDIFF_PLAIN_OPS=1`. Both switches are read when a function is traced.
+Hand-written gradients (`custom_gradients_active`): GroupNorm (`norm.py`), attention
+(`attention.py`) and convolutions (`conv.py`: XLA's own gradient in the form XLA's CPU backend runs
+fast inside loop bodies too) have CPU-specific custom VJPs, used when the default backend is the CPU
+unless `JAXDIFF_PLAIN_OPS=1`. Both switches are read when a function is traced.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import flax.linen as nn
 
 from jaxdiff.attention import attention
 from jaxdiff.config_util import is_int
+from jaxdiff.conv import conv2d
 from jaxdiff.norm import group_norm
 
 Dtype = Any
@@ -95,7 +96,7 @@ class GroupNorm32(nn.Module):
 
 
 class Conv(nn.Module):
-    """2-D convolution (NHWC x HWIO) with bias.
+    """2-D convolution (NHWC x HWIO) with bias, through `jaxdiff.conv.conv2d`.
 
     Parameters: `kernel` [k, k, in, out] (PyTorch-like init, or zeros) and `bias` [out] (zeros),
     float32; computed in `dtype`.
@@ -121,9 +122,7 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", zeros_init, (self.features,), jnp.float32)
         pad = k // 2 if self.padding is None else self.padding
-        y = jax.lax.conv_general_dilated(
-            cast(x, self.dtype), cast(kernel, self.dtype), window_strides=(self.stride, self.stride),
-            padding=((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(cast(x, self.dtype), cast(kernel, self.dtype), stride=self.stride, padding=pad)
         return y + cast(bias, self.dtype)
 
 
