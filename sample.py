@@ -13,9 +13,16 @@
 Writes OUT/samples.npz (guided-diffusion's evaluator layout: arr_0 uint8 NHWC images, arr_1 int
 labels for class-conditional models), atomically, and a labelled PNG grid OUT/grid.png. Every
 setting is validated before anything is compiled. The same seed gives the same images with any
-batch size and any number of devices (sample i uses noise from fold_in(seed, i)).
+batch size and any number of devices or hosts (sample i uses noise from fold_in(seed, i)).
 Guides registered by your own module: `--config configs/sample.py:my_module` imports it first.
 Multi-host: one process per host with --coordinator_address=HOST:PORT --num_processes=N --process_id=i.
+
+Resumable: each process writes its rows to OUT/shards/ as it goes; rerunning the same command after
+an interruption generates only the missing samples, then OUT/samples.npz is merged in sample-id
+order and the shards deleted. Other settings into the same OUT are refused, naming what differs.
+OUT must be on a filesystem every host sees; with per-host disks, copy every host's OUT/shards/
+into one and run `python -m jaxdiff.sampling merge OUT` (jaxdiff.sampling's doc has the layout).
+Compiled programs are cached in --jax_cache_dir, so a rerun skips compiling.
 """
 
 from __future__ import annotations
@@ -41,10 +48,16 @@ def main(argv):
     from jaxdiff import sampling
 
     def run():
-        res = sampling.run(flags.FLAGS.config)
-        if res["npz"]:
-            print(f"wrote {res['npz']} ({len(res['images'])} images)"
-                  + (f" and {res['grid']}" if res["grid"] else ""))
+        res = sampling.run(flags.FLAGS.config, shards=True)
+        if not res["npz"]:
+            return
+        if res["generated"] == 0:
+            print(f"{res['npz']} already holds these settings' {res['num_samples']} samples: nothing to do")
+            return
+        resumed = res["batches"] - res["generated"]
+        print(f"wrote {res['npz']} ({res['num_samples']} images"
+              + (f"; sampled {res['generated']} of {res['batches']} batches, {resumed} were already in its shards/"
+                 if resumed else "") + ")" + (f" and {res['grid']}" if res["grid"] else ""))
 
     sys.exit(cli.report_errors(run, "sample.py"))
 

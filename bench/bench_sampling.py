@@ -1,18 +1,25 @@
 """Sampling speed on the fixture-A ADM architecture; prints one JSON object.
 
-    python bench/bench_sampling.py [--batch 16|64] [--steps 10] [--repeats 5] [--weights fixture|random]
+    python bench/bench_sampling.py [--batch 16|64] [--steps 10] [--repeats 5] [--weights fixture|random] [--plain-ops]
 
-Measures (milliseconds, median of --repeats timed runs after a warm-up, block_until_ready):
+Measures (milliseconds, median of --repeats timed runs after a warm-up, block_until_ready; the
+quantities are called in turn, one call each per round):
   unet_forward        one U-Net call (batch B)
   guidance_gradient   one classifier gradient s * grad log p(y | x_t) (batch B)
   step_unguided       one jitted DDIM step (U-Net + update + per-sample noise)
   step_cfg            one jitted DDIM step with classifier-free guidance (one call on 2B)
   step_classifier     one jitted classifier-guided DDIM step
   loop                the whole jitted lax.scan loop of N unguided DDIM steps
+  loop_classifier     the same loop with classifier guidance (as sample.py builds it)
+  loop_classifier_progress   the same with progress=True (a jax.debug.callback per step)
 and checks the targets: loop <= 1.1 N step_unguided; step_cfg <= 2.1 step_unguided;
-step_classifier <= 1.1 (step_unguided + guidance_gradient). Timings are only meaningful on an
-otherwise idle machine: the JSON records the load average at the start and the end. Everything is
-compiled with `jaxdiff.cpu.jit` (what sample.py runs); `--xla-defaults` uses plain `jax.jit`.
+step_classifier <= 1.1 (step_unguided + guidance_gradient); loop_classifier <= 1.1 N
+(unet_forward + guidance_gradient). `--plain-ops` adds unet_forward, guidance_gradient and
+loop_classifier compiled with JAXDIFF_PLAIN_OPS=1 (XLA's own gradients, the convolutions' included:
+the guided loop as it ran before jaxdiff.conv, ~2x its parts). Timings are only meaningful on an
+otherwise idle machine: the JSON records the load average at the start and the end. Run it with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` set, as docs/benchmarks.md says. Everything is compiled
+with `jaxdiff.cpu.jit` (what sample.py runs); `--xla-defaults` uses plain `jax.jit`.
 GFLOP/s counts convolution and matrix-product FLOPs (bench/common.py), next to the machine's
 float32 matrix-product rate (`matmul_f32_gflops`).
 """
@@ -22,25 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
-import platform
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from jaxdiff import cpu  # noqa: E402
-from jaxdiff import guidance as G  # noqa: E402
-from jaxdiff import samplers as S  # noqa: E402
-from jaxdiff.schedules import make_schedule  # noqa: E402
-
-from common import CLASSIFIER_FLAGS, FIXTURE, UNET_FLAGS, count_flops, machine, matmul_gflops  # noqa: E402
+import common  # first: puts this checkout's jaxdiff on sys.path
+from jaxdiff import cpu
+from jaxdiff import guidance as G
+from jaxdiff import samplers as S
+from jaxdiff.schedules import make_schedule
 
 
 def _random_params(module, *args, seed=0):
@@ -49,35 +47,99 @@ def _random_params(module, *args, seed=0):
     return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.05, s.dtype), shapes)
 
 
-def load_models(weights: str, null_label: bool):
-    """(unet, unet_params, classifier, classifier_params). The U-Net gets a null label row for CFG."""
+def load_models(weights: str):
+    """(unet, unet_params, classifier, classifier_params): fixture A's weights, or random ones with
+    a null label row in the U-Net (so CFG runs)."""
     from jaxdiff.models import create_model
 
-    if weights == "fixture" and not null_label:
+    if weights == "fixture":
         from jaxdiff.convert import from_guided_diffusion
 
-        with np.load(FIXTURE) as f:
-            d = {k: f[k] for k in f.files}
-        sd = lambda p: {k[len(p) + 1:]: v for k, v in d.items() if k.startswith(p + "/")}
-        um, up = from_guided_diffusion(sd("unet"), "unet", **UNET_FLAGS)
-        cm, cp = from_guided_diffusion(sd("classifier"), "classifier", **CLASSIFIER_FLAGS)
+        fx = common.load_fixture()
+        um, up = from_guided_diffusion(common.state_dict(fx, "unet"), "unet", **common.UNET_FLAGS)
+        cm, cp = from_guided_diffusion(common.state_dict(fx, "classifier"), "classifier", **common.CLASSIFIER_FLAGS)
         return um, up, cm, cp
     x = jnp.zeros((1, 32, 32, 3))
     t = jnp.zeros((1,), jnp.int32)
-    um = create_model("unet", **UNET_FLAGS, null_label=null_label)
-    cm = create_model("classifier", **CLASSIFIER_FLAGS)
+    um = create_model("unet", **common.UNET_FLAGS, null_label=True)
+    cm = create_model("classifier", **common.CLASSIFIER_FLAGS)
     return um, _random_params(um, x, t, t), cm, _random_params(cm, x, t, seed=1)
 
 
-def timeit(fn, *args, repeats: int) -> float:
-    """Median wall time in ms of fn(*args) (blocked until ready), after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def compiled_with_plain_ops(fn, args):
+    """`fn` (jitted) compiled for `args` with JAXDIFF_PLAIN_OPS=1, which is read at trace time."""
+    old = os.environ.get("JAXDIFF_PLAIN_OPS")
+    os.environ["JAXDIFF_PLAIN_OPS"] = "1"
+    try:
+        return fn.lower(*args).compile()
+    finally:
+        if old is None:
+            del os.environ["JAXDIFF_PLAIN_OPS"]
+        else:
+            os.environ["JAXDIFF_PLAIN_OPS"] = old
+
+
+def build(batch: int, steps: int = 10, weights: str = "random", xla_defaults: bool = False,
+          plain_ops: bool = False) -> dict:
+    """{name: (fn, args)} for the measured quantities at `batch`, respacing `steps`, step index
+    steps // 2; fns are jitted with `jaxdiff.cpu.jit` (plain `jax.jit` with `xla_defaults`).
+    step_cfg only with random weights (the fixture's U-Net has no null label); the *_plain_ops
+    controls with `plain_ops`."""
+    um, up, cm, cp = load_models(weights)
+    params = {"unet": up, "classifier": cp}
+    sched = make_schedule("cosine", 1000, str(steps))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
+    y = np.arange(batch) % 10
+    ids = np.arange(batch)
+    key = jax.random.key(0)
+    cond = G.make_cond(batch, y, cfg_scale=3.0, classifier_scale=1.0)
+    i = jnp.full((batch,), steps // 2, jnp.int32)
+    t = sched.timestep_map[i]
+    null_label = 10 if weights == "random" else None
+
+    def guides(p, kind):
+        return G.build_guides(kind, G.unet_fn(um, p["unet"]), logits_fn=G.logits_fn(cm, p["classifier"]),
+                              null_label=null_label, learned_sigma=True)
+
+    def one_step(kind):
+        x0_fn = G.make_x0_fn()
+
+        def step(p, x, i, cond, key, ids):
+            model_fn, cond_fn = guides(p, kind)[:2]
+            d = S.denoise(model_fn, sched, x, i, cond, learned_sigma=True, x0_fn=x0_fn, cond_fn=cond_fn)
+            noise = S.step_noise(S.sample_keys(key, ids), i[0], x.shape[1:])
+            return S.ddim_step(sched, x, i, d, noise, jnp.float32(0.0))
+
+        return step
+
+    jit = jax.jit if xla_defaults else cpu.jit
+    # each call makes new functions: jit caches a trace per function, whatever JAXDIFF_PLAIN_OPS said
+    forward = lambda: jit(lambda p, x, t, cond: G.unet_fn(um, p["unet"])(x, t, cond))  # noqa: E731
+    gradient = lambda: jit(lambda p, x, t, cond: G.classifier_guide(G.logits_fn(cm, p["classifier"]))(x, t, cond))  # noqa: E731
+
+    def loop(kind, progress=False):
+        return S.make_sampler(lambda p: guides(p, kind), S.SamplerSpec("ddim", learned_sigma=True, progress=progress),
+                              (32, 32, 3))
+
+    step_args, part_args = (params, x, i, cond, key, ids), (params, x, t, cond)
+    loop_args = (params, sched, cond, key, ids, 0.0, x)
+    fns = {
+        "unet_forward": (forward(), part_args),
+        "guidance_gradient": (gradient(), part_args),
+        "step_unguided": (jit(one_step("none")), step_args),
+        "step_classifier": (jit(one_step("classifier")), step_args),
+        "loop": (loop("none"), loop_args),
+        "loop_classifier": (loop("classifier"), loop_args),
+        "loop_classifier_progress": (loop("classifier", progress=True), loop_args),
+    }
+    if weights == "random":
+        fns["step_cfg"] = (jit(one_step("cfg")), step_args)
+    if plain_ops:
+        for name, fn in (("unet_forward", forward()), ("guidance_gradient", gradient()),
+                         ("loop_classifier", loop("classifier"))):
+            fns[f"{name}_plain_ops"] = (compiled_with_plain_ops(fn, fns[name][1]), fns[name][1])
+    return fns
 
 
 def main(argv=None):
@@ -89,78 +151,44 @@ def main(argv=None):
                     help="random parameters (with a null label, so CFG runs) or the fixture's (no CFG)")
     ap.add_argument("--xla-defaults", action="store_true",
                     help="compile with plain jax.jit (XLA's default CPU options) instead of jaxdiff.cpu.jit")
+    ap.add_argument("--plain-ops", action="store_true",
+                    help="also the forward, gradient and guided loop compiled with JAXDIFF_PLAIN_OPS=1 (control)")
     args = ap.parse_args(argv)
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if args.batch < 1 or args.steps < 2 or args.repeats < 1:
+        ap.error(f"need --batch >= 1, --steps >= 2, --repeats >= 1; got {args.batch}, {args.steps}, {args.repeats}")
 
-    B, N = args.batch, args.steps
-    um, up, cm, cp = load_models(args.weights, null_label=args.weights == "random")
-    params = {"unet": up, "classifier": cp}
-    sched = make_schedule("cosine", 1000, str(N))
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(B, 32, 32, 3)), jnp.float32)
-    y = np.arange(B) % 10
-    ids = np.arange(B)
-    key = jax.random.key(0)
-    cond = G.make_cond(B, y, cfg_scale=3.0, classifier_scale=1.0)
-    i = jnp.full((B,), N // 2, jnp.int32)
-    t = sched.timestep_map[i]
-
-    def guides(p, kind):
-        return G.build_guides(kind, G.unet_fn(um, p["unet"]), logits_fn=G.logits_fn(cm, p["classifier"]),
-                              null_label=10 if args.weights == "random" else None, learned_sigma=True)
-
-    jit = jax.jit if args.xla_defaults else cpu.jit
-    forward_fn = lambda p, x, t, cond: G.unet_fn(um, p["unet"])(x, t, cond)
-    gradient_fn = lambda p, x, t, cond: G.classifier_guide(G.logits_fn(cm, p["classifier"]))(x, t, cond)
-    unet_forward, gradient = jit(forward_fn), jit(gradient_fn)
-
-    def one_step(kind):
-        x0_fn = G.make_x0_fn()
-
-        def step(p, x, i, cond, key, ids):
-            model_fn, cond_fn = guides(p, kind)
-            d = S.denoise(model_fn, sched, x, i, cond, learned_sigma=True, x0_fn=x0_fn, cond_fn=cond_fn)
-            noise = S.step_noise(S.sample_keys(key, ids), i[0], x.shape[1:])
-            return S.ddim_step(sched, x, i, d, noise, jnp.float32(0.0))
-
-        return step
-
-    gflop = {"unet_forward": count_flops(forward_fn, params, x, t, cond) / 1e9,
-             "guidance_gradient": count_flops(gradient_fn, params, x, t, cond) / 1e9,
-             "step_classifier": count_flops(one_step("classifier"), params, x, i, cond, key, ids) / 1e9}
-
-    res = {"device": str(jax.devices()[0]), "device_count": jax.device_count(), "platform": platform.platform(),
-           "jax": jax.__version__, "batch": B, "steps": N, "repeats": args.repeats, "weights": args.weights}
-    res["compiled_with"] = "jax.jit (XLA defaults)" if args.xla_defaults else f"jaxdiff.cpu.jit {cpu.compiler_options()}"
-    res["machine"] = machine()
-    res["matmul_f32_gflops"] = matmul_gflops()
-    res["unet_forward_ms"] = timeit(unet_forward, params, x, t, cond, repeats=args.repeats)
-    res["guidance_gradient_ms"] = timeit(gradient, params, x, t, cond, repeats=args.repeats)
-    res["step_unguided_ms"] = timeit(jit(one_step("none")), params, x, i, cond, key, ids, repeats=args.repeats)
-    if args.weights == "random":
-        res["step_cfg_ms"] = timeit(jit(one_step("cfg")), params, x, i, cond, key, ids, repeats=args.repeats)
-    res["step_classifier_ms"] = timeit(jit(one_step("classifier")), params, x, i, cond, key, ids, repeats=args.repeats)
-    loop = S.make_sampler(lambda p: guides(p, "none"), S.SamplerSpec("ddim", learned_sigma=True), (32, 32, 3))
-    res["loop_ms"] = timeit(loop, params, sched, cond, key, ids, 0.0, x, repeats=args.repeats)
-
-    for name, g in gflop.items():
-        res[f"{name}_gflop"] = round(g, 3)
-        res[f"{name}_gflops"] = round(g / res[f"{name}_ms"] * 1e3, 1)
+    N = args.steps
+    res = {"benchmark": "sampling", "machine": common.machine(), "batch": args.batch, "steps": N,
+           "repeats": args.repeats, "weights": args.weights,
+           "compiled_with": "jax.jit (XLA defaults)" if args.xla_defaults else f"jaxdiff.cpu.jit {cpu.compiler_options()}",
+           "matmul_f32_gflops": common.matmul_gflops()}
+    fns = build(args.batch, N, args.weights, args.xla_defaults, args.plain_ops)
+    times = common.interleaved({n: common.blocking(f, *a) for n, (f, a) in fns.items()}, args.repeats)
+    for name, ms in times.items():
+        res[f"{name}_ms"] = common.median(ms)
+    for name in ("unet_forward", "guidance_gradient", "step_classifier"):
+        gflop = common.count_flops(fns[name][0], *fns[name][1]) / 1e9
+        res[f"{name}_gflop"] = round(gflop, 3)
+        res[f"{name}_gflops"] = round(gflop / res[f"{name}_ms"] * 1e3, 1)
     res["loop_over_steps_x_step"] = res["loop_ms"] / (N * res["step_unguided_ms"])
     res["cfg_over_unguided"] = res.get("step_cfg_ms", float("nan")) / res["step_unguided_ms"]
     res["classifier_over_unguided_plus_gradient"] = res["step_classifier_ms"] / (
         res["step_unguided_ms"] + res["guidance_gradient_ms"])
+    for sfx in ("", "_plain_ops") if args.plain_ops else ("",):
+        parts = res[f"unet_forward{sfx}_ms"] + res[f"guidance_gradient{sfx}_ms"]
+        res[f"loop_classifier{sfx}_per_step_ms"] = round(res[f"loop_classifier{sfx}_ms"] / N, 3)
+        res[f"loop_classifier{sfx}_over_forward_plus_gradient"] = res[f"loop_classifier{sfx}_ms"] / (N * parts)
+    res["loop_classifier_progress_over_loop_classifier"] = res["loop_classifier_progress_ms"] / res["loop_classifier_ms"]
     res["targets_met"] = {
         "loop <= 1.1 x steps x step": res["loop_over_steps_x_step"] <= 1.1,
         "cfg step <= 2.1 x unguided": (res["cfg_over_unguided"] <= 2.1) if "step_cfg_ms" in res else None,
         "classifier step <= 1.1 x (unguided + gradient)": res["classifier_over_unguided_plus_gradient"] <= 1.1,
+        "classifier loop <= 1.1 x steps x (forward + gradient)": res["loop_classifier_over_forward_plus_gradient"] <= 1.1,
     }
-    res["loadavg_1min_start"] = load_start
-    res["loadavg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    res["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     print(json.dumps(res, indent=1))
     return res
 
 
 if __name__ == "__main__":
-    cpu.use_huge_page_malloc()  # as train.py / sample.py do
     main()

@@ -14,7 +14,8 @@ Each case is the real jitted `training.make_train_step` on one device with synth
 dataset needed); the time is the median of `--iters` steps after `--warmup` steps, each step
 waited for with block_until_ready. Compile time is reported separately. Steps are compiled with
 `jaxdiff.cpu.jit` (what train.py runs); `--xla-defaults` compiles them with plain `jax.jit` for an
-A/B comparison. GFLOP/s counts the step's convolution and matrix-product FLOPs (bench/common.py)
+A/B comparison. Run it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` set, as docs/benchmarks.md
+says. GFLOP/s counts the step's convolution and matrix-product FLOPs (bench/common.py)
 and is reported next to the machine's float32 2048^3 matrix-product rate.
 """
 
@@ -23,8 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import statistics
 import sys
 import time
 
@@ -32,13 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from jaxdiff import cpu, schedules, training  # noqa: E402
-from jaxdiff.data import DataInfo  # noqa: E402
-
-import common  # noqa: E402
+import common  # first: puts this checkout's jaxdiff on sys.path
+from jaxdiff import cpu, schedules, training
+from jaxdiff.data import DataInfo
 
 _ARCH_KEYS = ("model_channels", "num_res_blocks", "attention_resolutions", "channel_mult", "num_head_channels",
               "num_heads", "use_scale_shift_norm", "resblock_updown", "dropout", "use_new_attention_order")
@@ -52,7 +47,7 @@ def _info(size, channels, num_classes=10):
 
 
 def _load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(name, common.ROOT / "configs" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config()
@@ -70,9 +65,9 @@ def fixture_a_config(task: str, batch: int, dtype: str):
 
 
 def build_step(config, info, *, xla_defaults: bool = False) -> dict:
-    """The compiled train step of `config` on synthetic data and its inputs, as a dict with keys
-    resolved, step (step(state, images, labels, acc) -> (state, acc); state and acc are donated),
-    state, images, labels, acc, flops, compile_s, init_s."""
+    """The compiled train step of `config` on synthetic data, as a dict: run() (one step on a fixed
+    batch, waited for; the state and metric accumulator it carries are donated each step), carry
+    ([state, acc]), mean_loss() (over the steps run), resolved, flops, compile_s, init_s."""
     resolved = training.resolve_config(config, info)
     model = training.create_model(resolved)
     tx = training.make_optimizer(resolved.train)
@@ -92,33 +87,35 @@ def build_step(config, info, *, xla_defaults: bool = False) -> dict:
     step = (jax.jit if xla_defaults else cpu.jit)(step_fn, donate_argnums=(0, 3))
     t0 = time.perf_counter()
     compiled = step.lower(state, images, labels, acc).compile()
-    return {"resolved": resolved, "step": compiled, "state": state, "images": images, "labels": labels, "acc": acc,
-            "flops": flops, "compile_s": time.perf_counter() - t0, "init_s": init_s}
+    compile_s = time.perf_counter() - t0
+    carry = [state, acc]
+
+    def run():
+        carry[0], carry[1] = compiled(carry[0], images, labels, carry[1])
+        jax.block_until_ready(carry[0])
+
+    def mean_loss():
+        return float(carry[1]["sums"]["loss"]) / max(int(carry[1]["count"]), 1)
+
+    return {"resolved": resolved, "run": run, "carry": carry, "mean_loss": mean_loss, "flops": flops,
+            "compile_s": compile_s, "init_s": init_s}
 
 
 def bench_case(name: str, config, info, *, warmup: int, iters: int, xla_defaults: bool = False) -> dict:
     built = build_step(config, info, xla_defaults=xla_defaults)
-    resolved, compiled, state, images, labels, acc, flops = (
-        built[k] for k in ("resolved", "step", "state", "images", "labels", "acc", "flops"))
+    resolved, flops = built["resolved"], built["flops"]
+    times = common.interleaved({"step": built["run"]}, iters, warmup)["step"]
     b, s = int(resolved.train.batch_size), int(resolved.data.image_size)
-    compile_s, init_s = built["compile_s"], built["init_s"]
-    times = []
-    for i in range(warmup + iters):
-        t0 = time.perf_counter()
-        state, acc = compiled(state, images, labels, acc)
-        jax.block_until_ready(state)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1000.0)
-    loss = float(acc["sums"]["loss"]) / max(int(acc["count"]), 1)
     return {
         "case": name, "task": resolved.task, "batch": b, "image_size": s, "dtype": resolved.model.dtype,
-        "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))),
-        "ms_per_step_median": round(statistics.median(times), 3),
+        "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(built["carry"][0].params))),
+        "ms_per_step_median": common.median(times),
         "gflop_per_step": round(flops / 1e9, 2),
-        "gflops_at_median": round(flops / statistics.median(times) / 1e6, 1),
+        "gflops_at_median": round(flops / common.median(times) / 1e6, 1),
         "compiled_with": "jax.jit (XLA defaults)" if xla_defaults else f"jaxdiff.cpu.jit {cpu.compiler_options()}",
         "ms_per_step_min": round(min(times), 3), "iters": iters, "warmup": warmup,
-        "compile_s": round(compile_s, 2), "init_s": round(init_s, 2), "mean_loss": round(loss, 5),
+        "compile_s": round(built["compile_s"], 2), "init_s": round(built["init_s"], 2),
+        "mean_loss": round(built["mean_loss"](), 5),
     }
 
 
@@ -134,6 +131,7 @@ def main(argv=None) -> int:
                    help="comma list of: fixture_a_unet, fixture_a_classifier, digits (all three digits configs)")
     args = p.parse_args(argv)
     which = set(args.which.split(",")) if args.which != "all" else {"fixture_a_unet", "fixture_a_classifier", "digits"}
+    machine = common.machine()
     results = []
     for batch in [int(v) for v in args.batches.split(",") if v.strip()]:
         for task, case in (("diffusion", "fixture_a_unet"), ("classifier", "fixture_a_classifier")):
@@ -148,12 +146,11 @@ def main(argv=None) -> int:
             results.append(bench_case(name, cfg, _info(8, 1), warmup=args.warmup, iters=args.iters,
                                        xla_defaults=args.xla_defaults))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    out = {"benchmark": "training_step", "machine": common.machine(), "matmul_f32_gflops": common.matmul_gflops(),
+    out = {"benchmark": "training_step", "machine": machine, "matmul_f32_gflops": common.matmul_gflops(),
            "results": results}
     print(json.dumps(out, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    cpu.use_huge_page_malloc()  # as train.py / sample.py do
     sys.exit(main())

@@ -1,57 +1,104 @@
-"""What the benchmark scripts share: the fixture-A architecture, the machine's matrix-product rate,
-FLOP counts of a jitted computation, and a description of the machine."""
+"""What the benchmark scripts share: fixture A (flags and arrays), a description of the machine,
+interleaved timing, the machine's matrix-product rate and FLOP counts of a traced computation.
+
+Importing it puts the repository root first on sys.path, so `python bench/X.py` runs this
+checkout's jaxdiff.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
-
-import jax
-import jax.numpy as jnp
-from jax.extend import core as jex_core
-import numpy as np
+from typing import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.extend import core as jex_core  # noqa: E402
+
 FIXTURE = ROOT / "tests" / "fixtures" / "adm_tiny_a.npz"
 
-# guided-diffusion's flags of fixture A, the architecture every speed comparison with PyTorch uses;
-# defined once, next to the fixture (tests/_adm.py)
-sys.path.insert(0, str(ROOT / "tests"))
-from _adm import CLASSIFIER_FLAGS, UNET_FLAGS  # noqa: E402
+
+def _fixture_flags(kind: str) -> dict:
+    """guided-diffusion's keyword arguments of fixture A's `kind` ("unet" or "classifier")."""
+    with open(ROOT / "tests" / "fixtures" / "adm_tiny_a_flags.json") as f:
+        flags = json.load(f)[kind]
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
+# the architecture every speed comparison with guided-diffusion uses
+UNET_FLAGS = _fixture_flags("unet")
+CLASSIFIER_FLAGS = _fixture_flags("classifier")
+
+
+def load_fixture() -> dict:
+    """Every array of tests/fixtures/adm_tiny_a.npz by name."""
+    with np.load(FIXTURE) as f:
+        return {k: f[k] for k in f.files}
+
+
+def state_dict(fx: dict, prefix: str) -> dict:
+    """The `prefix/...` arrays of the fixture with the prefix removed (a guided-diffusion state_dict)."""
+    return {k[len(prefix) + 1:]: v for k, v in fx.items() if k.startswith(prefix + "/")}
 
 
 def machine() -> dict:
-    """CPU model, core count, load average, versions."""
+    """CPU model, cores, load average, versions and the environment settings that change speed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
+    except OSError:
+        cpu = "unknown"
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
     dev = jax.devices()[0]
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-            "device_count": jax.device_count(), "jax": jax.__version__, "python": platform.python_version(),
+    return {"cpu": cpu, "cores_online": os.cpu_count(), "cores_usable": usable,
+            "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}", "device_count": jax.device_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall milliseconds of each call, {name: [ms] * repeats}: the functions run in turn (one call
+    each per round), so a slow spell of a shared machine hits them alike. Each fn must wait for its
+    own result (`jax.block_until_ready`)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def blocking(fn: Callable, *args) -> Callable[[], object]:
+    """A no-argument call of fn(*args) that waits for the result."""
+    return lambda: jax.block_until_ready(fn(*args))
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     """The machine's float32 matrix-product rate (best of `repeats` n x n x n products), GFLOP/s."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    jax.block_until_ready(f(a, a))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, a))
-        best = min(best, time.perf_counter() - t0)
-    return round(2 * n ** 3 / best / 1e9, 1)
+    best = min(interleaved({"mm": blocking(jax.jit(jnp.matmul), a, a)}, repeats)["mm"])
+    return round(2 * n ** 3 / best / 1e6, 1)
 
 
 def _eqn_flops(eqn) -> float:
@@ -78,7 +125,7 @@ def _jaxpr_flops(jaxpr) -> float:
         if not subs:
             continue
         inner = [_jaxpr_flops(getattr(s, "jaxpr", s)) for s in subs]
-        if eqn.primitive.name == "cond":  # platform_dependent / switch: the most expensive branch
+        if eqn.primitive.name == "cond":  # the most expensive branch
             total += max(inner)
         elif eqn.primitive.name == "scan":
             total += eqn.params["length"] * sum(inner)
@@ -89,5 +136,6 @@ def _jaxpr_flops(jaxpr) -> float:
 
 def count_flops(fn, *args) -> float:
     """Matrix-product and convolution FLOPs of `fn(*args)` (2 per multiply-add), from its jaxpr:
-    scans counted `length` times, the costlier branch of a cond; element-wise work not counted."""
-    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    scans counted `length` times, the costlier branch of a cond; element-wise work not counted.
+    A jitted `fn` is traced through its body (a jit with compiler options cannot be nested)."""
+    return _jaxpr_flops(jax.make_jaxpr(getattr(fn, "__wrapped__", fn))(*args).jaxpr)

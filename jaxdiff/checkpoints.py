@@ -153,19 +153,19 @@ def read_config(directory: str) -> dict:
 
 
 def load_model(directory: str, *, step: int | None = None, ema: bool = True, dtype: str | None = None):
-    """(module, params, config) of a trained workdir or of a converted guided-diffusion checkpoint.
+    """(module, params, config) of a trained workdir or of a converted guided-diffusion / GLIDE checkpoint.
 
     Trained workdir: the EMA parameters (``ema=False``: the raw ones) of the latest checkpoint (or
     `step`), restored on the host. `config` is the resolved training config as a dict; its "model"
     holds the `create_model` flags plus "kind", and its "diffusion" has schedule, num_timesteps,
     prediction and learned_sigma. A converted checkpoint (config.json with "source":
-    "guided-diffusion") is loaded by `jaxdiff.convert.load_converted` and its diffusion flags are
-    renamed to the same keys. `dtype` ("float32" / "bfloat16") overrides the compute dtype (a
+    "guided-diffusion" or "glide") is loaded by `jaxdiff.convert.load_converted` and its diffusion
+    flags are renamed to the same keys. `dtype` ("float32" / "bfloat16") overrides the compute dtype (a
     converted use_fp16 checkpoint computes in bfloat16 unless dtype="float32" is given).
     """
     cfg = read_config(directory)
     overrides = {"dtype": dtype} if dtype else {}
-    if cfg.get("source") == "guided-diffusion":
+    if cfg.get("source") in ("guided-diffusion", "glide"):
         from jaxdiff import convert
 
         module, params, ccfg = convert.load_converted(directory, **overrides)

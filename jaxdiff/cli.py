@@ -41,7 +41,8 @@ def setup() -> None:
     logging.getLogger("jaxdiff").setLevel(logging.INFO)
     if FLAGS.jax_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.jax_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from jaxdiff import parallel
 
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

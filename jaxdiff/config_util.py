@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -20,6 +21,12 @@ def get(cfg: Any, key: str, default: Any = None) -> Any:
 def is_int(v: Any) -> bool:
     """An integer (Python or numpy), not a bool."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def did_you_mean(value: Any, choices: Iterable, *, cutoff: float = 0.6, quote: Callable = repr) -> str:
+    """" (did you mean X?)" naming the choice closest to `value` (written by `quote`), or ""."""
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=cutoff)
+    return f" (did you mean {quote(near[0])}?)" if near else ""
 
 
 def jsonable(v: Any) -> Any:

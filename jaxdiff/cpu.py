@@ -1,69 +1,45 @@
-"""What jaxdiff does differently when it runs on the CPU backend, in one place.
+"""What jaxdiff does differently when it runs on the CPU backend, in one place (measurements:
+docs/benchmarks.md).
 
-XLA compiler options (`compiler_options`, `jit`)
-------------------------------------------------
-XLA's CPU backend hands convolutions, matrix products and reductions to YNNPACK by default. For
-the convolutions of jaxdiff's networks that is the slow choice: on the 2-core Xeon we develop on,
-forward + backward of the U-Net's convolutions ran 1.1-2.8x faster (geometric mean 1.56x,
-`bench/bench_conv.py`) on XLA's other convolution path (Eigen) than on YNNPACK, while YNNPACK's products,
-reductions and element-wise fusions stay faster than XLA's own (turning YNNPACK off altogether
-made GroupNorm's reductions several times slower). So every program jaxdiff compiles itself goes
-through `jit`, which on the CPU adds the per-compilation option
+XLA compiler options (`compiler_options`, `jit`): XLA's CPU backend hands convolutions, matrix
+products and reductions to YNNPACK; for jaxdiff's convolutions XLA's other path (Eigen) is faster,
+while YNNPACK's products, reductions and element-wise fusions stay faster than XLA's own. So every
+program jaxdiff compiles goes through `jit`, which on the CPU adds the per-compilation option
 
     xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,
                                            LIBRARY_FUSION_TYPE_REDUCE, LIBRARY_FUSION_TYPE_ELTWISE
 
-(YNNPACK for everything it handles except convolutions; with ELTWISE the fixture-A training step
-ran ~5 % faster than without, interleaved A/B, batch 16 and 64). It is a compile option of those
-programs only: nothing global is changed, other programs in the process are compiled as before,
-and GPU/TPU compilations get no extra options. It is left out when
+(YNNPACK for everything but convolutions). Nothing global changes and GPU/TPU compilations get no
+extra options. It is left out when the default backend is not the CPU, when the user's `XLA_FLAGS`
+already set the option, with `JAXDIFF_XLA_CPU_OPTIONS=0`, or when the installed jaxlib refuses it
+(probed once). Code that jits jaxdiff's functions itself gets the options from `jaxdiff.cpu.jit` or
+`compiler_options=compiler_options()`.
 
-* the default backend is not the CPU;
-* the user's `XLA_FLAGS` already set `--xla_cpu_experimental_ynn_fusion_type` (theirs wins);
-* `JAXDIFF_XLA_CPU_OPTIONS=0`;
-* the installed jaxlib does not accept the option (probed once by compiling a tiny program).
+glibc's huge-page malloc (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) is read only at process start, so
+the shell scripts set it, not any Python entry point.
 
-Code that jits jaxdiff's functions itself (`jax.jit(training.make_train_step(...))`) gets these
-options by using `jaxdiff.cpu.jit` instead, or by passing `compiler_options=compiler_options()`.
-
-Transparent huge pages for XLA's buffers (`use_huge_page_malloc`)
-------------------------------------------------------------------
-Each run of a compiled program allocates its temporary buffers afresh (about 300 MB for a
-fixture-A training step at batch 16); glibc maps such blocks with 4 KiB pages, so every step
-took ~76,000 page faults and ~0.2 s of kernel time. With glibc's tunable
-`glibc.malloc.hugetlb=1` (glibc >= 2.35; transparent huge pages in "madvise" or "always" mode) it
-took ~1,000 and the step ran 5-10 % faster. glibc reads tunables only at process start, so the
-command-line entry points (train.py, sample.py, sweep.py, the bench scripts) call
-`use_huge_page_malloc()` first: it re-executes the same command once with the tunable added to
-`GLIBC_TUNABLES`, and does nothing when that is already there, off Linux/glibc, when huge pages
-are disabled, or with `JAXDIFF_HUGE_PAGES=0`.
-
-Hand-written gradients (`custom_gradients_active`)
---------------------------------------------------
-GroupNorm (`norm.py`) and attention (`attention.py`) have CPU-specific custom VJPs; they are used
-when the default backend is the CPU, unless `JAXDIFF_PLAIN_OPS=1` (the plain formulas and XLA's
-derivatives, e.g. for A/B tests). Both switches are read when a function is traced.
+Hand-written gradients (`custom_gradients_active`): GroupNorm (`norm.py`), attention
+(`attention.py`) and convolutions (`conv.py`: XLA's own gradient in the form XLA's CPU backend runs
+fast inside loop bodies too) have CPU-specific custom VJPs, used when the default backend is the CPU
+unless `JAXDIFF_PLAIN_OPS=1`. Both switches are read when a function is traced.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import platform
-import sys
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["compiler_options", "custom_gradients_active", "jit", "l2_cache_bytes", "use_huge_page_malloc"]
+__all__ = ["compiler_options", "custom_gradients_active", "jit", "l2_cache_bytes"]
 
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 YNN_TYPES = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE", "LIBRARY_FUSION_TYPE_ELTWISE")
 _ENV_OPTIONS = "JAXDIFF_XLA_CPU_OPTIONS"
 _ENV_PLAIN_OPS = "JAXDIFF_PLAIN_OPS"
-_ENV_HUGE_PAGES = "JAXDIFF_HUGE_PAGES"
-HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def env_off(name: str) -> bool:
@@ -121,51 +97,12 @@ def l2_cache_bytes() -> int:
     """Per-core L2 cache size from sysfs (Linux), else 1 MiB; clamped to [256 KiB, 4 MiB]."""
     size = 1 << 20
     try:
-        base = "/sys/devices/system/cpu/cpu0/cache"
-        for index in sorted(os.listdir(base)):
-            path = os.path.join(base, index)
-            with open(os.path.join(path, "level")) as f:
-                level = f.read().strip()
-            with open(os.path.join(path, "type")) as f:
-                kind = f.read().strip()
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").iterdir()):
+            level, kind = ((index / name).read_text().strip() for name in ("level", "type"))
             if level == "2" and kind in ("Unified", "Data"):
-                with open(os.path.join(path, "size")) as f:
-                    text = f.read().strip().upper()
-                mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-                size = int(text.rstrip("KM")) * mult
+                text = (index / "size").read_text().strip().upper()
+                size = int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
                 break
     except (OSError, ValueError):
         pass
     return min(max(size, 1 << 18), 1 << 22)
-
-
-def _huge_page_env() -> Optional[dict]:
-    """The environment to re-execute with, or None when there is nothing to do."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if env_off(_ENV_HUGE_PAGES) or "glibc.malloc.hugetlb" in tunables or not sys.platform.startswith("linux"):
-        return None
-    lib, version = platform.libc_ver()
-    try:
-        if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
-            return None
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            if "[never]" in f.read():
-                return None
-    except (OSError, ValueError):
-        return None
-    return {**os.environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGETLB_TUNABLE) if t)}
-
-
-def use_huge_page_malloc() -> None:
-    """Re-execute this Python command once with glibc's huge-page malloc tunable (module doc).
-
-    Call it first thing under `if __name__ == "__main__":` of a script, before anything that
-    matters has run; it returns normally when there is nothing to do and otherwise never returns.
-    """
-    env = _huge_page_env()
-    if env is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    args = [sys.executable] + list(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
-    os.execve(sys.executable, args, env)

@@ -8,11 +8,15 @@ Datasets
 * ``fashion_mnist``: built from the idx files of Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist``) or of a directory passed as ``manual_dir``; uint8
   (28, 28, 1), labels 0..9, train 60000 / test 10000. See `jaxdiff.datasets.fashion_mnist`.
+* ``digits_text``, ``fashion_mnist_text``: the same images, labels and splits with captions
+  built from measured attributes (``"a thick slanted seven"``), the attributes' bins and which
+  ones the caption names; `Source.gather_text` reads them, ``DataInfo.captions`` holds the
+  scheme, vocabulary and thresholds (see `jaxdiff.captions`, `jaxdiff.datasets.captioned`).
 * any other tfds image dataset (``cifar10``, ``imagenet_resized/64x64``, ...) that is already
   prepared in the tfds data_dir in a random-access format (array_record), e.g. with
   ``tfds build cifar10 --file_format=array_record`` on a machine with TensorFlow.
 
-The two bundled datasets are prepared on first use (tfds builders writing array_record files,
+The bundled datasets are prepared on first use (tfds builders writing array_record files,
 no TensorFlow, no download) into ``data_dir`` (default ``$TFDS_DATA_DIR`` or
 ``~/tensorflow_datasets``) and reused afterwards; `prepare` does it explicitly. Preparation holds
 a file lock in data_dir, so processes on one machine may race for it safely.
@@ -94,16 +98,17 @@ __all__ = [
 ]
 
 #: Datasets jaxdiff prepares itself (no TensorFlow, no download).
-BUNDLED_DATASETS = ("digits", "fashion_mnist")
+BUNDLED_DATASETS = ("digits", "fashion_mnist", "digits_text", "fashion_mnist_text")
 
 RESIZE_MODES = ("pad", "resize", "center_crop")
 
 # Default augmentation / resizing per dataset (base tfds name, before "/" and ":").
 _NO_FLIP = frozenset(
-    {"digits", "mnist", "emnist", "kmnist", "svhn_cropped", "binary_alpha_digits", "omniglot",
-     "mnist_corrupted", "cmaterdb"}
+    {"digits", "digits_text", "mnist", "emnist", "kmnist", "svhn_cropped", "binary_alpha_digits",
+     "omniglot", "mnist_corrupted", "cmaterdb"}
 )
-_PAD = frozenset({"fashion_mnist", "mnist", "emnist", "kmnist", "mnist_corrupted"})
+_PAD = frozenset({"fashion_mnist", "fashion_mnist_text", "mnist", "emnist", "kmnist",
+                  "mnist_corrupted"})
 _IN_MEMORY = frozenset(BUNDLED_DATASETS)
 
 
@@ -129,6 +134,10 @@ class DataInfo:
     image_key: str = "image"
     label_key: str | None = "label"
     tfds_info: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # Captioned datasets: the Text feature and the caption metadata (`jaxdiff.captions.metadata`:
+    # scheme, vocabulary, thresholds); None otherwise.
+    caption_key: str | None = None
+    captions: Mapping | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def channels(self) -> int | None:
@@ -140,16 +149,18 @@ class Source:
     ``{"image": uint8 (H, W, C), "label": int}`` like a tfds data source, and `gather`.
 
     In memory (the default for the bundled datasets) it holds the whole split as arrays;
-    otherwise it reads records from tfds's array_record data source on demand.
+    otherwise it reads records from tfds's array_record data source on demand. Captioned
+    datasets also give `gather_text`.
     """
 
     def __init__(self, info: DataInfo, *, tfds_source=None, raw_source=None, images=None,
-                 labels=None):
+                 labels=None, text=None):
         self.info = info
         self._tfds_source = tfds_source
         self._raw_source = raw_source
         self._images = images
         self._labels = labels
+        self._text = text
 
     @property
     def in_memory(self) -> bool:
@@ -207,6 +218,29 @@ class Source:
                       np.zeros((0, *self.info.image_shape), np.uint8))
         return images, labels
 
+    def gather_text(self, indices) -> dict[str, np.ndarray]:
+        """The text features of examples: {"caption": str (n,), "attributes": int32 (n, A),
+        "named": bool (n, A)} (the last two when the dataset has them). Captioned datasets only.
+        """
+        if self.info.caption_key is None:
+            raise ValueError(
+                f"dataset {self.info.name!r} has no captions; captioned datasets: "
+                f"{', '.join(n for n in BUNDLED_DATASETS if n.endswith('_text'))}")
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            raise IndexError(f"indices out of range for a split of {n} examples")
+        if self._text is not None:
+            return {k: v[indices] for k, v in self._text.items()}
+        keys = [int(i) for i in indices]
+        if self._raw_source is not None:
+            rows = [_text_of_record(r, self.info) for r in
+                    (self._raw_source.__getitems__(keys) if keys else [])]
+        else:
+            rows = [_text_of_example(ex, self.info) for ex in
+                    (self._tfds_source.__getitems__(keys) if keys else [])]
+        return _stack_text(rows, self.info)
+
     def __repr__(self) -> str:
         i = self.info
         where = "in memory" if self.in_memory else "array_record"
@@ -249,6 +283,39 @@ def _decode_record(record: bytes, info: DataInfo) -> tuple[np.ndarray, int]:
     return image, label
 
 
+_TEXT_ARRAYS = ("attributes", "named")  # with the caption, when the dataset has them
+
+
+def _text_keys(info: DataInfo) -> list[str]:
+    features = info.tfds_info.features
+    return [info.caption_key] + [k for k in _TEXT_ARRAYS if k in features]
+
+
+def _text_of_example(example: Mapping, info: DataInfo) -> dict:
+    row = {k: example[k] for k in _text_keys(info)}
+    caption = row[info.caption_key]
+    row[info.caption_key] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+    return row
+
+
+def _text_of_record(record: bytes, info: DataInfo) -> dict:
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    feature = tf_example_pb2.Example.FromString(record).features.feature
+    row = {k: list(feature[k].int64_list.value) for k in _text_keys(info)[1:]}
+    row[info.caption_key] = feature[info.caption_key].bytes_list.value[0].decode("utf-8")
+    return row
+
+
+def _stack_text(rows: list[dict], info: DataInfo) -> dict[str, np.ndarray]:
+    out = {info.caption_key: np.asarray([r[info.caption_key] for r in rows], dtype=str)}
+    for k in _text_keys(info)[1:]:
+        feature = info.tfds_info.features[k]
+        out[k] = np.asarray([r[k] for r in rows], dtype=feature.np_dtype).reshape(
+            len(rows), *feature.shape)
+    return out
+
+
 def _make_raw_source(builder, split: str, info: DataInfo, decoded_source):
     """A RAW_BYTES data source when the fast decoding path agrees with tfds on record 0."""
     if not isinstance(info.tfds_info.features[info.image_key], tfds.features.Image):
@@ -262,6 +329,11 @@ def _make_raw_source(builder, split: str, info: DataInfo, decoded_source):
         ref = _from_tfds(decoded_source[0], info)
         if fast[1] != ref[1] or not np.array_equal(fast[0], ref[0]):
             return None
+        if info.caption_key is not None:
+            fast_text = _stack_text([_text_of_record(raw[0], info)], info)
+            ref_text = _stack_text([_text_of_example(decoded_source[0], info)], info)
+            if any(not np.array_equal(fast_text[k], ref_text[k]) for k in ref_text):
+                return None
         return raw
     except Exception:  # any surprise: use tfds's own decoding
         return None
@@ -330,7 +402,7 @@ def _file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fashion_idx_dir(manual_dir, data_dir: str) -> str:
+def _fashion_idx_dir(name: str, manual_dir, data_dir: str) -> str:
     directory = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else \
         _ds.FASHION_MNIST_DEBIAN_DIR
     how = (
@@ -343,12 +415,12 @@ def _fashion_idx_dir(manual_dir, data_dir: str) -> str:
     if not os.path.isdir(directory):
         which = "manual_dir" if manual_dir else "the Debian dataset directory"
         raise ValueError(
-            f"fashion_mnist is not prepared in data_dir {data_dir!r} and {which} "
+            f"{name} is not prepared in data_dir {data_dir!r} and {which} "
             f"{directory!r} does not exist. {how}")
     try:
         _ds.find_idx_files(directory)
     except ValueError as e:
-        raise ValueError(f"fashion_mnist is not prepared in data_dir {data_dir!r}: {e}. {how}") \
+        raise ValueError(f"{name} is not prepared in data_dir {data_dir!r}: {e}. {how}") \
             from None
     return directory
 
@@ -369,9 +441,9 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, *,
     if builder.is_prepared():
         return builder
     download_config = None
-    if name == "fashion_mnist":
+    if issubclass(cls, _ds.FashionMnist):  # fashion_mnist, fashion_mnist_text
         download_config = tfds.download.DownloadConfig(
-            manual_dir=_fashion_idx_dir(manual_dir, data_dir))
+            manual_dir=_fashion_idx_dir(name, manual_dir, data_dir))
     os.makedirs(data_dir, exist_ok=True)
     with _file_lock(os.path.join(data_dir, f".{name}.jaxdiff.lock")):
         builder = _bundled_builder(cls, data_dir)
@@ -457,7 +529,7 @@ def make_source(config_or_name, split: str, data_dir: str | os.PathLike | None =
       split: "train", "test", ... or tfds slicing ("train[:90%]").
       data_dir: tfds data directory (default `default_data_dir()`); the bundled datasets are
         prepared there on first use.
-      manual_dir: fashion_mnist only: directory with the idx files (default: Debian's
+      manual_dir: fashion_mnist(_text) only: directory with the idx files (default: Debian's
         /usr/share/datasets/fashion-mnist). Only read when the dataset still has to be prepared.
       in_memory: decode the whole split into arrays once (default: True for the bundled
         datasets, False otherwise).
@@ -488,6 +560,11 @@ def make_source(config_or_name, split: str, data_dir: str | os.PathLike | None =
             f"dataset {name!r}: feature {image_key!r} is {image_feature.np_dtype} {shape}; jaxdiff "
             "needs uint8 images with 1 or 3 channels")
     image_shape = shape if all(d is not None for d in shape) else None
+    caption_key = "caption" if "caption" in features.keys() and isinstance(
+        features["caption"], tfds.features.Text) else None
+    caption_metadata = None
+    if caption_key is not None and tinfo.metadata is not None and "vocabulary" in tinfo.metadata:
+        caption_metadata = dict(tinfo.metadata)
     if label_key is not None:
         label_feature = features[label_key]
         num_classes, class_names = label_feature.num_classes, tuple(label_feature.names)
@@ -512,12 +589,15 @@ def make_source(config_or_name, split: str, data_dir: str | os.PathLike | None =
         num_classes=num_classes,
         class_names=class_names,
         random_flip=base not in _NO_FLIP,
-        resize_mode="pad" if base in _PAD else ("resize" if base == "digits" else "center_crop"),
+        resize_mode="pad" if base in _PAD else (
+            "resize" if base in ("digits", "digits_text") else "center_crop"),
         pad_value=0,
         data_dir=data_dir,
         image_key=image_key,
         label_key=label_key,
         tfds_info=tinfo,
+        caption_key=caption_key,
+        captions=caption_metadata,
     )
     if info.num_examples == 0:
         raise ValueError(f"split {split!r} of dataset {name!r} is empty")
@@ -527,7 +607,10 @@ def make_source(config_or_name, split: str, data_dir: str | os.PathLike | None =
         images, labels = source.arrays()
         images.setflags(write=False)
         labels.setflags(write=False)
-        source = Source(info, tfds_source=decoded, images=images, labels=labels)
+        text = source.gather_text(np.arange(len(source))) if caption_key else None
+        for v in (text or {}).values():
+            v.setflags(write=False)
+        source = Source(info, tfds_source=decoded, images=images, labels=labels, text=text)
     return source, info
 
 
@@ -914,7 +997,7 @@ def _main(argv=None) -> None:
     prep = sub.add_parser("prepare", help="prepare bundled datasets (array_record)")
     prep.add_argument("names", nargs="+", choices=BUNDLED_DATASETS)
     prep.add_argument("--data_dir", default=None)
-    prep.add_argument("--manual_dir", default=None, help="fashion_mnist idx directory")
+    prep.add_argument("--manual_dir", default=None, help="fashion_mnist(_text) idx directory")
     args = parser.parse_args(argv)
     for name in args.names:
         builder = prepare(name, args.data_dir, manual_dir=args.manual_dir)
@@ -923,4 +1006,6 @@ def _main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    from jaxdiff import cli
+
+    cli.main_of(_main, "python -m jaxdiff.data")

@@ -3,14 +3,17 @@
     python -m jaxdiff.evaluation samples --samples S.npz --classifier E [--split train] [--out m.json]
     python -m jaxdiff.evaluation accuracy --workdir W [--ts 0,100,500] [--split test]
     python -m jaxdiff.evaluation cfg --diffusion D --classifier E [--scale 3] [--steps 50] [--per_class 50]
+    python -m jaxdiff.evaluation adm REF.npz SAMPLES.npz --inception W.npz [--mode tf1] [--out m.json]
+    python -m jaxdiff.evaluation reference --dataset NAME --split train --inception W.npz --out REF.npz
 
-`samples` (the default when no subcommand is given): FID, IS, precision/recall, density/coverage and
-class accuracy of a samples.npz against a dataset split, in the feature space of a classifier
-trained on clean real images (`configs/*_eval_classifier.py`: its penultimate features feed FID and
-precision/recall, its logits IS and accuracy). `accuracy`: a classifier's top-1 accuracy on
-q_sample'd images against the diffusion timestep (clean images at t = 0 for a classifier trained
-without noise). `cfg`: the class accuracy of classifier-free-guided samples of a trained diffusion
-model (DDIM, Imagen scale convention). Every subcommand prints JSON; bad input is one error line.
+`samples` (the default): FID, IS, precision/recall, density/coverage and class accuracy of a
+samples.npz against a dataset split, in the feature space of a classifier trained on clean images
+(`configs/*_eval_classifier.py`). `accuracy`: a classifier's top-1 accuracy on q_sample'd images
+against t. `cfg`: the class accuracy of classifier-free-guided samples (DDIM). `adm`: guided-diffusion's
+evaluator (IS, FID, sFID, precision, recall with the FID Inception-v3, `jaxdiff.adm_eval`).
+`reference`: a reference batch in the evaluator's layout from a prepared tfds split. `adm` and
+`reference` run on every device of every process. Every subcommand prints JSON; bad input is one
+error line.
 """
 
 from __future__ import annotations
@@ -82,25 +85,35 @@ def reference_for(extractor: metrics.FeatureExtractor, *, dataset: str, split: s
         extractor, cache_dir, f"{dataset}/{split}/{image_size}")
 
 
-def evaluate_npz(samples_path: str, *, classifier_dir: str, dataset: Optional[str] = None,
-                 split: str = "train", data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
-                 k: int = 3) -> dict:
-    """Metrics of a guided-diffusion-layout samples.npz against a dataset split, as a dict."""
-    extractor, cfg = extractor_from_workdir(classifier_dir)
+def evaluate(images: np.ndarray, labels: Optional[np.ndarray], *, classifier: str, dataset: Optional[str] = None,
+             split: str = "train", data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
+             k: int = 3) -> dict:
+    """FID, IS, precision/recall, density/coverage and accuracy of uint8 NHWC `images` (with their
+    requested `labels`, or None) against a dataset split, in the feature space of the trained
+    evaluation classifier in directory `classifier` (dataset, data_dir: the classifier's by default)."""
+    extractor, cfg = extractor_from_workdir(classifier)
     ds = dataset_of(cfg)
     dataset = dataset or ds["name"]
     data_dir = data_dir or ds["data_dir"]
-    images, labels = metrics.load_samples_npz(samples_path, num_classes=ds["num_classes"])
-    image_size = images.shape[1]
+    images = metrics.validate_images(images)
     if images.shape[1] != images.shape[2]:
         raise ValueError(f"samples must be square images, got {images.shape[1:3]}")
-    ref = reference_for(extractor, dataset=dataset, split=split, image_size=image_size,
+    ref = reference_for(extractor, dataset=dataset, split=split, image_size=images.shape[1],
                         data_dir=data_dir, cache_dir=cache_dir)
     if tuple(ref.image_shape) != tuple(images.shape[1:]):
         raise ValueError(f"samples have shape {images.shape[1:]} but {dataset}/{split} images are "
                          f"{tuple(ref.image_shape)}")
     result = metrics.evaluate_samples(images, labels, ref, extractor, num_classes=ds["num_classes"], k=k)
-    result.update(dataset=dataset, split=split, samples=os.path.abspath(samples_path))
+    result.update(dataset=dataset, split=split)
+    return result
+
+
+def evaluate_npz(samples_path: str, *, classifier_dir: str, **kwargs) -> dict:
+    """`evaluate` on a guided-diffusion-layout samples.npz (arr_0 images, optional arr_1 labels)."""
+    extractor_cfg = checkpoints.read_config(classifier_dir)
+    images, labels = metrics.load_samples_npz(samples_path, num_classes=config_util.model_classes(extractor_cfg))
+    result = evaluate(images, labels, classifier=classifier_dir, **kwargs)
+    result.update(samples=os.path.abspath(samples_path))
     return result
 
 
@@ -253,10 +266,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cf.add_argument("--per_class", type=int, default=50)
     cf.add_argument("--seed", type=int, default=0)
     cf.add_argument("--step", type=int, default=None, help="diffusion checkpoint step (default: latest)")
-    for sp in (sm, ac, cf):
+    ad = sub.add_parser("adm", help="guided-diffusion's evaluator: IS, FID, sFID, precision, recall")
+    ad.add_argument("ref", help="reference batch .npz (arr_0 uint8 NHWC; mu/sigma/mu_s/sigma_s used when present)")
+    ad.add_argument("samples", help="samples .npz (arr_0 uint8 NHWC)")
+    ad.add_argument("--distance", default="float16", choices=("float16", "float32"),
+                    help="precision/recall distances (float16: the evaluator's)")
+    rf = sub.add_parser("reference", help="a reference batch (evaluator layout) from a prepared tfds split")
+    rf.add_argument("--dataset", required=True)
+    rf.add_argument("--split", default="train")
+    rf.add_argument("--data_dir", default=None)
+    rf.add_argument("--num_images", type=int, default=10_000, help="images stored in arr_0")
+    rf.add_argument("--stats_images", type=int, default=None, help="images the statistics use (default: all)")
+    rf.add_argument("--image_size", type=int, default=None, help="resize to this size (default: as stored)")
+    rf.add_argument("--seed", type=int, default=0)
+    for sp in (ad, rf):
+        sp.add_argument("--inception", required=True, help="FID Inception weights (python -m jaxdiff.inception convert)")
+        sp.add_argument("--mode", default="tf1", help="preprocessing: tf1 (the evaluator's) or pytorch_fid")
+        sp.add_argument("--batch_size", type=int, default=256, help="global batch (a multiple of the device count)")
+        sp.add_argument("--cache_dir", default=None, help="reference statistics cache (adm)")
+        sp.add_argument("--coordinator_address", default=None, help="multi-process: HOST:PORT of process 0")
+        sp.add_argument("--num_processes", type=int, default=1)
+        sp.add_argument("--process_id", type=int, default=0)
+    for sp in (sm, ac, cf, ad):
         sp.add_argument("--out", default=None, help="write the JSON here too")
+    rf.add_argument("--out", required=True, help="the reference batch .npz to write")
     a = p.parse_args(argv)
-    if a.cmd == "samples":
+    if a.cmd in ("adm", "reference"):
+        result = _inception_command(a)
+        if a.cmd == "adm":
+            for key, name in (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
+                              ("precision", "Precision"), ("recall", "Recall")):
+                print(f"{name}: {result[key]}")
+    elif a.cmd == "samples":
         result = evaluate_npz(a.samples, classifier_dir=a.classifier, dataset=a.dataset, split=a.split,
                               data_dir=a.data_dir, cache_dir=a.cache_dir, k=a.k)
     elif a.cmd == "accuracy":
@@ -265,10 +306,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         result = cfg_accuracy(a.diffusion, a.classifier, scale=a.scale, steps=a.steps, per_class=a.per_class,
                               seed=a.seed, diffusion_step=a.step)
-    if a.out:
+    if a.out and a.cmd != "reference":
         files.write_json(a.out, result)
     print(json.dumps(result, indent=1, default=float))
     return 0
+
+
+def _inception_command(a) -> dict:
+    """`adm` and `reference`: the FID Inception over every device of every process."""
+    from jaxdiff import adm_eval, inception, parallel
+
+    if a.num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        parallel.initialize(a.coordinator_address, a.num_processes, a.process_id)
+    params = inception.load_params(a.inception)
+    fn = inception.pure_feature_fn(a.mode)
+    progress = jax.process_index() == 0
+    if a.cmd == "adm":
+        return adm_eval.evaluate(a.ref, a.samples, fn, params, mode=a.mode, batch_size=a.batch_size,
+                                 cache_dir=a.cache_dir, distance=a.distance, progress=progress)
+    return adm_eval.write_reference_batch(a.out, a.dataset, a.split, fn, params, num_images=a.num_images,
+                                          stats_images=a.stats_images, seed=a.seed, mode=a.mode,
+                                          image_size=a.image_size, data_dir=a.data_dir,
+                                          batch_size=a.batch_size, progress=progress)
 
 
 if __name__ == "__main__":

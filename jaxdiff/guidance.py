@@ -44,6 +44,9 @@ GradFn = Callable[[jax.Array, jax.Array, Cond], jax.Array]
 
 LABEL_KEY = "y"
 LOW_RES_KEY = "low_res"
+TEXT_KEYS = ("xf_proj", "xf_out")  # a text U-Net's cached caption features in cond
+NULL_PREFIX = "null_"               # ... and the empty caption's (classifier-free guidance)
+CLIP_SCALE = "clip_scale"
 CFG_SCALE = "cfg_scale"
 CFG_RESCALE = "cfg_rescale"
 CLASSIFIER_SCALE = "classifier_scale"
@@ -55,13 +58,39 @@ LOG_DENSITY_SCALE = "log_density_scale"
 
 def unet_fn(module, params, *, label_key: str = LABEL_KEY) -> ModelFn:
     """model_fn of an ADM U-Net: apply({'params': params}, x, t, y=cond[label_key] or None), plus
-    low_res=cond["low_res"] for a super-resolution model (the per-sample low-resolution images)."""
+    low_res=cond["low_res"] for a super-resolution model (the per-sample low-resolution images). A
+    text-conditional (GLIDE) U-Net reads the cached caption features cond["xf_proj"], cond["xf_out"]
+    (see `text_encoder`) instead of labels."""
+    text = hasattr(module, "text_ctx")
 
     def model_fn(x, t, cond):
-        extra = {LOW_RES_KEY: cond[LOW_RES_KEY]} if LOW_RES_KEY in cond else {}
+        extra = {}
+        if LOW_RES_KEY in cond:  # uint8 low-resolution samples -> [-1, 1]
+            low = cond[LOW_RES_KEY]
+            extra[LOW_RES_KEY] = low / 127.5 - 1.0 if jnp.issubdtype(low.dtype, jnp.integer) else low
+        if text:
+            return module.apply({"params": params}, x, t, text=tuple(cond[k] for k in TEXT_KEYS), **extra)
         return module.apply({"params": params}, x, t, y=cond.get(label_key), **extra)
 
     return model_fn
+
+
+def text_encoder(module, params) -> Callable[[Cond], Cond]:
+    """prepare(cond) for a text-conditional U-Net, run once before the sampling loop: encodes the
+    captions (cond["tokens"], cond["mask"]) and the empty caption (cond["null_tokens"],
+    cond["null_mask"], the unconditional input of classifier-free guidance) into the cached
+    features the model reads (`TEXT_KEYS`, and `NULL_PREFIX` + each for `caption_dropout`)."""
+    from jaxdiff.models.text_unet import encode_text
+
+    def prepare(cond):
+        out = dict(cond)
+        out.update(zip(TEXT_KEYS, encode_text(module, params, cond["tokens"], cond["mask"])))
+        if "null_tokens" in cond:
+            null = encode_text(module, params, cond["null_tokens"], cond["null_mask"])
+            out.update((NULL_PREFIX + k, v) for k, v in zip(TEXT_KEYS, null))
+        return out
+
+    return prepare
 
 
 def logits_fn(module, params) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -170,32 +199,49 @@ def guided_output(out_c: jax.Array, out_u: jax.Array, s: jax.Array, *, learned_s
     return g if var_c is None else jnp.concatenate([g, var_c], axis=-1)
 
 
-def classifier_free(model_fn: ModelFn, *, null_label: int, learned_sigma: bool = False,
+def label_dropout(null_label: int, label_key: str = LABEL_KEY) -> Callable[[Cond], Cond]:
+    """The unconditional cond of a class-conditional model: every label replaced by `null_label`."""
+    def uncond(cond):
+        if label_key not in cond:
+            raise KeyError(f"classifier-free guidance needs labels in cond[{label_key!r}]")
+        return {**cond, label_key: jnp.full_like(cond[label_key], null_label)}
+
+    return uncond
+
+
+def caption_dropout(cond: Cond) -> Cond:
+    """The unconditional cond of a text-conditional model: the empty caption's cached features
+    (cond["null_xf_proj"], cond["null_xf_out"]) in place of the captions' (see `text_encoder`)."""
+    return {**cond, **{k: cond[NULL_PREFIX + k] for k in TEXT_KEYS}}
+
+
+def classifier_free(model_fn: ModelFn, *, null_label: Optional[int] = None,
+                    uncond: Optional[Callable[[Cond], Cond]] = None, learned_sigma: bool = False,
                     scale_key: str = CFG_SCALE, label_key: str = LABEL_KEY,
                     rescale_key: Optional[str] = None,
                     interval: Optional[tuple[float, float]] = None,
                     sched: Optional[Schedule] = None) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) in the Imagen convention.
 
-    Conditional and unconditional outputs come from ONE call on the batch [x, x] with labels
-    [y, null_label] (every other cond entry is repeated); then
-    out = out_u + s (out_c - out_u), s = cond[scale_key] per sample (s = 1 conditional, s = 0
-    unconditional, Ho & Salimans' w = s - 1). `rescale_key` names a per-sample phi for CFG rescale;
-    `interval=(lo, hi)` (with `sched`) guides only where lo <= sigma <= hi and uses s = 1 elsewhere.
+    Conditional and unconditional outputs come from ONE call on the batch [x, x] with cond
+    [cond, uncond(cond)]: labels [y, null_label] (`null_label`, class-conditional models) or the
+    captions and the empty caption (`uncond=caption_dropout`, text models); every other cond entry
+    is repeated. Then out = out_u + s (out_c - out_u), s = cond[scale_key] per sample (s = 1
+    conditional, s = 0 unconditional, Ho & Salimans' w = s - 1). `rescale_key` names a per-sample
+    phi for CFG rescale; `interval=(lo, hi)` (with `sched`) guides only where lo <= sigma <= hi and
+    uses s = 1 elsewhere.
     """
-    if null_label is None:
-        raise ValueError("classifier-free guidance needs a model with a null label (built with "
-                         "null_label=True and trained with label dropout); this model has none")
-    null_label = int(null_label)
+    if uncond is None:
+        if null_label is None:
+            raise ValueError("classifier-free guidance needs a model with a null label (built with "
+                             "null_label=True and trained with label dropout); this model has none")
+        uncond = label_dropout(int(null_label), label_key)
 
     def guided(x, t, cond):
         b = x.shape[0]
-        if label_key not in cond:
-            raise KeyError(f"classifier-free guidance needs labels in cond[{label_key!r}]")
         s = _interval_scale(_get_scale(cond, scale_key, b, None), t, interval, sched, 1.0)
-        cond2 = {k: jnp.concatenate([v, v], axis=0) for k, v in cond.items()}
-        y = cond[label_key]
-        cond2[label_key] = jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0)
+        cond_u = uncond(cond)
+        cond2 = {k: jnp.concatenate([v, cond_u[k]], axis=0) for k, v in cond.items()}
         out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), cond2)
         out_c, out_u = out[:b], out[b:]
         phi = cond[rescale_key] if rescale_key is not None and rescale_key in cond else None
@@ -343,6 +389,7 @@ class GuideContext(NamedTuple):
     interval: Optional[tuple[float, float]] = None
     sched: Optional[Schedule] = None
     rescale_key: Optional[str] = None
+    uncond: Optional[Callable[[Cond], Cond]] = None  # the model's unconditional cond (CFG); None: labels
 
 
 class Guide(NamedTuple):
@@ -353,7 +400,8 @@ class Guide(NamedTuple):
     config (default: scale_key); neutral: the scale at which it does nothing; default: the sample
     config's default scale; networks: sample-config keys of the extra networks it needs (each a
     path loaded by `jaxdiff.sampling`); check(model_cfg, network_cfgs): host-side validation against
-    the loaded configs, raising ValueError.
+    the loaded configs, raising ValueError; prepare(ctx) -> (cond -> cond): work done once per
+    sampling call before the loop (e.g. encoding a prompt), not once per step.
     """
 
     name: str
@@ -365,6 +413,7 @@ class Guide(NamedTuple):
     networks: tuple[str, ...] = ()
     check: Optional[Callable[[Mapping, Mapping[str, Mapping]], None]] = None
     config_key: Optional[str] = None
+    prepare: Optional[Callable[[GuideContext], Callable[[Cond], Cond]]] = None
 
     @property
     def config_scale(self) -> str:
@@ -372,7 +421,8 @@ class Guide(NamedTuple):
 
 
 GUIDES: dict[str, Guide] = {}
-NETWORK_NAMES = {"classifier": "noisy classifier", "guide_model": "guide model"}  # for messages
+NETWORK_NAMES = {"classifier": "noisy classifier", "guide_model": "guide model", "clip_image": "noised CLIP image encoder",
+                 "clip_text": "CLIP text encoder"}  # for messages
 ALIASES = {"none": (), "": (), "both": ("cfg", "classifier")}
 
 
@@ -415,23 +465,52 @@ def parse_guidance(kind: "str | Sequence[str]") -> tuple[str, ...]:
     return names
 
 
+class Guided(NamedTuple):
+    """What `build_guides` returns and `samplers.make_sampler`'s `build` may return: the guided
+    model function, the summed gradient guide (or None), and the work done once per sampling call
+    before the loop (or None)."""
+
+    model_fn: ModelFn
+    cond_fn: Optional[GradFn]
+    prepare: Optional[Callable[[Cond], Cond]] = None
+
+
+def chain(*prepares: Optional[Callable[[Cond], Cond]]) -> Optional[Callable[[Cond], Cond]]:
+    """The composition of several prepare(cond) functions (None entries skipped)."""
+    fns = [f for f in prepares if f is not None]
+    if not fns:
+        return None
+
+    def prepare(cond):
+        for f in fns:
+            cond = f(cond)
+        return cond
+
+    return prepare
+
+
 def build_guides(kind: "str | Sequence[str]", model_fn: ModelFn, *, logits_fn=None,
                  weak_model_fn: Optional[ModelFn] = None, fns: Optional[Mapping[str, Callable]] = None,
-                 null_label: Optional[int] = None, learned_sigma: bool = False, cfg_rescale: bool = False,
+                 null_label: Optional[int] = None, uncond: Optional[Callable[[Cond], Cond]] = None,
+                 learned_sigma: bool = False, cfg_rescale: bool = False,
                  interval: Optional[tuple[float, float]] = None, sched: Optional[Schedule] = None,
-                 extra_grads: Sequence[GradFn] = ()) -> tuple[ModelFn, Optional[GradFn]]:
-    """(model_fn, cond_fn) for the guides named by `kind` (see `parse_guidance`).
+                 extra_grads: Sequence[GradFn] = (), prepare: Optional[Callable[[Cond], Cond]] = None) -> Guided:
+    """`Guided(model_fn, cond_fn, prepare)` for the guides named by `kind` (see `parse_guidance`).
 
     Networks a guide needs come in `fns` (by its `networks` keys); `logits_fn` and `weak_model_fn`
     are shorthands for fns["classifier"] and fns["guide_model"]. Scales are read from cond.
+    `uncond` is the model's unconditional cond for CFG (`caption_dropout` for text models; by default
+    labels replaced by `null_label`); `prepare` is the model's own once-per-call work (e.g.
+    `text_encoder`), run before the guides'.
     """
     fns = dict(fns or {})
     if logits_fn is not None:
         fns["classifier"] = logits_fn
     if weak_model_fn is not None:
         fns["guide_model"] = weak_model_fn
-    ctx = GuideContext(fns, null_label, learned_sigma, interval, sched, CFG_RESCALE if cfg_rescale else None)
-    grads = []
+    ctx = GuideContext(fns, null_label, learned_sigma, interval, sched, CFG_RESCALE if cfg_rescale else None,
+                       uncond)
+    grads, prepares = [], [prepare]
     for name in parse_guidance(kind):
         guide = GUIDES[name]
         for net in guide.networks:
@@ -441,13 +520,28 @@ def build_guides(kind: "str | Sequence[str]", model_fn: ModelFn, *, logits_fn=No
             model_fn = guide.wrap(model_fn, ctx)
         else:
             grads.append(guide.gradient(ctx))
-    return model_fn, sum_guides(*grads, *extra_grads)
+        if guide.prepare is not None:
+            prepares.append(guide.prepare(ctx))
+    return Guided(model_fn, sum_guides(*grads, *extra_grads), chain(*prepares))
+
+
+def network_fn(module, params, kind: str) -> Callable:
+    """A loaded network as the function guides take: a classifier as `logits_fn(x, t)`, GLIDE's CLIP
+    encoders as `(x, t) -> embeddings` / `(tokens, text_len) -> embeddings`, any diffusion model as
+    `model_fn(x, t, cond)` (`unet_fn`)."""
+    if kind == "classifier":
+        return logits_fn(module, params)
+    if kind in ("clip-image", "clip-text"):
+        return lambda *args: module.apply({"params": params}, *args)
+    return unet_fn(module, params)
 
 
 # --- the built-in guides -----------------------------------------------------------------------
 
 def _check_cfg(model_cfg, nets):
     m = config_util.get(model_cfg, "model", {})
+    if "text_ctx" in m:
+        return  # text models: the empty caption is the unconditional input
     if not config_util.get(m, "null_label", False):
         raise ValueError(
             "guidance 'cfg' (classifier-free) needs a model with a null label, but the model has none "
@@ -489,8 +583,8 @@ register_guide(Guide(
 register_guide(Guide(
     "cfg", CFG_SCALE, config_key="scale", neutral=1.0, default=3.0, check=_check_cfg,
     wrap=lambda model_fn, ctx: classifier_free(
-        model_fn, null_label=ctx.null_label, learned_sigma=ctx.learned_sigma, rescale_key=ctx.rescale_key,
-        interval=ctx.interval, sched=ctx.sched)))
+        model_fn, null_label=ctx.null_label, uncond=ctx.uncond, learned_sigma=ctx.learned_sigma,
+        rescale_key=ctx.rescale_key, interval=ctx.interval, sched=ctx.sched)))
 register_guide(Guide(
     "autoguidance", AUTOGUIDANCE_SCALE, config_key="scale", neutral=1.0, default=3.0,
     networks=("guide_model",), check=_check_autoguidance,
@@ -499,10 +593,40 @@ register_guide(Guide(
         interval=ctx.interval, sched=ctx.sched)))
 
 
+
+def _clip_gradient(ctx: GuideContext) -> GradFn:
+    from jaxdiff.clip_guidance import clip_guide
+
+    return clip_guide(ctx.fns["clip_image"], interval=ctx.interval, sched=ctx.sched)
+
+
+def _clip_prepare(ctx: GuideContext) -> Callable[[Cond], Cond]:
+    """The prompts' CLIP text embeddings (cond["clip_tokens"], cond["clip_len"]), once per call."""
+    from jaxdiff.clip_guidance import CLIP_TEXT_KEY
+
+    def prepare(cond):
+        if CLIP_TEXT_KEY in cond:
+            return cond
+        return {**cond, CLIP_TEXT_KEY: ctx.fns["clip_text"](cond["clip_tokens"], cond["clip_len"])}
+
+    return prepare
+
+
+def _check_clip(model_cfg, nets):
+    for net, kind in (("clip_image", "clip-image"), ("clip_text", "clip-text")):
+        config_util.require_kind(nets[net], (kind,), f"config.{net}", f"the {net} directory")
+
+
+register_guide(Guide(
+    "clip", CLIP_SCALE, networks=("clip_image", "clip_text"), check=_check_clip, gradient=_clip_gradient,
+    prepare=_clip_prepare))
+
+
 __all__ = [
     "ALIASES", "AUTOGUIDANCE_SCALE", "CFG_RESCALE", "CFG_SCALE", "CLASSIFIER_SCALE", "GUIDES", "Guide",
     "NETWORK_NAMES",
-    "GuideContext", "LABEL_KEY", "LOG_DENSITY_SCALE", "autoguidance", "build_guides", "cfg_rescale",
+    "GuideContext", "Guided", "LABEL_KEY", "NULL_PREFIX", "TEXT_KEYS", "caption_dropout", "chain",
+    "label_dropout", "network_fn", "text_encoder", "LOG_DENSITY_SCALE", "autoguidance", "build_guides", "cfg_rescale",
     "check_scale", "classifier_free", "classifier_guide", "classifier_log_prob", "condition_eps",
     "condition_mean", "dynamic_threshold", "guided_output", "log_density_guide", "logits_fn", "make_cond",
     "make_x0_fn", "noise_level", "parse_guidance", "register_guide", "register_log_density", "sum_guides",

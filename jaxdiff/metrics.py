@@ -1,30 +1,19 @@
-"""Sample-quality metrics for guided diffusion: FID, Inception Score, precision/recall, density/coverage,
-classifier accuracy, and the feature extractors they are computed with.
+"""Sample-quality metrics: FID, Inception Score, precision/recall, density/coverage, classifier
+accuracy, and the feature extractors they are computed with.
 
-Conventions
------------
-* Images are uint8 NHWC everywhere at the boundary (guided-diffusion's ``arr_0`` layout). Extractors
-  convert them to float32 in [-1, 1] (``x / 127.5 - 1``), the range jaxdiff's networks are trained on.
-* All statistics are computed on the host in float64 numpy; only the feature extraction runs in JAX.
-* FID (Heusel et al. 2017) is ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrtm(S1 S2)``. The last trace is
-  computed without ``scipy.linalg.sqrtm`` of the non-symmetric product: with S1 = U1 L1 U1^T and
-  F1 = U1 L1^{1/2} (likewise F2), ``tr sqrtm(S1 S2) = tr sqrtm(S1^{1/2} S2 S1^{1/2})`` equals the sum of
-  the singular values of ``F1^T F2`` (its Gram matrix is similar to S1^{1/2} S2 S1^{1/2}). Only symmetric
-  eigendecompositions and one SVD are used; tiny negative eigenvalues from round-off are clamped to 0,
-  so singular (rank-deficient) covariances are handled exactly, and nothing is squared, so FID of a set
-  against itself is 0 to round-off. It agrees with the classic pytorch-fid / guided-diffusion formula
-  (scipy sqrtm with its eps-offset fallback) wherever that one is accurate.
-* A sample covariance of N features of dimension D has rank at most N - 1, so FeatureStats insists on
-  N >= D + 1 ("need at least D+1 samples") unless ``require_full_rank=False``.
-* Precision / recall follow Kynkaenniemi et al. 2019 (k-NN radius manifolds, a point is inside a ball
-  when its distance is ``<=`` the radius, as in their code and guided-diffusion's evaluator). Density /
-  coverage follow Naeem et al. 2020 and their ``prdc`` code (strict ``<``, so density of a set against
-  itself is exactly 1). The k-NN radius of a point is the (k+1)-th smallest distance to its own set
-  including itself (distance 0), as in both reference implementations. Distances are computed in row
-  chunks, so 10k x 10k sets never hold more than ``chunk_size x M`` distances at once.
-* Inception Score: ``exp(E_x KL(p(y|x) || p(y)))`` over ``splits`` equal parts (numpy.array_split, so
-  every sample is used); the default is 1 split over all samples, which is the unbiased choice for small
-  sample sets. The classic report uses 10 splits; pass ``splits=10`` to reproduce it.
+* Images are uint8 NHWC at the boundary (guided-diffusion's ``arr_0``); extractors map them to
+  float32 ``x / 127.5 - 1``. Statistics are float64 numpy on the host; only extraction runs in JAX.
+* FID: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrtm(S1 S2)``, the last trace as the sum of the
+  singular values of ``F1^T F2`` with ``Fi = Ui Li^{1/2}`` from symmetric eigendecompositions
+  (negative round-off eigenvalues clamped): exact for singular covariances, 0 for a set against
+  itself, equal to scipy's sqrtm formula wherever that one is accurate. A sample covariance of N
+  features of dimension D needs N >= D + 1 unless ``require_full_rank=False``.
+* Precision / recall (Kynkaenniemi et al. 2019; inside a ball when the distance is ``<=`` the
+  radius) and density / coverage (Naeem et al. 2020; strict ``<``) with k-NN radii that count the
+  point itself, as their reference code. Distances come in ``chunk_size`` blocks, float64 by
+  default; ``distance="float16"`` is guided-diffusion's evaluator's (see ``_Points``).
+* Inception Score over ``splits`` numpy.array_split parts (default 1: all samples); the evaluator's
+  (``jaxdiff.adm_eval``) is ``split_size=5000, dtype=np.float32`` on ``softmax(logits, np.float32)``.
 """
 
 from __future__ import annotations
@@ -34,39 +23,22 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = [
-    "FeatureStats",
-    "FeatureExtractor",
-    "frechet_distance",
-    "fid_from_stats",
-    "fid_from_features",
-    "inception_score",
-    "knn_radii",
-    "precision_recall",
-    "density_coverage",
-    "prdc",
-    "classifier_accuracy",
-    "params_fingerprint",
-    "classifier_extractor",
-    "reference_stats",
-    "evaluate_samples",
-    "validate_images",
-    "validate_labels",
-    "load_samples_npz",
-]
+from jaxdiff import files
+
+__all__ = ["FeatureStats", "FeatureExtractor", "frechet_distance", "fid_from_stats", "fid_from_features",
+           "inception_score", "softmax", "MomentAccumulator", "knn_radii", "precision_recall", "density_coverage",
+           "prdc", "classifier_accuracy", "params_fingerprint", "classifier_extractor", "reference_stats",
+           "evaluate_samples", "validate_images", "validate_labels", "load_samples_npz"]
 
 Array = np.ndarray
 DEFAULT_CHUNK_SIZE = 1024
 
 
-# --------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------
+# --- Validation --------------------------------------------------------------------------------------
 
 
 def validate_images(images: Any, *, image_shape: Optional[Sequence[int]] = None, what: str = "images") -> Array:
@@ -75,32 +47,23 @@ def validate_images(images: Any, *, image_shape: Optional[Sequence[int]] = None,
         raise ValueError(f"{what} must be a uint8 array of shape [N, H, W, C], got {type(images).__name__}")
     images = np.asarray(images)
     if images.ndim != 4:
-        raise ValueError(
-            f"{what} must be a uint8 array of shape [N, H, W, C] (NHWC), got shape {images.shape} "
-            f"with {images.ndim} dimensions"
-        )
+        raise ValueError(f"{what} must be a uint8 array of shape [N, H, W, C] (NHWC), got shape {images.shape} "
+                         f"with {images.ndim} dimensions")
     if images.dtype != np.uint8:
-        raise ValueError(
-            f"{what} must have dtype uint8 (values 0..255, NHWC), got dtype {images.dtype}; "
-            "convert float images in [-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)"
-        )
+        raise ValueError(f"{what} must have dtype uint8 (values 0..255, NHWC), got dtype {images.dtype}; "
+                         "convert float images in [-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
     if images.shape[-1] not in (1, 3, 4):
-        raise ValueError(
-            f"{what} must be NHWC with 1, 3 or 4 channels on the last axis, got shape {images.shape}"
-            + (" (channels-first NCHW? transpose to NHWC)" if images.shape[1] in (1, 3, 4) else "")
-        )
+        raise ValueError(f"{what} must be NHWC with 1, 3 or 4 channels on the last axis, got shape {images.shape}"
+                         + (" (channels-first NCHW? transpose to NHWC)" if images.shape[1] in (1, 3, 4) else ""))
     if image_shape is not None and tuple(images.shape[1:]) != tuple(int(s) for s in image_shape):
-        raise ValueError(
-            f"{what} have per-image shape {tuple(images.shape[1:])} (H, W, C) but the reference images "
-            f"have {tuple(int(s) for s in image_shape)}; samples must match the reference image shape"
-        )
+        raise ValueError(f"{what} have per-image shape {tuple(images.shape[1:])} (H, W, C) but the reference images "
+                         f"have {tuple(int(s) for s in image_shape)}; samples must match the reference image shape")
     return images
 
 
-def validate_labels(labels: Any, *, num_samples: int, num_classes: int, what: str = "labels") -> Array:
-    """Checks integer class labels: shape [num_samples], every value in [0, num_classes)."""
-    if num_classes is None or int(num_classes) < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+def validate_labels(labels: Any, *, num_samples: int, num_classes: Optional[int], what: str = "labels") -> Array:
+    """Checks integer class labels: shape [num_samples], every value in [0, num_classes) (>= 0 when
+    num_classes is None)."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"{what} must be a 1-D integer array of shape [N], got shape {labels.shape}")
@@ -109,18 +72,14 @@ def validate_labels(labels: Any, *, num_samples: int, num_classes: int, what: st
         integral = labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))
         if labels.size and not integral:
             raise ValueError(f"{what} must be integers, got dtype {labels.dtype}")
-        labels = labels.astype(np.int64)
     if labels.shape[0] != num_samples:
         raise ValueError(
-            f"{what} count {labels.shape[0]} != samples count {num_samples}; there must be one label per sample"
-        )
+            f"{what} count {labels.shape[0]} != samples count {num_samples}; there must be one label per sample")
     if labels.size:
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"{what} contain {bad}, outside the allowed range [0, {num_classes}) for num_classes={num_classes}"
-            )
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            allowed = "[0, inf)" if num_classes is None else f"[0, {num_classes}) for num_classes={num_classes}"
+            raise ValueError(f"{what} contain {lo if lo < 0 else hi}, outside the allowed range {allowed}")
     return labels.astype(np.int64)
 
 
@@ -137,26 +96,20 @@ def _validate_features(features: Any, what: str = "features") -> Array:
 
 def _check_full_rank(n: int, d: int, what: str = "features") -> None:
     if n < d + 1:
-        raise ValueError(
-            f"FID: need at least D+1 samples for a full-rank covariance (N must exceed the feature "
-            f"dimension D; a sample covariance has rank <= N - 1), but {what} have N = {n} samples of "
-            f"dimension D = {d}: need at least {d + 1}"
-        )
+        raise ValueError(f"FID: need at least D+1 samples for a full-rank covariance (N must exceed the feature "
+                         f"dimension D; a sample covariance has rank <= N - 1), but {what} have N = {n} samples of "
+                         f"dimension D = {d}: need at least {d + 1}")
 
 
 def _check_knn(n: int, k: int, what: str) -> None:
     if int(k) < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
     if n <= k:
-        raise ValueError(
-            f"precision/recall/density/coverage need more than k = {k} samples in {what}, got {n}; "
-            f"need at least k+1 = {k + 1}"
-        )
+        raise ValueError(f"precision/recall/density/coverage need more than k = {k} samples in {what}, got {n}; "
+                         f"need at least k+1 = {k + 1}")
 
 
-# --------------------------------------------------------------------------------------------------
-# FID
-# --------------------------------------------------------------------------------------------------
+# --- FID ---------------------------------------------------------------------------------------------
 
 
 def _psd_factor(sigma: Array) -> Array:
@@ -199,6 +152,80 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     return float(max(value, 0.0))
 
 
+class MomentAccumulator:
+    """Mean and covariance of feature rows fed in chunks (in order), without keeping the rows.
+
+    The covariance is float64 with ddof=1 (``np.cov(x, rowvar=False)``), from sums of the rows shifted
+    by the first chunk's float64 mean: exact in exact arithmetic, and the shift keeps round-off near
+    that of the two-pass formula (plain sums of x x^T lose digits when the mean is large). With one
+    chunk the shift is the mean itself. ``mean_dtype`` float64 (default) accumulates the mean in
+    float64; float32 keeps the float32 running sum that ``np.mean(x, axis=0)`` makes of float32 rows
+    (one row added after another, then divided by N), so the mean is bit for bit the one
+    guided-diffusion's evaluator computes from its float32 activations, however the rows are chunked.
+    """
+
+    def __init__(self, mean_dtype: Any = np.float64):
+        self.mean_dtype = np.dtype(mean_dtype)
+        if self.mean_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"mean_dtype must be float32 or float64, got {self.mean_dtype}")
+        self.n = 0
+        self._shift: Optional[Array] = None
+        self._s1: Optional[Array] = None  # sum of (x - shift)
+        self._s2: Optional[Array] = None  # sum of (x - shift)^T (x - shift)
+        self._sum32: Optional[Array] = None
+
+    @property
+    def dim(self) -> Optional[int]:
+        return None if self._shift is None else int(self._shift.shape[0])
+
+    def update(self, rows: Any) -> None:
+        """Adds rows [B, D] (the next ones in order)."""
+        rows = _validate_features(rows)
+        if rows.shape[0] == 0:
+            return
+        x = rows.astype(np.float64)
+        if self._shift is None:
+            d = x.shape[1]
+            self._shift = x.mean(axis=0)
+            self._s1, self._s2 = np.zeros(d), np.zeros((d, d))
+            if self.mean_dtype == np.float32:
+                self._sum32 = np.zeros(d, np.float32)
+        elif x.shape[1] != self.dim:
+            raise ValueError(f"rows have dimension {x.shape[1]}, earlier ones had {self.dim}")
+        xc = x - self._shift
+        self._s1 += xc.sum(axis=0)
+        self._s2 += xc.T @ xc
+        if self._sum32 is not None:
+            stacked = np.concatenate([self._sum32[None], rows.astype(np.float32, copy=False)])
+            self._sum32 = np.add.reduce(stacked, axis=0)
+        self.n += int(x.shape[0])
+
+    def mean(self) -> Array:
+        if self.n == 0:
+            raise ValueError("the mean of zero rows is undefined")
+        if self._sum32 is not None:
+            return (self._sum32 / np.float32(self.n)).astype(np.float64)
+        return self._shift + self._s1 / self.n
+
+    def covariance(self) -> Array:
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, got {self.n}")
+        offset = self._s1 / self.n  # mean - shift
+        sigma = (self._s2 - self.n * np.outer(offset, offset)) / (self.n - 1)
+        return 0.5 * (sigma + sigma.T)
+
+    def stats(self, fingerprint: str = "", *, features: Optional[Array] = None,
+              image_shape: Optional[Sequence[int]] = None, require_full_rank: bool = True) -> "FeatureStats":
+        """FeatureStats of the rows seen so far (``features``: the rows themselves, to keep)."""
+        if self.n == 0:
+            raise ValueError("no feature rows were accumulated")
+        if require_full_rank:
+            _check_full_rank(self.n, self.dim)
+        return FeatureStats(mu=self.mean(), sigma=self.covariance(), n=self.n, fingerprint=str(fingerprint),
+                            features=None if features is None else np.asarray(features, np.float32),
+                            image_shape=None if image_shape is None else tuple(int(s) for s in image_shape))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FeatureStats:
     """Gaussian statistics of a feature set, computed once.
@@ -222,66 +249,30 @@ class FeatureStats:
         return int(self.mu.shape[0])
 
     @classmethod
-    def from_features(
-        cls,
-        features: Any,
-        fingerprint: str = "",
-        *,
-        keep_features: bool = False,
-        image_shape: Optional[Sequence[int]] = None,
-        require_full_rank: bool = True,
-    ) -> "FeatureStats":
+    def from_features(cls, features: Any, fingerprint: str = "", *, keep_features: bool = False,
+                      image_shape: Optional[Sequence[int]] = None, require_full_rank: bool = True,
+                      mean_dtype: Any = np.float64) -> "FeatureStats":
+        """Statistics of [N, D] features; ``mean_dtype=np.float32`` gives guided-diffusion's evaluator's
+        mean (numpy's float32 mean of float32 features; see MomentAccumulator), the covariance is float64."""
         features = _validate_features(features)
-        n, d = features.shape
         if require_full_rank:
-            _check_full_rank(n, d)
-        elif n < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, got {n}")
-        x = features.astype(np.float64)
-        mu = x.mean(axis=0)
-        xc = x - mu
-        sigma = (xc.T @ xc) / (n - 1)
-        sigma = 0.5 * (sigma + sigma.T)
-        kept = np.asarray(features, np.float32) if keep_features else None
-        return cls(
-            mu=mu,
-            sigma=sigma,
-            n=int(n),
-            fingerprint=str(fingerprint),
-            features=kept,
-            image_shape=None if image_shape is None else tuple(int(s) for s in image_shape),
-        )
+            _check_full_rank(*features.shape)
+        acc = MomentAccumulator(mean_dtype)
+        acc.update(features)
+        return acc.stats(fingerprint, features=features if keep_features else None, image_shape=image_shape,
+                         require_full_rank=False)
 
     # --- persistence -------------------------------------------------------------------------------
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes an .npz atomically (temporary file in the same directory, then os.replace)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        arrays = {
-            "mu": self.mu,
-            "sigma": self.sigma,
-            "n": np.asarray(self.n, np.int64),
-            "fingerprint": np.asarray(self.fingerprint),
-        }
+        arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.asarray(self.n, np.int64),
+                  "fingerprint": np.asarray(self.fingerprint)}
         if self.features is not None:
             arrays["features"] = np.asarray(self.features, np.float32)
         if self.image_shape is not None:
             arrays["image_shape"] = np.asarray(self.image_shape, np.int64)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "FeatureStats":
@@ -289,23 +280,17 @@ class FeatureStats:
             missing = {"mu", "sigma", "n", "fingerprint"} - set(z.files)
             if missing:
                 raise ValueError(f"{os.fspath(path)} is not a FeatureStats file: missing {sorted(missing)}")
-            return cls(
-                mu=np.asarray(z["mu"], np.float64),
-                sigma=np.asarray(z["sigma"], np.float64),
-                n=int(z["n"]),
-                fingerprint=str(z["fingerprint"]),
-                features=np.asarray(z["features"], np.float32) if "features" in z.files else None,
-                image_shape=tuple(int(s) for s in z["image_shape"]) if "image_shape" in z.files else None,
-            )
+            return cls(mu=np.asarray(z["mu"], np.float64), sigma=np.asarray(z["sigma"], np.float64), n=int(z["n"]),
+                       fingerprint=str(z["fingerprint"]),
+                       features=np.asarray(z["features"], np.float32) if "features" in z.files else None,
+                       image_shape=tuple(int(s) for s in z["image_shape"]) if "image_shape" in z.files else None)
 
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     """FID between two FeatureStats; refuses statistics of different extractors."""
     if a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint:
-        raise ValueError(
-            f"feature statistics come from different extractors (fingerprints {a.fingerprint[:16]}... and "
-            f"{b.fingerprint[:16]}...); FID is only defined between features of the same extractor"
-        )
+        raise ValueError(f"feature statistics come from different extractors (fingerprints {a.fingerprint[:16]}... and "
+                         f"{b.fingerprint[:16]}...); FID is only defined between features of the same extractor")
     if a.dim != b.dim:
         raise ValueError(f"feature dimensions differ: {a.dim} vs {b.dim}")
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
@@ -316,41 +301,56 @@ def fid_from_features(features1: Any, features2: Any) -> float:
     return fid_from_stats(FeatureStats.from_features(features1), FeatureStats.from_features(features2))
 
 
-# --------------------------------------------------------------------------------------------------
-# Inception Score and accuracy
-# --------------------------------------------------------------------------------------------------
+# --- Inception Score and accuracy --------------------------------------------------------------------
 
 
-def _softmax64(logits: Any) -> Array:
-    x = np.asarray(logits, np.float64)
+def softmax(logits: Any, dtype: Any = np.float64) -> Array:
+    """Softmax over the last axis, computed in ``dtype`` (float32 as TensorFlow's in the ADM evaluator)."""
+    x = np.asarray(logits, dtype)
     x = x - x.max(axis=-1, keepdims=True)
     e = np.exp(x)
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def inception_score(probs: Any, *, splits: int = 1) -> Tuple[float, float]:
-    """Inception Score from class probabilities [N, K]: (mean, std) over ``splits`` parts.
+def inception_score(probs: Any, *, splits: int = 1, split_size: Optional[int] = None,
+                    dtype: Any = np.float64) -> Tuple[float, float]:
+    """Inception Score from class probabilities [N, K]: (mean, std) over parts of the samples.
 
-    Each part scores exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean prediction. Default 1 split
-    (all samples); std is 0 then. Parts are numpy.array_split of the samples in order.
+    Each part scores exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean prediction. The parts are
+    ``splits`` numpy.array_split parts in order (default 1: all samples; std is 0 then), or, with
+    ``split_size``, consecutive runs of ``split_size`` rows in order, the last one shorter when N is not
+    a multiple (guided-diffusion's evaluator: 5000). ``dtype`` is the arithmetic's: float32 with
+    split_size=5000 is the evaluator's (numpy on float32 softmax outputs). 0 log 0 counts as 0 (the
+    evaluator would give NaN for a probability that underflowed to 0).
     """
-    p = np.asarray(probs, np.float64)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    p = np.asarray(probs, dtype)
     if p.ndim != 2 or p.shape[1] < 1:
         raise ValueError(f"probs must be a 2-D array [N, K] of class probabilities, got shape {p.shape}")
     if not np.all(np.isfinite(p)) or np.any(p < 0):
         raise ValueError("probs must be finite and non-negative")
     row = p.sum(axis=1)
     if not np.allclose(row, 1.0, atol=1e-3):
-        raise ValueError(
-            f"probs rows must sum to 1 (got sums between {row.min():.4g} and {row.max():.4g}); "
-            "pass softmax(logits), not logits"
-        )
-    splits = int(splits)
-    if splits < 1 or splits > p.shape[0]:
-        raise ValueError(f"splits must be in [1, N={p.shape[0]}], got {splits}")
+        raise ValueError(f"probs rows must sum to 1 (got sums between {row.min():.4g} and {row.max():.4g}); "
+                         "pass softmax(logits), not logits")
+    if split_size is not None:
+        split_size = int(split_size)
+        if split_size < 1:
+            raise ValueError(f"split_size must be a positive integer, got {split_size}")
+        if int(splits) != 1:
+            raise ValueError(f"give splits or split_size, not both (got splits={splits}, split_size={split_size})")
+        bounds = list(_chunks(p.shape[0], split_size))
+    else:
+        splits = int(splits)
+        if splits < 1 or splits > p.shape[0]:
+            raise ValueError(f"splits must be in [1, N={p.shape[0]}], got {splits}")
+        bounds = [(int(a[0]), int(a[-1]) + 1) for a in np.array_split(np.arange(p.shape[0]), splits)]
     p = p / row[:, None]
     scores = []
-    for part in np.array_split(p, splits, axis=0):
+    for start, stop in bounds:
+        part = p[start:stop]
         py = part.mean(axis=0, keepdims=True)
         # xlogy-style: 0 * log 0 = 0.
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -370,9 +370,10 @@ def classifier_accuracy(logits: Any, labels: Any) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-# --------------------------------------------------------------------------------------------------
-# Precision / recall / density / coverage
-# --------------------------------------------------------------------------------------------------
+# --- Precision / recall / density / coverage ---------------------------------------------------------
+
+
+DISTANCES = ("float64", "float32", "float16")
 
 
 def _sq_norms(x: Array) -> Array:
@@ -384,6 +385,75 @@ def _sq_dist_block(a: Array, a2: Array, b: Array, b2: Array) -> Array:
     return np.maximum(d, 0.0, out=d)
 
 
+_F16_MAX = np.float32(65504.0)
+
+
+def _round16(x: Array) -> Array:
+    """float32 x rounded to the nearest float16 (ties to even), kept in float32 (every float16 is one).
+
+    Bit for bit ``x.astype(np.float16).astype(np.float32)``, about twice as fast: numpy's float16 casts
+    are scalar code, whereas this keeps 10 of float32's 23 mantissa bits with integer operations (the
+    rounding carry may bump the exponent, as it should), then mends float16's subnormal range
+    (multiples of 2^-24), its overflow (inf from 65520 on) and NaNs.
+    """
+    x = np.asarray(x, np.float32)
+    u = x.view(np.uint32)
+    half_even = np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))
+    y = ((u + half_even) & np.uint32(0xFFFFE000)).view(np.float32)
+    a = np.abs(x)
+    tiny = a < np.float32(2.0**-14)
+    if tiny.any():
+        y = np.where(tiny, np.round(x * np.float32(2.0**24)) * np.float32(2.0**-24), y)
+    big = a > _F16_MAX
+    if big.any():
+        y = np.where(big & (np.abs(y) > _F16_MAX), np.copysign(np.float32(np.inf), x), y)
+    nan = np.isnan(x)
+    if nan.any():
+        y = np.where(nan, x, y)
+    return y
+
+
+class _Points:
+    """Feature rows prepared for squared euclidean distances in one arithmetic (``DISTANCES``).
+
+    float64 / float32: ``|u|^2 + |v|^2 - 2 u.v`` in that dtype, clamped at 0. float16 is guided-diffusion's
+    evaluator (its DistanceBlock): features cast to float16, squares and u.v rounded to float16 (their
+    sums accumulated in float32, as float16 matrix products do on accelerators), then
+    ``(|u|^2 - 2 u.v) + |v|^2`` with each result rounded to float16, clamped at 0; where that is not
+    finite (float16 overflow), the float32 formula's value is used. float16 values are held in float32
+    arrays, so the products run on the float32 BLAS and comparisons with radii are exact.
+    """
+
+    def __init__(self, x: Array, distance: str):
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        self.distance = distance
+        self.x = np.asarray(x, np.float64 if distance == "float64" else np.float32)
+        self.sq = _sq_norms(self.x)
+        if distance == "float16":
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.h = self.x.astype(np.float16)  # half the memory of the float32 features
+                self.sq16 = np.empty(len(self), np.float32)
+                for s, e in _chunks(len(self), DEFAULT_CHUNK_SIZE):
+                    h32 = self.h[s:e].astype(np.float32)
+                    self.sq16[s:e] = _round16(_round16(h32 * h32).sum(axis=1))
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def block(self, s: int, e: int, other: "_Points", cs: int, ce: int) -> Array:
+        """Squared distances between rows s:e of self and rows cs:ce of other."""
+        if self.distance != "float16":
+            return _sq_dist_block(self.x[s:e], self.sq[s:e], other.x[cs:ce], other.sq[cs:ce])
+        with np.errstate(over="ignore", invalid="ignore"):
+            uv = _round16(self.h[s:e].astype(np.float32) @ other.h[cs:ce].astype(np.float32).T)
+            d = _round16(_round16(self.sq16[s:e, None] - 2.0 * uv) + other.sq16[None, cs:ce])
+        bad = ~np.isfinite(d)
+        if bad.any():
+            d[bad] = _sq_dist_block(self.x[s:e], self.sq[s:e], other.x[cs:ce], other.sq[cs:ce])[bad]
+        return np.maximum(d, 0.0, out=d)
+
+
 def _chunks(n: int, chunk_size: int):
     chunk_size = int(chunk_size)
     if chunk_size < 1:
@@ -392,99 +462,94 @@ def _chunks(n: int, chunk_size: int):
         yield start, min(start + chunk_size, n)
 
 
-def _knn_sq_radii(x: Array, k: int, chunk_size: int) -> Array:
-    """Squared distance of each row of x to its k-th nearest neighbour in x ((k+1)-th incl. itself)."""
-    x2 = _sq_norms(x)
-    out = np.empty(x.shape[0], np.float64)
-    for s, e in _chunks(x.shape[0], chunk_size):
-        d = _sq_dist_block(x[s:e], x2[s:e], x, x2)
-        out[s:e] = np.partition(d, k, axis=1)[:, k]
+def _knn_sq_radii(x: _Points, k: int, chunk_size: int) -> Array:
+    """Squared distance of each row of x to its k-th nearest neighbour in x ((k+1)-th incl. itself).
+
+    Blocks of chunk_size x chunk_size distances; each row keeps its k+1 smallest so far.
+    """
+    n = len(x)
+    out = np.empty(n, np.float64)
+    for s, e in _chunks(n, chunk_size):
+        best = np.empty((e - s, 0), np.float64)
+        for cs, ce in _chunks(n, chunk_size):
+            cand = np.concatenate([best, x.block(s, e, x, cs, ce)], axis=1)
+            best = np.partition(cand, k, axis=1)[:, : k + 1] if cand.shape[1] > k + 1 else cand
+        out[s:e] = np.partition(best, k, axis=1)[:, k]
     return out
 
 
-def knn_radii(features: Any, k: int = 3, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
-    """Euclidean distance from each feature to its k-th nearest neighbour within the same set."""
-    x = _validate_features(features).astype(np.float64)
+def knn_radii(features: Any, k: int = 3, *, chunk_size: int = DEFAULT_CHUNK_SIZE, distance: str = "float64") -> Array:
+    """Euclidean distance from each feature to its k-th nearest neighbour within the same set.
+
+    ``distance`` is the arithmetic of the squared distances (``DISTANCES``; float16 is guided-diffusion's
+    evaluator's, see ``_Points``); the square root is taken in float64.
+    """
+    x = _validate_features(features)
     _check_knn(x.shape[0], k, "features")
-    return np.sqrt(_knn_sq_radii(x, int(k), chunk_size))
+    return np.sqrt(_knn_sq_radii(_Points(x, distance), int(k), chunk_size))
 
 
-def _manifold_pass(
-    real: Array,
-    fake: Array,
-    k: int,
-    chunk_size: int,
-    *,
-    want_pr: bool,
-    want_dc: bool,
-    real_sq_radii: Optional[Array] = None,
-) -> dict:
-    real = real.astype(np.float64, copy=False)
-    fake = fake.astype(np.float64, copy=False)
+def _manifold_pass(real_features: Any, fake_features: Any, k: int, chunk_size: int, distance: str, *,
+                   want_pr: bool = True, want_dc: bool = True) -> dict:
+    """Precision/recall and/or density/coverage in one pass over the real x fake distances."""
+    real = _validate_features(real_features, "reference features")
+    fake = _validate_features(fake_features, "sample features")
+    k = int(k)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dimensions differ: reference {real.shape[1]} vs samples {fake.shape[1]}")
     _check_knn(real.shape[0], k, "the reference features")
     _check_knn(fake.shape[0], k, "the sample features")
-    r_rad = _knn_sq_radii(real, k, chunk_size) if real_sq_radii is None else real_sq_radii
+    real, fake = _Points(real, distance), _Points(fake, distance)
+    r_rad = _knn_sq_radii(real, k, chunk_size)
     f_rad = _knn_sq_radii(fake, k, chunk_size) if want_pr else None
-    real2, fake2 = _sq_norms(real), _sq_norms(fake)
-    m, n = real.shape[0], fake.shape[0]
+    m, n = len(real), len(fake)
     fake_in_real = np.zeros(n, bool)  # precision
     real_in_fake = np.zeros(m, bool)  # recall
     density_counts = np.zeros(n, np.int64)
-    covered = np.zeros(m, bool)
+    covered = np.zeros(m, bool)  # min distance < radius <=> some distance < radius
     for s, e in _chunks(m, chunk_size):
-        d = _sq_dist_block(real[s:e], real2[s:e], fake, fake2)  # [real chunk, fakes]
         rr = r_rad[s:e, None]
-        if want_pr:
-            fake_in_real |= np.any(d <= rr, axis=0)
-            real_in_fake[s:e] = np.any(d <= f_rad[None, :], axis=1)
-        if want_dc:
-            inside = d < rr
-            density_counts += inside.sum(axis=0)
-            covered[s:e] = d.min(axis=1) < r_rad[s:e]
+        for cs, ce in _chunks(n, chunk_size):
+            d = real.block(s, e, fake, cs, ce)  # [real chunk, fake chunk]
+            if want_pr:
+                fake_in_real[cs:ce] |= np.any(d <= rr, axis=0)
+                real_in_fake[s:e] |= np.any(d <= f_rad[None, cs:ce], axis=1)
+            if want_dc:
+                inside = d < rr
+                density_counts[cs:ce] += inside.sum(axis=0)
+                covered[s:e] |= inside.any(axis=1)
     out = {}
     if want_pr:
-        out["precision"] = float(fake_in_real.mean())
-        out["recall"] = float(real_in_fake.mean())
+        out.update(precision=float(fake_in_real.mean()), recall=float(real_in_fake.mean()))
     if want_dc:
-        out["density"] = float(density_counts.sum() / (k * n))
-        out["coverage"] = float(covered.mean())
+        out.update(density=float(density_counts.sum() / (k * n)), coverage=float(covered.mean()))
     return out
 
 
-def precision_recall(
-    real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> Tuple[float, float]:
-    """Improved precision and recall (Kynkaenniemi et al. 2019) with k-NN radii; returns (precision, recall)."""
-    real = _validate_features(real_features, "reference features")
-    fake = _validate_features(fake_features, "sample features")
-    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=False)
+def precision_recall(real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     distance: str = "float64") -> Tuple[float, float]:
+    """Improved precision and recall (Kynkaenniemi et al. 2019) with k-NN radii; returns (precision, recall).
+
+    ``distance="float16"`` gives guided-diffusion's evaluator's squared distances (see ``_Points``).
+    """
+    r = _manifold_pass(real_features, fake_features, k, chunk_size, distance, want_dc=False)
     return r["precision"], r["recall"]
 
 
-def density_coverage(
-    real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> Tuple[float, float]:
+def density_coverage(real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     distance: str = "float64") -> Tuple[float, float]:
     """Density and coverage (Naeem et al. 2020); returns (density, coverage)."""
-    real = _validate_features(real_features, "reference features")
-    fake = _validate_features(fake_features, "sample features")
-    r = _manifold_pass(real, fake, int(k), chunk_size, want_pr=False, want_dc=True)
+    r = _manifold_pass(real_features, fake_features, k, chunk_size, distance, want_pr=False)
     return r["density"], r["coverage"]
 
 
-def prdc(
-    real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> dict:
+def prdc(real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int = DEFAULT_CHUNK_SIZE,
+         distance: str = "float64") -> dict:
     """Precision, recall, density and coverage in one pass over the real x fake distances."""
-    real = _validate_features(real_features, "reference features")
-    fake = _validate_features(fake_features, "sample features")
-    return _manifold_pass(real, fake, int(k), chunk_size, want_pr=True, want_dc=True)
+    return _manifold_pass(real_features, fake_features, k, chunk_size, distance)
 
 
-# --------------------------------------------------------------------------------------------------
-# Feature extractors
-# --------------------------------------------------------------------------------------------------
+# --- Feature extractors ------------------------------------------------------------------------------
 
 
 def params_fingerprint(params: Any, *, name: str = "", config: Optional[Mapping[str, Any]] = None) -> str:
@@ -520,32 +585,17 @@ class FeatureExtractor:
 
     def __call__(self, images: Any) -> Tuple[Array, Optional[Array]]:
         images = validate_images(images)
-        features, logits = self.fn(images)
-        features = np.asarray(features)
-        if features.ndim != 2 or features.shape[0] != images.shape[0]:
-            raise ValueError(
-                f"extractor {self.name!r} returned features of shape {features.shape} for {images.shape[0]} "
-                "images; expected [N, D]"
-            )
-        if logits is not None:
-            logits = np.asarray(logits)
-            if logits.ndim != 2 or logits.shape[0] != images.shape[0]:
-                raise ValueError(
-                    f"extractor {self.name!r} returned logits of shape {logits.shape} for "
-                    f"{images.shape[0]} images; expected [N, K]"
-                )
-        return features, logits
+        out = [None if a is None else np.asarray(a) for a in self.fn(images)]
+        for what, a, shape in zip(("features", "logits"), out, ("[N, D]", "[N, K]")):
+            if a is not None and (a.ndim != 2 or a.shape[0] != images.shape[0]):
+                raise ValueError(f"extractor {self.name!r} returned {what} of shape {a.shape} for "
+                                 f"{images.shape[0]} images; expected {shape}")
+        return out[0], out[1]
 
 
-def classifier_extractor(
-    apply_fn: Callable[[Any, Any], Any],
-    params: Any,
-    *,
-    feature_fn: Optional[Callable[[Any, Any], Any]] = None,
-    batch_size: int = 256,
-    name: str = "classifier",
-    config: Optional[Mapping[str, Any]] = None,
-) -> FeatureExtractor:
+def classifier_extractor(apply_fn: Callable[[Any, Any], Any], params: Any, *,
+                         feature_fn: Optional[Callable[[Any, Any], Any]] = None, batch_size: int = 256,
+                         name: str = "classifier", config: Optional[Mapping[str, Any]] = None) -> FeatureExtractor:
     """Wraps a Flax classifier as a FeatureExtractor.
 
     apply_fn(params, x) -> logits [B, K], with x float32 NHWC in [-1, 1] (uint8 / 127.5 - 1). For a
@@ -559,54 +609,39 @@ def classifier_extractor(
     any N. ``config`` (JSON-able) is folded into the fingerprint: put there whatever distinguishes
     feature_fn choices (e.g. the layer name), since functions cannot be hashed stably.
     """
-    import jax
     import jax.numpy as jnp
+
+    from jaxdiff import cpu
 
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    full_config = {"input": "uint8/127.5-1", "feature_fn": feature_fn is not None}
-    full_config.update(dict(config or {}))
-    fingerprint = params_fingerprint(params, name=name, config=full_config)
+    config = {"input": "uint8/127.5-1", "feature_fn": feature_fn is not None, **dict(config or {})}
 
+    @cpu.jit
     def forward(p, images_u8):
         x = images_u8.astype(jnp.float32) / 127.5 - 1.0
         if feature_fn is None:
-            logits = apply_fn(p, x)
-            return logits.reshape(logits.shape[0], -1), logits
-        out = feature_fn(p, x)
-        if isinstance(out, (tuple, list)) and len(out) == 2:
-            feats, logits = out
+            feats = logits = apply_fn(p, x)
         else:
-            feats, logits = out, apply_fn(p, x)
+            out = feature_fn(p, x)
+            feats, logits = out if isinstance(out, (tuple, list)) and len(out) == 2 else (out, apply_fn(p, x))
         return feats.reshape(feats.shape[0], -1), logits
 
-    from jaxdiff import cpu
-
-    jitted = cpu.jit(forward)
-
     def fn(images: Array):
-        n = images.shape[0]
-        feats, logits = [], []
-        for s in range(0, n, batch_size):
-            batch = images[s : s + batch_size]
-            b = batch.shape[0]
-            if b < batch_size:
-                pad = np.zeros((batch_size - b,) + batch.shape[1:], batch.dtype)
-                batch = np.concatenate([batch, pad], axis=0)
-            f, l = jitted(params, batch)
-            feats.append(np.asarray(f, np.float32)[:b])
-            logits.append(np.asarray(l, np.float32)[:b])
-        if not feats:
+        if not len(images):
             raise ValueError("cannot extract features of zero images")
-        return np.concatenate(feats), np.concatenate(logits)
+        parts = []
+        for s in range(0, len(images), batch_size):
+            batch = images[s: s + batch_size]
+            padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
+            parts.append([np.asarray(a, np.float32)[:len(batch)] for a in forward(params, padded)])
+        return tuple(np.concatenate(a) for a in zip(*parts))
 
-    return FeatureExtractor(name=name, fingerprint=fingerprint, fn=fn)
+    return FeatureExtractor(name=name, fingerprint=params_fingerprint(params, name=name, config=config), fn=fn)
 
 
-# --------------------------------------------------------------------------------------------------
-# Reference statistics cache and evaluation
-# --------------------------------------------------------------------------------------------------
+# --- Reference statistics cache and evaluation -------------------------------------------------------
 
 
 def _cache_path(cache_dir: str, key: str, fingerprint: str) -> str:
@@ -614,14 +649,8 @@ def _cache_path(cache_dir: str, key: str, fingerprint: str) -> str:
     return os.path.join(os.fspath(cache_dir), f"{safe}-{fingerprint[:20]}.npz")
 
 
-def reference_stats(
-    images: Union[Array, Callable[[], Array]],
-    extractor: FeatureExtractor,
-    cache_dir: Union[str, os.PathLike],
-    key: str,
-    *,
-    keep_features: bool = True,
-) -> FeatureStats:
+def reference_stats(images: Union[Array, Callable[[], Array]], extractor: FeatureExtractor,
+                    cache_dir: Union[str, os.PathLike], key: str, *, keep_features: bool = True) -> FeatureStats:
     """Reference statistics of a dataset split, computed once and cached on disk.
 
     The cache file is ``cache_dir/<key>-<fingerprint[:20]>.npz`` (key such as "cifar10/train", sanitised),
@@ -633,42 +662,24 @@ def reference_stats(
     if os.path.exists(path):
         stats = FeatureStats.load(path)
         if stats.fingerprint != extractor.fingerprint:
-            raise ValueError(
-                f"cached statistics {path} were made by extractor {stats.fingerprint[:16]}..., not "
-                f"{extractor.fingerprint[:16]}...; delete the file"
-            )
-        if not callable(images):
-            arr = np.asarray(images)
-            if arr.ndim >= 1 and arr.shape[0] != stats.n:
-                raise ValueError(
-                    f"cached statistics {path} for key {key!r} hold n = {stats.n} images but {arr.shape[0]} "
-                    "were given; use a different key for a different dataset/split or delete the file"
-                )
-        if keep_features and stats.features is None:
-            pass  # fall through: recompute with features
-        else:
+            raise ValueError(f"cached statistics {path} were made by extractor {stats.fingerprint[:16]}..., not "
+                             f"{extractor.fingerprint[:16]}...; delete the file")
+        n = None if callable(images) else np.shape(images)[:1]
+        if n and n[0] != stats.n:
+            raise ValueError(f"cached statistics {path} for key {key!r} hold n = {stats.n} images but {n[0]} were "
+                             "given; use a different key for a different dataset/split or delete the file")
+        if not (keep_features and stats.features is None):  # else recompute, with the features
             return stats
-    arr = images() if callable(images) else images
-    arr = validate_images(arr, what="reference images")
-    features, _ = extractor(arr)
-    stats = FeatureStats.from_features(
-        features, extractor.fingerprint, keep_features=keep_features, image_shape=arr.shape[1:]
-    )
+    arr = validate_images(images() if callable(images) else images, what="reference images")
+    stats = FeatureStats.from_features(extractor(arr)[0], extractor.fingerprint, keep_features=keep_features,
+                                       image_shape=arr.shape[1:])
     stats.save(path)
     return stats
 
 
-def evaluate_samples(
-    sample_images: Any,
-    sample_labels: Any,
-    reference: Union[FeatureStats, Array],
-    extractor: FeatureExtractor,
-    *,
-    num_classes: int,
-    k: int = 3,
-    is_splits: int = 1,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> dict:
+def evaluate_samples(sample_images: Any, sample_labels: Any, reference: Union[FeatureStats, Array],
+                     extractor: FeatureExtractor, *, num_classes: int, k: int = 3, is_splits: int = 1,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
     """All sample-quality metrics of uint8 NHWC samples against a reference (FeatureStats or images).
 
     Returns a dict with fid, inception_score, inception_score_std, precision, recall, density, coverage,
@@ -680,29 +691,28 @@ def evaluate_samples(
     """
     if isinstance(reference, FeatureStats):
         if reference.fingerprint != extractor.fingerprint:
-            raise ValueError(
-                f"reference statistics were computed with extractor fingerprint {reference.fingerprint[:16]}... "
-                f"but the extractor {extractor.name!r} has {extractor.fingerprint[:16]}...; recompute them"
-            )
+            raise ValueError(f"reference statistics were computed with extractor fingerprint "
+                             f"{reference.fingerprint[:16]}... but the extractor {extractor.name!r} has "
+                             f"{extractor.fingerprint[:16]}...; recompute them")
         ref_shape = reference.image_shape
     else:
         ref_images = validate_images(reference, what="reference images")
         ref_shape = ref_images.shape[1:]
     images = validate_images(sample_images, image_shape=ref_shape, what="sample images")
     n = images.shape[0]
+    if num_classes is None or int(num_classes) < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    num_classes = int(num_classes)
     labels = None
     if sample_labels is not None:
         labels = validate_labels(sample_labels, num_samples=n, num_classes=num_classes, what="sample labels")
-    elif num_classes is None or int(num_classes) < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     k = int(k)
     _check_knn(n, k, "the samples")
 
     if not isinstance(reference, FeatureStats):
         ref_feats, _ = extractor(ref_images)
-        reference = FeatureStats.from_features(
-            ref_feats, extractor.fingerprint, keep_features=True, image_shape=ref_shape
-        )
+        reference = FeatureStats.from_features(ref_feats, extractor.fingerprint, keep_features=True,
+                                               image_shape=ref_shape)
 
     features, logits = extractor(images)
     d = features.shape[1]
@@ -711,70 +721,35 @@ def evaluate_samples(
     _check_full_rank(n, d, "the sample features")
     sample_stats = FeatureStats.from_features(features, extractor.fingerprint)
 
-    result = {"fid": fid_from_stats(sample_stats, reference)}
-
     nan = float("nan")
+    result = {"fid": fid_from_stats(sample_stats, reference), "inception_score": nan, "inception_score_std": nan}
     if logits is not None:
-        if logits.shape[1] != int(num_classes):
-            raise ValueError(
-                f"extractor {extractor.name!r} gives {logits.shape[1]} logits per image but num_classes = "
-                f"{num_classes}; they must agree"
-            )
-        is_mean, is_std = inception_score(_softmax64(logits), splits=is_splits)
-        acc = classifier_accuracy(logits, labels) if labels is not None else nan
-    else:
-        is_mean, is_std, acc = nan, nan, nan
-    result.update(inception_score=is_mean, inception_score_std=is_std)
-
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"extractor {extractor.name!r} gives {logits.shape[1]} logits per image but "
+                             f"num_classes = {num_classes}; they must agree")
+        result["inception_score"], result["inception_score_std"] = inception_score(softmax(logits), splits=is_splits)
     if reference.features is not None:
         result.update(prdc(reference.features, features, k=k, chunk_size=chunk_size))
     else:
         result.update(precision=nan, recall=nan, density=nan, coverage=nan)
-    result.update(
-        accuracy=acc,
-        extractor_fingerprint=extractor.fingerprint,
-        num_samples=int(n),
-        num_reference=int(reference.n),
-        feature_dim=int(d),
-        k=k,
-        is_splits=int(is_splits),
-    )
+    result.update(accuracy=classifier_accuracy(logits, labels) if logits is not None and labels is not None else nan,
+                  extractor_fingerprint=extractor.fingerprint, num_samples=int(n), num_reference=int(reference.n),
+                  feature_dim=int(d), k=k, is_splits=int(is_splits))
     return result
 
 
-def load_samples_npz(
-    path: Union[str, os.PathLike],
-    *,
-    num_classes: Optional[int] = None,
-    image_shape: Optional[Sequence[int]] = None,
-) -> Tuple[Array, Optional[Array]]:
+def load_samples_npz(path: Union[str, os.PathLike], *, num_classes: Optional[int] = None,
+                     image_shape: Optional[Sequence[int]] = None) -> Tuple[Array, Optional[Array]]:
     """Reads guided-diffusion's sample file: ``arr_0`` uint8 NHWC images, optional ``arr_1`` labels.
 
     Returns (images, labels or None), validated like evaluate_samples' inputs (labels checked against
     [0, num_classes) when num_classes is given, images against image_shape when given).
     """
-    with np.load(os.fspath(path), allow_pickle=False) as z:
+    path = os.fspath(path)
+    with np.load(path, allow_pickle=False) as z:
         if "arr_0" not in z.files:
-            raise ValueError(f"{os.fspath(path)} has no 'arr_0' (uint8 NHWC images); it holds {z.files}")
-        images = validate_images(z["arr_0"], image_shape=image_shape, what=f"{os.fspath(path)}:arr_0")
-        labels = None
-        if "arr_1" in z.files:
-            raw = z["arr_1"]
-            if num_classes is not None:
-                labels = validate_labels(raw, num_samples=images.shape[0], num_classes=num_classes,
-                                         what=f"{os.fspath(path)}:arr_1 labels")
-            else:
-                raw = np.asarray(raw)
-                if raw.ndim != 1 or raw.dtype.kind not in "iu":
-                    raise ValueError(
-                        f"{os.fspath(path)}:arr_1 labels must be a 1-D integer array, got shape {raw.shape} "
-                        f"dtype {raw.dtype}"
-                    )
-                if raw.shape[0] != images.shape[0]:
-                    raise ValueError(
-                        f"{os.fspath(path)}:arr_1 labels count {raw.shape[0]} != samples count {images.shape[0]}"
-                    )
-                if raw.size and raw.min() < 0:
-                    raise ValueError(f"{os.fspath(path)}:arr_1 labels contain {int(raw.min())} < 0")
-                labels = raw.astype(np.int64)
+            raise ValueError(f"{path} has no 'arr_0' (uint8 NHWC images); it holds {z.files}")
+        images = validate_images(z["arr_0"], image_shape=image_shape, what=f"{path}:arr_0")
+        labels = None if "arr_1" not in z.files else validate_labels(
+            z["arr_1"], num_samples=images.shape[0], num_classes=num_classes, what=f"{path}:arr_1 labels")
     return images, labels

@@ -10,7 +10,7 @@ from jaxdiff import files, guidance
 
 COLUMNS = (
     ("guidance", "guidance"), ("scale", "scale"), ("sampler", "sampler"), ("steps", "steps"),
-    ("fid", "FID"), ("inception_score", "IS"), ("precision", "precision"), ("recall", "recall"),
+    ("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"), ("precision", "precision"), ("recall", "recall"),
     ("density", "density"), ("coverage", "coverage"), ("accuracy", "accuracy"),
     ("num_samples", "N"), ("seconds", "sample s"),
 )
@@ -90,7 +90,8 @@ def write_plots(rows: Sequence[Mapping], out_dir: str) -> list[str]:
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(files.atomic_write(os.path.join(out_dir, fname),
                                         lambda f: fig.savefig(f, format="png", dpi=110)))

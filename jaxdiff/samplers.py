@@ -362,8 +362,9 @@ def make_sampler(build: Callable[[Any], tuple[ModelFn, Optional[GradFn]]], spec:
                  shape: tuple) -> Callable:
     """A jitted `run(params, sched, cond, key, sample_ids, eta=0.0, x_T=None, noises=None) -> x_0`.
 
-    `build(params) -> (model_fn, cond_fn)` makes the (guided) functions from a parameter pytree
-    passed at call time, so parameters are arguments of the compiled loop, not constants.
+    `build(params) -> (model_fn, cond_fn[, prepare])` (e.g. `guidance.build_guides`) makes the
+    (guided) functions from a parameter pytree passed at call time, so parameters are arguments of
+    the compiled loop, not constants; `prepare(cond) -> cond` runs once before the loop.
     Everything numeric (scales in `cond`, eta, the schedule's arrays) is traced.
     """
     check_sampler(spec.sampler)
@@ -373,7 +374,10 @@ def make_sampler(build: Callable[[Any], tuple[ModelFn, Optional[GradFn]]], spec:
 
     @cpu.jit
     def run(params, sched, cond, key, sample_ids, eta=0.0, x_T=None, noises=None):
-        model_fn, cond_fn = build(params)
+        built = build(params)
+        model_fn, cond_fn = built[0], built[1]
+        if len(built) > 2 and built[2] is not None:
+            cond = built[2](cond)  # once per call, before the loop (e.g. encoding the captions)
         return sample_loop(model_fn, sched, x_T, cond, sampler=spec.sampler, key=key,
                            sample_ids=sample_ids, shape=shape, noises=noises, eta=eta, cond_fn=cond_fn,
                            prediction=spec.prediction, learned_sigma=spec.learned_sigma,

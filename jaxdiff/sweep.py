@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ml_collections
 
 from jaxdiff import evaluation, guidance, report
 
+EXTRACTORS = ("classifier", "inception")
 SWEPT = {"classifier": (0.25, 1.0, 4.0), "cfg": (0.0, 1.5, 3.0, 5.0)}  # the default sweep's scales
 
 
@@ -31,7 +32,11 @@ def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
                 c[net] = ""
     c.eval_classifier = f"runs/{dataset}/eval_classifier"
     c.out = f"reports/{dataset}"
-    c.cache_dir = ""            # reference statistics cache ("" = under the tfds data_dir)
+    c.extractor = "classifier"  # metrics' features: "classifier" (eval_classifier) or "inception" (RGB images)
+    c.inception = ""            # extractor "inception": the FID Inception weights (python -m jaxdiff.inception convert)
+    c.inception_mode = "tf1"
+    c.reference_batch = ""      # extractor "inception": reference batch .npz (python -m jaxdiff.evaluation reference)
+    c.cache_dir = ""            # reference statistics cache ("" = under the tfds data_dir / none for inception)
     c.reference_split = "train"
     c.sampler = "ddpm"          # ancestral: the sampler Dhariwal & Nichol guide with a classifier
     c.steps = (50,)             # one curve per step count
@@ -63,7 +68,11 @@ def settings(cfg) -> Iterator[dict]:
 
 def validate(cfg) -> None:
     """Refuse a bad sweep config before anything is loaded or compiled."""
-    for key in ("model", "eval_classifier", "out"):
+    extractor = cfg.get("extractor", "classifier")
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"extractor={extractor!r}; allowed: {', '.join(EXTRACTORS)}")
+    needed = ("model", "out") + (("eval_classifier",) if extractor == "classifier" else ("inception", "reference_batch"))
+    for key in needed:
         if not cfg.get(key):
             raise ValueError(f"sweep config needs {key!r} (got {cfg.get(key)!r})")
     for name in swept_guides(cfg):
@@ -105,6 +114,41 @@ def sample_config(cfg, row: dict, out: str) -> ml_collections.ConfigDict:
     return c
 
 
+def _classifier_metrics(cfg, model_cfg) -> Callable[[dict], dict]:
+    """Per-setting metrics in the evaluation classifier's feature space against a dataset split."""
+    from jaxdiff import metrics
+
+    extractor, ecfg = evaluation.extractor_from_workdir(cfg.eval_classifier)
+    ds = evaluation.dataset_of(ecfg)
+    ref = evaluation.reference_for(extractor, dataset=ds["name"], split=cfg.reference_split,
+                                   image_size=int(model_cfg["model"]["image_size"]), data_dir=ds["data_dir"],
+                                   cache_dir=cfg.get("cache_dir") or None)
+    return lambda res: metrics.evaluate_samples(res["images"], res["labels"], ref, extractor,
+                                                num_classes=ds["num_classes"], k=int(cfg.k))
+
+
+def _inception_metrics(cfg, model_cfg) -> Callable[[dict], dict]:
+    """Per-setting metrics of guided-diffusion's evaluator (FID Inception) against a reference batch."""
+    from jaxdiff import adm_eval, inception
+
+    if int(model_cfg["model"]["in_channels"]) != 3:
+        raise ValueError(f"extractor='inception' needs RGB images; the model makes "
+                         f"{model_cfg['model']['in_channels']}-channel ones (use extractor='classifier')")
+    params = inception.load_params(cfg.inception)
+    fn = inception.pure_feature_fn(cfg.inception_mode)
+    def evaluate(res: dict) -> dict:
+        import jax
+
+        if jax.process_count() > 1:  # process 0 wrote the file (a shared filesystem): wait for it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxdiff.sweep.samples_written")
+        return adm_eval.evaluate(cfg.reference_batch, res["npz_path"], fn, params, mode=cfg.inception_mode,
+                                 cache_dir=cfg.get("cache_dir") or None, k=int(cfg.k), progress=False)
+
+    return evaluate
+
+
 def run_sweep(cfg) -> list[dict]:
     """Run every setting; the table and plots are rewritten after each, so partial runs keep results."""
     validate(cfg)
@@ -113,14 +157,7 @@ def run_sweep(cfg) -> list[dict]:
     model = checkpoints.load_model(cfg.model)
     networks = {net: checkpoints.load_model(cfg[net]) for net in
                 {n for g in swept_guides(cfg) for n in guidance.GUIDES[g].networks}}
-    extractor, ecfg = evaluation.extractor_from_workdir(cfg.eval_classifier)
-    ds = evaluation.dataset_of(ecfg)
-    image_size = int(model[2]["model"]["image_size"])
-    ref = evaluation.reference_for(extractor, dataset=ds["name"], split=cfg.reference_split,
-                                   image_size=image_size, data_dir=ds["data_dir"],
-                                   cache_dir=cfg.get("cache_dir") or None)
-    from jaxdiff import metrics
-
+    evaluate = (_inception_metrics if cfg.get("extractor") == "inception" else _classifier_metrics)(cfg, model[2])
     os.makedirs(cfg.out, exist_ok=True)
     rows, compiled = [], {}
     for row in settings(cfg):
@@ -128,14 +165,14 @@ def run_sweep(cfg) -> list[dict]:
         t0 = time.perf_counter()
         res = sampling.run(sample_config(cfg, row, out), model=model, networks=networks, compiled=compiled)
         seconds = time.perf_counter() - t0
-        m = metrics.evaluate_samples(res["images"], res["labels"], ref, extractor,
-                                     num_classes=ds["num_classes"], k=int(cfg.k))
+        m = evaluate(dict(res, npz_path=os.path.join(out, "samples.npz")))
         row = dict(row, **m, seconds=round(seconds, 2), grid=os.path.relpath(res["grid"], cfg.out)
                    if res.get("grid") else None)
         rows.append(row)
-        print(f"[sweep] {setting_name(row)}: FID {m['fid']:.3f} IS {m['inception_score']:.3f} "
-              f"P {m['precision']:.3f} R {m['recall']:.3f} acc {m['accuracy']:.3f} ({seconds:.1f} s)",
-              flush=True)
+        print(f"[sweep] {setting_name(row)}: " + " ".join(
+            f"{name} {m[key]:.3f}" for key, name in (("fid", "FID"), ("inception_score", "IS"), ("precision", "P"),
+                                                     ("recall", "R"), ("accuracy", "acc")) if key in m)
+              + f" ({seconds:.1f} s)", flush=True)
         report.write_table(rows, cfg.out)
         report.write_plots(rows, cfg.out)
     return rows

@@ -17,6 +17,12 @@ stamp() { echo "[main $(( $(date +%s) - start ))s] $*"; }
 
 if [ "$dataset" = fashion_mnist ]; then bash scripts/install_system_deps.sh; fi
 python3 -m pip install -q -e .
+# glibc's huge-page malloc for XLA's per-step buffers: CPU training steps 5-10 % faster (jaxdiff/cpu.py).
+# glibc reads it only at process start, so it is set here rather than by the Python entry points.
+case "${GLIBC_TUNABLES:-}" in
+  *glibc.malloc.hugetlb*) ;;
+  *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
+esac
 
 stamp "training the diffusion model"
 python3 train.py --config "configs/$dataset.py" --workdir "$runs/model"

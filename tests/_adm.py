@@ -1,15 +1,21 @@
 """Helpers for the guided-diffusion fixture adm_tiny_a.npz (see tests/fixtures/README)."""
 
+import json
+import pathlib
+
 import jax.numpy as jnp
 import numpy as np
 
-UNET_FLAGS = dict(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=2,
-                  attention_resolutions=(2, 4), dropout=0.0, channel_mult=(1, 2, 2), num_classes=10,
-                  num_heads=1, num_head_channels=16, num_heads_upsample=-1, use_scale_shift_norm=True,
-                  resblock_updown=True, use_new_attention_order=False)
-CLASSIFIER_FLAGS = dict(image_size=32, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
-                        attention_resolutions=(2, 4), channel_mult=(1, 2, 2), num_head_channels=16,
-                        use_scale_shift_norm=True, resblock_updown=True, pool="attention")
+
+def _flags(kind):
+    """guided-diffusion's keyword arguments of fixture A's `kind` model (lists as tuples)."""
+    with open(pathlib.Path(__file__).parent / "fixtures" / "adm_tiny_a_flags.json") as f:
+        flags = json.load(f)[kind]
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}
+
+
+UNET_FLAGS = _flags("unet")
+CLASSIFIER_FLAGS = _flags("classifier")
 
 
 def state_dict(adm, prefix):

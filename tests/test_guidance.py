@@ -186,8 +186,8 @@ def test_scales_are_traced_and_checked(gmm):
         G.make_cond(6, ids % K, cfg_scale=float("nan"))
     with pytest.raises(ValueError, match="classifier_scale=inf"):
         G.make_cond(6, ids % K, classifier_scale=np.inf)
-    with pytest.raises(ValueError, match="unknown guidance kind 'clip'"):
-        G.build_guides("clip", gmm.model_fn)
+    with pytest.raises(ValueError, match="unknown guidance kind 'nope'"):
+        G.build_guides("nope", gmm.model_fn)
 
 
 def test_raising_classifier_scale_raises_accuracy(gmm):

@@ -1,6 +1,6 @@
 """TensorFlow-free tfds builders for the datasets jaxdiff bundles.
 
-Both builders are ordinary `tfds.core.GeneratorBasedBuilder`s that write
+The builders are ordinary `tfds.core.GeneratorBasedBuilder`s that write
 array_record files (``file_format='array_record'``) in tfds's usual layout
 (``<data_dir>/<name>/<version>/``), so the prepared data reads back with
 ``tfds.data_source`` / ``builder.as_data_source()`` and never needs TensorFlow:
@@ -11,10 +11,14 @@ array_record files (``file_format='array_record'``) in tfds's usual layout
   tfds's array_record file adapter (tfds's generic writer is ~10x slower);
 * nothing is downloaded.
 
+``digits_text`` and ``fashion_mnist_text`` (`jaxdiff.datasets.captioned`) are the same images
+with captions built from measured attributes (`jaxdiff.captions`).
+
 The public entry point is `jaxdiff.data`; use this package directly only to
 build or inspect the builders.
 """
 
+from jaxdiff.datasets.captioned import DigitsText, FashionMnistText
 from jaxdiff.datasets.digits import Digits, digits_arrays, digits_split
 from jaxdiff.datasets.fashion_mnist import (
     DEBIAN_DIR as FASHION_MNIST_DEBIAN_DIR,
@@ -28,16 +32,9 @@ from jaxdiff.datasets.fashion_mnist import (
 BUILDERS = {
     Digits.name: Digits,
     FashionMnist.name: FashionMnist,
+    DigitsText.name: DigitsText,
+    FashionMnistText.name: FashionMnistText,
 }
 
-__all__ = [
-    "BUILDERS",
-    "Digits",
-    "FASHION_MNIST_DEBIAN_DIR",
-    "FashionMnist",
-    "digits_arrays",
-    "digits_split",
-    "find_idx_files",
-    "read_idx",
-    "read_split",
-]
+__all__ = ["BUILDERS", "Digits", "DigitsText", "FASHION_MNIST_DEBIAN_DIR", "FashionMnist", "FashionMnistText",
+           "digits_arrays", "digits_split", "find_idx_files", "read_idx", "read_split"]

@@ -6,6 +6,7 @@ import os
 import struct
 import sys
 import zlib
+from typing import Any, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -99,14 +100,34 @@ class OfflineBuilderMixin:
         return epath.Path(sys.modules[cls.__module__].__file__)
 
 
-def serialize_example(png: bytes, label: int) -> bytes:
-    """The tf.train.Example tfds writes for {"image": Image(), "label": ClassLabel()}."""
+def serialize_example(png: bytes, label: int, extra: Mapping[str, Any] | None = None) -> bytes:
+    """The tf.train.Example tfds writes for {"image": Image(), "label": ClassLabel()} and `extra`.
+
+    Extra features as tfds's serializer writes them: a str (Text) as its UTF-8 bytes, bytes as
+    they are, integer or bool arrays (Tensor; bools as 0/1) as flat int64 lists, float arrays as
+    flat float lists.
+    """
     from tensorflow_datasets.proto import tf_example_pb2
 
     example = tf_example_pb2.Example()
     feature = example.features.feature
     feature["image"].bytes_list.value.append(png)
     feature["label"].int64_list.value.append(int(label))
+    for key, value in (extra or {}).items():
+        if isinstance(value, str):
+            feature[key].bytes_list.value.append(value.encode("utf-8"))
+        elif isinstance(value, bytes):
+            feature[key].bytes_list.value.append(value)
+        elif isinstance(value, list) and all(isinstance(v, int) for v in value):
+            feature[key].int64_list.value.extend([int(v) for v in value])  # bool -> 0/1
+        else:
+            v = np.asarray(value)
+            if v.dtype == np.bool_ or np.issubdtype(v.dtype, np.integer):
+                feature[key].int64_list.value.extend(v.astype(np.int64).ravel().tolist())
+            elif np.issubdtype(v.dtype, np.floating):
+                feature[key].float_list.value.extend(v.astype(np.float32).ravel().tolist())
+            else:
+                raise ValueError(f"feature {key!r}: cannot serialize {v.dtype} values")
     return example.SerializeToString()
 
 
@@ -123,7 +144,17 @@ class ImageArraysBuilder(OfflineBuilderMixin, tfds.core.GeneratorBasedBuilder,
     split through tfds's file adapter, then `info.set_splits`, leaving the rest (temporary
     directory, dataset_info.json, features.json, atomic rename) to tfds. The first record is
     decoded back with tfds's features as a check. Examples are stored in array order.
+
+    `_info` is built from the class attributes below (a subclass may define its own instead);
+    subclasses add features by overriding `_features` and `_extra_features` (values of the
+    added features, computed from all splits' arrays before anything is written), and store
+    dataset-level facts in `_metadata` (a `tfds.core.MetadataDict`, saved as metadata.json).
     """
+
+    DESCRIPTION: str = ""
+    HOMEPAGE: str | None = None
+    IMAGE_SHAPE: tuple[int, int, int] | None = None
+    CLASS_NAMES: tuple[str, ...] = ()
 
     #: False: use tfds's generic (slow) writer instead.
     FAST_WRITE = True
@@ -133,29 +164,64 @@ class ImageArraysBuilder(OfflineBuilderMixin, tfds.core.GeneratorBasedBuilder,
     def _split_arrays(self, dl_manager) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise NotImplementedError
 
-    def _split_generators(self, dl_manager):
+    def _features(self) -> dict:
         return {
-            split: self._generate_examples(images, labels)
-            for split, (images, labels) in self._split_arrays(dl_manager).items()
+            "image": tfds.features.Image(shape=self.IMAGE_SHAPE, dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=list(self.CLASS_NAMES)),
         }
 
-    def _generate_examples(self, images, labels):
+    def _metadata(self) -> tfds.core.MetadataDict | None:
+        return None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=tfds.features.FeaturesDict(self._features()),
+            supervised_keys=("image", "label"),
+            homepage=self.HOMEPAGE,
+            disable_shuffling=True,
+            metadata=self._metadata(),
+        )
+
+    def _extra_features(self, arrays: dict[str, tuple]) -> dict[str, dict[str, Any]]:
+        """{split: {feature: one value per example}} beyond image and label ({}: none)."""
+        del arrays
+        return {}
+
+    def _split_generators(self, dl_manager):
+        arrays = self._split_arrays(dl_manager)
+        extra = self._extra_features(arrays)
+        return {
+            split: self._generate_examples(images, labels, extra.get(split, {}))
+            for split, (images, labels) in arrays.items()
+        }
+
+    def _generate_examples(self, images, labels, extra=None):
+        extra = extra or {}
         for i in range(len(images)):
-            yield i, {"image": encode_png(images[i], self.PNG_LEVEL), "label": int(labels[i])}
+            yield i, {"image": encode_png(images[i], self.PNG_LEVEL), "label": int(labels[i]),
+                      **{k: v[i] for k, v in extra.items()}}
 
     def _download_and_prepare(self, dl_manager, download_config):
         if not self.FAST_WRITE:
             return super()._download_and_prepare(dl_manager, download_config)
         adapter = file_adapters.ADAPTER_FOR_FORMAT[self.info.file_format]
         split_infos = []
-        for split, (images, labels) in self._split_arrays(dl_manager).items():
+        arrays = self._split_arrays(dl_manager)
+        extras = self._extra_features(arrays)
+        for split, (images, labels) in arrays.items():
+            # rows as Python values (lists of ints from integer arrays): ~5x faster to serialize
+            extra = {k: v.tolist() if isinstance(v, np.ndarray) else v
+                     for k, v in extras.get(split, {}).items()}
             n = len(images)
             if n == 0:
                 raise ValueError(f"{self.name}: split {split!r} is empty")
             template = self._get_filename_template(split_name=split)
             path = template.sharded_filepath(shard_index=0, num_shards=1)
             examples = (
-                (i, serialize_example(encode_png(images[i], self.PNG_LEVEL), labels[i]))
+                (i, serialize_example(encode_png(images[i], self.PNG_LEVEL), labels[i],
+                                      {k: v[i] for k, v in extra.items()}))
                 for i in range(n)
             )
             adapter.write_examples(path, examples)
@@ -167,14 +233,22 @@ class ImageArraysBuilder(OfflineBuilderMixin, tfds.core.GeneratorBasedBuilder,
                     filename_template=template,
                 )
             )
-            self._check_first_record(path, images[0], labels[0])
+            self._check_first_record(path, images[0], labels[0],
+                                     {k: v[0] for k, v in extra.items()})
         self.info.set_splits(tfds.core.SplitDict(split_infos))
 
-    def _check_first_record(self, path, image, label) -> None:
+    def _check_first_record(self, path, image, label, extra) -> None:
         from array_record.python import array_record_data_source
 
         with array_record_data_source.ArrayRecordDataSource([os.fspath(path)]) as source:
             example = self.info.features.deserialize_example_np(source[0])
         got = np.asarray(example["image"]).reshape(np.shape(image))
-        if int(example["label"]) != int(label) or not np.array_equal(got, image):
+        same = int(example["label"]) == int(label) and np.array_equal(got, image)
+        for key, want in extra.items():
+            value = example[key]
+            if isinstance(want, str):
+                same &= (value.decode("utf-8") if isinstance(value, bytes) else value) == want
+            else:
+                same &= np.array_equal(np.asarray(value), np.asarray(want))
+        if not same:
             raise RuntimeError(f"{self.name}: {path} does not decode to what was written")

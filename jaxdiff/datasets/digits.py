@@ -56,25 +56,14 @@ class Digits(ImageArraysBuilder, skip_registration=True):
     name = "digits"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "sklearn load_digits, 0..16 scaled to 0..255, stratified 80/20."}
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(
-                "scikit-learn's 8x8 handwritten digits (UCI optical recognition of handwritten "
-                "digits, test part), ink 0..16 scaled to uint8 0..255; fixed stratified 80/20 "
-                "split with RandomState(0)."
-            ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(names=[str(i) for i in range(10)]),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
-            disable_shuffling=True,
-        )
+    DESCRIPTION = (
+        "scikit-learn's 8x8 handwritten digits (UCI optical recognition of handwritten "
+        "digits, test part), ink 0..16 scaled to uint8 0..255; fixed stratified 80/20 "
+        "split with RandomState(0)."
+    )
+    HOMEPAGE = "https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset"
+    IMAGE_SHAPE = (8, 8, 1)
+    CLASS_NAMES = tuple(str(i) for i in range(10))
 
     def _split_arrays(self, dl_manager):
         del dl_manager  # nothing to download

@@ -133,24 +133,13 @@ class FashionMnist(ImageArraysBuilder, skip_registration=True):
         "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (gzipped or not) in a "
         "directory and pass it as manual_dir."
     )
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(
-                "Fashion-MNIST: Zalando article images, 28x28 grayscale, 10 classes; train 60000, "
-                "test 10000. Built offline from idx files, in file order."
-            ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(28, 28, 1), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage="https://github.com/zalandoresearch/fashion-mnist",
-            disable_shuffling=True,
-        )
+    DESCRIPTION = (
+        "Fashion-MNIST: Zalando article images, 28x28 grayscale, 10 classes; train 60000, "
+        "test 10000. Built offline from idx files, in file order."
+    )
+    HOMEPAGE = "https://github.com/zalandoresearch/fashion-mnist"
+    IMAGE_SHAPE = (28, 28, 1)
+    CLASS_NAMES = CLASS_NAMES
 
     def _split_arrays(self, dl_manager):
         files = find_idx_files(dl_manager.manual_dir)

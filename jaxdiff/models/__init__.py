@@ -1,22 +1,25 @@
 """ADM networks (openai/guided-diffusion architectures) in Flax linen, NHWC.
 
-    create_model(kind, **flags) -> nn.Module      kind: "unet" | "classifier" | "superres"
+    create_model(kind, **flags) -> nn.Module      kind: "unet" | "classifier" | "superres" | one of TEXT_KINDS
     check_labels(y, num_classes, null_label=False) -> np.ndarray
+    encode_text(module, params, tokens, mask) -> (xf_proj, xf_out)   (text-conditional kinds)
 
 Flags are the keyword arguments of guided-diffusion's UNetModel / EncoderUNetModel / SuperResModel
 (attention_resolutions as downsampling factors ds), plus `null_label` (U-Net, super-res) and `dtype`.
-create_model validates every flag in Python, before anything is traced or compiled.
+The text-conditional kinds (GLIDE's Text2ImUNet "text2im", SuperResText2ImUNet "text2im_superres",
+and the inpainting "text2im_inpaint", "text2im_superres_inpaint") take GLIDE's constructor flags, see
+text_unet.py. create_model validates every flag in Python, before anything is traced or compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Optional
 
 import numpy as np
 import flax.linen as nn
 
+from jaxdiff.config_util import did_you_mean
 from jaxdiff.models import layers
 from jaxdiff.models.classifier import EncoderUNetModel
 from jaxdiff.models.layers import (
@@ -31,34 +34,28 @@ from jaxdiff.models.layers import (
     make_plan,
     timestep_embedding,
 )
+from jaxdiff.models.text import check_text_flags
+from jaxdiff.models.text_unet import (
+    InpaintText2ImUNet,
+    SuperResInpaintText2ImUNet,
+    SuperResText2ImUNet,
+    Text2ImUNet,
+    encode_text,
+)
 from jaxdiff.models.unet import SuperResModel, UNetModel, upsample_bilinear, validate_labels
 
-__all__ = [
-    "AttentionBlock",
-    "AttentionPool2d",
-    "Conv",
-    "Downsample",
-    "EncoderUNetModel",
-    "GroupNorm32",
-    "MODEL_KINDS",
-    "ResBlock",
-    "SuperResModel",
-    "UNetModel",
-    "Upsample",
-    "check_architecture",
-    "check_labels",
-    "create_model",
-    "layers",
-    "make_plan",
-    "model_flag_names",
-    "normalize_flags",
-    "timestep_embedding",
-    "upsample_bilinear",
-]
+__all__ = ["AttentionBlock", "AttentionPool2d", "Conv", "Downsample", "EncoderUNetModel", "GroupNorm32",
+           "InpaintText2ImUNet", "MODEL_KINDS", "ResBlock", "SuperResInpaintText2ImUNet", "SuperResModel",
+           "SuperResText2ImUNet", "TEXT_KINDS", "Text2ImUNet", "UNetModel", "Upsample", "check_architecture",
+           "check_labels", "create_model", "encode_text", "layers", "make_plan", "model_flag_names", "normalize_flags",
+           "timestep_embedding", "upsample_bilinear"]
 
-MODEL_KINDS = {"unet": UNetModel, "classifier": EncoderUNetModel, "superres": SuperResModel}
+TEXT_KINDS = {"text2im": Text2ImUNet, "text2im_superres": SuperResText2ImUNet, "text2im_inpaint": InpaintText2ImUNet,
+              "text2im_superres_inpaint": SuperResInpaintText2ImUNet}
+MODEL_KINDS = {"unet": UNetModel, "classifier": EncoderUNetModel, "superres": SuperResModel, **TEXT_KINDS}
 
 _REQUIRED = ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions")
+_TEXT_REQUIRED = ("text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln")
 
 # guided-diffusion script (command-line) names people pass by mistake -> constructor flags.
 _SCRIPT_ALIASES = {
@@ -84,9 +81,8 @@ def model_flag_names(kind: str) -> tuple:
 
 def _kind_class(kind: str):
     if kind not in MODEL_KINDS:
-        near = difflib.get_close_matches(str(kind), MODEL_KINDS, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown model kind {kind!r}{hint}; expected one of {sorted(MODEL_KINDS)}")
+        raise ValueError(f"unknown model kind {kind!r}{did_you_mean(kind, MODEL_KINDS)}; expected one of "
+                         f"{sorted(MODEL_KINDS)}")
     return MODEL_KINDS[kind]
 
 
@@ -102,44 +98,27 @@ def normalize_flags(kind: str, **flags) -> dict:
     names = model_flag_names(kind)
     for k in flags:
         if k not in names:
-            near = difflib.get_close_matches(k, names, n=1, cutoff=0.5)
             alias = _SCRIPT_ALIASES.get(k)
             if alias in names:
-                hint = (
-                    f" (did you mean {alias!r}? {k!r} is a guided-diffusion command-line flag; "
-                    f"jaxdiff.convert.flags_from_args translates those)"
-                )
-            elif near:
-                hint = f" (did you mean {near[0]!r}?)"
+                hint = (f" (did you mean {alias!r}? {k!r} is a guided-diffusion command-line flag; "
+                        f"jaxdiff.convert.flags_from_args translates those)")
             else:
-                hint = ""
+                hint = did_you_mean(k, names, cutoff=0.5)
             raise ValueError(f"unknown flag {k!r} for a {kind!r} model{hint}; allowed flags: {', '.join(names)}")
-    missing = [k for k in _REQUIRED if k not in flags]
+    missing = [k for k in _REQUIRED + (_TEXT_REQUIRED if kind in TEXT_KINDS else ()) if k not in flags]
     if missing:
         raise ValueError(f"missing required flag(s) {missing} for a {kind!r} model")
-    out = dict(flags)
+    out = {k: int(v) if isinstance(v, np.integer) else v for k, v in flags.items()}
     for key in ("attention_resolutions", "channel_mult"):
         if key in out:
             v = out[key]
             if isinstance(v, str):
-                v = [s for s in v.split(",") if s.strip()]
-                v = [float(s) for s in v]
-            try:
-                v = tuple(v)
+                v = [float(a) for a in v.split(",") if a.strip()]
+            try:  # integral numbers as ints
+                out[key] = tuple(int(a) if isinstance(a, (float, np.number)) and float(a).is_integer() else a
+                                 for a in v)
             except TypeError:
                 raise ValueError(f"{key}={out[key]!r}: expected a sequence of numbers") from None
-            norm = []
-            for a in v:
-                if isinstance(a, (float, np.floating)) and float(a).is_integer():
-                    a = int(a)
-                elif isinstance(a, np.integer):
-                    a = int(a)
-                norm.append(a)
-            out[key] = tuple(norm)
-    for key in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "num_classes",
-                "num_heads", "num_head_channels", "num_heads_upsample", "dims"):
-        if isinstance(out.get(key), np.integer):
-            out[key] = int(out[key])
     if out.get("dtype") is not None and not isinstance(out["dtype"], str):
         try:
             out["dtype"] = np.dtype(out["dtype"]).name
@@ -149,11 +128,14 @@ def normalize_flags(kind: str, **flags) -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     ns = type("Flags", (), {**defaults, **out})()
     check_architecture(ns, "classifier" if kind == "classifier" else "unet")
+    if kind in TEXT_KINDS:
+        check_text_flags(ns)
     return out
 
 
 def create_model(kind: str, **flags) -> nn.Module:
-    """Build a UNetModel ("unet"), EncoderUNetModel ("classifier") or SuperResModel ("superres") from
-    guided-diffusion constructor flags (+ null_label, dtype), validating them first."""
-    _kind_class(kind)
-    return MODEL_KINDS[kind](**normalize_flags(kind, **flags))
+    """Build a UNetModel ("unet"), EncoderUNetModel ("classifier"), SuperResModel ("superres") or a
+    text-conditional GLIDE U-Net (TEXT_KINDS) from the constructor flags (+ null_label, dtype),
+    validating them first."""
+    flags = normalize_flags(kind, **flags)  # checks the kind too
+    return MODEL_KINDS[kind](**flags)

@@ -1,10 +1,8 @@
-"""Shared ADM (openai/guided-diffusion) building blocks, NHWC.
+"""Shared building blocks of the ADM (openai/guided-diffusion) networks and the transformers, NHWC.
 
-Everything that both the U-Net (`unet.py`) and the noisy classifier (`classifier.py`) use lives here,
-once: the timestep embedding, GroupNorm32, the convolution wrapper, ResBlock, AttentionBlock (legacy
-and new QKV order), Up/Downsample, the architecture plan (which block sits where, with how many
-channels) and the single code path that builds the encoder trunk (input blocks + middle block) from
-that plan.
+The timestep embedding, GroupNorm32, Conv, Dense, ResBlock, AttentionBlock (legacy and new QKV order),
+Up/Downsample, LayerNorm and the GELU MLP, the architecture plan (which block sits where, with how many
+channels) and the one code path that builds the U-Net's and the classifier's trunks from it.
 
 Submodule names mirror guided-diffusion's state_dict keys with "." written as "_" before an index
 (`input_blocks.3.0.in_layers.2` <-> `input_blocks_3_0/in_layers_2`), so that the checkpoint converter
@@ -27,6 +25,7 @@ import numpy as np
 import flax.linen as nn
 
 from jaxdiff.attention import attention
+from jaxdiff.config_util import is_int
 from jaxdiff.conv import conv2d
 from jaxdiff.norm import group_norm
 
@@ -55,9 +54,7 @@ def resolve_dtype(dtype: Any = None, use_fp16: bool = False) -> jnp.dtype:
     return d
 
 
-# ----------------------------------------------------------------------------------------------
-# Elementary layers
-# ----------------------------------------------------------------------------------------------
+# --- Elementary layers -------------------------------------------------------------------------------
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -129,20 +126,29 @@ class Conv(nn.Module):
         return y + cast(bias, self.dtype)
 
 
-def Dense(features: int, *, name: str, dtype: Dtype = jnp.float32, zero_init: bool = False) -> nn.Dense:
+def Dense(features: int, *, name: str, dtype: Dtype = jnp.float32, zero_init: bool = False,
+          use_bias: bool = True) -> nn.Dense:
     """nn.Dense with float32 parameters, PyTorch-like kernel init (or zeros), zero bias, compute `dtype`.
 
     Also used for guided-diffusion's 1x1 conv1d layers over tokens (qkv, proj_out, qkv_proj, c_proj):
     a pointwise conv1d is a matmul over the channel axis, not a spatial convolution.
     """
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=zeros_init if zero_init else torch_default_init,
-        bias_init=zeros_init if zero_init else nn.initializers.zeros,
-        name=name,
-    )
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=zeros_init if zero_init else torch_default_init, bias_init=zeros_init, name=name)
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+    """torch.nn.LayerNorm(eps=1e-5) in float32 (two-pass variance, as torch)."""
+    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+                        name=name)
+
+
+def gelu_mlp(x: jax.Array, fc: str, proj: str, dtype: Dtype = jnp.float32) -> jax.Array:
+    """Dense(4W) - exact (erf) GELU - Dense(W), the transformers' MLP, its layers named `fc` and `proj`
+    in the calling module."""
+    w = x.shape[-1]
+    h = nn.gelu(Dense(4 * w, dtype=dtype, name=fc)(x), approximate=False)
+    return Dense(w, dtype=dtype, name=proj)(h)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -229,30 +235,38 @@ class ResBlock(nn.Module):
 
 
 def qkv_projections(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads: int, new_order: bool,
-                    dtype: Dtype) -> tuple:
-    """guided-diffusion's qkv conv1d as three projections: tokens [B, T, C_in] -> q, k, v, each
-    [B * H, T, ch] (heads folded into the batch), q and k scaled by ch^-1/4.
+                    dtype: Dtype, parts: int = 3) -> tuple:
+    """guided-diffusion's qkv conv1d as `parts` projections: tokens [B, T, C_in] -> q, k, v, each
+    [B * H, T, ch] (heads folded into the batch), q and k scaled by ch^-1/4. With parts=2 (GLIDE's
+    encoder_kv) the projections are k, v: every part but the last (v) is scaled.
 
-    `kernel` [C_in, 3*H*ch] and `bias` [3*H*ch] keep the checkpoint's channel layout: legacy order
-    (QKVAttentionLegacy) is heads first, [H, (q, k, v), ch]; new order (QKVAttention) is
+    `kernel` [C_in, parts*H*ch] and `bias` [parts*H*ch] keep the checkpoint's channel layout: legacy
+    order (QKVAttentionLegacy) is heads first, [H, (q, k, v), ch]; new order (QKVAttention) is
     [(q, k, v), H, ch]. Splitting the (small) kernel instead of the [B, T, 3*H*ch] output keeps
     the activations free of strided slices, whose gradients XLA writes as three zero-padded
     full-width tensors; the ch^-1/4 scale is folded into the q and k weights (float32).
     """
     b, t, c_in = x.shape
-    ch = kernel.shape[1] // (3 * num_heads)
-    layout = (3, num_heads, ch) if new_order else (num_heads, 3, ch)
+    ch = kernel.shape[1] // (parts * num_heads)
+    layout = (parts, num_heads, ch) if new_order else (num_heads, parts, ch)
     kernel, bias = kernel.reshape((c_in,) + layout), bias.reshape(layout)
     part = 0 if new_order else 1  # axis of (q, k, v) in `layout`
     scale = 1.0 / math.sqrt(math.sqrt(ch))
     x = cast(x, dtype)
     out = []
-    for i, s in enumerate((scale, scale, 1.0)):
+    for i in range(parts):
+        s = 1.0 if i == parts - 1 else scale
         w = jnp.take(kernel, i, axis=part + 1).reshape(c_in, num_heads * ch) * s
         w_b = jnp.take(bias, i, axis=part).reshape(num_heads * ch) * s
         y = jax.lax.dot_general(x, cast(w, dtype), (((2,), (0,)), ((), ()))) + cast(w_b, dtype)
-        out.append(jnp.swapaxes(y.reshape(b, t, num_heads, ch), 1, 2).reshape(b * num_heads, t, ch))
+        out.append(split_heads(y, num_heads))
     return tuple(out)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """[B, T, H * d] -> [B * H, T, d]; head h holds channels h*d .. (h+1)*d - 1."""
+    b, t, c = x.shape
+    return jnp.swapaxes(x.reshape(b, t, num_heads, c // num_heads), 1, 2).reshape(b * num_heads, t, c // num_heads)
 
 
 def merge_heads(a: jax.Array, batch: int) -> jax.Array:
@@ -262,19 +276,23 @@ def merge_heads(a: jax.Array, batch: int) -> jax.Array:
 
 
 class QKV(nn.Module):
-    """guided-diffusion's qkv conv1d (parameters `kernel` [C, 3C], `bias` [3C], as nn.Dense keeps
-    them) returning the per-head q, k, v of `qkv_projections`."""
+    """guided-diffusion's qkv conv1d (parameters `kernel` [C_in, parts*C], `bias` [parts*C], as nn.Dense
+    keeps them) returning the per-head projections of `qkv_projections`. C is `features`, or the
+    input's channels when None."""
 
     num_heads: int
     new_order: bool
     dtype: Dtype = jnp.float32
+    parts: int = 3
+    features: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple:
-        c = x.shape[-1]
-        kernel = self.param("kernel", torch_default_init, (c, 3 * c), jnp.float32)
-        bias = self.param("bias", zeros_init, (3 * c,), jnp.float32)
-        return qkv_projections(x, kernel, bias, self.num_heads, self.new_order, self.dtype)
+        c_in = x.shape[-1]
+        c = c_in if self.features is None else self.features
+        kernel = self.param("kernel", torch_default_init, (c_in, self.parts * c), jnp.float32)
+        bias = self.param("bias", zeros_init, (self.parts * c,), jnp.float32)
+        return qkv_projections(x, kernel, bias, self.num_heads, self.new_order, self.dtype, self.parts)
 
 
 def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
@@ -283,7 +301,11 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> in
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over all pixels: GN - qkv - attention - zero-init proj_out, residual."""
+    """Self-attention over all pixels: GN - qkv - attention - zero-init proj_out, residual.
+
+    `encoder_out` [B, S, E] (GLIDE's text features): its 1x1 projection `encoder_kv` (E -> 2C, per head
+    [k | v]) gives S more keys and values, joined to the pixels' under one softmax.
+    """
 
     num_heads: int = 1
     num_head_channels: int = -1
@@ -291,11 +313,15 @@ class AttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, encoder_out: Optional[jax.Array] = None) -> jax.Array:
         b, c = x.shape[0], x.shape[-1]
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
         tokens = x.reshape(b, -1, c)
         q, k, v = QKV(heads, self.use_new_attention_order, self.dtype, name="qkv")(GroupNorm32(name="norm")(tokens))
+        if encoder_out is not None:
+            kv = QKV(heads, self.use_new_attention_order, self.dtype, parts=2, features=c, name="encoder_kv")
+            ek, ev = kv(encoder_out)
+            k, v = jnp.concatenate([ek, k], axis=1), jnp.concatenate([ev, v], axis=1)
         h = Dense(c, dtype=self.dtype, zero_init=True, name="proj_out")(merge_heads(attention(q, k, v), b))
         return (tokens + h).reshape(x.shape)
 
@@ -332,10 +358,7 @@ class AttentionPool2d(nn.Module):
         return out[:, 0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Architecture plan: one description of the block layout, used by validation, the modules and the
-# converter's error hints.
-# ----------------------------------------------------------------------------------------------
+# --- Architecture plan: the block layout, used by validation and the modules -------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,19 +397,10 @@ class Plan:
                     if spec.kind == "attn":
                         yield spec
 
-    def reached_ds(self):
-        return sorted({spec.ds for block in self.input_blocks for spec in block} | {self.mid_ds})
 
-
-def make_plan(
-    model_channels: int,
-    channel_mult: Sequence[float],
-    num_res_blocks: int,
-    attention_resolutions: Sequence[int],
-    resblock_updown: bool,
-    conv_resample: bool = True,
-    decoder: bool = True,
-) -> Plan:
+def make_plan(model_channels: int, channel_mult: Sequence[float], num_res_blocks: int,
+              attention_resolutions: Sequence[int], resblock_updown: bool, conv_resample: bool = True,
+              decoder: bool = True) -> Plan:
     """Block layout exactly as guided-diffusion's UNetModel / EncoderUNetModel constructors."""
     attn = set(int(a) for a in attention_resolutions)
     ch = input_ch = int(channel_mult[0] * model_channels)
@@ -433,36 +447,19 @@ def make_plan(
                         layers.append(LayerSpec("up", ch, ch, ds, use_conv=conv_resample))
                     ds //= 2
                 output_blocks.append(tuple(layers))
-    return Plan(
-        input_blocks=tuple(input_blocks),
-        middle_block=middle,
-        output_blocks=tuple(output_blocks),
-        input_ch=input_ch,
-        mid_ch=mid_ch,
-        mid_ds=mid_ds,
-        feature_size=feature_size,
-        out_ch=ch,
-    )
+    return Plan(input_blocks=tuple(input_blocks), middle_block=middle, output_blocks=tuple(output_blocks),
+                input_ch=input_ch, mid_ch=mid_ch, mid_ds=mid_ds, feature_size=feature_size, out_ch=ch)
 
 
 def plan_of(m) -> Plan:
     """The plan of a UNetModel / SuperResModel / EncoderUNetModel instance."""
-    return make_plan(
-        m.model_channels,
-        tuple(m.channel_mult),
-        m.num_res_blocks,
-        tuple(m.attention_resolutions),
-        m.resblock_updown,
-        m.conv_resample,
-        decoder=not hasattr(m, "pool"),
-    )
+    return make_plan(m.model_channels, tuple(m.channel_mult), m.num_res_blocks, tuple(m.attention_resolutions),
+                     m.resblock_updown, m.conv_resample, decoder=not hasattr(m, "pool"))
 
 
-# ----------------------------------------------------------------------------------------------
-# Trunk construction shared by the U-Net and the classifier. These functions are called from inside
-# a module's @nn.compact __call__ (the module is passed as `m`), so the layers they create become
+# --- Trunks of the U-Net and the classifier ----------------------------------------------------------
+# Called from inside a module's @nn.compact __call__ (passed as `m`), so the layers they create become
 # that module's submodules under guided-diffusion's names.
-# ----------------------------------------------------------------------------------------------
 
 
 def compute_dtype(m) -> jnp.dtype:
@@ -485,28 +482,15 @@ def _make_layer(m, spec: LayerSpec, name: str, out_channels_conv_in: int, train:
         return Conv(out_channels_conv_in, 3, dtype=dtype, name=name)
     if spec.kind == "res":
         cls = nn.remat(ResBlock) if remat else ResBlock
-        return cls(
-            out_channels=spec.out_ch,
-            dropout=float(m.dropout),
-            use_scale_shift_norm=m.use_scale_shift_norm,
-            up=spec.up,
-            down=spec.down,
-            deterministic=not train,
-            dtype=dtype,
-            name=name,
-        )
+        return cls(out_channels=spec.out_ch, dropout=float(m.dropout), use_scale_shift_norm=m.use_scale_shift_norm,
+                   up=spec.up, down=spec.down, deterministic=not train, dtype=dtype, name=name)
     if spec.kind == "attn":
         cls = nn.remat(AttentionBlock) if remat else AttentionBlock
         heads = m.num_heads
         if spec.upsample_heads and getattr(m, "num_heads_upsample", -1) != -1:
             heads = m.num_heads_upsample
-        return cls(
-            num_heads=heads,
-            num_head_channels=m.num_head_channels,
-            use_new_attention_order=m.use_new_attention_order,
-            dtype=dtype,
-            name=name,
-        )
+        return cls(num_heads=heads, num_head_channels=m.num_head_channels,
+                   use_new_attention_order=m.use_new_attention_order, dtype=dtype, name=name)
     if spec.kind == "down":
         return Downsample(spec.out_ch, use_conv=spec.use_conv, dtype=dtype, name=name)
     if spec.kind == "up":
@@ -514,45 +498,48 @@ def _make_layer(m, spec: LayerSpec, name: str, out_channels_conv_in: int, train:
     raise AssertionError(spec.kind)
 
 
-def run_block(m, block, prefix: str, h: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-    """Apply one TimestepEmbedSequential block; layer j is named f"{prefix}_{j}"."""
+def run_block(m, block, prefix: str, h: jax.Array, emb: jax.Array, train: bool,
+              encoder_out: Optional[jax.Array] = None) -> jax.Array:
+    """Apply one TimestepEmbedSequential block; layer j is named f"{prefix}_{j}". `encoder_out` (text
+    features) goes to the attention layers."""
     for j, spec in enumerate(block):
         layer = _make_layer(m, spec, f"{prefix}_{j}", spec.out_ch, train)
-        h = layer(h, emb) if spec.kind == "res" else layer(h)
+        if spec.kind == "res":
+            h = layer(h, emb)
+        elif spec.kind == "attn" and encoder_out is not None:
+            h = layer(h, encoder_out)
+        else:
+            h = layer(h)
     return h
 
 
-def encoder_trunk(m, plan: Plan, h: jax.Array, emb: jax.Array, train: bool):
+def encoder_trunk(m, plan: Plan, h: jax.Array, emb: jax.Array, train: bool,
+                  encoder_out: Optional[jax.Array] = None):
     """input_blocks + middle_block, the one encoder used by the U-Net and the classifier.
 
     Returns (middle block output, [output of every input block]).
     """
     hs = []
     for i, block in enumerate(plan.input_blocks):
-        h = run_block(m, block, f"input_blocks_{i}", h, emb, train)
+        h = run_block(m, block, f"input_blocks_{i}", h, emb, train, encoder_out)
         hs.append(h)
-    h = run_block(m, plan.middle_block, "middle_block", h, emb, train)
+    h = run_block(m, plan.middle_block, "middle_block", h, emb, train, encoder_out)
     return h, hs
 
 
-def decoder_trunk(m, plan: Plan, h: jax.Array, hs, emb: jax.Array, train: bool) -> jax.Array:
+def decoder_trunk(m, plan: Plan, h: jax.Array, hs, emb: jax.Array, train: bool,
+                  encoder_out: Optional[jax.Array] = None) -> jax.Array:
     """output_blocks of the U-Net: each concatenates the matching encoder output (channels last)."""
     hs = list(hs)
     for i, block in enumerate(plan.output_blocks):
         h = jnp.concatenate([h, cast(hs.pop(), h.dtype)], axis=-1)
-        h = run_block(m, block, f"output_blocks_{i}", h, emb, train)
+        h = run_block(m, block, f"output_blocks_{i}", h, emb, train, encoder_out)
     return h
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation (pure Python, before anything is traced or compiled)
-# ----------------------------------------------------------------------------------------------
+# --- Validation (pure Python, before anything is traced or compiled) ---------------------------------
 
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def check_architecture(m, kind: str) -> None:
@@ -560,7 +547,7 @@ def check_architecture(m, kind: str) -> None:
     or any object with the constructor flags as attributes) cannot build a working network."""
     for flag in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks"):
         v = getattr(m, flag)
-        if not _is_int(v) or v < (0 if flag == "num_res_blocks" else 1):
+        if not is_int(v) or v < (0 if flag == "num_res_blocks" else 1):
             raise ValueError(f"{flag}={v!r}: expected a positive integer")
     if getattr(m, "dims", 2) != 2:
         raise ValueError(f"dims={m.dims!r}: jaxdiff models are 2-D only (dims=2)")
@@ -570,57 +557,44 @@ def check_architecture(m, kind: str) -> None:
     for c in cm:
         ch = int(c * m.model_channels)
         if ch < 32 or ch % 32:
-            raise ValueError(
-                f"channel_mult entry {c} with model_channels={m.model_channels} gives {ch} channels; GroupNorm32 "
-                f"needs a positive multiple of 32 channels (ch = int(mult * model_channels))"
-            )
+            raise ValueError(f"channel_mult entry {c} with model_channels={m.model_channels} gives {ch} channels; "
+                             f"GroupNorm32 needs a positive multiple of 32 channels (ch = int(mult * model_channels))")
     levels = len(cm)
     factor = 2 ** (levels - 1)
     if m.image_size % factor:
-        raise ValueError(
-            f"image_size={m.image_size} cannot be halved {levels - 1} times by channel_mult={cm} "
-            f"({levels} levels): image_size must be divisible by {factor}"
-        )
+        raise ValueError(f"image_size={m.image_size} cannot be halved {levels - 1} times by channel_mult={cm} "
+                         f"({levels} levels): image_size must be divisible by {factor}")
     if not 0.0 <= float(m.dropout) < 1.0:
         raise ValueError(f"dropout={m.dropout!r}: expected a probability in [0, 1)")
     reached = [2**i for i in range(levels)]
     for a in m.attention_resolutions:
-        if not _is_int(a) or a not in reached:
+        if not is_int(a) or a not in reached:
             res = [m.image_size // d for d in reached]
-            raise ValueError(
-                f"attention_resolutions contains {a!r}, a downsampling factor (ds) this network never reaches: "
-                f"with channel_mult={cm} it runs at ds {reached} (resolutions {res} for image_size "
-                f"{m.image_size}). attention_resolutions are factors ds = image_size // resolution, as inside "
-                f"guided-diffusion's UNetModel; jaxdiff.convert.flags_from_args converts command-line resolutions"
-            )
+            raise ValueError(f"attention_resolutions contains {a!r}, a downsampling factor (ds) this network never "
+                             f"reaches: with channel_mult={cm} it runs at ds {reached} (resolutions {res} for "
+                             f"image_size {m.image_size}). attention_resolutions are factors ds = image_size // "
+                             f"resolution, as inside guided-diffusion's UNetModel; jaxdiff.convert.flags_from_args "
+                             f"converts command-line resolutions")
     nh, nhc = m.num_heads, m.num_head_channels
     nhu = getattr(m, "num_heads_upsample", -1)
     if nhc == -1:
-        if not _is_int(nh) or nh < 1:
+        if not is_int(nh) or nh < 1:
             raise ValueError(f"num_heads={nh!r}: expected a positive integer (or set num_head_channels)")
-        if nhu != -1 and (not _is_int(nhu) or nhu < 1):
+        if nhu != -1 and (not is_int(nhu) or nhu < 1):
             raise ValueError(f"num_heads_upsample={nhu!r}: expected a positive integer or -1 (= num_heads)")
-    elif not _is_int(nhc) or nhc < 1:
+    elif not is_int(nhc) or nhc < 1:
         raise ValueError(f"num_head_channels={nhc!r}: expected a positive integer or -1 (use num_heads)")
-    plan = make_plan(
-        m.model_channels, cm, m.num_res_blocks, tuple(m.attention_resolutions), m.resblock_updown,
-        m.conv_resample, decoder=(kind != "classifier"),
-    )
+    plan = make_plan(m.model_channels, cm, m.num_res_blocks, tuple(m.attention_resolutions), m.resblock_updown,
+                     m.conv_resample, decoder=(kind != "classifier"))
     for spec in plan.attention_layers():
         ch = spec.in_ch
-        if nhc != -1:
-            if ch % nhc:
-                raise ValueError(
-                    f"num_head_channels={nhc} does not divide the {ch} channels of the attention layer at ds "
-                    f"{spec.ds}; every attention layer's channels must be a multiple of num_head_channels"
-                )
-        else:
-            heads = nhu if (spec.upsample_heads and nhu != -1) else nh
-            flag = "num_heads_upsample" if (spec.upsample_heads and nhu != -1) else "num_heads"
-            if ch % heads:
-                raise ValueError(
-                    f"{flag}={heads} does not divide the {ch} channels of the attention layer at ds {spec.ds}"
-                )
+        if nhc != -1 and ch % nhc:
+            raise ValueError(f"num_head_channels={nhc} does not divide the {ch} channels of the attention layer at "
+                             f"ds {spec.ds}; every attention layer's channels must be a multiple of num_head_channels")
+        flag = "num_heads_upsample" if spec.upsample_heads and nhu != -1 else "num_heads"
+        heads = nhu if flag == "num_heads_upsample" else nh
+        if nhc == -1 and ch % heads:
+            raise ValueError(f"{flag}={heads} does not divide the {ch} channels of the attention layer at ds {spec.ds}")
     if kind == "classifier":
         if m.pool not in POOLS:
             raise ValueError(f"pool={m.pool!r} is unknown; expected one of {POOLS}")
@@ -628,12 +602,11 @@ def check_architecture(m, kind: str) -> None:
             if nhc == -1:
                 raise ValueError("pool='attention' needs num_head_channels (64 in guided-diffusion), not -1")
             if plan.mid_ch % nhc:
-                raise ValueError(
-                    f"num_head_channels={nhc} does not divide the {plan.mid_ch} channels of the attention pooling"
-                )
+                raise ValueError(f"num_head_channels={nhc} does not divide the {plan.mid_ch} channels of the "
+                                 "attention pooling")
     else:
         nc = getattr(m, "num_classes", None)
-        if nc is not None and (not _is_int(nc) or nc < 1):
+        if nc is not None and (not is_int(nc) or nc < 1):
             raise ValueError(f"num_classes={nc!r}: expected a positive integer or None (unconditional)")
         if getattr(m, "null_label", False) and nc is None:
             raise ValueError("null_label=True needs num_classes (the null label is index num_classes)")

@@ -71,10 +71,8 @@ def _check_input(m, x, in_channels: int, exact_size: bool = False):
     if x.ndim != 4:
         raise ValueError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
     if x.shape[-1] != in_channels:
-        raise ValueError(
-            f"x has {x.shape[-1]} channels (last axis, NHWC) but the model was built with in_channels="
-            f"{in_channels}" + (" (did you pass NCHW?)" if x.shape[1] == in_channels else "")
-        )
+        raise ValueError(f"x has {x.shape[-1]} channels (last axis, NHWC) but the model was built with in_channels="
+                         f"{in_channels}" + (" (did you pass NCHW?)" if x.shape[1] == in_channels else ""))
     factor = 2 ** (len(m.channel_mult) - 1)
     h, w = x.shape[1], x.shape[2]
     if exact_size and (h, w) != (m.image_size, m.image_size):
@@ -83,8 +81,10 @@ def _check_input(m, x, in_channels: int, exact_size: bool = False):
         raise ValueError(f"x is {h}x{w}; with {len(m.channel_mult)} levels H and W must be divisible by {factor}")
 
 
-def unet_forward(m, x, timesteps, y, train: bool, in_channels: int):
-    """The U-Net body shared by UNetModel and SuperResModel (called inside their compact __call__).
+def unet_forward(m, x, timesteps, y, train: bool, in_channels: int, extra_emb=None, encoder_out=None):
+    """The U-Net body shared by UNetModel, SuperResModel and the text-conditional U-Nets (called inside
+    their compact __call__). `extra_emb` [B, 4C] is added to the timestep embedding and `encoder_out`
+    [B, S, E] is given to every attention block (GLIDE's pooled text vector and text features).
 
     The flags were validated once by `jaxdiff.models.create_model` (not again on every trace).
     """
@@ -94,13 +94,13 @@ def unet_forward(m, x, timesteps, y, train: bool, in_channels: int):
     dtype = L.compute_dtype(m)
 
     emb = L.time_embed(m, t)
-    if m.num_classes is not None:
+    if extra_emb is not None:
+        emb = emb + L.cast(extra_emb, emb.dtype)
+    if getattr(m, "num_classes", None) is not None:
         if y is None:
             if not m.null_label:
-                raise ValueError(
-                    "this model is class-conditional (num_classes set): pass labels y "
-                    "(or build it with null_label=True to allow y=None as 'no label')"
-                )
+                raise ValueError("this model is class-conditional (num_classes set): pass labels y "
+                                 "(or build it with null_label=True to allow y=None as 'no label')")
             y = jnp.full((x.shape[0],), m.num_classes, jnp.int32)
         y = jnp.asarray(y)
         if y.shape != (x.shape[0],):
@@ -117,8 +117,8 @@ def unet_forward(m, x, timesteps, y, train: bool, in_channels: int):
         raise ValueError("labels y were given to an unconditional model (num_classes=None)")
 
     h = L.cast(x, dtype)
-    h, hs = L.encoder_trunk(m, plan, h, emb, train)
-    h = L.decoder_trunk(m, plan, h, hs, emb, train)
+    h, hs = L.encoder_trunk(m, plan, h, emb, train, encoder_out)
+    h = L.decoder_trunk(m, plan, h, hs, emb, train, encoder_out)
     h = L.cast(h, jnp.float32)
     h = L.GroupNorm32(silu=True, name="out_0")(h)
     return L.Conv(m.out_channels, 3, zero_init=True, dtype=jnp.float32, name="out_2")(h)
@@ -179,14 +179,18 @@ class SuperResModel(UNetModel):
 
     @nn.compact
     def __call__(self, x, timesteps, low_res=None, y=None, train: bool = False):
-        if low_res is None:
-            raise ValueError("SuperResModel needs low_res=[B, h, w, C] (the low-resolution image)")
-        if low_res.ndim != 4 or low_res.shape[-1] != self.in_channels or low_res.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"low_res must be NHWC [B, h, w, {self.in_channels}] with x's batch, got {low_res.shape}"
-            )
-        if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(f"x must be NHWC [B, H, W, {self.in_channels}], got {x.shape}")
-        up = upsample_bilinear(L.cast(low_res, jnp.float32), x.shape[1], x.shape[2])
-        h = jnp.concatenate([L.cast(x, jnp.float32), up], axis=-1)
-        return unet_forward(self, h, timesteps, y, train, 2 * self.in_channels)
+        return unet_forward(self, superres_input(self, x, low_res), timesteps, y, train, 2 * self.in_channels)
+
+
+def superres_input(m, x, low_res) -> jax.Array:
+    """x [B, H, W, C] with low_res [B, h, w, C] upsampled bilinearly to H x W concatenated after its
+    channels, float32 (C = m.in_channels): the network input of the super-resolution models."""
+    name = type(m).__name__
+    if low_res is None:
+        raise ValueError(f"{name} needs low_res=[B, h, w, C] (the low-resolution image)")
+    if low_res.ndim != 4 or low_res.shape[-1] != m.in_channels or low_res.shape[0] != x.shape[0]:
+        raise ValueError(f"low_res must be NHWC [B, h, w, {m.in_channels}] with x's batch, got {low_res.shape}")
+    if x.ndim != 4 or x.shape[-1] != m.in_channels:
+        raise ValueError(f"x must be NHWC [B, H, W, {m.in_channels}], got {x.shape}")
+    up = upsample_bilinear(L.cast(low_res, jnp.float32), x.shape[1], x.shape[2])
+    return jnp.concatenate([L.cast(x, jnp.float32), up], axis=-1)
