@@ -3,8 +3,11 @@
     python train.py --config configs/digits.py --workdir W [--config.train.steps=100]
 
 `config.task` picks the task ("diffusion" or "classifier"); see jaxdiff/training.py. Rerunning the
-same command resumes from the latest complete checkpoint in W/checkpoints. Multi-host: start one
-process per host with --coordinator_address=HOST:PORT --num_processes=N --process_id=i.
+same command resumes from the latest complete checkpoint in W/checkpoints; SIGTERM / Ctrl-C saves
+the current step and exits 0. Multi-host: start one process per host with the same workdir (shared
+storage or gs://); TPU pods, SLURM, Open MPI and Kubernetes are detected (--distributed=auto),
+elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=i. Big models:
+--config.mesh.fsdp, --config.train.grad_accum_steps, --config.model.use_checkpoint (docs/training.md).
 """
 
 import sys

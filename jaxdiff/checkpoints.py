@@ -7,27 +7,44 @@ A workdir written by `train.py` looks like::
     W/metrics.jsonl      one JSON line per log interval
     W/samples/           PNG grids
 
+W may be a local directory or a URL etils.epath understands (gs://bucket/run): paths go through
+`as_path`, never os.path.abspath, which would mangle a URL.
+
 Checkpoints are written with `ocp.CheckpointManager`: every process calls `save` / `restore`
 (orbax coordinates the processes); saves are asynchronous where the backend allows it. Orbax writes
 a step into a temporary directory and renames it when complete, so a run killed while saving leaves
 the last complete checkpoint as the latest one; the temporary leftovers are removed when the next
 manager opens the directory. The manager keeps the last `keep` steps plus the best one (lowest
 training loss of the log interval before the save).
+
+Sharded train states are saved as they are (each process writes its shards) and restore into
+whatever shardings the abstract state passed to `restore` carries: another mesh, another device
+count, one device. `save` stores a small JSON `custom_metadata` with the step (the training loop
+keeps its data stream position there), read back by `step_metadata`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 BEST_METRIC = "loss"
+
+
+def as_path(directory: Union[str, os.PathLike]) -> epath.Path:
+    """An epath.Path: URLs (gs://...) as given, local paths made absolute (orbax wants that)."""
+    text = os.fspath(directory)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def _best_loss(metrics: Mapping[str, Any]) -> float:
@@ -59,17 +76,31 @@ def make_manager(directory: str, *, keep: int = 3, keep_best: bool = True,
         create=not read_only,
         read_only=read_only,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(as_path(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         metrics: Mapping[str, float] | None = None, *, force: bool = True) -> bool:
-    """Save `state` as step `step` (on every process). Returns whether a save was started."""
+         metrics: Mapping[str, float] | None = None, *, force: bool = True,
+         custom_metadata: Mapping[str, Any] | None = None) -> bool:
+    """Save `state` as step `step` (on every process). Returns whether a save was started.
+
+    An existing step is not rewritten; process 0's view of that decides for every process, so
+    no process enters orbax's collective save alone.
+    """
+    from jaxdiff import parallel
+
     if metrics is not None:
         metrics = {k: float(v) for k, v in metrics.items()}
-    if step in manager.all_steps():
+    if parallel.broadcast_from_first(int(step) in manager.all_steps()):
         return False
-    return manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+    return manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics, force=force,
+                        custom_metadata=dict(custom_metadata or {}))
+
+
+def step_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The `custom_metadata` saved with `step` ({} for checkpoints written without it)."""
+    meta = manager.metadata(int(step))
+    return dict(getattr(meta, "custom_metadata", None) or {})
 
 
 def abstract_like(tree: Any) -> Any:
@@ -113,13 +144,12 @@ def _normalise_converted_diffusion(d: Mapping[str, Any]) -> dict:
 
 
 def read_config(directory: str) -> dict:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = as_path(directory) / CONFIG_FILE
+    if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: load_model needs a workdir written by train.py (or a directory "
             "written by jaxdiff.convert)")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def load_model(directory: str, *, step: int | None = None, ema: bool = True, dtype: str | None = None):
@@ -149,12 +179,12 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True, dty
     model_cfg = dict(cfg["model"])
     kind = model_cfg.pop("kind")
     module = models.create_model(kind, **{**_tuples(model_cfg), **overrides})
-    ckpt_dir = os.path.join(directory, CHECKPOINT_DIR)
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = as_path(directory) / CHECKPOINT_DIR
+    if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {ckpt_dir} (has {directory} been trained?)")
     # A plain PyTree handler reads what StandardSave wrote and answers item_metadata without the
     # abstract train state (so no optimiser needs to be rebuilt to sample).
-    manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_handlers=ocp.PyTreeCheckpointHandler(),
+    manager = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.PyTreeCheckpointHandler(),
                                     options=ocp.CheckpointManagerOptions(create=False))
     try:
         if step is None:

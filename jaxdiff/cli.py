@@ -20,6 +20,10 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
     flags.DEFINE_integer("num_processes", 1, "multi-process: number of processes")
     flags.DEFINE_integer("process_id", 0, "multi-process: index of this process")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "off"],
+                      "multi-process without the flags above: 'auto' joins the cluster JAX detects (TPU pod "
+                      "slices, SLURM, Open MPI, Kubernetes) with jax.distributed.initialize(), and runs as "
+                      "one process where none is found; 'off' never does")
     flags.DEFINE_string("jax_cache_dir", "~/.cache/jaxdiff/xla",
                         "persistent XLA compilation cache (a rerun skips compiling); '' = off. "
                         "$JAX_COMPILATION_CACHE_DIR wins when set")
@@ -39,11 +43,10 @@ def setup() -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.jax_cache_dir))
         if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    if FLAGS.num_processes > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        from jaxdiff import parallel
+    from jaxdiff import parallel
 
-        parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                        auto_detect=FLAGS.distributed == "auto")
 
 
 def report_errors(fn: Callable[[], object], prog: str, errors: tuple = ERRORS, status: int = 2) -> int:

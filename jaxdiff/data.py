@@ -24,20 +24,33 @@ a file lock in data_dir, so processes on one machine may race for it safely.
 Batches
 -------
 `batches` yields, per process, ``(images, labels)``: float32 NHWC images in [-1, 1]
-(``x / 127.5 - 1``) and int32 labels. Everything is a pure function of ``(seed, step)``:
+(``x / 127.5 - 1``) and int32 labels, read from one endless stream of examples:
 
 * order: epoch ``e`` visits the examples in the order ``argsort(h(seed, e, i))`` for i < N, with
   ``h`` a 64-bit splitmix hash (pure NumPy, so it does not depend on a library's RNG stream);
-  the epochs are concatenated and step ``s`` takes global positions ``[s*B, (s+1)*B)``. A batch
+  the epochs are concatenated into a stream whose position ``q`` holds one example. A step takes
+  the next B positions: step ``s`` of a run that started at step ``s0`` at stream position
+  ``q0`` takes ``[q0 + (s - s0)*B, q0 + (s - s0 + 1)*B)`` (``q0 = s0*B`` unless given). A batch
   may straddle two epochs; there is no partial last batch.
-* sharding: process ``p`` of ``P`` takes global positions ``[s*B + p*B/P, s*B + (p+1)*B/P)`` and
-  reads only those examples. The concatenation over processes is the single-process batch.
-* augmentation: a random horizontal flip of global position ``j`` of step ``s`` iff the top bit
-  of ``h(seed, s, j)`` (a different hash tag) is set, so it does not depend on the process
-  layout. Default on for Fashion-MNIST and natural-image (CIFAR-like) datasets, off for digits
-  and other digit/character sets (``augment=`` overrides).
+* sharding: process ``p`` of ``P`` takes positions ``[q + p*B/P, q + (p+1)*B/P)`` of the step
+  starting at ``q``, and reads only those examples. The concatenation over processes is the
+  single-process batch.
+* augmentation: a random horizontal flip of stream position ``q`` iff the top bit of
+  ``h(seed, q)`` (a different hash tag; q hashed as two 32-bit words) is set, so it depends
+  neither on the process layout nor on the batch size. Default on for Fashion-MNIST and
+  natural-image (CIFAR-like) datasets, off for digits and other digit/character sets
+  (``augment=`` overrides).
+* workers: ``workers`` threads decode each step's rows in contiguous chunks; the chunks are
+  joined in order, so the batches are byte-identical for any number of workers.
 
-A run resumed at step s therefore sees exactly the batches it would have seen.
+Everything is a pure function of ``(seed, position)``: a run resumed at step s from the position
+stored with its checkpoint sees exactly the examples it would have seen, also when the resumed
+run uses another global batch size (a resized slice): it continues the same stream.
+
+Change of order (jaxdiff after issue 16): flips used to be keyed by (step, index in the step's
+batch); they are now keyed by stream position, which is the same for step 0 and differs for
+later steps. Runs of earlier versions therefore see other flips after step 0 (the example order
+itself is unchanged), and a checkpoint written before the change resumes at position step*B.
 
 Resizing to a model's ``image_size`` (square), when it differs from the stored size:
 * ``"pad"`` (Fashion-MNIST, MNIST-like): centre the image on a ``pad_value`` background (0, the
@@ -75,6 +88,7 @@ __all__ = [
     "default_data_dir",
     "epoch_permutation",
     "flip_mask",
+    "position_flips",
     "global_batch_indices",
     "load_split",
     "make_source",
@@ -336,6 +350,8 @@ def default_data_dir() -> str:
 
 
 def _resolve_data_dir(data_dir) -> str:
+    if data_dir and "://" in os.fspath(data_dir):  # gs://...: tfds reads it through etils.epath
+        return os.fspath(data_dir)
     return os.path.abspath(os.path.expanduser(os.fspath(data_dir))) if data_dir else \
         os.path.abspath(default_data_dir())
 
@@ -681,12 +697,20 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return _cached_permutation(int(seed), int(epoch), int(num_examples))
 
 
+def _step_positions(step: int, global_batch_size: int, position) -> np.ndarray:
+    """Stream positions of the global batch of `step`: B positions from `position` (default step*B)."""
+    start = int(step) * int(global_batch_size) if position is None else int(position)
+    return start + np.arange(global_batch_size, dtype=np.int64)
+
+
 def global_batch_indices(step: int, *, global_batch_size: int, num_examples: int,
-                         seed: int) -> np.ndarray:
-    """Dataset indices of the whole global batch of `step` (all processes), int64 (B,)."""
-    return _positions_to_indices(
-        int(step) * global_batch_size + np.arange(global_batch_size, dtype=np.int64),
-        num_examples, seed)
+                         seed: int, position: int | None = None) -> np.ndarray:
+    """Dataset indices of the whole global batch of `step` (all processes), int64 (B,).
+
+    `position`: the stream position the batch starts at (default step * global_batch_size).
+    """
+    return _positions_to_indices(_step_positions(step, global_batch_size, position),
+                                 num_examples, seed)
 
 
 def _positions_to_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
@@ -698,10 +722,17 @@ def _positions_to_indices(positions: np.ndarray, num_examples: int, seed: int) -
     return out
 
 
-def flip_mask(step: int, *, global_batch_size: int, seed: int) -> np.ndarray:
-    """bool (B,): which positions of the global batch of `step` are flipped (when augmenting)."""
-    bits = _hash(_TAG_FLIP, seed, step, np.arange(global_batch_size, dtype=np.int64))
+def position_flips(positions: np.ndarray, seed: int) -> np.ndarray:
+    """bool: whether the examples at these stream positions are flipped (when augmenting)."""
+    q = np.asarray(positions, dtype=np.int64)
+    bits = _hash(_TAG_FLIP, seed, q >> 32, q & 0xFFFFFFFF)
     return (bits >> np.uint64(63)).astype(bool)
+
+
+def flip_mask(step: int, *, global_batch_size: int, seed: int,
+              position: int | None = None) -> np.ndarray:
+    """bool (B,): which rows of the global batch of `step` are flipped (when augmenting)."""
+    return position_flips(_step_positions(step, global_batch_size, position), seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -819,43 +850,61 @@ def _processes(process_index, process_count) -> tuple[int, int]:
     return process_index, process_count
 
 
-def _batch(source: Source, step: int, b: int, seed: int, p: int, count: int, augment: bool,
-           image_size, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    local = b // count
-    positions = step * b + p * local + np.arange(local, dtype=np.int64)
-    indices = _positions_to_indices(positions, len(source), seed)
-    images, labels = source.gather(indices)
+def _check_position(name: str, value) -> None:
+    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{name} must be None or an integer >= 0 (a stream position), got {value!r}")
+
+
+def _check_workers(workers) -> int:
+    if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1 (decoding threads), got {workers!r}")
+    return int(workers)
+
+
+def _rows(source: Source, positions: np.ndarray, seed: int, augment: bool, image_size,
+          mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 images, int32 labels) of the examples at these stream positions."""
+    images, labels = source.gather(_positions_to_indices(positions, len(source), seed))
     images = resize_images(images, image_size, mode, source.info.pad_value) if image_size \
         else _stack(images, source.info)
     if augment:
-        flip = flip_mask(step, global_batch_size=b, seed=seed)[p * local: (p + 1) * local]
+        flip = position_flips(positions, seed)
         if flip.any():
             images = images.copy()
             images[flip] = images[flip][:, :, ::-1]
     return to_model_range(images), labels.astype(np.int32)
 
 
+def _local_positions(step_start: int, b: int, p: int, count: int) -> np.ndarray:
+    local = b // count
+    return step_start + p * local + np.arange(local, dtype=np.int64)
+
+
 def batch_at(source: Source, step: int, *, global_batch_size: int, seed: int,
              process_index: int | None = None, process_count: int | None = None,
              augment: bool | None = None, image_size: int | None = None,
-             resize_mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+             resize_mode: str | None = None, position: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """This process's part of the global batch of `step`: (float32 NHWC in [-1, 1], int32).
 
-    Shape ``(global_batch_size // process_count, H, W, C)``; a pure function of (seed, step).
+    Shape ``(global_batch_size // process_count, H, W, C)``; a pure function of (seed, position),
+    where `position` (the stream position the step starts at) defaults to step * global_batch_size.
     """
     process_index, process_count = _processes(process_index, process_count)
     _check_batching(source, global_batch_size, seed, step, process_index, process_count)
     mode = _check_resize(source.info, image_size, resize_mode)
     augment = source.info.random_flip if augment is None else bool(augment)
-    return _batch(source, int(step), int(global_batch_size), int(seed), int(process_index),
-                  int(process_count), augment, image_size, mode)
+    _check_position("position", position)
+    first = int(step) * int(global_batch_size) if position is None else int(position)
+    return _rows(source, _local_positions(first, int(global_batch_size), int(process_index),
+                                          int(process_count)), int(seed), augment, image_size, mode)
 
 
 def batches(source: Source, *, global_batch_size: int, seed: int, start_step: int = 0,
             process_index: int | None = None, process_count: int | None = None,
             augment: bool | None = None, image_size: int | None = None,
             resize_mode: str | None = None, num_steps: int | None = None,
-            prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            prefetch: int = 2, start_position: int | None = None,
+            workers: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Iterates this process's batches for steps start_step, start_step + 1, ... (see `batch_at`).
 
     Args:
@@ -869,7 +918,12 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
       image_size: square size the model takes (None = as stored); resize_mode: "pad",
         "resize", "center_crop" or None (the dataset's default).
       num_steps: stop after that many batches (None = never).
-      prefetch: batches prepared ahead in a background thread (0 = none).
+      prefetch: batches prepared ahead in background threads (0 = none).
+      start_position: stream position of start_step's batch (default start_step *
+        global_batch_size); a resumed run passes the position stored with its checkpoint, so a
+        changed batch size continues the same stream of examples.
+      workers: threads decoding each batch (contiguous chunks of its rows, joined in order:
+        the batches are byte-identical for any number of workers).
 
     Arguments are checked when this is called, not at the first `next`.
     """
@@ -878,35 +932,52 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
     mode = _check_resize(source.info, image_size, resize_mode)
     if num_steps is not None and (not isinstance(num_steps, (int, np.integer)) or num_steps < 0):
         raise ValueError(f"num_steps must be None or an integer >= 0, got {num_steps!r}")
+    _check_position("start_position", start_position)
+    workers = _check_workers(workers)
     augment = source.info.random_flip if augment is None else bool(augment)
-    make = functools.partial(_batch, source, b=int(global_batch_size), seed=int(seed),
-                             p=int(process_index), count=int(process_count), augment=augment,
-                             image_size=image_size, mode=mode)
-    start = int(start_step)
+    b, start = int(global_batch_size), int(start_step)
+    q0 = start * b if start_position is None else int(start_position)
+    positions = functools.partial(_local_positions, b=b, p=int(process_index), count=int(process_count))
+    rows = functools.partial(_rows, source, seed=int(seed), augment=augment, image_size=image_size, mode=mode)
+
+    def make(step: int, part: slice):
+        return rows(positions(q0 + (step - start) * b)[part])
+
+    local = b // int(process_count)
+    parts = [slice(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(local), min(workers, local))]
     stop = None if num_steps is None else start + int(num_steps)
-    return _iterate(make, start, stop, int(prefetch))
+    return _iterate(make, parts, start, stop, int(prefetch))
 
 
-def _iterate(make, start: int, stop: int | None, prefetch: int):
+def _join(chunks: list) -> tuple[np.ndarray, np.ndarray]:
+    if len(chunks) == 1:
+        return chunks[0]
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def _iterate(make, parts: list, start: int, stop: int | None, prefetch: int):
+    """Yields make(step, part) joined over `parts`, steps start..stop-1, `prefetch` steps ahead
+    on len(parts) threads."""
     step = start
-    if prefetch <= 0:
+    if prefetch <= 0 and len(parts) == 1:
         while stop is None or step < stop:
-            yield make(step)
+            yield make(step, parts[0])
             step += 1
         return
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxdiff-data")
+    pool = concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="jaxdiff-data")
     pending: collections.deque = collections.deque()
     try:
         while True:
-            while len(pending) < prefetch and (stop is None or step < stop):
-                pending.append(pool.submit(make, step))
+            while len(pending) < max(prefetch, 1) and (stop is None or step < stop):
+                pending.append([pool.submit(make, step, part) for part in parts])
                 step += 1
             if not pending:
                 return
-            yield pending.popleft().result()
+            yield _join([f.result() for f in pending.popleft()])
     finally:
-        for f in pending:
-            f.cancel()
+        for fs in pending:
+            for f in fs:
+                f.cancel()
         try:
             pool.shutdown(wait=False, cancel_futures=True)
         except Exception:  # finalised during interpreter shutdown: modules already torn down

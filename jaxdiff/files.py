@@ -18,8 +18,19 @@ Content = Union[str, bytes, Callable[[BinaryIO], None]]
 
 def atomic_write(path: Union[str, os.PathLike], content: Content) -> str:
     """Write `content` (text, bytes, or a function writing to a binary file) to a temporary file in
-    the target's directory, then rename it into place. Returns the path."""
+    the target's directory, then rename it into place. Returns the path.
+
+    A URL (gs://...) is written through etils.epath in one go: object stores publish an object
+    whole when it is closed, so there is no temporary file to rename."""
     path = os.fspath(path)
+    if "://" in path:
+        from etils import epath
+
+        target = epath.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as f:
+            content(f) if callable(content) else f.write(content.encode() if isinstance(content, str) else content)
+        return path
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")

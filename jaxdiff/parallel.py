@@ -1,13 +1,20 @@
-"""Data parallelism for sampling: a ('data',) mesh over every device of every host.
+"""Device meshes, shardings and multi-host helpers: data parallelism for sampling, a 2-D
+('data', 'fsdp') mesh for training.
 
-Batches are `NamedSharding(mesh, P('data'))` along their first axis, parameters and the schedule are
-replicated (`P()`); the jitted sampler is the single-device program and XLA's SPMD partitioner splits
-it. Per-host batches become global arrays with `jax.make_array_from_process_local_data`, so the same
-code runs on one process or many (call `initialize` first on multi-host runs).
+Sampling: batches are `NamedSharding(mesh, P('data'))` along their first axis, parameters and the
+schedule are replicated (`P()`); the jitted sampler is the single-device program and XLA's SPMD
+partitioner splits it. Per-host batches become global arrays with
+`jax.make_array_from_process_local_data`, so the same code runs on one process or many (call
+`initialize` first on multi-host runs).
 
 Reproducibility: samplers draw sample i's noise from fold_in(seed, sample_ids[i]), so the same seed
 gives the same images on 1 or 8 devices, with any batch size; a batch that does not divide the
 number of devices is padded (repeating its last row) and trimmed afterwards.
+
+Training (`make_mesh`, `fsdp_spec`, `state_shardings`): a (data, fsdp) mesh; the batch is split
+over both axes (every device sees different examples), and each array of the train state is
+split along its largest dimension divisible by the fsdp size (arrays smaller than `min_size`
+elements, or with no such dimension, are replicated). fsdp = 1 is plain data parallelism.
 """
 
 from __future__ import annotations
@@ -19,17 +26,144 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+DEFAULT_MIN_SHARD_SIZE = 2 ** 14  # elements: smaller arrays stay replicated
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None) -> None:
+               process_id: Optional[int] = None, *, auto_detect: bool = False) -> None:
     """Join a multi-process run (`jax.distributed.initialize`) before any other JAX call.
 
-    A no-op for a single process. On one CPU machine: initialize("localhost:PORT", n, i).
+    With num_processes > 1: the explicit coordinator address and process id (on one CPU machine:
+    initialize("localhost:PORT", n, i)). Otherwise, with `auto_detect`, JAX's own cluster
+    detection (TPU pods, SLURM, Open MPI, Kubernetes): a no-op where none is found. Else a no-op.
     """
-    if num_processes is None or int(num_processes) <= 1:
+    import os
+
+    explicit = num_processes is not None and int(num_processes) > 1
+    if not explicit and not auto_detect:
         return
-    jax.distributed.initialize(coordinator_address, int(num_processes), int(process_id))
+    # cross-process collectives of CPU devices (read when the backend starts; other backends ignore it)
+    previous = jax.config.jax_cpu_collectives_implementation
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(coordinator_address, int(num_processes), int(process_id))
+        return
+    try:
+        jax.distributed.initialize()
+    except ValueError:
+        # No cluster environment found ("coordinator_address should be defined"); a set
+        # coordinator address means a half-configured cluster: say so.
+        if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            raise
+        jax.config.update("jax_cpu_collectives_implementation", previous)
+
+
+def mesh_shape(data: int, fsdp: int, device_count: int, prefix: str = "mesh ") -> tuple[int, int]:
+    """(data, fsdp) sizes for `device_count` devices; data = -1 takes the devices fsdp leaves.
+
+    Raises ValueError naming the sizes (as `prefix` + name) when they cannot tile the devices.
+    """
+    for name, v in (("data", data), ("fsdp", fsdp)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or (v < 1 and not (name == "data" and v == -1)):
+            raise ValueError(f"{prefix}{name}={v!r}: expected a positive integer"
+                             + (" or -1 (the devices fsdp leaves)" if name == "data" else ""))
+    if device_count % fsdp:
+        divisors = ", ".join(str(d) for d in range(1, device_count + 1) if device_count % d == 0)
+        raise ValueError(f"{prefix}fsdp={fsdp} does not divide the {device_count} devices; allowed: {divisors}")
+    if data == -1:
+        data = device_count // fsdp
+    if data * fsdp != device_count:
+        raise ValueError(f"{prefix}data={data} x {prefix}fsdp={fsdp} = {data * fsdp} devices, but there are "
+                         f"{device_count}: the product must be {device_count} ({prefix}data=-1 takes the devices "
+                         "fsdp leaves)")
+    return int(data), int(fsdp)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 2-D ('data', 'fsdp') mesh over `devices` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(data, fsdp, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def axis_size(mesh, name: str) -> int:
+    """Size of mesh axis `name` (1 when the mesh has no such axis)."""
+    return int(dict(mesh.shape).get(name, 1))
+
+
+def batch_axes(mesh) -> Any:
+    """The mesh axes a batch is split over: 'data', or ('data', 'fsdp') on a training mesh."""
+    names = tuple(a for a in MESH_AXES if a in mesh.axis_names)
+    return names[0] if len(names) == 1 else names
+
+
+def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int = DEFAULT_MIN_SHARD_SIZE) -> P:
+    """PartitionSpec of an array of `shape` on a mesh with fsdp size `fsdp`: its largest dimension
+    divisible by fsdp (the last of equal ones) over 'fsdp'; P() (replicated) when fsdp = 1, when
+    the array has fewer than `min_size` elements, or when no dimension divides."""
+    shape = tuple(int(d) for d in shape)
+    if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < int(min_size):
+        return P()
+    dims = [i for i, d in enumerate(shape) if d % fsdp == 0]
+    if not dims:
+        return P()
+    best = max(dims, key=lambda i: (shape[i], i))
+    return P(*[FSDP_AXIS if i == best else None for i in range(len(shape))])
+
+
+def state_shardings(tree: Any, mesh, min_size: int = DEFAULT_MIN_SHARD_SIZE) -> Any:
+    """NamedSharding of every array of `tree` (arrays or ShapeDtypeStructs) by `fsdp_spec`;
+    replicated over 'data'. `mesh` may be a Mesh or an AbstractMesh (for memory estimates)."""
+    fsdp = axis_size(mesh, FSDP_AXIS)
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)), tree)
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of `tree` laid out as `shardings` (every shard has the same shape)."""
+    total = 0
+    for x, sh in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
+        total += int(np.prod(sh.shard_shape(np.shape(x)), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def addressable_bytes(tree: Any) -> dict:
+    """{device: bytes of `tree`'s global arrays stored on it} over this process's devices."""
+    out: dict = {}
+    for x in jax.tree_util.tree_leaves(tree):
+        for shard in x.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+def process_values(local) -> np.ndarray:
+    """Every process's value of a small int32 array, stacked: shape [process_count, ...].
+
+    A collective: every process must call it, in the same order.
+    """
+    local = np.asarray(local, np.int32)
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=False)).reshape((-1,) + local.shape)
+
+
+def process_strings(text: str, max_len: int = 1024) -> list[str]:
+    """Every process's `text` (UTF-8, cut to max_len bytes), in process order. A collective."""
+    raw = text.encode()[:max_len]
+    codes = np.full(max_len + 1, -1, np.int32)
+    codes[0] = len(raw)
+    codes[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
+    return [bytes(row[1:1 + row[0]].astype(np.uint8)).decode(errors="replace") for row in process_values(codes)]
+
+
+def broadcast_from_first(value: int) -> int:
+    """Process 0's integer `value` on every process (a collective decision)."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(process_values(np.array(value))[0])
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -39,8 +173,9 @@ def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
-    """Sharding of an array split along `batch_axis` over the 'data' axis."""
-    return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
+    """Sharding of an array split along `batch_axis` over the batch axes ('data', and 'fsdp' when
+    the mesh has it: every device holds different rows)."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), batch_axes(mesh)))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
@@ -189,6 +324,8 @@ def sample_batch_sharded(run: Callable, params: Any, sched: Any, cond: Any, key:
 
 
 __all__ = [
-    "DATA_AXIS", "batch_sharding", "data_mesh", "gather_rows", "initialize", "local_device_count",
-    "local_rows", "pad_batch", "process_rows", "replicate", "replicated_sharding", "sample_batch_sharded", "shard_batch",
+    "DATA_AXIS", "FSDP_AXIS", "MESH_AXES", "addressable_bytes", "axis_size", "batch_axes", "batch_sharding",
+    "broadcast_from_first", "bytes_per_device", "data_mesh", "fsdp_spec", "gather_rows", "initialize",
+    "local_device_count", "local_rows", "make_mesh", "mesh_shape", "pad_batch", "process_rows", "process_strings",
+    "process_values", "replicate", "replicated_sharding", "sample_batch_sharded", "shard_batch", "state_shardings",
 ]

@@ -12,11 +12,28 @@ One entry point, `train(config, workdir)`, for both tasks (`config.task`):
 
 Both use AdamW with linear warm-up (then constant, linear anneal to 0 as ADM's `anneal_lr`, or
 cosine), global-norm gradient clipping and an EMA of the weights kept in the `TrainState`.
-Data parallelism: the global batch is sharded over a ('data',) mesh of every device of every
-process (per-host batches joined with `jax.make_array_from_process_local_data`); the step is the
-single-device program under `jax.jit` and XLA averages the gradients (the loss is the global-batch
-mean). Randomness: the step's key is fold_in(key(seed), step) and the data of step s is a pure
-function of (seed, s) (`jaxdiff.data`), so a resumed run repeats an uninterrupted one exactly.
+
+Parallelism (`config.mesh`): a ('data', 'fsdp') mesh of every device of every process, by default
+all on 'data' (plain data parallelism). The global batch is split over both axes (per-host
+batches joined with `jax.make_array_from_process_local_data`); parameters, EMA and optimizer
+state are split over 'fsdp' by `parallel.state_shardings` (largest divisible dimension; small
+arrays replicated). The step is the single-device program under `jax.jit` with explicit in/out
+shardings: it gathers the parameters for the forward/backward pass and reduce-scatters the
+gradients back onto the state's layout. `train.grad_accum_steps = k` splits each batch into k
+micro-batches (a `lax.scan` summing their gradients), each holding B/k of every device's rows.
+
+Randomness: the step's key is fold_in(key(seed), step); example j of the global batch draws its
+timestep, noise, label drop and dropout from fold_in(step key, j), so k micro-batches of B/k give
+the update of one batch of B. The data of a step is a pure function of (seed, stream position)
+(`jaxdiff.data`), and the position is saved with every checkpoint, so a resumed run repeats an
+uninterrupted one exactly, and a run resumed with another batch size continues the same stream.
+
+Multi-host runs (docs/training.md): every process must be given the same workdir, on storage all
+of them read (a shared file system or gs://); the processes check that they see one config and
+one latest checkpoint before anything is compiled, and refuse with a clear error otherwise.
+Every decision that leads into a collective (save, sample, stop) is taken from values all
+processes share. SIGTERM / SIGINT stop every process after one agreed step, which is saved
+(`jaxdiff.preemption`); the run exits normally and the same command resumes it.
 
 Derived values are never configured twice: image size, channels and num_classes come from the
 dataset; out_channels from in_channels and learned_sigma (or num_classes for the classifier);
@@ -30,12 +47,11 @@ written after it, and the error names that step and the last good checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax
 import jax
@@ -44,18 +60,20 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxdiff import checkpoints, config_util, cpu, files, parallel
+from jaxdiff import checkpoints, config_util, cpu, files, monitor, parallel, preemption
 from jaxdiff import data as data_lib
 from jaxdiff import diffusion as diffusion_lib
 from jaxdiff import schedules
+from jaxdiff.monitor import MetricsWriter
 
 log = logging.getLogger("jaxdiff.training")
 
 TASKS = ("diffusion", "classifier")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")
-METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
+MEMORY_FILE = "memory.json"  # the compiled step's and the train state's bytes per device
+HOSTS_FILE = ".hosts_check"  # written by process 0, read by every process (is W shared?)
 
 
 class ConfigError(ValueError):
@@ -95,6 +113,7 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
         eval_split="test",
         augment=placeholder(bool),   # None = the dataset's default (flips off for digits)
         image_size=placeholder(int),  # None = as stored; else resized/padded by jaxdiff.data
+        workers=1,              # threads decoding each batch (batches identical for any number)
     ))
     c.model = ml_collections.ConfigDict(dict(
         model_channels=64,
@@ -108,6 +127,7 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
         resblock_updown=True,
         use_new_attention_order=False,
         dtype="float32",              # compute dtype: "float32" or "bfloat16"
+        use_checkpoint=False,         # remat: recompute each block's activations in the backward pass
     ))
     if task == "classifier":
         c.model.pool = "attention"
@@ -137,13 +157,21 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
         keep=3,
         sample_every=0,           # diffusion: sample grid; classifier: test accuracy vs t (0 = never)
         async_checkpointing=True,
+        grad_accum_steps=1,       # micro-batches per step (k of B/k each: the same update as one of B)
     ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1,                  # data-parallel size; -1 = every device fsdp leaves
+        fsdp=1,                   # devices sharing (splitting) parameters, EMA and optimizer state
+        min_shard_size=parallel.DEFAULT_MIN_SHARD_SIZE,  # smaller arrays (elements) stay replicated
+    ))
+    c.profile_steps = ()          # (start, stop): jax.profiler trace of steps start+1..stop in W/profile
     c.sample = ml_collections.ConfigDict(dict(
         sampler="ddim",
         steps=50,
         guidance_scale=3.0,       # CFG, Imagen convention (1 = conditional)
         per_class=8,
         seed=0,
+        grid_classes=16,          # training grids show at most this many classes (evenly spaced)
     ))
     return c
 
@@ -202,11 +230,32 @@ def validate_config(config) -> None:
                f"config.model.{key} is derived (from the dataset / task / diffusion settings); "
                "remove it from the config")
     n = jax.device_count()
+    mesh = config_util.get(config, "mesh", {})
+    try:
+        parallel.mesh_shape(config_util.get(mesh, "data", -1), config_util.get(mesh, "fsdp", 1), n, "config.mesh.")
+    except ValueError as e:
+        raise ConfigError(f"{e} ({jax.process_count()} process(es))") from None
+    v = config_util.get(mesh, "min_shard_size", parallel.DEFAULT_MIN_SHARD_SIZE)
+    _check(config_util.is_int(v) and v >= 0, f"config.mesh.min_shard_size={v!r}: expected an integer >= 0 (elements)")
     _check(t.batch_size % n == 0,
            f"config.train.batch_size={t.batch_size} cannot be shared by the {n} devices "
            f"({jax.process_count()} process(es)): use a multiple of {n}")
+    k = config_util.get(t, "grad_accum_steps", 1)
+    _check(config_util.is_int(k) and k >= 1, f"config.train.grad_accum_steps={k!r}: expected a positive integer")
+    _check(t.batch_size % (k * n) == 0,
+           f"config.train.grad_accum_steps={k} does not divide config.train.batch_size={t.batch_size} into "
+           f"micro-batches the {n} devices can share: batch_size must be a multiple of grad_accum_steps x "
+           f"devices = {k * n}")
+    w = config_util.get(config.data, "workers", 1)
+    _check(config_util.is_int(w) and w >= 1, f"config.data.workers={w!r}: expected a positive integer")
+    window = config_util.get(config, "profile_steps", ())
+    _check(window == () or (isinstance(window, (tuple, list)) and len(window) == 2
+                            and all(config_util.is_int(x) for x in window) and 0 <= window[0] < window[1]),
+           f"config.profile_steps={window!r}: expected () (no trace) or (start, stop) with 0 <= start < stop")
+    g = config_util.get(config_util.get(config, "sample", {}), "grid_classes", 16)
+    _check(config_util.is_int(g) and g >= 1, f"config.sample.grid_classes={g!r}: expected a positive integer")
     ddir = config_util.get(config.data, "data_dir", "")
-    if ddir:
+    if ddir and "://" not in str(ddir):
         _check(os.path.isdir(os.path.expanduser(ddir)),
                f"config.data.data_dir={ddir!r} does not exist (create it, or leave it empty for "
                f"the default {data_lib.default_data_dir()!r})")
@@ -353,27 +402,53 @@ def init_state(resolved, model, tx, init_key) -> TrainState:
 # Losses and the train step
 # --------------------------------------------------------------------------------------------
 
+def example_keys(key: jax.Array, ids: jax.Array, n: int) -> list:
+    """n keys per example: split(fold_in(key, id), n) for each id, as n arrays of keys [b]."""
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), n))(ids)
+    return [keys[:, j] for j in range(n)]
+
+
+def _apply(resolved, model, params, x, t, y, dropout_keys):
+    """The network in training mode; with dropout, each example is its own call (vmap) drawing its
+    masks from its own key, so the masks do not depend on which micro-batch holds the example."""
+    if float(config_util.get(resolved.model, "dropout", 0.0) or 0.0) <= 0:
+        args = (x, t) if y is None else (x, t, y)
+        return model.apply({"params": params}, *args, train=True)
+
+    def one(x1, t1, y1, k1):
+        args = (x1[None], t1[None]) if y1 is None else (x1[None], t1[None], y1[None])
+        return model.apply({"params": params}, *args, train=True, rngs={"dropout": k1})[0]
+
+    if y is None:
+        return jax.vmap(lambda a, b, k: one(a, b, None, k))(x, t, dropout_keys)
+    return jax.vmap(one)(x, t, y, dropout_keys)
+
+
+def _ids(images, ids):
+    return jnp.arange(images.shape[0], dtype=jnp.int32) if ids is None else ids
+
+
 def diffusion_loss_fn(resolved, model, sched) -> Callable:
-    """loss(params, images, labels, key) -> (scalar loss, per-batch metrics)."""
+    """loss(params, images, labels, key, ids=None) -> (scalar loss, per-batch metrics).
+
+    Example i draws its timestep, noise, label drop and dropout from fold_in(key, ids[i]) (ids
+    default to 0..b-1: the examples' rows in the step's global batch)."""
     dcfg = resolved.diffusion
     num_classes = int(resolved.data.num_classes)
     p_uncond = float(dcfg.p_uncond)
     prediction, learned_sigma = dcfg.prediction, bool(dcfg.learned_sigma)
     vlb_weight = config_util.get(dcfg, "vlb_weight")
 
-    def loss_fn(params, images, labels, key):
-        k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 4)
-        b = images.shape[0]
-        t = jax.random.randint(k_t, (b,), 0, sched.num_steps)
-        noise = jax.random.normal(k_noise, images.shape, images.dtype)
+    def loss_fn(params, images, labels, key, ids=None):
+        k_t, k_noise, k_drop, k_dropout = example_keys(key, _ids(images, ids), 4)
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, sched.num_steps))(k_t)
+        noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(k_noise)
         y = labels
         if p_uncond > 0:
-            y = jnp.where(jax.random.bernoulli(k_drop, p_uncond, (b,)), num_classes, y)
+            y = jnp.where(jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(k_drop), num_classes, y)
 
         def model_fn(xt, tt):
-            out = model.apply({"params": params}, xt, sched.timestep_map[tt], y, train=True,
-                              rngs={"dropout": k_dropout})
-            return out.astype(jnp.float32)
+            return _apply(resolved, model, params, xt, sched.timestep_map[tt], y, k_dropout).astype(jnp.float32)
 
         losses = diffusion_lib.training_losses(sched, model_fn, images, t, noise, prediction=prediction,
                                                learned_sigma=learned_sigma, vlb_weight=vlb_weight)
@@ -384,20 +459,21 @@ def diffusion_loss_fn(resolved, model, sched) -> Callable:
 
 
 def classifier_loss_fn(resolved, model, sched) -> Callable:
-    """Cross-entropy of the classifier on x_t at uniform t (noised) or on x_0 at t = 0."""
+    """Cross-entropy of the classifier on x_t at uniform t (noised) or on x_0 at t = 0; per-example
+    keys as `diffusion_loss_fn`."""
     noised = bool(config_util.get(resolved.train, "noised", True))
 
-    def loss_fn(params, images, labels, key):
-        k_t, k_noise, k_dropout = jax.random.split(key, 3)
+    def loss_fn(params, images, labels, key, ids=None):
+        k_t, k_noise, k_dropout = example_keys(key, _ids(images, ids), 3)
         b = images.shape[0]
         if noised:
-            t = jax.random.randint(k_t, (b,), 0, sched.num_steps)
-            x = diffusion_lib.q_sample(sched, images, t, jax.random.normal(k_noise, images.shape, images.dtype))
+            t = jax.vmap(lambda k: jax.random.randint(k, (), 0, sched.num_steps))(k_t)
+            noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(k_noise)
+            x = diffusion_lib.q_sample(sched, images, t, noise)
         else:
             t = jnp.zeros((b,), jnp.int32)
             x = images
-        logits = model.apply({"params": params}, x, sched.timestep_map[t], train=True,
-                             rngs={"dropout": k_dropout}).astype(jnp.float32)
+        logits = _apply(resolved, model, params, x, sched.timestep_map[t], None, k_dropout).astype(jnp.float32)
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
         acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
         return loss, {"loss": loss, "accuracy": acc}
@@ -412,15 +488,60 @@ def zero_accumulator(metric_names) -> dict:
             "first_nonfinite": jnp.full((), -1, jnp.int32)}
 
 
-def make_train_step(resolved, model, tx, sched, train_key) -> Callable:
-    """step(state, images, labels, acc) -> (state, acc): one AdamW update + EMA, metrics accumulated."""
+def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_shardings=None) -> Callable:
+    """step(state, images, labels, acc) -> (state, acc): one AdamW update + EMA, metrics accumulated.
+
+    With `mesh` and `state_shardings` (a TrainState of NamedShardings, `state_layout`) the step
+    gathers the parameters for the forward/backward pass when they are split over 'fsdp' and
+    constrains the gradients to the parameters' layout. `train.grad_accum_steps = k` > 1 sums the
+    gradients of k micro-batches in a `lax.scan`; micro-batch m holds rows m*b'..(m+1)*b'-1 of every
+    device's block of b = k*b' rows, so each micro-batch is spread over every device.
+    """
     loss_fn = (diffusion_loss_fn if resolved.task == "diffusion" else classifier_loss_fn)(resolved, model, sched)
     lr_fn = learning_rate_fn(resolved.train)
     tcfg = resolved.train
+    k = int(config_util.get(tcfg, "grad_accum_steps", 1))
+    param_sh = None if state_shardings is None else state_shardings.params
+    gather = mesh is not None and parallel.axis_size(mesh, parallel.FSDP_AXIS) > 1
+    shards = 1 if mesh is None else int(mesh.size)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    loss_metrics = [n for n in metric_names(resolved) if n not in ("grad_norm", "lr")]
+
+    def constrain(tree, sharding):
+        return tree if sharding is None else jax.lax.with_sharding_constraint(tree, sharding)
+
+    def micro_batches(a):
+        b = a.shape[0]
+        a = a.reshape((shards, k, b // (shards * k)) + a.shape[1:]).swapaxes(0, 1).reshape((k, b // k) + a.shape[1:])
+        if mesh is None:
+            return a
+        return jax.lax.with_sharding_constraint(
+            a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.batch_axes(mesh))))
+
+    def gradients(params, images, labels, key):
+        full = constrain(params, parallel.replicated_sharding(mesh)) if gather else params
+        ids = jnp.arange(images.shape[0], dtype=jnp.int32)
+        if k == 1:
+            (_, metrics), grads = value_and_grad(full, images, labels, key, ids)
+            return metrics, constrain(grads, param_sh)
+        xs = (micro_batches(images), micro_batches(labels), micro_batches(ids))
+
+        def body(carry, mb):
+            x, y, i = mb
+            (_, metrics), grads = value_and_grad(full, x, y, key, i)
+            metrics = {n: metrics[n].astype(jnp.float32) for n in loss_metrics}
+            return jax.tree_util.tree_map(jnp.add, carry, (metrics, constrain(grads, param_sh))), None
+
+        zeros = ({n: jnp.zeros((), jnp.float32) for n in loss_metrics},
+                 constrain(jax.tree_util.tree_map(jnp.zeros_like, params), param_sh))
+        (msum, gsum), _ = jax.lax.scan(body, zeros, xs)
+        return jax.tree_util.tree_map(lambda v: v / k, (msum, gsum))
 
     def step_fn(state: TrainState, images, labels, acc):
         key = jax.random.fold_in(train_key, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, labels, key)
+        metrics, grads = gradients(state.params, images, labels, key)
+        loss = metrics["loss"]
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -434,6 +555,75 @@ def make_train_step(resolved, model, tx, sched, train_key) -> Callable:
         return new_state, acc
 
     return step_fn
+
+
+def train_mesh(resolved):
+    """The (data, fsdp) mesh of config.mesh over every device of every process."""
+    m = config_util.get(resolved, "mesh", {})
+    return parallel.make_mesh(config_util.get(m, "data", -1), config_util.get(m, "fsdp", 1))
+
+
+def state_layout(resolved, model, tx, mesh) -> tuple:
+    """(abstract TrainState with shardings, TrainState of NamedShardings, jitted init_fn(key)) on
+    `mesh` (`parallel.state_shardings` with config.mesh.min_shard_size)."""
+    def init(key):
+        return init_state(resolved, model, tx, key)
+
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    min_size = int(config_util.get(config_util.get(resolved, "mesh", {}), "min_shard_size",
+                                   parallel.DEFAULT_MIN_SHARD_SIZE))
+    shardings = parallel.state_shardings(shapes, mesh, min_size)
+    abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                      shapes, shardings)
+    return abstract, shardings, cpu.jit(init, out_shardings=shardings)
+
+
+def jit_train_step(resolved, model, tx, sched, train_key, mesh, shardings) -> tuple:
+    """(jitted step with explicit in/out shardings and donated state, accumulator sharding)."""
+    repl = parallel.replicated_sharding(mesh)
+    acc_sharding = jax.tree_util.tree_map(lambda _: repl, zero_accumulator(metric_names(resolved)))
+    batch = parallel.batch_sharding(mesh)
+    step = cpu.jit(make_train_step(resolved, model, tx, sched, train_key, mesh=mesh, state_shardings=shardings),
+                   in_shardings=(shardings, batch, batch, acc_sharding),
+                   out_shardings=(shardings, acc_sharding), donate_argnums=(0, 3))
+    return step, acc_sharding
+
+
+def _abstract_inputs(resolved, mesh, acc_sharding) -> tuple:
+    """ShapeDtypeStructs (with shardings) of a step's images, labels and metric accumulator."""
+    batch = parallel.batch_sharding(mesh)
+    b, s, c = int(resolved.train.batch_size), int(resolved.data.image_size), int(resolved.data.channels)
+    acc = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                 jax.eval_shape(lambda: zero_accumulator(metric_names(resolved))), acc_sharding)
+    return (jax.ShapeDtypeStruct((b, s, s, c), jnp.float32, sharding=batch),
+            jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch), acc)
+
+
+def lower_train_step(resolved, mesh=None):
+    """The train step of `resolved` lowered for `mesh` (default config.mesh) on abstract inputs, for
+    `.compile().memory_analysis()` / `.cost_analysis()` without data or a workdir."""
+    model = create_model(resolved)
+    tx = make_optimizer(resolved.train)
+    sched = schedules.make_schedule(resolved.diffusion.schedule, int(resolved.diffusion.num_timesteps))
+    mesh = train_mesh(resolved) if mesh is None else mesh
+    abstract, shardings, _ = state_layout(resolved, model, tx, mesh)
+    step, acc_sharding = jit_train_step(resolved, model, tx, sched, _keys(resolved.seed)[1], mesh, shardings)
+    return step.lower(abstract, *_abstract_inputs(resolved, mesh, acc_sharding))
+
+
+def memory_report(compiled, state, mesh) -> dict:
+    """What W/memory.json holds: the compiled step's buffer sizes per device (XLA's memory
+    analysis) and the train state's bytes (all, and the most any device of this process holds)."""
+    out = {"mesh": {k: int(v) for k, v in dict(mesh.shape).items()}, "devices": jax.device_count()}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        out["train_step"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
+                             ("temp", "argument", "output", "alias", "generated_code")
+                             if hasattr(mem, f"{k}_size_in_bytes")}
+    leaves = jax.tree_util.tree_leaves(state)
+    out["state_bytes"] = int(sum(x.size * x.dtype.itemsize for x in leaves))
+    out["state_bytes_per_device"] = int(max(parallel.addressable_bytes(state).values()))
+    return out
 
 
 def metric_names(resolved) -> tuple:
@@ -465,60 +655,13 @@ def _all_finite_jit(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def train_batches(source, resolved, start: int, stop: int) -> Iterator:
-    """This process's (images, labels) of steps [start, stop), prefetched (`jaxdiff.data.batches`)."""
+def train_batches(source, resolved, start: int, stop: int, position: Optional[int] = None) -> Iterator:
+    """This process's (images, labels) of steps [start, stop), prefetched (`jaxdiff.data.batches`);
+    step `start`'s batch begins at stream `position` (default start * batch_size)."""
     return data_lib.batches(source, global_batch_size=int(resolved.train.batch_size), seed=int(resolved.seed),
                             start_step=start, num_steps=stop - start, augment=config_util.get(resolved.data, "augment"),
-                            image_size=int(resolved.data.image_size))
-
-
-class MetricsWriter:
-    """JSON lines in W/metrics.jsonl (process 0), and TensorBoard when tensorboardX is installed."""
-
-    def __init__(self, workdir: str, resume_step: int):
-        self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, METRICS_FILE)
-        self.tb = None
-        if not self.enabled:
-            return
-        # Drop lines a killed run wrote after its last checkpoint: they are recomputed.
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                lines = [ln for ln in f if ln.strip()]
-            keep = []
-            for ln in lines:
-                try:
-                    if json.loads(ln).get("step", 0) <= resume_step:
-                        keep.append(ln)
-                except json.JSONDecodeError:
-                    pass  # a torn last line of a killed run
-            files.atomic_write(self.path, "".join(keep))
-        try:
-            from tensorboardX import SummaryWriter  # optional
-        except ImportError:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-            except Exception:
-                SummaryWriter = None
-        if SummaryWriter is not None:
-            try:
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except Exception:  # never let an optional writer stop training
-                self.tb = None
-
-    def write(self, step: int, metrics: Mapping[str, float]):
-        if not self.enabled:
-            return
-        rec = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, float(v), int(step))
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
+                            image_size=int(resolved.data.image_size), start_position=position,
+                            workers=int(config_util.get(resolved.data, "workers", 1)))
 
 
 def _progress(total: int, initial: int):
@@ -532,8 +675,21 @@ def _progress(total: int, initial: int):
 # Periodic samples / evaluation
 # --------------------------------------------------------------------------------------------
 
+def grid_classes(num_classes: int, at_most: int) -> np.ndarray:
+    """The classes a training grid shows: all of them, or `at_most` evenly spaced ones."""
+    if num_classes <= at_most:
+        return np.arange(num_classes)
+    return np.unique(np.linspace(0, num_classes - 1, at_most).round().astype(np.int64))
+
+
 def make_sample_fn(resolved, model) -> Callable:
-    """fn(params) -> uint8 [num_classes * per_class, H, W, C]: CFG (or unguided) samples, one row per class."""
+    """fn(params) -> (uint8 [rows * per_class, H, W, C], labels): CFG (or unguided) samples, one row
+    per class of `grid_classes` (at most sample.grid_classes rows).
+
+    The sample count is padded to a multiple of the global device count, so every process samples
+    and contributes the same number of rows (the padding rows are dropped); every process ends up
+    with the whole (small) grid, and process 0 writes it. `params` must be replicated.
+    """
     from jaxdiff import guidance, samplers, sampling
 
     scfg = resolved.sample
@@ -557,11 +713,15 @@ def make_sample_fn(resolved, model) -> Callable:
                                                             learned_sigma=learned_sigma),
                                 (s, s, int(resolved.data.channels)))
     scales = {guidance.CFG_SCALE: float(config_util.get(scfg, "guidance_scale", 3.0))} if null else {}
+    labels = np.repeat(grid_classes(num_classes, int(config_util.get(scfg, "grid_classes", 16))), per_class)
+    n = len(labels)
+    total = -(-n // jax.device_count()) * jax.device_count()
+    padded = np.concatenate([labels, np.full(total - n, labels[-1])])
 
     def fn(params):
-        return sampling.generate(run, params, sched, num_samples=num_classes * per_class,
-                                 labels=np.repeat(np.arange(num_classes), per_class), scales=scales,
-                                 seed=int(config_util.get(scfg, "seed", 0)), batch_size=num_classes * per_class)
+        images = sampling.generate(run, params, sched, num_samples=total, labels=padded, scales=scales,
+                                   seed=int(config_util.get(scfg, "seed", 0)), batch_size=total)
+        return images[:n], labels
 
     return fn
 
@@ -570,74 +730,131 @@ def make_sample_fn(resolved, model) -> Callable:
 # The loop
 # --------------------------------------------------------------------------------------------
 
-def _write_config(workdir: str, resolved) -> None:
-    if jax.process_index() != 0:
+def _read_text(path) -> Optional[str]:
+    try:
+        return path.read_text()
+    except (OSError, ValueError):  # missing, or not readable from this host
+        return None
+
+
+def prepare_workdir(workdir, config_text: str) -> None:
+    """Create W and write W/config.json (process 0); then check, collectively, that every process
+    was given the same workdir on storage they all read, and the same config.
+
+    Raises ConfigError on every process (none hangs) when a process cannot read what process 0
+    wrote (different workdirs, or per-host local disks) or resolved a different config.
+    """
+    pid, count = jax.process_index(), jax.process_count()
+    path = workdir / checkpoints.CONFIG_FILE
+    token = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF if pid == 0 else 0
+    if pid == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        old = _read_text(path)
+        if old is not None and old != config_text:
+            log.warning("config differs from the one in %s; the new one replaces it", path)
+        files.atomic_write(str(path), config_text)
+        if count > 1:
+            files.atomic_write(str(workdir / HOSTS_FILE), f"{token}\n")
+    if count == 1:
         return
-    path = os.path.join(workdir, checkpoints.CONFIG_FILE)
-    text = config_util.to_json(resolved) + "\n"
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() != text:
-                log.warning("config differs from the one in %s; the new one replaces it", path)
-    files.atomic_write(path, text)
+    token = int(parallel.process_values(np.array(token))[0])  # also a barrier: process 0 has written
+    seen = _read_text(workdir / HOSTS_FILE)
+    if seen is None or seen.strip() != str(token):
+        code = 1
+    else:
+        code = 0 if _read_text(path) == config_text else 2
+    codes = parallel.process_values(np.array(code))
+    dirs = parallel.process_strings(str(workdir))
+    if not codes.any():
+        return
+    where = "; ".join(f"process {i}: {d!r}" for i, d in enumerate(dirs))
+    if (codes == 1).any():
+        bad = ", ".join(str(i) for i in np.flatnonzero(codes == 1))
+        raise ConfigError(
+            f"process(es) {bad} cannot read the run files process 0 wrote ({checkpoints.CONFIG_FILE}, {HOSTS_FILE}) "
+            f"in their workdir ({where}). Every process must be given the same workdir, on storage every host "
+            "reads and writes (a shared file system, or gs://bucket/path); per-host local disks do not work")
+    bad = ", ".join(str(i) for i in np.flatnonzero(codes == 2))
+    raise ConfigError(f"process(es) {bad} resolved a different config than process 0 (compare their command "
+                      f"lines with {path}): every process must run the same config")
+
+
+def agree_on_start(manager) -> Optional[int]:
+    """The latest complete checkpoint step, checked to be the same on every process (collective).
+
+    Raises ConfigError on every process when they see different latest steps."""
+    latest = manager.latest_step()
+    steps = parallel.process_values(np.array(-1 if latest is None else int(latest))).reshape(-1)
+    if (steps != steps[0]).any():
+        seen = "; ".join(f"process {i}: {'none' if v < 0 else f'step {v}'}" for i, v in enumerate(steps))
+        raise ConfigError(f"the processes see different latest checkpoints in {manager.directory} ({seen}): "
+                          "they would start from different steps. Give every process the same workdir on "
+                          "storage every host reads")
+    return latest
 
 
 def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = None) -> TrainState:
     """Train per `config` in `workdir`, resuming from its latest complete checkpoint.
 
-    Returns the final TrainState. `step_hook(step)` (optional) is called on the host after each
-    step is dispatched (tests use it to slow a run down). Raises NonFiniteLossError when a loss or
-    gradient norm is NaN/inf (after waiting for pending checkpoint writes).
+    Returns the final TrainState (or the state saved when SIGTERM / SIGINT stopped the run early).
+    `step_hook(step)` (optional) is called on the host after each step is dispatched (tests use it
+    to slow a run down). Raises NonFiniteLossError when a loss or gradient norm is NaN/inf (after
+    waiting for pending checkpoint writes).
     """
     config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
     validate_config(config)
     source, info = open_dataset(config)
     resolved = resolve_config(config, info)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(workdir, resolved)
+    workdir = checkpoints.as_path(workdir)
+    prepare_workdir(workdir, config_util.to_json(resolved) + "\n")
 
     model = create_model(resolved)
     tx = make_optimizer(resolved.train)
     sched = schedules.make_schedule(resolved.diffusion.schedule, int(resolved.diffusion.num_timesteps))
     init_key, train_key, _ = _keys(resolved.seed)
 
-    mesh = parallel.data_mesh()
+    mesh = train_mesh(resolved)
+    abstract, shardings, init_fn = state_layout(resolved, model, tx, mesh)
     repl = parallel.replicated_sharding(mesh)
-    init_fn = cpu.jit(lambda k: init_state(resolved, model, tx, k), out_shardings=repl)
-    abstract = jax.eval_shape(init_fn, init_key)
-    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
-
     tcfg = resolved.train
-    manager = checkpoints.make_manager(os.path.join(workdir, checkpoints.CHECKPOINT_DIR), keep=int(tcfg.keep),
+    batch_size = int(tcfg.batch_size)
+    manager = checkpoints.make_manager(workdir / checkpoints.CHECKPOINT_DIR, keep=int(tcfg.keep),
                                        async_save=bool(config_util.get(tcfg, "async_checkpointing", True)))
     try:
-        state, start = checkpoints.restore_latest(manager, abstract)
+        start = agree_on_start(manager)
+        state = None if start is None else checkpoints.restore(manager, start, abstract)
+    except ConfigError:
+        manager.close()
+        raise
     except (ValueError, KeyError, TypeError) as e:
         manager.close()
         raise ConfigError(
             f"the latest checkpoint in {manager.directory} does not fit this config's model/optimiser "
             f"(was the workdir trained with another config?): {' '.join(str(e).split())[:600]}") from None
     if state is None:
-        state, start = init_fn(init_key), 0
+        state, start, position = init_fn(init_key), 0, 0
         log.info("initialised a new %s model", resolved.task)
     else:
-        log.info("resumed from the checkpoint of step %d", start)
+        # checkpoints written before positions were saved: the old order, step * batch_size
+        position = int(checkpoints.step_metadata(manager, start).get("data_position", start * batch_size))
+        log.info("resumed from the checkpoint of step %d (data stream position %d)", start, position)
     last_good = start if start else None
     total = int(tcfg.steps)
     names = metric_names(resolved)
-    acc_sharding = jax.tree_util.tree_map(lambda _: repl, zero_accumulator(names))
+    step_fn, acc_sharding = jit_train_step(resolved, model, tx, sched, train_key, mesh, shardings)
+    step_fn = step_fn.lower(abstract, *_abstract_inputs(resolved, mesh, acc_sharding)).compile()
+    if jax.process_index() == 0:
+        files.write_json(str(workdir / MEMORY_FILE), memory_report(step_fn, state, mesh))
     new_acc = jax.jit(lambda: zero_accumulator(names), out_shardings=acc_sharding)
-    step_fn = cpu.jit(make_train_step(resolved, model, tx, sched, train_key),
-                      out_shardings=(jax.tree_util.tree_map(lambda a: a.sharding, abstract), acc_sharding),
-                      donate_argnums=(0, 3))
+    gather = jax.jit(lambda p: p, out_shardings=repl)  # the EMA parameters for sampling / evaluation
     batch_sh = parallel.batch_sharding(mesh)
 
     writer = MetricsWriter(workdir, start)
+    profile = monitor.ProfileWindow(config_util.get(resolved, "profile_steps", ()), workdir / monitor.PROFILE_DIR)
     sample_every = int(config_util.get(tcfg, "sample_every", 0))
     sample_fn = None
     eval_fn = None
-    samples_dir = os.path.join(workdir, SAMPLES_DIR)
+    samples_dir = workdir / SAMPLES_DIR
     log_every, ckpt_every = int(tcfg.log_every), int(tcfg.checkpoint_every)
 
     acc = new_acc()
@@ -645,68 +862,80 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     t_last, s_last = time.time(), start
     step = start
     try:
-        for images, labels in train_batches(source, resolved, start, total):
-            x = jax.make_array_from_process_local_data(batch_sh, images)
-            y = jax.make_array_from_process_local_data(batch_sh, labels)
-            state, acc = step_fn(state, x, y, acc)
-            step += 1
-            if step_hook is not None:
-                step_hook(step)
-            at_log = step % log_every == 0 or step == total
-            at_ckpt = step % ckpt_every == 0 or step == total
-            at_sample = sample_every > 0 and step % sample_every == 0
-            if not (at_log or at_ckpt or at_sample):
-                continue
-            # --- host sync: metrics since the last boundary, non-finite check ---
-            acc_host = jax.tree_util.tree_map(_host, acc)
-            acc = new_acc()
-            count = int(acc_host["count"])
-            first_bad = int(acc_host["first_nonfinite"])
-            means = {k: float(v) / max(count, 1) for k, v in acc_host["sums"].items()}
-            if first_bad >= 0:
-                manager.wait_until_finished()
-                pbar.close()
-                where = (f"the last good checkpoint is step {last_good} in {manager.directory}"
-                         if last_good is not None else "no checkpoint had been written yet")
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at training step {first_bad} (detected at step {step}, "
-                    f"mean loss of steps {step - count + 1}..{step} = {means.get('loss')}); training "
-                    f"stopped; {where}. Lower config.train.lr, raise warmup_steps or set grad_clip.")
-            now = time.time()
-            sps = (step - s_last) / max(now - t_last, 1e-9)
-            t_last, s_last = now, step
-            means["steps_per_sec"] = sps
-            writer.write(step, means)
-            pbar.update(step - pbar.n)
-            pbar.set_postfix(loss=f"{means['loss']:.4g}", steps_s=f"{sps:.2f}", refresh=False)
-            pbar.refresh()
-            if at_ckpt:
-                if not _all_finite(state.params):
+        with preemption.StopRequest() as stop:
+            for images, labels in train_batches(source, resolved, start, total, position):
+                profile.before_step(step)
+                x = jax.make_array_from_process_local_data(batch_sh, images)
+                y = jax.make_array_from_process_local_data(batch_sh, labels)
+                state, acc = step_fn(state, x, y, acc)
+                step += 1
+                position += batch_size
+                if step_hook is not None:
+                    step_hook(step)
+                profile.after_step(step, state)
+                stopping = stop.reached(step) and step < total
+                at_log = step % log_every == 0 or step == total or stopping
+                at_ckpt = step % ckpt_every == 0 or step == total or stopping
+                at_sample = sample_every > 0 and step % sample_every == 0 and not stopping
+                if not (at_log or at_ckpt or at_sample):
+                    continue
+                # --- host sync: metrics since the last boundary, non-finite check ---
+                acc_host = jax.tree_util.tree_map(_host, acc)
+                acc = new_acc()
+                count = int(acc_host["count"])
+                first_bad = int(acc_host["first_nonfinite"])
+                means = {k: float(v) / max(count, 1) for k, v in acc_host["sums"].items()}
+                if first_bad >= 0:
                     manager.wait_until_finished()
+                    pbar.close()
+                    where = (f"the last good checkpoint is step {last_good} in {manager.directory}"
+                             if last_good is not None else "no checkpoint had been written yet")
                     raise NonFiniteLossError(
-                        f"parameters became non-finite by training step {step}; training stopped; "
-                        f"the last good checkpoint is step {last_good}")
-                checkpoints.save(manager, step, state, {"loss": means["loss"]})
-                last_good = step
-            if at_sample:
-                if resolved.task == "diffusion":
-                    if sample_fn is None:
-                        sample_fn = make_sample_fn(resolved, model)
-                    grid = sample_fn(state.ema_params)
-                    if jax.process_index() == 0:
-                        files.save_grid(os.path.join(samples_dir, f"step_{step:07d}.png"), grid,
-                                        ncol=int(config_util.get(resolved.sample, "per_class", 8)))
-                else:
-                    if eval_fn is None:
-                        from jaxdiff import evaluation
+                        f"non-finite loss or gradient at training step {first_bad} (detected at step {step}, "
+                        f"mean loss of steps {step - count + 1}..{step} = {means.get('loss')}); training "
+                        f"stopped; {where}. Lower config.train.lr, raise warmup_steps or set grad_clip.")
+                now = time.time()
+                speed = monitor.throughput(step - s_last, now - t_last, batch_size)
+                t_last, s_last = now, step
+                means.update(speed)
+                means.update(monitor.device_memory())
+                writer.write(step, means)
+                pbar.update(step - pbar.n)
+                pbar.set_postfix(loss=f"{means['loss']:.4g}", steps_s=f"{speed['steps_per_sec']:.2f}", refresh=False)
+                pbar.refresh()
+                if at_ckpt:
+                    if not _all_finite(state.params):
+                        manager.wait_until_finished()
+                        raise NonFiniteLossError(
+                            f"parameters became non-finite by training step {step}; training stopped; "
+                            f"the last good checkpoint is step {last_good}")
+                    checkpoints.save(manager, step, state, {"loss": means["loss"]},
+                                     custom_metadata={"data_position": position, "batch_size": batch_size})
+                    last_good = step
+                if stopping:
+                    log.warning("stopped at step %d on request; its checkpoint is saved in %s: run the same "
+                                "command to resume", step, manager.directory)
+                    break
+                if at_sample:
+                    if resolved.task == "diffusion":
+                        if sample_fn is None:
+                            sample_fn = make_sample_fn(resolved, model)
+                        grid, grid_labels = sample_fn(gather(state.ema_params))
+                        if jax.process_index() == 0:
+                            per_class = int(config_util.get(resolved.sample, "per_class", 8))
+                            files.save_grid(str(samples_dir / f"step_{step:07d}.png"), grid, ncol=per_class)
+                    else:
+                        if eval_fn is None:
+                            from jaxdiff import evaluation
 
-                        eval_fn = evaluation.make_eval_fn(resolved, model)
-                    ev = eval_fn(state.ema_params)
-                    writer.write(step, ev)
-                    log.info("step %d eval %s", step, ev)
-                t_last = time.time()  # sampling time does not count against steps/s
+                            eval_fn = evaluation.make_eval_fn(resolved, model)
+                        ev = eval_fn(gather(state.ema_params))
+                        writer.write(step, ev)
+                        log.info("step %d eval %s", step, ev)
+                    t_last = time.time()  # sampling time does not count against steps/s
         manager.wait_until_finished()
     finally:
+        profile.close()
         pbar.close()
         writer.close()
         manager.close()

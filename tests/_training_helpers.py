@@ -161,8 +161,8 @@ def _install_hooks():
     if nan_at > 0:
         orig_batches = training.train_batches
 
-        def train_batches(source, resolved, start, stop):
-            for step, (images, labels) in enumerate(orig_batches(source, resolved, start, stop), start):
+        def train_batches(source, resolved, start, stop, *rest):
+            for step, (images, labels) in enumerate(orig_batches(source, resolved, start, stop, *rest), start):
                 if step + 1 == nan_at:  # data of step index `step` feeds training step step + 1
                     images = np.full_like(images, np.nan)
                 yield images, labels
