@@ -142,6 +142,11 @@ def test_two_processes_fsdp8_match_one_device_and_report(fsdp_run, sess):
         assert all(key in m and np.isfinite(m[key]) for m in lines), key
     assert {"loss", "images_per_sec_per_device", "step_time"} <= _event_tags(work / "tensorboard")
     assert list((work / "profile").rglob("*.xplane.pb"))
+    from jaxdiff import checkpoints  # the data stream position a resumed run continues from
+
+    manager = checkpoints.make_manager(str(work / "checkpoints"), read_only=True)
+    assert checkpoints.step_metadata(manager, 30) == {"data_position": 30 * 16, "batch_size": 16}
+    manager.close()
 
 
 def test_sigterm_to_one_process_saves_one_step_and_rerun_is_bitwise(fsdp_run, sess, tmp_path):
