@@ -12,7 +12,7 @@ def get_config():
                    n_head_text=2, n_head_state_text=32, n_xf_blocks_text=1, max_text_len=6,
                    logit_scale=1 / 0.07, learn_logit_scale=True)
     c.diffusion.update(schedule="cosine", num_timesteps=1000)
-    c.train.update(batch_size=128, steps=500, lr=1e-3, warmup_steps=50, lr_schedule="linear",
+    c.train.update(batch_size=128, steps=400, lr=1e-3, warmup_steps=50, lr_schedule="linear",
                    weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, noised=False, log_every=50,
-                   checkpoint_every=250, keep=2, sample_every=0)
+                   checkpoint_every=200, keep=2, sample_every=0)
     return c

@@ -15,7 +15,7 @@ def get_config():
     c.clip_image = c.clip_text = "runs/digits_text/clip"
     c.eval_clip = "runs/digits_text/eval_clip"
     c.classifier_scales = ()  # a text model has no labels to guide a classifier towards
-    c.cfg_scales = (0.0, 2.0, 3.0)
+    c.cfg_scales = (0.0, 1.5, 3.0)
     c.clip_scales = (1.0, 3.0)
     c.sampler = "ddpm"
     c.steps = (50,)
