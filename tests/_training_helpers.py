@@ -36,17 +36,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env(cache_dir, devices: int | None = None, **extra) -> dict:
-    e = dict(os.environ)
+def env(cache_dir=None, devices: int | None = None, *, opt0: bool = True, **extra) -> dict:
+    """The environment of a test subprocess: CPU, this checkout first on the path, `devices` host
+    devices, LLVM -O0 (`opt0`: compiles the tiny models ~2x faster; runs compared with each other
+    must all use the same flags), the persistent compilation cache in `cache_dir` (if given)."""
+    e = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     e["JAX_PLATFORMS"] = "cpu"
-    e["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    if cache_dir is not None:
+        e["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+        e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     flags = [f for f in e.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     if devices:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
-    # LLVM -O0: compiles the tiny model ~2x faster; runs of one test all use the same flags.
-    if not any("xla_backend_optimization_level" in f for f in flags):
+    if opt0 and not any("xla_backend_optimization_level" in f for f in flags):
         flags.append("--xla_backend_optimization_level=0")
     e["XLA_FLAGS"] = " ".join(flags)
     e.update({k: str(v) for k, v in extra.items()})

@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import _fake_features as F
+import _training_helpers as H
 from jaxdiff import adm_eval as A
 from jaxdiff import data
 from jaxdiff import metrics as M
@@ -337,22 +338,13 @@ def test_write_reference_batch_from_a_split(files, tmp_path):
 
 
 def _env(devices):
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    return env
+    return H.env(devices=devices, opt0=False)
 
 
 def test_eight_devices_and_two_processes_match_one_device(files, tmp_path):
-    import socket
-
     d = files["dir"]
     args = [sys.executable, str(HERE / "_adm_eval_worker.py"), str(d / "ref.npz"), str(d / "samples.npz")]
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = H.free_port()
     procs = [subprocess.Popen(args + [str(tmp_path / "eight")], env=_env(8), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)]
     procs += [subprocess.Popen(args + [str(tmp_path / f"proc{i}"), str(port), "2", str(i)], env=_env(2),

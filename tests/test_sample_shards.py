@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import _tiny
+import _training_helpers as H
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -20,14 +21,6 @@ N, BS = 1000, 100  # 10 global batches: 100 rows; 50 (padded to 52) or 34/33/33 
 SETTINGS = ["--config.sample.sampler=ddim", "--config.sample.steps=3", f"--config.sample.num_samples={N}",
             f"--config.sample.batch_size={BS}", "--config.sample.grid_max=16"]
 KILL_AFTER = 3  # process 1 of the interrupted run SIGKILLs itself after writing its 3rd shard
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 class _Runs:
@@ -41,16 +34,11 @@ class _Runs:
 
     def start(self, name, processes, devices, extra=(), kill=None):
         """`processes` sample.py processes (devices each) into root/name; returns [(Popen, log path)]."""
-        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-        env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_LOG_COMPILES="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
-                   XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}",
-                                               "--xla_backend_optimization_level=0"]))
+        env = H.env(devices=devices, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_LOG_COMPILES="1")
         cmd = [sys.executable, str(HERE / "_sample_worker.py"), "--config", str(ROOT / "configs" / "sample.py"),
                f"--config.model={self.root / 'model'}", f"--config.out={self.root / name}",
                f"--jax_cache_dir={self.cache}", *SETTINGS, *extra]
-        port, procs = _free_port(), []
+        port, procs = H.free_port(), []
         for i in range(processes):
             multi = [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
                      f"--process_id={i}"] if processes > 1 else []
