@@ -186,3 +186,29 @@ def test_clip_image_encoder_reads_grayscale_as_rgb():
 
     gray, rgb = both(x, t)
     np.testing.assert_array_equal(gray, rgb)
+
+
+@pytest.mark.parametrize("name", ["digits_text", "digits_clip", "digits_eval_clip", "fashion_mnist_text",
+                                  "fashion_mnist_clip", "fashion_mnist_eval_clip"])
+def test_text_configs_resolve_and_read_whole_captions(data_dir, name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, H.REPO / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    base = cfg.data.name[: -len("_text")]
+    if base == "digits":
+        cfg.data.data_dir = str(data_dir)
+        info = None
+    else:  # Fashion-MNIST's shape and caption metadata, without preparing 70,000 images
+        info = data.DataInfo(name=cfg.data.name, split="train", num_examples=60000, image_shape=(28, 28, 1),
+                             num_classes=10, class_names=tuple(map(str, range(10))), random_flip=False,
+                             resize_mode="pad", pad_value=0, data_dir="/unused", caption_key="caption",
+                             captions={"scheme": base, "vocabulary": list(captions.vocabulary(base))})
+    r = training.resolve_config(cfg, info)
+    s = captions.scheme(base)
+    longest = 1 + len(s.attributes) + max(len(w.split()) for w in s.class_words)  # "a" + attributes + class
+    room = r.model.text_ctx if r.task == "text2im" else r.model.max_text_len - 1  # CLIP keeps one for the end id
+    assert longest <= room, (name, longest, room)
+    assert r.data.image_size == (8 if base == "digits" else 32)
