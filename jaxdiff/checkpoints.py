@@ -152,7 +152,8 @@ def read_config(directory: str) -> dict:
     return json.loads(path.read_text())
 
 
-def load_model(directory: str, *, step: int | None = None, ema: bool = True, dtype: str | None = None):
+def load_model(directory: str, *, step: int | None = None, ema: bool = True, dtype: str | None = None,
+               kind: str | None = None):
     """(module, params, config) of a trained workdir or of a converted guided-diffusion / GLIDE checkpoint.
 
     Trained workdir: the EMA parameters (``ema=False``: the raw ones) of the latest checkpoint (or
@@ -162,6 +163,9 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True, dty
     "guided-diffusion" or "glide") is loaded by `jaxdiff.convert.load_converted` and its diffusion
     flags are renamed to the same keys. `dtype` ("float32" / "bfloat16") overrides the compute dtype (a
     converted use_fp16 checkpoint computes in bfloat16 unless dtype="float32" is given).
+    `kind` picks one network of a workdir that holds several: "clip-image" or "clip-text" of a trained
+    CLIP ("clip" task) gives that encoder, its parameters and config["model"] = its kwargs + "kind";
+    otherwise it is ignored (callers check the kind they get).
     """
     cfg = read_config(directory)
     overrides = {"dtype": dtype} if dtype else {}
@@ -177,8 +181,7 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True, dty
     from jaxdiff import models
 
     model_cfg = dict(cfg["model"])
-    kind = model_cfg.pop("kind")
-    module = models.create_model(kind, **{**_tuples(model_cfg), **overrides})
+    module = models.create_model(model_cfg.pop("kind"), **{**_tuples(model_cfg), **overrides})
     ckpt_dir = as_path(directory) / CHECKPOINT_DIR
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {ckpt_dir} (has {directory} been trained?)")
@@ -205,6 +208,12 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True, dty
     out = dict(cfg)
     out["model"] = dict(cfg["model"])
     out["step"] = int(step)
+    if kind in ("clip-image", "clip-text") and out["model"]["kind"] == "clip":
+        part = kind.split("-")[1]
+        module = getattr(module, f"{part}_encoder")(parent=None)
+        params = params[part]
+        out["model"] = {"kind": kind, **{f: getattr(module, f) for f in module.__dataclass_fields__
+                                         if f not in ("parent", "name")}}
     return module, params, out
 
 

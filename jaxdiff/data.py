@@ -24,7 +24,9 @@ a file lock in data_dir, so processes on one machine may race for it safely.
 Batches
 -------
 `batches` yields, per process, ``(images, labels)``: float32 NHWC images in [-1, 1]
-(``x / 127.5 - 1``) and int32 labels, read from one endless stream of examples:
+(``x / 127.5 - 1``) and int32 labels (with ``text=True``, captioned datasets: ``(images, labels,
+text)``, text the rows' caption strings, attribute bins and named masks), read from one endless
+stream of examples:
 
 * order: epoch ``e`` visits the examples in the order ``argsort(h(seed, e, i))`` for i < N, with
   ``h`` a 64-bit splitmix hash (pure NumPy, so it does not depend on a library's RNG stream);
@@ -862,9 +864,11 @@ def _check_workers(workers) -> int:
 
 
 def _rows(source: Source, positions: np.ndarray, seed: int, augment: bool, image_size,
-          mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 images, int32 labels) of the examples at these stream positions."""
-    images, labels = source.gather(_positions_to_indices(positions, len(source), seed))
+          mode: str, text: bool = False) -> tuple:
+    """(float32 images, int32 labels) of the examples at these stream positions, and with `text`
+    their text fields (`Source.gather_text`)."""
+    indices = _positions_to_indices(positions, len(source), seed)
+    images, labels = source.gather(indices)
     images = resize_images(images, image_size, mode, source.info.pad_value) if image_size \
         else _stack(images, source.info)
     if augment:
@@ -872,7 +876,16 @@ def _rows(source: Source, positions: np.ndarray, seed: int, augment: bool, image
         if flip.any():
             images = images.copy()
             images[flip] = images[flip][:, :, ::-1]
-    return to_model_range(images), labels.astype(np.int32)
+    out = (to_model_range(images), labels.astype(np.int32))
+    return out + (source.gather_text(indices),) if text else out
+
+
+def _check_text(source: Source, text) -> bool:
+    if not isinstance(text, bool):
+        raise ValueError(f"text must be True or False, got {text!r}")
+    if text and source.info.caption_key is None:
+        source.gather_text([])  # raises naming the captioned datasets
+    return text
 
 
 def _local_positions(step_start: int, b: int, p: int, count: int) -> np.ndarray:
@@ -883,8 +896,10 @@ def _local_positions(step_start: int, b: int, p: int, count: int) -> np.ndarray:
 def batch_at(source: Source, step: int, *, global_batch_size: int, seed: int,
              process_index: int | None = None, process_count: int | None = None,
              augment: bool | None = None, image_size: int | None = None,
-             resize_mode: str | None = None, position: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """This process's part of the global batch of `step`: (float32 NHWC in [-1, 1], int32).
+             resize_mode: str | None = None, position: int | None = None, text: bool = False) -> tuple:
+    """This process's part of the global batch of `step`: (float32 NHWC in [-1, 1], int32), and
+    with `text=True` (captioned datasets) a third element, the rows' text fields as
+    `Source.gather_text` gives them ({"caption": str, "attributes", "named"}).
 
     Shape ``(global_batch_size // process_count, H, W, C)``; a pure function of (seed, position),
     where `position` (the stream position the step starts at) defaults to step * global_batch_size.
@@ -894,9 +909,10 @@ def batch_at(source: Source, step: int, *, global_batch_size: int, seed: int,
     mode = _check_resize(source.info, image_size, resize_mode)
     augment = source.info.random_flip if augment is None else bool(augment)
     _check_position("position", position)
+    text = _check_text(source, text)
     first = int(step) * int(global_batch_size) if position is None else int(position)
     return _rows(source, _local_positions(first, int(global_batch_size), int(process_index),
-                                          int(process_count)), int(seed), augment, image_size, mode)
+                                          int(process_count)), int(seed), augment, image_size, mode, text)
 
 
 def batches(source: Source, *, global_batch_size: int, seed: int, start_step: int = 0,
@@ -904,7 +920,7 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
             augment: bool | None = None, image_size: int | None = None,
             resize_mode: str | None = None, num_steps: int | None = None,
             prefetch: int = 2, start_position: int | None = None,
-            workers: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            workers: int = 1, text: bool = False) -> Iterator[tuple]:
     """Iterates this process's batches for steps start_step, start_step + 1, ... (see `batch_at`).
 
     Args:
@@ -924,6 +940,7 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
         changed batch size continues the same stream of examples.
       workers: threads decoding each batch (contiguous chunks of its rows, joined in order:
         the batches are byte-identical for any number of workers).
+      text: captioned datasets only: each batch also holds its rows' text fields (see `batch_at`).
 
     Arguments are checked when this is called, not at the first `next`.
     """
@@ -934,11 +951,13 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
         raise ValueError(f"num_steps must be None or an integer >= 0, got {num_steps!r}")
     _check_position("start_position", start_position)
     workers = _check_workers(workers)
+    text = _check_text(source, text)
     augment = source.info.random_flip if augment is None else bool(augment)
     b, start = int(global_batch_size), int(start_step)
     q0 = start * b if start_position is None else int(start_position)
     positions = functools.partial(_local_positions, b=b, p=int(process_index), count=int(process_count))
-    rows = functools.partial(_rows, source, seed=int(seed), augment=augment, image_size=image_size, mode=mode)
+    rows = functools.partial(_rows, source, seed=int(seed), augment=augment, image_size=image_size, mode=mode,
+                             text=text)
 
     def make(step: int, part: slice):
         return rows(positions(q0 + (step - start) * b)[part])
@@ -949,10 +968,17 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
     return _iterate(make, parts, start, stop, int(prefetch))
 
 
-def _join(chunks: list) -> tuple[np.ndarray, np.ndarray]:
+def _join(chunks: list) -> tuple:
+    """The workers' row chunks of one batch joined in order (arrays, or dicts of arrays)."""
     if len(chunks) == 1:
         return chunks[0]
-    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+    def cat(parts):
+        if isinstance(parts[0], dict):
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return np.concatenate(parts)
+
+    return tuple(cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
 
 
 def _iterate(make, parts: list, start: int, stop: int | None, prefetch: int):

@@ -167,11 +167,33 @@ def _accuracy_setup(cfg: Mapping, split: str, ts: Optional[Sequence[int]]):
             noised, ts)
 
 
+def clip_class_logits(module, cfg: Mapping) -> Any:
+    """logits(params, x, t) [B, num_classes] of a trained CLIP (`models.ClipModel`, config `cfg`) used
+    as a zero-shot classifier: cosine similarity of x_t with the caption naming each class alone
+    ("a seven")."""
+    from jaxdiff import captions, sampling
+    from jaxdiff.clip_guidance import normalize
+
+    scheme = captions.scheme(cfg["data"]["name"])
+    none = [False] * len(scheme.attributes)
+    words = [captions.caption(scheme, c, [0] * len(none), none) for c in range(scheme.num_classes)]
+    tokens, lengths = sampling.tokenizer_for(cfg).tokens_and_lengths(words, int(cfg["model"]["max_text_len"]))
+
+    @cpu.jit
+    def fn(params, x, t):
+        z_txt = module.apply({"params": params}, tokens, lengths, method="encode_text")
+        z_img = module.apply({"params": params}, x, t, method="encode_image")
+        return normalize(z_img.astype(jnp.float32)) @ normalize(z_txt.astype(jnp.float32)).T
+
+    return fn
+
+
 def make_eval_fn(resolved, module, split: Optional[str] = None, ts: Optional[Sequence[int]] = None):
-    """fn(params) -> {"eval_acc_t<t>": accuracy} on the evaluation split, for the training loop."""
+    """fn(params) -> {"eval_acc_t<t>": accuracy} on the evaluation split, for the training loop: a
+    classifier's accuracy, or a CLIP's zero-shot class accuracy (`clip_class_logits`)."""
     cfg = resolved.to_dict() if hasattr(resolved, "to_dict") else resolved
     images, labels, sched, noised, ts = _accuracy_setup(cfg, split or cfg["data"].get("eval_split") or "test", ts)
-    logits = _logits_fn(module)
+    logits = clip_class_logits(module, cfg) if cfg.get("task") == "clip" else _logits_fn(module)
 
     def fn(params):
         params = jax.device_get(params) if jax.process_count() == 1 else params
@@ -189,6 +211,40 @@ def evaluate_workdir(workdir: str, *, split: str = "test", ts: Optional[Sequence
     acc = accuracy_vs_t(module, params, images, labels, sched, ts, noised=noised, seed=seed)
     return {"workdir": workdir, "split": split, "step": cfg.get("step"), "noised": noised,
             "num_examples": int(len(labels)), "accuracy": {str(t): a for t, a in acc.items()}}
+
+
+# --- the evaluation CLIP's score of captioned samples ----------------------------------------------
+
+def clip_scorer(workdir: str, *, batch_size: int = 256):
+    """score(uint8 NHWC images, captions) -> the mean cosine similarity x 100 between the clean
+    (t = 0) image embeddings and the captions' embeddings of the CLIP trained in `workdir` (the
+    evaluation CLIP, `configs/*_eval_clip.py`; EMA weights)."""
+    from jaxdiff import sampling
+    from jaxdiff.clip_guidance import normalize
+
+    module, params, cfg = checkpoints.load_model(workdir)
+    config_util.require_kind(cfg, ("clip",), "the evaluation CLIP (train configs/*_eval_clip.py)", workdir)
+    tok = sampling.tokenizer_for(cfg)
+    n = int(cfg["model"]["max_text_len"])
+
+    @cpu.jit
+    def cosine(params, x, tokens, lengths):
+        t = jnp.zeros((x.shape[0],), jnp.int32)
+        z_img = module.apply({"params": params}, x, t, method="encode_image").astype(jnp.float32)
+        z_txt = module.apply({"params": params}, tokens, lengths, method="encode_text").astype(jnp.float32)
+        return jnp.sum(normalize(z_img) * normalize(z_txt), axis=-1)
+
+    def score(images, captions: Sequence[str]) -> float:
+        images = metrics.validate_images(images)
+        if len(captions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        tokens, lengths = tok.tokens_and_lengths(list(captions), n)
+        sims = [np.asarray(cosine(params, data.to_model_range(images[i: i + batch_size]),
+                                  tokens[i: i + batch_size], lengths[i: i + batch_size]))
+                for i in range(0, len(images), batch_size)]
+        return 100.0 * float(np.mean(np.concatenate(sims)))
+
+    return score
 
 
 # --- class accuracy of CFG samples ---------------------------------------------------------------

@@ -423,6 +423,9 @@ class Guide(NamedTuple):
 GUIDES: dict[str, Guide] = {}
 NETWORK_NAMES = {"classifier": "noisy classifier", "guide_model": "guide model", "clip_image": "noised CLIP image encoder",
                  "clip_text": "CLIP text encoder"}  # for messages
+# The model kind a guide's network must be; also which encoder `checkpoints.load_model` takes from a
+# workdir holding a trained CLIP's two (so clip_image and clip_text may name the same "clip" workdir).
+NETWORK_KINDS = {"classifier": "classifier", "clip_image": "clip-image", "clip_text": "clip-text"}
 ALIASES = {"none": (), "": (), "both": ("cfg", "classifier")}
 
 
@@ -613,8 +616,8 @@ def _clip_prepare(ctx: GuideContext) -> Callable[[Cond], Cond]:
 
 
 def _check_clip(model_cfg, nets):
-    for net, kind in (("clip_image", "clip-image"), ("clip_text", "clip-text")):
-        config_util.require_kind(nets[net], (kind,), f"config.{net}", f"the {net} directory")
+    for net in ("clip_image", "clip_text"):
+        config_util.require_kind(nets[net], (NETWORK_KINDS[net],), f"config.{net}", f"the {net} directory")
 
 
 register_guide(Guide(
@@ -624,7 +627,7 @@ register_guide(Guide(
 
 __all__ = [
     "ALIASES", "AUTOGUIDANCE_SCALE", "CFG_RESCALE", "CFG_SCALE", "CLASSIFIER_SCALE", "GUIDES", "Guide",
-    "NETWORK_NAMES",
+    "NETWORK_KINDS", "NETWORK_NAMES",
     "GuideContext", "Guided", "LABEL_KEY", "NULL_PREFIX", "TEXT_KEYS", "caption_dropout", "chain",
     "label_dropout", "network_fn", "text_encoder", "LOG_DENSITY_SCALE", "autoguidance", "build_guides", "cfg_rescale",
     "check_scale", "classifier_free", "classifier_guide", "classifier_log_prob", "condition_eps",

@@ -12,8 +12,22 @@ COLUMNS = (
     ("guidance", "guidance"), ("scale", "scale"), ("sampler", "sampler"), ("steps", "steps"),
     ("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"), ("precision", "precision"), ("recall", "recall"),
     ("density", "density"), ("coverage", "coverage"), ("accuracy", "accuracy"),
+    ("attribute_accuracy", "attribute acc"), ("clip_score", "eval-CLIP score"),
     ("num_samples", "N"), ("seconds", "sample s"),
 )
+ATTRIBUTE_PREFIX = "attribute_accuracy/"  # per-attribute accuracies of a text sweep: a column each
+
+
+def _columns(rows: Sequence[Mapping]) -> list:
+    """COLUMNS present in the rows, with one column per attribute after the attribute accuracy."""
+    cols = []
+    attrs = list(dict.fromkeys(k for r in rows for k in r if k.startswith(ATTRIBUTE_PREFIX)))
+    for k, h in COLUMNS:
+        if any(k in r for r in rows):
+            cols.append((k, h))
+        if k == "attribute_accuracy":
+            cols += [(a, a[len(ATTRIBUTE_PREFIX):]) for a in attrs]
+    return cols
 
 
 def _fmt(value) -> str:
@@ -26,7 +40,7 @@ def _fmt(value) -> str:
 
 def markdown_table(rows: Sequence[Mapping]) -> str:
     """A markdown table with one line per sweep setting (columns missing from a row are blank)."""
-    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+    cols = _columns(rows)
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[k]) if k in r else "" for k, _ in cols) + " |")
@@ -63,7 +77,8 @@ def _series(rows: Sequence[Mapping]):
 
 
 def write_plots(rows: Sequence[Mapping], out_dir: str) -> list[str]:
-    """FID against IS, precision against recall, accuracy against scale (PNG files)."""
+    """FID against IS, precision against recall, accuracy against scale (PNG files); for a text sweep
+    also attribute accuracy and the evaluation CLIP's score against scale, FID against that score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +89,12 @@ def write_plots(rows: Sequence[Mapping], out_dir: str) -> list[str]:
              ("recall", "precision", "recall", "precision", "precision_vs_recall.png"),
              ("scale", "accuracy", "guidance scale (none = 0 for classifier, 1 for CFG)", "classifier accuracy",
               "accuracy_vs_scale.png")]
+    if any("clip_score" in r for r in rows):
+        scale = "guidance scale (none = 1 for CFG, 0 for CLIP)"
+        specs += [("scale", "attribute_accuracy", scale, "attribute accuracy (named attributes; chance 1/3)",
+                   "attribute_accuracy_vs_scale.png"),
+                  ("scale", "clip_score", scale, "evaluation-CLIP score (cosine x 100)", "clip_score_vs_scale.png"),
+                  ("clip_score", "fid", "evaluation-CLIP score", "FID", "fid_vs_clip_score.png")]
     paths = []
     for xk, yk, xl, yl, fname in specs:
         fig, ax = plt.subplots(figsize=(5.5, 4.2))

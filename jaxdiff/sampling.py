@@ -99,11 +99,12 @@ def default_config() -> ml_collections.ConfigDict:
 # loading and validation (host-side: nothing here traces or compiles)
 # --------------------------------------------------------------------------------------------
 
-def load(directory: str, dtype: str = ""):
-    """(module, params, config) through jaxdiff.checkpoints.load_model."""
+def load(directory: str, dtype: str = "", net: str = ""):
+    """(module, params, config) through jaxdiff.checkpoints.load_model; `net`: the sample-config key
+    of a guide's network (e.g. "clip_image": the image encoder of a trained CLIP's workdir)."""
     from jaxdiff.checkpoints import load_model
 
-    return load_model(directory, dtype=dtype or None)
+    return load_model(directory, dtype=dtype or None, kind=guidance.NETWORK_KINDS.get(net))
 
 
 def parse_classes(text, num_classes: Optional[int]) -> Optional[np.ndarray]:
@@ -427,7 +428,7 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
     for name in names:
         for net in guidance.GUIDES[name].networks:
             if nets.get(net) is None and config_util.get(config, net):
-                nets[net] = load(config[net], dtype)
+                nets[net] = load(config[net], dtype, net)
     low_res = None
     if config_util.get(config, "low_res"):
         low_res = read_low_res(config.low_res, config_util.model_classes(model[2]))

@@ -1,5 +1,14 @@
 """The guidance sweep: sample with no guidance, classifier guidance and CFG over lists of scales
 (and sampler step counts), evaluate each setting, and write a table, plots and one grid per setting.
+
+Text-conditional models (a "text2im" workdir) are swept over captions: sample i gets the caption of
+example i of a deterministic draw from `caption_split` (`text_prompts`: its class, the attribute
+bins it asks for and which attributes it names), passed through the sample config; each setting
+then also reports the attribute accuracy of the named attributes (`jaxdiff.captions`' oracle,
+against the requested bins; chance 1/3) and the evaluation CLIP's score (`eval_clip`, a clean CLIP:
+mean cosine x 100 of the samples and their captions), besides class accuracy and FID / precision /
+recall in the evaluation classifier's features. CFG over text uses the empty caption as its null
+condition; "clip" guides the text model with the noised CLIP (`clip_image`, `clip_text`).
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ import time
 from typing import Callable, Iterator
 
 import ml_collections
+import numpy as np
 
 from jaxdiff import evaluation, guidance, report
 
@@ -31,6 +41,8 @@ def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
             if net not in c:
                 c[net] = ""
     c.eval_classifier = f"runs/{dataset}/eval_classifier"
+    c.eval_clip = ""            # text models: the evaluation CLIP workdir (configs/*_eval_clip.py)
+    c.caption_split = "test"    # text models: the split the samples' captions are drawn from
     c.out = f"reports/{dataset}"
     c.extractor = "classifier"  # metrics' features: "classifier" (eval_classifier) or "inception" (RGB images)
     c.inception = ""            # extractor "inception": the FID Inception weights (python -m jaxdiff.inception convert)
@@ -90,13 +102,49 @@ def validate(cfg) -> None:
         raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
 
 
+def text_prompts(model_cfg, split: str, n: int, seed: int) -> dict:
+    """The captions of a text model's n samples: examples 0..n-1 of the stream order of `split` of the
+    model's captioned dataset (`data.global_batch_indices` with `seed`: a fixed permutation, repeated
+    when n exceeds the split). Returns captions (list of str), labels (int (n,)), requested (int
+    (n, A): the bins asked for, -1 where not named), the caption scheme and its thresholds."""
+    from jaxdiff import captions, data
+
+    d = model_cfg["data"]
+    source, info = data.make_source(d["name"], split, d.get("data_dir"))
+    idx = data.global_batch_indices(0, global_batch_size=int(n), num_examples=len(source), seed=int(seed))
+    text = source.gather_text(idx)
+    scheme, thresholds = captions.from_metadata(info.captions)
+    return dict(captions=[str(c) for c in text[info.caption_key]], labels=source.gather(idx)[1].astype(np.int64),
+                requested=captions.requested_bins(text["attributes"], text["named"]), scheme=scheme,
+                thresholds=thresholds)
+
+
+def text_metrics(prompts: dict, clip_score: Callable) -> Callable[[np.ndarray], dict]:
+    """images -> {"attribute_accuracy": over every named (sample, attribute), "attribute_accuracy/<a>"
+    per attribute, "clip_score": the evaluation CLIP's score} of samples made from `prompts`."""
+    from jaxdiff import captions
+
+    named = prompts["requested"] >= 0
+    names = prompts["scheme"].attribute_names
+
+    def fn(images) -> dict:
+        acc = captions.attribute_accuracy(prompts["scheme"], prompts["thresholds"], images, prompts["labels"],
+                                          prompts["requested"])
+        counts = named.sum(axis=0)
+        pooled = sum(acc[a] * c for a, c in zip(names, counts) if c) / max(int(counts.sum()), 1)
+        return {"attribute_accuracy": float(pooled), **{f"attribute_accuracy/{a}": acc[a] for a in names},
+                "clip_score": clip_score(images, prompts["captions"])}
+
+    return fn
+
+
 def setting_name(row: dict) -> str:
     scale = "" if row["guidance"] == "none" else f"_s{row['scale']:g}"
     return f"{row['guidance']}{scale}_{row['sampler']}{row['steps']}"
 
 
-def sample_config(cfg, row: dict, out: str) -> ml_collections.ConfigDict:
-    """A sample.py config for one sweep setting."""
+def sample_config(cfg, row: dict, out: str, captions=None) -> ml_collections.ConfigDict:
+    """A sample.py config for one sweep setting (`captions`: a text model's, one per sample)."""
     from jaxdiff import sampling
 
     c = sampling.default_config()
@@ -108,6 +156,8 @@ def sample_config(cfg, row: dict, out: str) -> ml_collections.ConfigDict:
     s.sampler, s.steps, s.eta = row["sampler"], row["steps"], float(cfg.eta)
     s.num_samples, s.batch_size, s.seed = int(cfg.num_samples), int(cfg.batch_size), int(cfg.seed)
     s.classes, s.progress, s.grid_max = "all", bool(cfg.progress), int(cfg.grid_max)
+    if captions is not None:
+        s.captions = "|".join(captions)
     s.guidance = row["guidance"]
     if row["guidance"] != "none":
         s[guidance.GUIDES[row["guidance"]].config_scale] = row["scale"]
@@ -155,23 +205,37 @@ def run_sweep(cfg) -> list[dict]:
     from jaxdiff import checkpoints, sampling
 
     model = checkpoints.load_model(cfg.model)
-    networks = {net: checkpoints.load_model(cfg[net]) for net in
+    networks = {net: sampling.load(cfg[net], net=net) for net in
                 {n for g in swept_guides(cfg) for n in guidance.GUIDES[g].networks}}
     evaluate = (_inception_metrics if cfg.get("extractor") == "inception" else _classifier_metrics)(cfg, model[2])
+    prompts, extra = None, None
+    if sampling.is_text_model(model[2]):
+        if not cfg.get("eval_clip"):
+            raise ValueError("a text model's sweep needs the evaluation CLIP workdir (config.eval_clip, "
+                             "configs/*_eval_clip.py)")
+        prompts = text_prompts(model[2], cfg.get("caption_split", "test"), int(cfg.num_samples), int(cfg.seed))
+        extra = text_metrics(prompts, evaluation.clip_scorer(cfg.eval_clip))
     os.makedirs(cfg.out, exist_ok=True)
     rows, compiled = [], {}
     for row in settings(cfg):
         out = os.path.join(cfg.out, "settings", setting_name(row))
         t0 = time.perf_counter()
-        res = sampling.run(sample_config(cfg, row, out), model=model, networks=networks, compiled=compiled)
+        res = sampling.run(sample_config(cfg, row, out, prompts and prompts["captions"]), model=model,
+                           networks=networks, compiled=compiled)
         seconds = time.perf_counter() - t0
+        if prompts is not None:
+            res = dict(res, labels=prompts["labels"])
         m = evaluate(dict(res, npz_path=os.path.join(out, "samples.npz")))
+        if extra is not None:
+            m.update(extra(res["images"]))
         row = dict(row, **m, seconds=round(seconds, 2), grid=os.path.relpath(res["grid"], cfg.out)
                    if res.get("grid") else None)
         rows.append(row)
         print(f"[sweep] {setting_name(row)}: " + " ".join(
             f"{name} {m[key]:.3f}" for key, name in (("fid", "FID"), ("inception_score", "IS"), ("precision", "P"),
-                                                     ("recall", "R"), ("accuracy", "acc")) if key in m)
+                                                     ("recall", "R"), ("accuracy", "acc"),
+                                                     ("attribute_accuracy", "attr"), ("clip_score", "CLIP"))
+            if key in m)
               + f" ({seconds:.1f} s)", flush=True)
         report.write_table(rows, cfg.out)
         report.write_plots(rows, cfg.out)

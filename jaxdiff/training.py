@@ -1,14 +1,36 @@
 """Training: train state, EMA, optimiser, jitted train steps for the diffusion model and the classifier.
 
-One entry point, `train(config, workdir)`, for both tasks (`config.task`):
+One entry point, `train(config, workdir)`, for every task (`config.task`):
 
 * "diffusion": an ADM U-Net, class-conditional; labels are dropped to the null label
   (index num_classes) with probability `diffusion.p_uncond`, so one model serves classifier-free
   guidance. Targets eps / x0 / v; learned sigma trains with the hybrid loss
   (`diffusion.training_losses`); t is uniform over the schedule.
+* "text2im": the same diffusion recipe (the same loss and step code) for GLIDE's text-conditional
+  U-Net (`models.Text2ImUNet`) on a captioned dataset (digits_text, fashion_mnist_text): the
+  captions are word-tokenized with the dataset's vocabulary (`tokenizers.WordTokenizer`; captions
+  longer than `model.text_ctx` words are truncated to their first text_ctx words, as GLIDE
+  truncates) and dropped to the empty caption (all padding, mask off) with probability
+  `diffusion.p_uncond` (default 0.2 here), the null condition of classifier-free guidance over text.
 * "classifier": the ADM noisy classifier (EncoderUNetModel) on q_sample'd inputs at uniform t
   (`train.noised=True`, the ADM recipe), or on clean images with t = 0 (`train.noised=False`, the
   classifier used for evaluation metrics).
+* "clip": a noised CLIP (`models.ClipModel`: glide's image encoder with its timestep token and its
+  causal text encoder) on a captioned dataset: images q_sample'd at uniform t with the diffusion's
+  schedule (the encoder sees the ORIGINAL timestep), captions as `WordTokenizer.tokens_and_lengths`
+  makes them (the words then the end id; more than max_text_len - 1 words are truncated), and
+  CLIP's symmetric contrastive loss: the mean of the image->text and text->image cross-entropies of
+  logits = logit_scale * cosine similarity over the batch, where every item with the same caption
+  counts as a positive (an even split of the target; with distinct captions this is CLIP's InfoNCE).
+  `model.learn_logit_scale` (default True, CLIP's convention: log of the scale learned from
+  log(model.logit_scale) = log(1 / 0.07), capped at 100) or False (fixed at model.logit_scale, as
+  glide's noised CLIP's config states 100). `train.noised=False` trains a CLEAN CLIP (t = 0), the
+  one the text sweep scores samples with. The contrastive negatives are the rows of one
+  micro-batch: with `train.grad_accum_steps` > 1 the loss differs from one batch of B (as in CLIP
+  without gradient caching); the other tasks' updates do not depend on it.
+
+The text tasks write the dataset's vocabulary into W/config.json ({"text": {"vocab": [...]}}), so
+sample.py and the sweep tokenize captions with the model's own words.
 
 Both use AdamW with linear warm-up (then constant, linear anneal to 0 as ADM's `anneal_lr`, or
 cosine), global-norm gradient clipping and an EMA of the weights kept in the `TrainState`.
@@ -68,7 +90,10 @@ from jaxdiff.monitor import MetricsWriter
 
 log = logging.getLogger("jaxdiff.training")
 
-TASKS = ("diffusion", "classifier")
+TASKS = ("diffusion", "classifier", "text2im", "clip")
+DIFFUSION_TASKS = ("diffusion", "text2im")
+TEXT_TASKS = ("text2im", "clip")
+P_UNCOND = {"diffusion": 0.1, "text2im": 0.2}  # default probability of dropping the label / caption
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")
 SAMPLES_DIR = "samples"
@@ -98,6 +123,12 @@ class TrainState:
 # Default config (configs/*.py start from it and override)
 # --------------------------------------------------------------------------------------------
 
+# The "clip" task's model: glide's clip/config.yaml names (image_size, n_vocab and n_timesteps are
+# derived from the dataset and the diffusion schedule); logit scale as `models.ClipModel`.
+CLIP_MODEL_DEFAULTS = dict(n_embd=64, patch_size=2, n_head_image=2, n_head_state_image=32, n_xf_blocks_image=2,
+                           n_head_text=2, n_head_state_text=32, n_xf_blocks_text=2, max_text_len=8,
+                           logit_scale=1 / 0.07, learn_logit_scale=True)
+
 def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
     """Every key train.py reads, with defaults. Derived values (image size, channels, num_classes,
     out_channels, null_label) are deliberately absent: they come from the dataset and the task."""
@@ -115,7 +146,7 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
         image_size=placeholder(int),  # None = as stored; else resized/padded by jaxdiff.data
         workers=1,              # threads decoding each batch (batches identical for any number)
     ))
-    c.model = ml_collections.ConfigDict(dict(
+    c.model = ml_collections.ConfigDict(CLIP_MODEL_DEFAULTS) if task == "clip" else ml_collections.ConfigDict(dict(
         model_channels=64,
         num_res_blocks=2,
         attention_resolutions=(2,),   # downsampling factors ds
@@ -131,12 +162,14 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
     ))
     if task == "classifier":
         c.model.pool = "attention"
+    if task == "text2im":  # GLIDE's caption transformer (text_unet.py)
+        c.model.update(text_ctx=8, xf_width=64, xf_layers=2, xf_heads=2, xf_final_ln=True, xf_padding=True)
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="cosine",
         num_timesteps=1000,
         prediction="eps",
         learned_sigma=True,
-        p_uncond=0.1,
+        p_uncond=P_UNCOND.get(task, 0.1),
         vlb_weight=placeholder(float),  # None = num_steps / 1000 (guided-diffusion)
     ))
     c.train = ml_collections.ConfigDict(dict(
@@ -195,14 +228,15 @@ def validate_config(config) -> None:
            f"config.diffusion.schedule={d.schedule!r}; allowed: {', '.join(schedules.SCHEDULES)}")
     _check(config_util.is_int(d.num_timesteps) and d.num_timesteps >= 1,
            f"config.diffusion.num_timesteps={d.num_timesteps!r}: expected a positive integer")
-    if task == "diffusion":
+    if task in DIFFUSION_TASKS:
         _check(d.prediction in diffusion_lib.PREDICTIONS,
                f"config.diffusion.prediction={d.prediction!r} is not a prediction target; allowed: "
                f"{', '.join(diffusion_lib.PREDICTIONS)}")
         p = d.p_uncond
         _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0,
                f"config.diffusion.p_uncond={p!r} is outside [0, 1): it is the probability of dropping "
-               "a label to the null label (0 = no classifier-free guidance; the paper's range is 0.1-0.2)")
+               "a label to the null label (a caption to the empty one) (0 = no classifier-free guidance; the "
+               "paper's range is 0.1-0.2)")
         _check(isinstance(d.learned_sigma, bool),
                f"config.diffusion.learned_sigma={d.learned_sigma!r}: expected True or False")
     t = config.train
@@ -225,7 +259,8 @@ def validate_config(config) -> None:
     _check(config_util.is_int(v) and v >= 0, f"config.train.sample_every={v!r}: expected an integer >= 0 (0 = never)")
     dtype = config_util.get(config.model, "dtype", "float32")
     _check(dtype in DTYPES, f"config.model.dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
-    for key in ("image_size", "in_channels", "out_channels", "num_classes", "null_label", "kind"):
+    for key in ("image_size", "in_channels", "out_channels", "num_classes", "null_label", "kind", "n_vocab",
+                "n_timesteps"):
         _check(key not in config.model,
                f"config.model.{key} is derived (from the dataset / task / diffusion settings); "
                "remove it from the config")
@@ -272,25 +307,43 @@ def open_dataset(config, split: Optional[str] = None):
         raise ConfigError(f"config.data (name={name!r}, split={split or dcfg.split!r}): {e}") from None
 
 
+def vocabulary(config, info) -> list:
+    """The word vocabulary of a text task's captioned dataset (ConfigError for other datasets)."""
+    if info.caption_key is None or not info.captions:
+        from jaxdiff.data import BUNDLED_DATASETS
+
+        raise ConfigError(f"config.task={config.task!r} needs a captioned dataset, and config.data.name="
+                          f"{info.name!r} has no captions; allowed: "
+                          f"{', '.join(n for n in BUNDLED_DATASETS if n.endswith('_text'))}")
+    return list(info.captions["vocabulary"])
+
+
 def model_flags(config, info) -> dict:
     """create_model kwargs (plus "kind") with the derived values filled in."""
     flags = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.model.items()}
-    flags.setdefault("dtype", "float32")
     if info.image_shape is None and not config_util.get(config.data, "image_size"):
         raise ConfigError(f"dataset {info.name!r} has images of varying size: set config.data.image_size")
     image_size = int(config_util.get(config.data, "image_size") or info.image_shape[0])
     channels = int(info.channels or 3)
-    if info.num_classes < 1:
+    if config.task == "clip":
+        return dict(flags, kind="clip", image_size=image_size, n_vocab=len(vocabulary(config, info)) + 1,
+                    n_timesteps=int(config.diffusion.num_timesteps))
+    flags.setdefault("dtype", "float32")
+    if info.num_classes < 1 and config.task != "text2im":
         raise ConfigError(f"dataset {info.name!r} has no class labels; jaxdiff trains class-conditional "
                          "models and classifiers")
     flags["image_size"] = image_size
     flags["in_channels"] = channels
-    if config.task == "diffusion":
+    if config.task in DIFFUSION_TASKS:
         flags.pop("pool", None)
-        flags["kind"] = "unet"
         flags["out_channels"] = channels * (2 if config.diffusion.learned_sigma else 1)
-        flags["num_classes"] = int(info.num_classes)
-        flags["null_label"] = bool(config.diffusion.p_uncond > 0)
+        if config.task == "text2im":
+            flags["kind"] = "text2im"
+            flags["n_vocab"] = len(vocabulary(config, info)) + 1  # the words and the end/padding id
+        else:
+            flags["kind"] = "unet"
+            flags["num_classes"] = int(info.num_classes)
+            flags["null_label"] = bool(config.diffusion.p_uncond > 0)
     else:
         flags["kind"] = "classifier"
         flags["out_channels"] = int(info.num_classes)
@@ -309,18 +362,33 @@ def resolve_config(config, info=None) -> ml_collections.ConfigDict:
 
     try:
         flags = models.normalize_flags(kind, **flags)
-    except ValueError as e:
-        raise ConfigError(
-            f"config.model cannot build a {kind!r} for {info.name!r} images of size "
-            f"{flags['image_size']}x{flags['image_size']}x{flags['in_channels']}: {e}") from None
+    except (ValueError, TypeError) as e:
+        s = flags["image_size"]
+        raise ConfigError(f"config.model cannot build a {kind!r} for {info.name!r} images of size {s}x{s}x"
+                          f"{int(info.channels or 3)}: {e}") from None
     out = ml_collections.ConfigDict(config.to_dict())
     out.model = ml_collections.ConfigDict({"kind": kind, **flags})
     out.data.image_size = flags["image_size"]
-    out.data.channels = flags["in_channels"]
+    out.data.channels = int(info.channels or 3)
     out.data.num_classes = int(info.num_classes)
     out.data.data_dir = info.data_dir
     out.data.num_examples = int(info.num_examples)
+    if config.task in TEXT_TASKS:
+        out.text = ml_collections.ConfigDict({"vocab": vocabulary(config, info)})
+        _warn_truncation(out, info)
     return out
+
+
+def _warn_truncation(resolved, info) -> None:
+    """Log when the dataset's longest caption has more words than the model reads (it is truncated)."""
+    from jaxdiff import captions
+
+    s = captions.scheme(info.captions["scheme"])
+    longest = 1 + len(s.attributes) + max(len(w.split()) for w in s.class_words)
+    room = int(resolved.model.text_ctx) if resolved.task == "text2im" else int(resolved.model.max_text_len) - 1
+    if longest > room:
+        log.warning("captions of %s have up to %d words; the model reads %d: longer ones are truncated to their "
+                    "first %d words", info.name, longest, room, room)
 
 
 def create_model(resolved):
@@ -385,15 +453,38 @@ def _keys(seed: int):
     return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
 
 
+def cond_spec(resolved, batch: int) -> Any:
+    """Shapes and dtypes of a step's condition for `batch` rows: the labels (int32 [B]), or the
+    caption tokens of a text task ({"tokens": int32 [B, L], "mask": bool [B, L]} for "text2im",
+    {"tokens", "lengths": int32 [B]} for "clip"), as `train_batches` yields them."""
+    if resolved.task == "text2im":
+        ctx = int(resolved.model.text_ctx)
+        return {"tokens": jax.ShapeDtypeStruct((batch, ctx), jnp.int32),
+                "mask": jax.ShapeDtypeStruct((batch, ctx), jnp.bool_)}
+    if resolved.task == "clip":
+        return {"tokens": jax.ShapeDtypeStruct((batch, int(resolved.model.max_text_len)), jnp.int32),
+                "lengths": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    return jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+
+def model_args(task: str, cond) -> tuple:
+    """The network's arguments after (x, t) for a step's condition (see `cond_spec`)."""
+    if task == "classifier":
+        return ()
+    if task == "text2im":
+        return cond["tokens"], cond["mask"]
+    if task == "clip":
+        return cond["tokens"], cond["lengths"]
+    return (cond,)
+
+
 def init_state(resolved, model, tx, init_key) -> TrainState:
     """A fresh TrainState (traceable: jit it with replicated out_shardings)."""
     s = int(resolved.data.image_size)
     x = jnp.zeros((1, s, s, int(resolved.data.channels)), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    if resolved.task == "diffusion":
-        params = model.init(init_key, x, t, jnp.zeros((1,), jnp.int32))["params"]
-    else:
-        params = model.init(init_key, x, t)["params"]
+    cond = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), cond_spec(resolved, 1))
+    params = model.init(init_key, x, t, *model_args(resolved.task, cond))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
 
@@ -408,47 +499,61 @@ def example_keys(key: jax.Array, ids: jax.Array, n: int) -> list:
     return [keys[:, j] for j in range(n)]
 
 
-def _apply(resolved, model, params, x, t, y, dropout_keys):
-    """The network in training mode; with dropout, each example is its own call (vmap) drawing its
-    masks from its own key, so the masks do not depend on which micro-batch holds the example."""
+def _apply(resolved, model, params, x, t, args: tuple, dropout_keys):
+    """The network in training mode on (x, t, *args); with dropout, each example is its own call
+    (vmap) drawing its masks from its own key, so the masks do not depend on which micro-batch
+    holds the example."""
     if float(config_util.get(resolved.model, "dropout", 0.0) or 0.0) <= 0:
-        args = (x, t) if y is None else (x, t, y)
-        return model.apply({"params": params}, *args, train=True)
+        return model.apply({"params": params}, x, t, *args, train=True)
 
-    def one(x1, t1, y1, k1):
-        args = (x1[None], t1[None]) if y1 is None else (x1[None], t1[None], y1[None])
-        return model.apply({"params": params}, *args, train=True, rngs={"dropout": k1})[0]
+    def one(x1, t1, a1, k1):
+        return model.apply({"params": params}, x1[None], t1[None], *(a[None] for a in a1), train=True,
+                           rngs={"dropout": k1})[0]
 
-    if y is None:
-        return jax.vmap(lambda a, b, k: one(a, b, None, k))(x, t, dropout_keys)
-    return jax.vmap(one)(x, t, y, dropout_keys)
+    return jax.vmap(one)(x, t, tuple(args), dropout_keys)
 
 
 def _ids(images, ids):
     return jnp.arange(images.shape[0], dtype=jnp.int32) if ids is None else ids
 
 
-def diffusion_loss_fn(resolved, model, sched) -> Callable:
-    """loss(params, images, labels, key, ids=None) -> (scalar loss, per-batch metrics).
+def condition_dropout(resolved) -> Callable:
+    """drop(cond, dropped bool [B]) -> cond: the dropped rows' labels become the null label
+    (num_classes), or (text2im) their captions the empty caption (every id the end id, mask off)."""
+    if resolved.task == "text2im":
+        end = len(resolved.text.vocab)  # WordTokenizer.end_token
 
-    Example i draws its timestep, noise, label drop and dropout from fold_in(key, ids[i]) (ids
+        def drop(cond, dropped):
+            return {"tokens": jnp.where(dropped[:, None], end, cond["tokens"]),
+                    "mask": cond["mask"] & ~dropped[:, None]}
+
+        return drop
+    num_classes = int(resolved.data.num_classes)
+    return lambda labels, dropped: jnp.where(dropped, num_classes, labels)
+
+
+def diffusion_loss_fn(resolved, model, sched) -> Callable:
+    """loss(params, images, cond, key, ids=None) -> (scalar loss, per-batch metrics); cond: the
+    labels, or the caption tokens of "text2im" (`cond_spec`).
+
+    Example i draws its timestep, noise, condition drop and dropout from fold_in(key, ids[i]) (ids
     default to 0..b-1: the examples' rows in the step's global batch)."""
     dcfg = resolved.diffusion
-    num_classes = int(resolved.data.num_classes)
     p_uncond = float(dcfg.p_uncond)
+    drop = condition_dropout(resolved)
     prediction, learned_sigma = dcfg.prediction, bool(dcfg.learned_sigma)
     vlb_weight = config_util.get(dcfg, "vlb_weight")
 
-    def loss_fn(params, images, labels, key, ids=None):
+    def loss_fn(params, images, cond, key, ids=None):
         k_t, k_noise, k_drop, k_dropout = example_keys(key, _ids(images, ids), 4)
         t = jax.vmap(lambda k: jax.random.randint(k, (), 0, sched.num_steps))(k_t)
         noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(k_noise)
-        y = labels
         if p_uncond > 0:
-            y = jnp.where(jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(k_drop), num_classes, y)
+            cond = drop(cond, jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(k_drop))
+        args = model_args(resolved.task, cond)
 
         def model_fn(xt, tt):
-            return _apply(resolved, model, params, xt, sched.timestep_map[tt], y, k_dropout).astype(jnp.float32)
+            return _apply(resolved, model, params, xt, sched.timestep_map[tt], args, k_dropout).astype(jnp.float32)
 
         losses = diffusion_lib.training_losses(sched, model_fn, images, t, noise, prediction=prediction,
                                                learned_sigma=learned_sigma, vlb_weight=vlb_weight)
@@ -458,27 +563,63 @@ def diffusion_loss_fn(resolved, model, sched) -> Callable:
     return loss_fn
 
 
+def _noised(resolved, sched, images, k_t, k_noise):
+    """(x_t, t): q_sample'd at uniform t (train.noised, the default), or the clean images at t = 0."""
+    if not bool(config_util.get(resolved.train, "noised", True)):
+        return images, jnp.zeros((images.shape[0],), jnp.int32)
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, sched.num_steps))(k_t)
+    noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(k_noise)
+    return diffusion_lib.q_sample(sched, images, t, noise), t
+
+
 def classifier_loss_fn(resolved, model, sched) -> Callable:
     """Cross-entropy of the classifier on x_t at uniform t (noised) or on x_0 at t = 0; per-example
     keys as `diffusion_loss_fn`."""
-    noised = bool(config_util.get(resolved.train, "noised", True))
 
     def loss_fn(params, images, labels, key, ids=None):
         k_t, k_noise, k_dropout = example_keys(key, _ids(images, ids), 3)
-        b = images.shape[0]
-        if noised:
-            t = jax.vmap(lambda k: jax.random.randint(k, (), 0, sched.num_steps))(k_t)
-            noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(k_noise)
-            x = diffusion_lib.q_sample(sched, images, t, noise)
-        else:
-            t = jnp.zeros((b,), jnp.int32)
-            x = images
-        logits = _apply(resolved, model, params, x, sched.timestep_map[t], None, k_dropout).astype(jnp.float32)
+        x, t = _noised(resolved, sched, images, k_t, k_noise)
+        logits = _apply(resolved, model, params, x, sched.timestep_map[t], (), k_dropout).astype(jnp.float32)
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
         acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
         return loss, {"loss": loss, "accuracy": acc}
 
     return loss_fn
+
+
+def contrastive_loss(z_img: jax.Array, z_txt: jax.Array, scale: jax.Array, tokens: jax.Array) -> tuple:
+    """(loss, top-1 accuracy) of CLIP's symmetric loss on unnormalised embeddings [B, D]: logits =
+    scale * cosine similarity; the target of a row is split evenly over the rows with the same
+    caption (identical tokens), which is CLIP's one-hot InfoNCE target when captions are distinct.
+    Accuracy: the image's best-scoring caption is one of its own."""
+    from jaxdiff.clip_guidance import normalize
+
+    logits = scale * normalize(z_img.astype(jnp.float32)) @ normalize(z_txt.astype(jnp.float32)).T
+    same = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)
+    target = same / jnp.sum(same, axis=1, keepdims=True)
+    loss = 0.5 * (jnp.mean(optax.softmax_cross_entropy(logits, target))
+                  + jnp.mean(optax.softmax_cross_entropy(logits.T, target)))
+    acc = jnp.mean(jnp.take_along_axis(same, jnp.argmax(logits, axis=1)[:, None], axis=1).astype(jnp.float32))
+    return loss, acc
+
+
+def clip_loss_fn(resolved, model, sched) -> Callable:
+    """CLIP's symmetric contrastive loss (`contrastive_loss`) of x_t at uniform t (noised) or of x_0
+    at t = 0 against the captions; per-example keys as `diffusion_loss_fn`."""
+
+    def loss_fn(params, images, cond, key, ids=None):
+        k_t, k_noise = example_keys(key, _ids(images, ids), 2)
+        x, t = _noised(resolved, sched, images, k_t, k_noise)
+        z_img, z_txt, scale = model.apply({"params": params}, x, sched.timestep_map[t],
+                                          *model_args("clip", cond))
+        loss, acc = contrastive_loss(z_img, z_txt, scale, cond["tokens"])
+        return loss, {"loss": loss, "accuracy": acc, "logit_scale": scale}
+
+    return loss_fn
+
+
+LOSSES = {"diffusion": diffusion_loss_fn, "text2im": diffusion_loss_fn, "classifier": classifier_loss_fn,
+          "clip": clip_loss_fn}
 
 
 def zero_accumulator(metric_names) -> dict:
@@ -489,7 +630,8 @@ def zero_accumulator(metric_names) -> dict:
 
 
 def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_shardings=None) -> Callable:
-    """step(state, images, labels, acc) -> (state, acc): one AdamW update + EMA, metrics accumulated.
+    """step(state, images, cond, acc) -> (state, acc): one AdamW update + EMA, metrics accumulated;
+    cond: the labels or caption tokens (`cond_spec`), split into micro-batches like the images.
 
     With `mesh` and `state_shardings` (a TrainState of NamedShardings, `state_layout`) the step
     gathers the parameters for the forward/backward pass when they are split over 'fsdp' and
@@ -497,7 +639,7 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
     gradients of k micro-batches in a `lax.scan`; micro-batch m holds rows m*b'..(m+1)*b'-1 of every
     device's block of b = k*b' rows, so each micro-batch is spread over every device.
     """
-    loss_fn = (diffusion_loss_fn if resolved.task == "diffusion" else classifier_loss_fn)(resolved, model, sched)
+    loss_fn = LOSSES[resolved.task](resolved, model, sched)
     lr_fn = learning_rate_fn(resolved.train)
     tcfg = resolved.train
     k = int(config_util.get(tcfg, "grad_accum_steps", 1))
@@ -519,13 +661,13 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
         return jax.lax.with_sharding_constraint(
             a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.batch_axes(mesh))))
 
-    def gradients(params, images, labels, key):
+    def gradients(params, images, cond, key):
         full = constrain(params, parallel.replicated_sharding(mesh)) if gather else params
         ids = jnp.arange(images.shape[0], dtype=jnp.int32)
         if k == 1:
-            (_, metrics), grads = value_and_grad(full, images, labels, key, ids)
+            (_, metrics), grads = value_and_grad(full, images, cond, key, ids)
             return metrics, constrain(grads, param_sh)
-        xs = (micro_batches(images), micro_batches(labels), micro_batches(ids))
+        xs = (micro_batches(images), jax.tree_util.tree_map(micro_batches, cond), micro_batches(ids))
 
         def body(carry, mb):
             x, y, i = mb
@@ -538,9 +680,9 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
         (msum, gsum), _ = jax.lax.scan(body, zeros, xs)
         return jax.tree_util.tree_map(lambda v: v / k, (msum, gsum))
 
-    def step_fn(state: TrainState, images, labels, acc):
+    def step_fn(state: TrainState, images, cond, acc):
         key = jax.random.fold_in(train_key, state.step)
-        metrics, grads = gradients(state.params, images, labels, key)
+        metrics, grads = gradients(state.params, images, cond, key)
         loss = metrics["loss"]
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -590,13 +732,14 @@ def jit_train_step(resolved, model, tx, sched, train_key, mesh, shardings) -> tu
 
 
 def _abstract_inputs(resolved, mesh, acc_sharding) -> tuple:
-    """ShapeDtypeStructs (with shardings) of a step's images, labels and metric accumulator."""
+    """ShapeDtypeStructs (with shardings) of a step's images, condition and metric accumulator."""
     batch = parallel.batch_sharding(mesh)
     b, s, c = int(resolved.train.batch_size), int(resolved.data.image_size), int(resolved.data.channels)
     acc = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                  jax.eval_shape(lambda: zero_accumulator(metric_names(resolved))), acc_sharding)
-    return (jax.ShapeDtypeStruct((b, s, s, c), jnp.float32, sharding=batch),
-            jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch), acc)
+    cond = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch),
+                                  cond_spec(resolved, b))
+    return jax.ShapeDtypeStruct((b, s, s, c), jnp.float32, sharding=batch), cond, acc
 
 
 def lower_train_step(resolved, mesh=None):
@@ -629,6 +772,8 @@ def memory_report(compiled, state, mesh) -> dict:
 def metric_names(resolved) -> tuple:
     if resolved.task == "classifier":
         return ("loss", "accuracy", "grad_norm", "lr")
+    if resolved.task == "clip":
+        return ("loss", "accuracy", "logit_scale", "grad_norm", "lr")
     names = ("loss", "mse") + (("vb",) if resolved.diffusion.learned_sigma else ())
     return names + ("grad_norm", "lr")
 
@@ -655,13 +800,33 @@ def _all_finite_jit(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def caption_tokens(resolved) -> Callable[[Any], dict]:
+    """captions -> a text task's token arrays (`cond_spec`), with the dataset's word vocabulary:
+    `WordTokenizer.tokens_and_mask` (text_ctx) for "text2im", `.tokens_and_lengths` (max_text_len)
+    for "clip"; longer captions are truncated, unknown words raise ValueError naming them."""
+    from jaxdiff.tokenizers import WordTokenizer
+
+    tok = WordTokenizer(list(resolved.text.vocab), source=f"the vocabulary of {resolved.data.name}")
+    if resolved.task == "text2im":
+        ctx = int(resolved.model.text_ctx)
+        return lambda captions: dict(zip(("tokens", "mask"), tok.tokens_and_mask(list(captions), ctx)))
+    n = int(resolved.model.max_text_len)
+    return lambda captions: dict(zip(("tokens", "lengths"), tok.tokens_and_lengths(list(captions), n)))
+
+
 def train_batches(source, resolved, start: int, stop: int, position: Optional[int] = None) -> Iterator:
-    """This process's (images, labels) of steps [start, stop), prefetched (`jaxdiff.data.batches`);
-    step `start`'s batch begins at stream `position` (default start * batch_size)."""
-    return data_lib.batches(source, global_batch_size=int(resolved.train.batch_size), seed=int(resolved.seed),
-                            start_step=start, num_steps=stop - start, augment=config_util.get(resolved.data, "augment"),
-                            image_size=int(resolved.data.image_size), start_position=position,
-                            workers=int(config_util.get(resolved.data, "workers", 1)))
+    """This process's (images, cond) of steps [start, stop), prefetched (`jaxdiff.data.batches`);
+    cond is the labels, or a text task's caption tokens (`caption_tokens`); step `start`'s batch
+    begins at stream `position` (default start * batch_size)."""
+    text = resolved.task in TEXT_TASKS
+    it = data_lib.batches(source, global_batch_size=int(resolved.train.batch_size), seed=int(resolved.seed),
+                          start_step=start, num_steps=stop - start, augment=config_util.get(resolved.data, "augment"),
+                          image_size=int(resolved.data.image_size), start_position=position,
+                          workers=int(config_util.get(resolved.data, "workers", 1)), text=text)
+    if not text:
+        return it
+    tokens = caption_tokens(resolved)
+    return ((images, tokens(fields[source.info.caption_key])) for images, _, fields in it)
 
 
 def _progress(total: int, initial: int):
@@ -684,7 +849,8 @@ def grid_classes(num_classes: int, at_most: int) -> np.ndarray:
 
 def make_sample_fn(resolved, model) -> Callable:
     """fn(params) -> (uint8 [rows * per_class, H, W, C], labels): CFG (or unguided) samples, one row
-    per class of `grid_classes` (at most sample.grid_classes rows).
+    per class of `grid_classes` (at most sample.grid_classes rows); a text model's rows are
+    captioned with the class alone ("a seven"), guided over the empty caption.
 
     The sample count is padded to a multiple of the global device count, so every process samples
     and contributes the same number of rows (the padding rows are dropped); every process ends up
@@ -700,11 +866,15 @@ def make_sample_fn(resolved, model) -> Callable:
     kind = config_util.get(scfg, "sampler", "ddim")
     sched = schedules.make_schedule(dcfg.schedule, int(dcfg.num_timesteps),
                                     f"ddim{steps}" if kind == "ddim" else samplers.SAMPLERS[kind].respacing(steps))
-    null = bool(resolved.model.null_label)
+    text = resolved.task == "text2im"
+    null = text or bool(resolved.model.null_label)
     learned_sigma = bool(dcfg.learned_sigma)
     guides = ("cfg",) if null else ()
 
     def build(params):
+        if text:
+            return guidance.build_guides(guides, guidance.unet_fn(model, params), uncond=guidance.caption_dropout,
+                                         learned_sigma=learned_sigma, prepare=guidance.text_encoder(model, params))
         return guidance.build_guides(guides, guidance.unet_fn(model, params),
                                      null_label=num_classes if null else None, learned_sigma=learned_sigma)
 
@@ -717,10 +887,18 @@ def make_sample_fn(resolved, model) -> Callable:
     n = len(labels)
     total = -(-n // jax.device_count()) * jax.device_count()
     padded = np.concatenate([labels, np.full(total - n, labels[-1])])
+    kwargs = dict(labels=padded)
+    if text:
+        from jaxdiff import captions
+
+        scheme = captions.scheme(resolved.data.name)
+        words = [captions.caption(scheme, int(y), [0] * len(scheme.attributes), [False] * len(scheme.attributes))
+                 for y in padded]
+        kwargs = dict(per_sample=sampling.caption_inputs({}, resolved, {}, (), words, total))
 
     def fn(params):
-        images = sampling.generate(run, params, sched, num_samples=total, labels=padded, scales=scales,
-                                   seed=int(config_util.get(scfg, "seed", 0)), batch_size=total)
+        images = sampling.generate(run, params, sched, num_samples=total, scales=scales,
+                                   seed=int(config_util.get(scfg, "seed", 0)), batch_size=total, **kwargs)
         return images[:n], labels
 
     return fn
@@ -863,11 +1041,11 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     step = start
     try:
         with preemption.StopRequest() as stop:
-            for images, labels in train_batches(source, resolved, start, total, position):
+            for images, cond in train_batches(source, resolved, start, total, position):
                 profile.before_step(step)
                 x = jax.make_array_from_process_local_data(batch_sh, images)
-                y = jax.make_array_from_process_local_data(batch_sh, labels)
-                state, acc = step_fn(state, x, y, acc)
+                c = jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(batch_sh, a), cond)
+                state, acc = step_fn(state, x, c, acc)
                 step += 1
                 position += batch_size
                 if step_hook is not None:
@@ -917,7 +1095,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
                                 "command to resume", step, manager.directory)
                     break
                 if at_sample:
-                    if resolved.task == "diffusion":
+                    if resolved.task in DIFFUSION_TASKS:
                         if sample_fn is None:
                             sample_fn = make_sample_fn(resolved, model)
                         grid, grid_labels = sample_fn(gather(state.ema_params))

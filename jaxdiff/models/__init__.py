@@ -1,6 +1,6 @@
 """ADM networks (openai/guided-diffusion architectures) in Flax linen, NHWC.
 
-    create_model(kind, **flags) -> nn.Module      kind: "unet" | "classifier" | "superres" | one of TEXT_KINDS
+    create_model(kind, **flags) -> nn.Module      kind: "unet" | "classifier" | "superres" | "clip" | one of TEXT_KINDS
     check_labels(y, num_classes, null_label=False) -> np.ndarray
     encode_text(module, params, tokens, mask) -> (xf_proj, xf_out)   (text-conditional kinds)
 
@@ -8,7 +8,8 @@ Flags are the keyword arguments of guided-diffusion's UNetModel / EncoderUNetMod
 (attention_resolutions as downsampling factors ds), plus `null_label` (U-Net, super-res) and `dtype`.
 The text-conditional kinds (GLIDE's Text2ImUNet "text2im", SuperResText2ImUNet "text2im_superres",
 and the inpainting "text2im_inpaint", "text2im_superres_inpaint") take GLIDE's constructor flags, see
-text_unet.py. create_model validates every flag in Python, before anything is traced or compiled.
+text_unet.py. "clip" is a noised CLIP's two encoders and logit scale (`clip.ClipModel`, glide's
+clip/config.yaml names). create_model validates every flag in Python, before anything is traced or compiled.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import flax.linen as nn
 from jaxdiff.config_util import did_you_mean
 from jaxdiff.models import layers
 from jaxdiff.models.classifier import EncoderUNetModel
+from jaxdiff.models.clip import ClipModel
 from jaxdiff.models.layers import (
     AttentionBlock,
     AttentionPool2d,
@@ -44,7 +46,7 @@ from jaxdiff.models.text_unet import (
 )
 from jaxdiff.models.unet import SuperResModel, UNetModel, upsample_bilinear, validate_labels
 
-__all__ = ["AttentionBlock", "AttentionPool2d", "Conv", "Downsample", "EncoderUNetModel", "GroupNorm32",
+__all__ = ["AttentionBlock", "AttentionPool2d", "ClipModel", "Conv", "Downsample", "EncoderUNetModel", "GroupNorm32",
            "InpaintText2ImUNet", "MODEL_KINDS", "ResBlock", "SuperResInpaintText2ImUNet", "SuperResModel",
            "SuperResText2ImUNet", "TEXT_KINDS", "Text2ImUNet", "UNetModel", "Upsample", "check_architecture",
            "check_labels", "create_model", "encode_text", "layers", "make_plan", "model_flag_names", "normalize_flags",
@@ -52,7 +54,8 @@ __all__ = ["AttentionBlock", "AttentionPool2d", "Conv", "Downsample", "EncoderUN
 
 TEXT_KINDS = {"text2im": Text2ImUNet, "text2im_superres": SuperResText2ImUNet, "text2im_inpaint": InpaintText2ImUNet,
               "text2im_superres_inpaint": SuperResInpaintText2ImUNet}
-MODEL_KINDS = {"unet": UNetModel, "classifier": EncoderUNetModel, "superres": SuperResModel, **TEXT_KINDS}
+MODEL_KINDS = {"unet": UNetModel, "classifier": EncoderUNetModel, "superres": SuperResModel, "clip": ClipModel,
+               **TEXT_KINDS}
 
 _REQUIRED = ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions")
 _TEXT_REQUIRED = ("text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln")
@@ -105,6 +108,9 @@ def normalize_flags(kind: str, **flags) -> dict:
             else:
                 hint = did_you_mean(k, names, cutoff=0.5)
             raise ValueError(f"unknown flag {k!r} for a {kind!r} model{hint}; allowed flags: {', '.join(names)}")
+    if kind == "clip":
+        ClipModel(**flags)  # its __post_init__ checks every value
+        return dict(flags)
     missing = [k for k in _REQUIRED + (_TEXT_REQUIRED if kind in TEXT_KINDS else ()) if k not in flags]
     if missing:
         raise ValueError(f"missing required flag(s) {missing} for a {kind!r} model")
@@ -134,8 +140,8 @@ def normalize_flags(kind: str, **flags) -> dict:
 
 
 def create_model(kind: str, **flags) -> nn.Module:
-    """Build a UNetModel ("unet"), EncoderUNetModel ("classifier"), SuperResModel ("superres") or a
-    text-conditional GLIDE U-Net (TEXT_KINDS) from the constructor flags (+ null_label, dtype),
-    validating them first."""
+    """Build a UNetModel ("unet"), EncoderUNetModel ("classifier"), SuperResModel ("superres"), a
+    text-conditional GLIDE U-Net (TEXT_KINDS) or a noised CLIP pair ("clip") from the constructor flags
+    (+ null_label, dtype), validating them first."""
     flags = normalize_flags(kind, **flags)  # checks the kind too
     return MODEL_KINDS[kind](**flags)

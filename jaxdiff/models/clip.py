@@ -5,8 +5,9 @@
     ClipTextEncoder(n_bpe_vocab, max_text_len, n_embd, n_head, n_xf_blocks, n_head_state)
         (tokens [B, max_text_len] int, text_len [B] int) -> [B, n_embd]
     create_clip_encoder(kind, **kwargs)         kind: "clip-image" | "clip-text"
+    ClipModel(...)  both encoders and the logit scale, trained together by jaxdiff.training's "clip" task
 
-Both return unnormalised embeddings. Constructor arguments are glide's own (width = n_head *
+The encoders return unnormalised embeddings. Constructor arguments are glide's own (width = n_head *
 n_head_state). Submodule and parameter names mirror the state_dict keys without the leading "blocks."
 (`blocks.block_3.f_attn.f_q.w` <-> `block_3/f_attn/f_q/kernel`) for `jaxdiff.convert_clip`.
 
@@ -27,8 +28,9 @@ from jaxdiff.attention import attention
 from jaxdiff.config_util import did_you_mean, is_int
 from jaxdiff.models.layers import Dense, gelu_mlp, layer_norm, merge_heads, split_heads
 
-__all__ = ["CLIP_IMAGE_MEAN", "CLIP_IMAGE_STD", "CLIP_KINDS", "ClipImageEncoder", "ClipTextEncoder", "PreLNAttention",
-           "PreLNMLP", "TransformerBlock", "check_clip_kind", "create_clip_encoder", "multihead_attention"]
+__all__ = ["CLIP_IMAGE_MEAN", "CLIP_IMAGE_STD", "CLIP_KINDS", "ClipImageEncoder", "ClipModel", "ClipTextEncoder",
+           "MAX_LOGIT_SCALE", "PreLNAttention", "PreLNMLP", "TransformerBlock", "check_clip_kind", "create_clip_encoder",
+           "multihead_attention"]
 
 # CLIP's per-channel statistics of [0, 255] images (glide_text2im/clip/encoders.py).
 CLIP_IMAGE_MEAN = (122.77093945, 116.74601272, 104.09373519)
@@ -139,7 +141,8 @@ class ClipImageEncoder(nn.Module):
     """GLIDE's noised CLIP image encoder (glide's ImageEncoder with n_timestep > 0), NHWC.
 
     __call__(x, t): x [B, image_size, image_size, 3] in model space [-1, 1] (mapped to [0, 255] by
-    (x + 1) * 127.5, then normalised with CLIP's channel means and stds); t [B] the ORIGINAL
+    (x + 1) * 127.5, then normalised with CLIP's channel means and stds); grayscale images
+    [B, image_size, image_size, 1] are repeated to the three channels first; t [B] the ORIGINAL
     diffusion timesteps in [0, n_timestep) (out-of-range values are clamped; float values rounded).
     Returns the unnormalised embedding [B, n_embd] read at token 0 (the timestep token).
     """
@@ -165,8 +168,11 @@ class ClipImageEncoder(nn.Module):
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
         s = self.image_size
         t = jnp.asarray(t)
-        if x.ndim != 4 or x.shape[1:] != (s, s, 3):
-            raise ValueError(f"ClipImageEncoder expects images [B, {s}, {s}, 3] (NHWC), got {x.shape}")
+        if x.ndim != 4 or x.shape[1:3] != (s, s) or x.shape[3] not in (1, 3):
+            raise ValueError(f"ClipImageEncoder expects images [B, {s}, {s}, 3] or [B, {s}, {s}, 1] (NHWC), "
+                             f"got {x.shape}")
+        if x.shape[3] == 1:
+            x = jnp.repeat(x, 3, axis=3)
         if t.shape != x.shape[:1]:
             raise ValueError(f"ClipImageEncoder expects timesteps [{x.shape[0]}], got {t.shape}")
         mean = jnp.asarray(CLIP_IMAGE_MEAN, jnp.float32)
@@ -234,6 +240,78 @@ class ClipTextEncoder(nn.Module):
 
 
 CLIP_KINDS = {"clip-image": ClipImageEncoder, "clip-text": ClipTextEncoder}
+#: CLIP's cap on the logit scale (the learned log is clipped at log 100).
+MAX_LOGIT_SCALE = 100.0
+
+
+class ClipModel(nn.Module):
+    """Both encoders of a noised CLIP and its logit scale (what jaxdiff.training's "clip" task trains).
+
+    Fields are glide's clip/config.yaml names (`jaxdiff.convert_clip.CLIP_CONFIG`), so `image_encoder()`
+    and `text_encoder()` are the ClipImageEncoder / ClipTextEncoder of the released layout; their
+    parameters are this module's "image" and "text" subtrees.
+
+    __call__(x, t, tokens, text_len) -> (image embeddings [B, n_embd], text embeddings [B, n_embd],
+    logit scale), unnormalised; methods "encode_image" (x, t) and "encode_text" (tokens, text_len). Logit scale, CLIP's convention: logits = scale * cosine similarity.
+    learn_logit_scale=True (CLIP): a parameter "logit_scale" holds its log, initialised at
+    log(logit_scale) (CLIP: 1 / 0.07), and scale = exp(min(log, log 100)); False: scale = logit_scale,
+    fixed (glide's noised CLIP reports 100 in its config).
+    """
+
+    image_size: int
+    patch_size: int
+    n_embd: int
+    n_head_image: int
+    n_xf_blocks_image: int
+    n_vocab: int
+    max_text_len: int
+    n_head_text: int
+    n_xf_blocks_text: int
+    n_head_state_image: int = 64
+    n_head_state_text: int = 64
+    n_timesteps: int = 1000
+    logit_scale: float = 1 / 0.07
+    learn_logit_scale: bool = True
+
+    def __post_init__(self):
+        if not (isinstance(self.logit_scale, (int, float)) and not isinstance(self.logit_scale, bool)
+                and 0 < self.logit_scale <= MAX_LOGIT_SCALE):
+            raise ValueError(f"ClipModel: logit_scale={self.logit_scale!r} must lie in (0, {MAX_LOGIT_SCALE:g}]")
+        if not isinstance(self.learn_logit_scale, bool):
+            raise ValueError(f"ClipModel: learn_logit_scale={self.learn_logit_scale!r}: expected True or False")
+        self.image_encoder(parent=None), self.text_encoder(parent=None)  # validates their arguments
+        super().__post_init__()
+
+    def image_encoder(self, **kwargs) -> ClipImageEncoder:
+        """The image encoder (parent=None: a standalone module for this model's "image" parameters)."""
+        return ClipImageEncoder(self.image_size, self.patch_size, self.n_embd, self.n_head_image,
+                                self.n_xf_blocks_image, self.n_head_state_image, self.n_timesteps, **kwargs)
+
+    def text_encoder(self, **kwargs) -> ClipTextEncoder:
+        """The text encoder (parent=None: a standalone module for this model's "text" parameters)."""
+        return ClipTextEncoder(self.n_vocab, self.max_text_len, self.n_embd, self.n_head_text,
+                               self.n_xf_blocks_text, self.n_head_state_text, **kwargs)
+
+    def setup(self):
+        self.image = self.image_encoder()
+        self.text = self.text_encoder()
+        if self.learn_logit_scale:
+            self.log_scale = self.param("logit_scale", nn.initializers.constant(math.log(self.logit_scale)), (),
+                                        jnp.float32)
+
+    def scale(self) -> jax.Array:
+        if not self.learn_logit_scale:
+            return jnp.float32(self.logit_scale)
+        return jnp.exp(jnp.minimum(self.log_scale, math.log(MAX_LOGIT_SCALE)))
+
+    def encode_image(self, x, t) -> jax.Array:
+        return self.image(x, t)
+
+    def encode_text(self, tokens, text_len) -> jax.Array:
+        return self.text(tokens, text_len)
+
+    def __call__(self, x, t, tokens, text_len) -> tuple:
+        return self.image(x, t), self.text(tokens, text_len), self.scale()
 
 
 def check_clip_kind(kind: str) -> str:

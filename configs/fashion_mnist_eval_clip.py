@@ -1,0 +1,19 @@
+"""Clean CLIP (t = 0, no noise) on captioned Fashion-MNIST, used only to score samples (the text sweep's
+evaluation-CLIP score); trained separately from the guiding configs/fashion_mnist_clip.py."""
+
+from jaxdiff.training import default_config
+
+
+def get_config():
+    c = default_config("clip")
+    c.seed = 1
+    c.data.name = "fashion_mnist_text"
+    c.data.image_size = 32
+    c.model.update(n_embd=64, patch_size=4, n_head_image=2, n_head_state_image=32, n_xf_blocks_image=2,
+                   n_head_text=2, n_head_state_text=32, n_xf_blocks_text=1, max_text_len=8,
+                   logit_scale=1 / 0.07, learn_logit_scale=True)
+    c.diffusion.update(schedule="cosine", num_timesteps=1000)
+    c.train.update(batch_size=64, steps=400, lr=1e-3, warmup_steps=50, lr_schedule="linear",
+                   weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, noised=False, log_every=50,
+                   checkpoint_every=200, keep=2, sample_every=0)
+    return c
