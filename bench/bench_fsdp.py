@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jaxdiff import cpu, parallel, training  # noqa: E402
+from jaxdiff import parallel, training  # noqa: E402
 
 import common  # noqa: E402
 from bench_training import fixture_a_config  # noqa: E402
@@ -92,5 +92,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cpu.use_huge_page_malloc()
     sys.exit(main())

@@ -94,7 +94,8 @@ def _validate_features(features: Any, what: str = "features") -> Array:
     return features
 
 
-def _check_full_rank(n: int, d: int, what: str = "features") -> None:
+def check_full_rank(n: int, d: int, what: str = "features") -> None:
+    """Refuse N samples of dimension D for FID when N <= D (a singular sample covariance)."""
     if n < d + 1:
         raise ValueError(f"FID: need at least D+1 samples for a full-rank covariance (N must exceed the feature "
                          f"dimension D; a sample covariance has rank <= N - 1), but {what} have N = {n} samples of "
@@ -220,7 +221,7 @@ class MomentAccumulator:
         if self.n == 0:
             raise ValueError("no feature rows were accumulated")
         if require_full_rank:
-            _check_full_rank(self.n, self.dim)
+            check_full_rank(self.n, self.dim)
         return FeatureStats(mu=self.mean(), sigma=self.covariance(), n=self.n, fingerprint=str(fingerprint),
                             features=None if features is None else np.asarray(features, np.float32),
                             image_shape=None if image_shape is None else tuple(int(s) for s in image_shape))
@@ -256,7 +257,7 @@ class FeatureStats:
         mean (numpy's float32 mean of float32 features; see MomentAccumulator), the covariance is float64."""
         features = _validate_features(features)
         if require_full_rank:
-            _check_full_rank(*features.shape)
+            check_full_rank(*features.shape)
         acc = MomentAccumulator(mean_dtype)
         acc.update(features)
         return acc.stats(fingerprint, features=features if keep_features else None, image_shape=image_shape,
@@ -718,7 +719,7 @@ def evaluate_samples(sample_images: Any, sample_labels: Any, reference: Union[Fe
     d = features.shape[1]
     if d != reference.dim:
         raise ValueError(f"sample features have dimension {d} but the reference has {reference.dim}")
-    _check_full_rank(n, d, "the sample features")
+    check_full_rank(n, d, "the sample features")
     sample_stats = FeatureStats.from_features(features, extractor.fingerprint)
 
     nan = float("nan")

@@ -173,6 +173,7 @@ def _classifier_metrics(cfg, model_cfg) -> Callable[[dict], dict]:
     ref = evaluation.reference_for(extractor, dataset=ds["name"], split=cfg.reference_split,
                                    image_size=int(model_cfg["model"]["image_size"]), data_dir=ds["data_dir"],
                                    cache_dir=cfg.get("cache_dir") or None)
+    metrics.check_full_rank(int(cfg.num_samples), int(ref.mu.shape[0]), "the sweep's samples (config.num_samples)")
     return lambda res: metrics.evaluate_samples(res["images"], res["labels"], ref, extractor,
                                                 num_classes=ds["num_classes"], k=int(cfg.k))
 

@@ -82,6 +82,13 @@ def test_sweep_writes_table_plots_and_grids_and_matches_evaluate(workdirs, tmp_p
     assert res["extractor_fingerprint"] == rows[2]["extractor_fingerprint"]
 
 
+def test_sweep_refuses_fewer_samples_than_feature_dims_before_sampling(workdirs, tmp_path):
+    cfg = _sweep_config(workdirs, tmp_path / "report", num_samples=8, batch_size=8)
+    with pytest.raises(ValueError, match=r"config.num_samples\) have N = 8 samples of dimension D = \d+"):
+        sweep.run_sweep(cfg)
+    assert not (tmp_path / "report").exists()
+
+
 def test_evaluate_cli_refuses_bad_samples(workdirs, tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, np.zeros((50, 8, 8, 1), np.float32), np.zeros(50, np.int64))
