@@ -3,12 +3,14 @@
     python sample.py --config configs/sample.py --config.model=W --config.out=OUT \
         [--config.classifier=C] --config.sample.sampler=ddim|ddpm|dpmpp2m \
         --config.sample.steps=50 --config.sample.eta=0 \
-        --config.sample.guidance=none|classifier|cfg|cfg,classifier|autoguidance \
+        --config.sample.guidance=none|classifier|cfg|cfg,classifier|autoguidance|clip \
         --config.sample.scale=3 --config.sample.classifier_scale=1 \
         --config.sample.classes=all|3,5 --config.sample.num_samples=64 \
         --config.sample.batch_size=16 --config.sample.seed=0
     python sample.py --config configs/sample.py --config.model=UPSAMPLER --config.low_res=OUT/samples.npz \
         --config.sample.sampler=ddpm --config.sample.steps=250 --config.sample.num_samples=N
+    python sample.py --config configs/sample.py --config.model=TEXT_MODEL --config.sample.captions='a thick seven|a thin one' \
+        --config.sample.guidance=cfg,clip --config.clip_image=CLIP --config.clip_text=CLIP   # docs/text.md
 
 Writes OUT/samples.npz (guided-diffusion's evaluator layout: arr_0 uint8 NHWC images, arr_1 int
 labels for class-conditional models), atomically, and a labelled PNG grid OUT/grid.png. Every

@@ -1,8 +1,8 @@
-"""Train a jaxdiff diffusion model or (noisy) classifier.
+"""Train a jaxdiff model: diffusion model, (noisy) classifier, text-conditional model or CLIP.
 
     python train.py --config configs/digits.py --workdir W [--config.train.steps=100]
 
-`config.task` picks the task ("diffusion" or "classifier"); see jaxdiff/training.py. Rerunning the
+`config.task` picks the task ("diffusion", "classifier", "text2im" or "clip"); see jaxdiff/training.py. Rerunning the
 same command resumes from the latest complete checkpoint in W/checkpoints; SIGTERM / Ctrl-C saves
 the current step and exits 0. Multi-host: start one process per host with the same workdir (shared
 storage or gs://); TPU pods, SLURM, Open MPI and Kubernetes are detected (--distributed=auto),

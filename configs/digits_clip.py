@@ -1,23 +1,27 @@
-"""Noised CLIP on the captioned 8x8 digits: guides sampling by text (the "clip" guide).
+"""CLIP on the captioned 8x8 digits: noised, to guide sampling by text (the "clip" guide), or clean,
+to score samples (the text sweep's evaluation-CLIP score).
 
-    python train.py --config configs/digits_clip.py --workdir W
+    python train.py --config configs/digits_clip.py --workdir W          # noised: guides
+    python train.py --config configs/digits_clip.py:eval --workdir W     # clean: only scores
 
-The image encoder sees x_t = q_sample(x_0, t) at uniform t on the diffusion model's schedule (cosine,
-1000 steps: pass the same diffusion settings as configs/digits_text.py) and its timestep token; the
-text encoder reads the word-tokenized captions. Symmetric contrastive loss, CLIP's learned logit scale.
+The noised image encoder sees x_t = q_sample(x_0, t) at uniform t on the diffusion model's schedule
+(the default cosine, 1000 steps, as configs/digits_text.py) and its timestep token; the text
+encoder reads the word-tokenized captions. Symmetric contrastive loss, CLIP's learned logit scale.
+The evaluation CLIP ("eval") is trained apart, from another seed, on clean images (t = 0).
 """
 
 from jaxdiff.training import default_config
 
 
-def get_config():
+def get_config(variant: str = "noised"):
+    if variant not in ("noised", "eval"):
+        raise ValueError(f"configs/digits_clip.py:{variant}: allowed variants: noised, eval")
     c = default_config("clip")
     c.data.name = "digits_text"
-    c.model.update(n_embd=64, patch_size=2, n_head_image=2, n_head_state_image=32, n_xf_blocks_image=2,
-                   n_head_text=2, n_head_state_text=32, n_xf_blocks_text=1, max_text_len=6,
-                   logit_scale=1 / 0.07, learn_logit_scale=True)
-    c.diffusion.update(schedule="cosine", num_timesteps=1000)
-    c.train.update(batch_size=128, steps=600, lr=1e-3, warmup_steps=50, lr_schedule="linear",
-                   weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, noised=True, log_every=50,
-                   checkpoint_every=300, keep=2, sample_every=0)
+    c.model.update(n_xf_blocks_text=1, max_text_len=6)
+    c.train.update(batch_size=128, steps=600, lr_schedule="linear", warmup_steps=50, ema_decay=0.99,
+                   checkpoint_every=300, keep=2)
+    if variant == "eval":
+        c.seed = 1
+        c.train.update(noised=False, steps=400, checkpoint_every=200)
     return c

@@ -1,22 +1,18 @@
-"""Noised CLIP on captioned Fashion-MNIST (padded to 32): guides sampling by text (the "clip" guide).
-
-    python train.py --config configs/fashion_mnist_clip.py --workdir W
-
-Same diffusion settings as configs/fashion_mnist_text.py (cosine, 1000 steps).
-"""
+"""CLIP on captioned Fashion-MNIST (padded to 32): noised, to guide sampling by text, or clean
+(`configs/fashion_mnist_clip.py:eval`), to score samples; as configs/digits_clip.py."""
 
 from jaxdiff.training import default_config
 
 
-def get_config():
+def get_config(variant: str = "noised"):
+    if variant not in ("noised", "eval"):
+        raise ValueError(f"configs/fashion_mnist_clip.py:{variant}: allowed variants: noised, eval")
     c = default_config("clip")
     c.data.name = "fashion_mnist_text"
     c.data.image_size = 32
-    c.model.update(n_embd=64, patch_size=4, n_head_image=2, n_head_state_image=32, n_xf_blocks_image=2,
-                   n_head_text=2, n_head_state_text=32, n_xf_blocks_text=1, max_text_len=8,
-                   logit_scale=1 / 0.07, learn_logit_scale=True)
-    c.diffusion.update(schedule="cosine", num_timesteps=1000)
-    c.train.update(batch_size=64, steps=400, lr=1e-3, warmup_steps=50, lr_schedule="linear",
-                   weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, noised=True, log_every=50,
-                   checkpoint_every=200, keep=2, sample_every=0)
+    c.model.update(patch_size=4, n_xf_blocks_text=1)
+    c.train.update(steps=400, lr_schedule="linear", warmup_steps=50, ema_decay=0.99, checkpoint_every=200, keep=2)
+    if variant == "eval":
+        c.seed = 1
+        c.train.noised = False
     return c

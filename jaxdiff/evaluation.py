@@ -218,12 +218,12 @@ def evaluate_workdir(workdir: str, *, split: str = "test", ts: Optional[Sequence
 def clip_scorer(workdir: str, *, batch_size: int = 256):
     """score(uint8 NHWC images, captions) -> the mean cosine similarity x 100 between the clean
     (t = 0) image embeddings and the captions' embeddings of the CLIP trained in `workdir` (the
-    evaluation CLIP, `configs/*_eval_clip.py`; EMA weights)."""
+    evaluation CLIP, `configs/*_clip.py:eval`; EMA weights)."""
     from jaxdiff import sampling
     from jaxdiff.clip_guidance import normalize
 
     module, params, cfg = checkpoints.load_model(workdir)
-    config_util.require_kind(cfg, ("clip",), "the evaluation CLIP (train configs/*_eval_clip.py)", workdir)
+    config_util.require_kind(cfg, ("clip",), "the evaluation CLIP (train configs/*_clip.py:eval)", workdir)
     tok = sampling.tokenizer_for(cfg)
     n = int(cfg["model"]["max_text_len"])
 

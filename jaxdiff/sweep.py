@@ -25,6 +25,9 @@ from jaxdiff import evaluation, guidance, report
 
 EXTRACTORS = ("classifier", "inception")
 SWEPT = {"classifier": (0.25, 1.0, 4.0), "cfg": (0.0, 1.5, 3.0, 5.0)}  # the default sweep's scales
+# A captioned dataset's text model has no labels for a classifier to guide towards: CFG over text
+# and CLIP guidance instead.
+SWEPT_TEXT = {"cfg": (0.0, 1.5, 3.0), "clip": (1.0, 3.0)}
 
 
 def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
@@ -40,8 +43,11 @@ def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
         for net in g.networks:
             if net not in c:
                 c[net] = ""
+    text = dataset.endswith("_text")
+    if text:
+        c.clip_image = c.clip_text = f"runs/{dataset}/clip"
     c.eval_classifier = f"runs/{dataset}/eval_classifier"
-    c.eval_clip = ""            # text models: the evaluation CLIP workdir (configs/*_eval_clip.py)
+    c.eval_clip = f"runs/{dataset}/eval_clip" if text else ""  # text models: configs/*_clip.py:eval
     c.caption_split = "test"    # text models: the split the samples' captions are drawn from
     c.out = f"reports/{dataset}"
     c.extractor = "classifier"  # metrics' features: "classifier" (eval_classifier) or "inception" (RGB images)
@@ -54,7 +60,7 @@ def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     c.steps = (50,)             # one curve per step count
     c.eta = 0.0
     for name in guidance.GUIDES:
-        c[f"{name}_scales"] = SWEPT.get(name, ())
+        c[f"{name}_scales"] = (SWEPT_TEXT if text else SWEPT).get(name, ())
     c.num_samples = 400
     c.batch_size = 200
     c.seed = 0
@@ -213,7 +219,7 @@ def run_sweep(cfg) -> list[dict]:
     if sampling.is_text_model(model[2]):
         if not cfg.get("eval_clip"):
             raise ValueError("a text model's sweep needs the evaluation CLIP workdir (config.eval_clip, "
-                             "configs/*_eval_clip.py)")
+                             "configs/*_clip.py:eval)")
         prompts = text_prompts(model[2], cfg.get("caption_split", "test"), int(cfg.num_samples), int(cfg.seed))
         extra = text_metrics(prompts, evaluation.clip_scorer(cfg.eval_clip))
     os.makedirs(cfg.out, exist_ok=True)

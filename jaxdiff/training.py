@@ -184,7 +184,7 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
         grad_clip=1.0,            # global norm; 0 = off
         ema_decay=0.999,
         ema_warmup=True,          # decay_t = min(ema_decay, (1 + t) / (10 + t))
-        noised=True,              # classifier: q_sample at uniform t (False: clean images, t = 0)
+        noised=True,              # classifier, clip: q_sample at uniform t (False: clean images, t = 0)
         log_every=50,
         checkpoint_every=500,
         keep=3,

@@ -28,32 +28,23 @@ case "${GLIBC_TUNABLES:-}" in
   *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
 esac
 
+# train STAGE CONFIG WORKDIR: one model (train.py resumes from WORKDIR, or does nothing when done)
+train() { stamp "training the $1"; python3 train.py --config "$2" --workdir "$3"; }
+
 if [ "${dataset%_text}" != "$dataset" ]; then
   base="${dataset%_text}"
-  stamp "training the text-conditional diffusion model"
-  python3 train.py --config "configs/$dataset.py" --workdir "$runs/model"
-  stamp "training the noised CLIP"
-  python3 train.py --config "configs/${base}_clip.py" --workdir "$runs/clip"
-  stamp "training the evaluation CLIP"
-  python3 train.py --config "configs/${base}_eval_clip.py" --workdir "$runs/eval_clip"
-  stamp "training the evaluation classifier"
-  python3 train.py --config "configs/${base}_eval_classifier.py" --workdir "$runs/eval_classifier"
-  stamp "text guidance sweep"
-  python3 sweep.py --config "configs/sweep_$dataset.py" --config.model="$runs/model" \
-    --config.clip_image="$runs/clip" --config.clip_text="$runs/clip" --config.eval_clip="$runs/eval_clip" \
-    --config.eval_classifier="$runs/eval_classifier" --config.out="$out"
-  stamp "done: report in $out (results.md, plots, settings/*/grid.png)"
-  exit 0
+  train "text-conditional diffusion model" "configs/$dataset.py" "$runs/model"
+  train "noised CLIP" "configs/${base}_clip.py" "$runs/clip"
+  train "evaluation CLIP" "configs/${base}_clip.py:eval" "$runs/eval_clip"
+  sweep_args=(--config.clip_image="$runs/clip" --config.clip_text="$runs/clip" --config.eval_clip="$runs/eval_clip")
+else
+  base="$dataset"
+  train "diffusion model" "configs/$dataset.py" "$runs/model"
+  train "noisy classifier" "configs/${dataset}_classifier.py" "$runs/classifier"
+  sweep_args=(--config.classifier="$runs/classifier")
 fi
-
-stamp "training the diffusion model"
-python3 train.py --config "configs/$dataset.py" --workdir "$runs/model"
-stamp "training the noisy classifier"
-python3 train.py --config "configs/${dataset}_classifier.py" --workdir "$runs/classifier"
-stamp "training the evaluation classifier"
-python3 train.py --config "configs/${dataset}_eval_classifier.py" --workdir "$runs/eval_classifier"
+train "evaluation classifier" "configs/${base}_eval_classifier.py" "$runs/eval_classifier"
 stamp "guidance sweep"
-python3 sweep.py --config "configs/sweep_$dataset.py" --config.model="$runs/model" \
-  --config.classifier="$runs/classifier" --config.eval_classifier="$runs/eval_classifier" \
-  --config.out="$out"
+python3 sweep.py --config "configs/sweep_$dataset.py" --config.model="$runs/model" "${sweep_args[@]}" \
+  --config.eval_classifier="$runs/eval_classifier" --config.out="$out"
 stamp "done: report in $out (results.md, plots, settings/*/grid.png)"

@@ -188,15 +188,17 @@ def test_clip_image_encoder_reads_grayscale_as_rgb():
     np.testing.assert_array_equal(gray, rgb)
 
 
-@pytest.mark.parametrize("name", ["digits_text", "digits_clip", "digits_eval_clip", "fashion_mnist_text",
-                                  "fashion_mnist_clip", "fashion_mnist_eval_clip"])
+@pytest.mark.parametrize("name", ["digits_text", "digits_clip", "digits_clip:eval", "fashion_mnist_text",
+                                  "fashion_mnist_clip", "fashion_mnist_clip:eval"])
 def test_text_configs_resolve_and_read_whole_captions(data_dir, name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, H.REPO / "configs" / f"{name}.py")
+    file, *variant = name.split(":")
+    spec = importlib.util.spec_from_file_location(file, H.REPO / "configs" / f"{file}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = mod.get_config(*variant)
+    assert bool(cfg.train.noised) == (cfg.task == "text2im" or not variant)
     base = cfg.data.name[: -len("_text")]
     if base == "digits":
         cfg.data.data_dir = str(data_dir)
