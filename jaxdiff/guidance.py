@@ -562,11 +562,18 @@ def _check_classifier(model_cfg, nets):
     if kc != num_classes:
         raise ValueError(f"the classifier has {kc} classes but the model has num_classes={num_classes}; "
                          "they must match")
-    m, cm = config_util.get(model_cfg, "model", {}), config_util.get(ccfg, "model", {})
     for key in ("image_size", "in_channels"):
-        a, b = config_util.get(cm, key), config_util.get(m, key)
-        if a is not None and b is not None and a != b:
-            raise ValueError(f"classifier {key}={a} differs from the model's {b}")
+        _check_same(f"the classifier's {key}", _model_key(ccfg, key), f"the model's {key}", _model_key(model_cfg, key))
+
+
+def _model_key(cfg, key):
+    return config_util.get(config_util.get(cfg, "model", {}), key)
+
+
+def _check_same(name_a: str, a, name_b: str, b) -> None:
+    """Refuse two networks' settings that disagree (a missing one, None, passes)."""
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"{name_a}={a} differs from {name_b}={b}; they must match")
 
 
 def _check_autoguidance(model_cfg, nets):
@@ -618,6 +625,13 @@ def _clip_prepare(ctx: GuideContext) -> Callable[[Cond], Cond]:
 def _check_clip(model_cfg, nets):
     for net in ("clip_image", "clip_text"):
         config_util.require_kind(nets[net], (NETWORK_KINDS[net],), f"config.{net}", f"the {net} directory")
+    image = nets["clip_image"]
+    _check_same("the CLIP image encoder's image_size", _model_key(image, "image_size"),
+                "the model's image_size", _model_key(model_cfg, "image_size"))
+    # the encoder embeds the sampler's original timesteps: its table must be the model's schedule's
+    _check_same("the CLIP image encoder's n_timesteps", _model_key(image, "n_timesteps"),
+                "the model's diffusion.num_timesteps",
+                config_util.get(config_util.get(model_cfg, "diffusion", {}), "num_timesteps"))
 
 
 register_guide(Guide(

@@ -203,3 +203,18 @@ def test_raising_classifier_scale_raises_accuracy(gmm):
     pred = gmm.classify_clean(x)
     acc = [float(np.mean(pred[k * n:(k + 1) * n] == y[k * n:(k + 1) * n])) for k in range(len(scales))]
     assert acc[0] < 0.5 < acc[1] < acc[2], acc
+
+
+def test_guides_refuse_networks_that_do_not_fit_the_model():
+    model = {"model": {"kind": "text2im", "image_size": 64}, "diffusion": {"num_timesteps": 1000}}
+    image = {"model": {"kind": "clip-image", "image_size": 64, "n_timesteps": 1000}}
+    text = {"model": {"kind": "clip-text"}}
+    G.GUIDES["clip"].check(model, {"clip_image": image, "clip_text": text})  # fits: no error
+    with pytest.raises(ValueError, match="CLIP image encoder's image_size=32 differs from the model's image_size=64"):
+        G.GUIDES["clip"].check(model, {"clip_image": {"model": dict(image["model"], image_size=32)}, "clip_text": text})
+    with pytest.raises(ValueError, match="n_timesteps=1000 differs from the model's diffusion.num_timesteps=4000"):
+        G.GUIDES["clip"].check(dict(model, diffusion={"num_timesteps": 4000}), {"clip_image": image, "clip_text": text})
+    labels = {"model": {"kind": "unet", "num_classes": 10, "image_size": 8, "in_channels": 1}}
+    classifier = {"model": {"kind": "classifier", "out_channels": 10, "image_size": 8, "in_channels": 3}}
+    with pytest.raises(ValueError, match="the classifier's in_channels=3 differs from the model's in_channels=1"):
+        G.GUIDES["classifier"].check(labels, {"classifier": classifier})
