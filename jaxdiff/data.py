@@ -28,31 +28,21 @@ Batches
 text)``, text the rows' caption strings, attribute bins and named masks), read from one endless
 stream of examples:
 
-* order: epoch ``e`` visits the examples in the order ``argsort(h(seed, e, i))`` for i < N, with
-  ``h`` a 64-bit splitmix hash (pure NumPy, so it does not depend on a library's RNG stream);
-  the epochs are concatenated into a stream whose position ``q`` holds one example. A step takes
-  the next B positions: step ``s`` of a run that started at step ``s0`` at stream position
-  ``q0`` takes ``[q0 + (s - s0)*B, q0 + (s - s0 + 1)*B)`` (``q0 = s0*B`` unless given). A batch
-  may straddle two epochs; there is no partial last batch.
+* order: epoch ``e`` visits the examples in the order ``argsort(h(seed, e, i))``, ``h`` a 64-bit
+  splitmix hash (pure NumPy); epochs are concatenated into one stream. Step ``s`` of a run that
+  started at step ``s0`` at position ``q0`` takes positions ``[q0 + (s - s0)*B, q0 + (s - s0 + 1)*B)``
+  (``q0 = s0*B`` unless given); there is no partial last batch.
 * sharding: process ``p`` of ``P`` takes positions ``[q + p*B/P, q + (p+1)*B/P)`` of the step
-  starting at ``q``, and reads only those examples. The concatenation over processes is the
-  single-process batch.
-* augmentation: a random horizontal flip of stream position ``q`` iff the top bit of
-  ``h(seed, q)`` (a different hash tag; q hashed as two 32-bit words) is set, so it depends
-  neither on the process layout nor on the batch size. Default on for Fashion-MNIST and
-  natural-image (CIFAR-like) datasets, off for digits and other digit/character sets
-  (``augment=`` overrides).
-* workers: ``workers`` threads decode each step's rows in contiguous chunks; the chunks are
-  joined in order, so the batches are byte-identical for any number of workers.
+  starting at ``q``; the concatenation over processes is the single-process batch.
+* augmentation: a horizontal flip of position ``q`` iff the top bit of ``h(seed, q)`` is set
+  (independent of process layout and batch size). Default on for Fashion-MNIST and natural-image
+  datasets, off for digit/character sets (``augment=`` overrides).
+* workers: ``workers`` threads decode contiguous chunks of a step's rows, joined in order, so the
+  batches are byte-identical for any number of workers.
 
-Everything is a pure function of ``(seed, position)``: a run resumed at step s from the position
-stored with its checkpoint sees exactly the examples it would have seen, also when the resumed
-run uses another global batch size (a resized slice): it continues the same stream.
-
-Change of order (jaxdiff after issue 16): flips used to be keyed by (step, index in the step's
-batch); they are now keyed by stream position, which is the same for step 0 and differs for
-later steps. Runs of earlier versions therefore see other flips after step 0 (the example order
-itself is unchanged), and a checkpoint written before the change resumes at position step*B.
+Everything is a pure function of ``(seed, position)``, so a run resumed from the position stored
+with its checkpoint (also with another global batch size) continues the same stream. The change
+from flips keyed by (step, row) to flips keyed by position: docs/training.md.
 
 Resizing to a model's ``image_size`` (square), when it differs from the stored size:
 * ``"pad"`` (Fashion-MNIST, MNIST-like): centre the image on a ``pad_value`` background (0, the
@@ -78,6 +68,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from jaxdiff import config_util
 from jaxdiff import datasets as _ds
 from jaxdiff.datasets._common import decode_png_simple
 
@@ -200,19 +191,10 @@ class Source:
 
     def gather(self, indices) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
         """uint8 images (an (n, H, W, C) array, or a list when sizes differ) and int32 labels."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if indices.size and (indices.min() < 0 or indices.max() >= n):
-            raise IndexError(f"indices out of range for a split of {n} examples")
+        indices = self._indices(indices)
         if self.in_memory:
             return self._images[indices], self._labels[indices]
-        keys = [int(i) for i in indices]
-        if self._raw_source is not None:
-            records = self._raw_source.__getitems__(keys) if keys else []
-            decoded = [_decode_record(r, self.info) for r in records]
-        else:
-            decoded = [_from_tfds(ex, self.info) for ex in
-                       (self._tfds_source.__getitems__(keys) if keys else [])]
+        decoded = self._read(indices, _decode_record, _from_tfds)
         images = [d[0] for d in decoded]
         labels = np.asarray([d[1] for d in decoded], dtype=np.int32)
         if self.info.image_shape is not None:
@@ -228,20 +210,26 @@ class Source:
             raise ValueError(
                 f"dataset {self.info.name!r} has no captions; captioned datasets: "
                 f"{', '.join(n for n in BUNDLED_DATASETS if n.endswith('_text'))}")
+        indices = self._indices(indices)
+        if self._text is not None:
+            return {k: v[indices] for k, v in self._text.items()}
+        return _stack_text(self._read(indices, _text_of_record, _text_of_example), self.info)
+
+    def _indices(self, indices) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
         if indices.size and (indices.min() < 0 or indices.max() >= n):
             raise IndexError(f"indices out of range for a split of {n} examples")
-        if self._text is not None:
-            return {k: v[indices] for k, v in self._text.items()}
+        return indices
+
+    def _read(self, indices: np.ndarray, from_record, from_example) -> list:
+        """from_record of each raw array_record record, or from_example of tfds's decoded example."""
         keys = [int(i) for i in indices]
+        if not keys:
+            return []
         if self._raw_source is not None:
-            rows = [_text_of_record(r, self.info) for r in
-                    (self._raw_source.__getitems__(keys) if keys else [])]
-        else:
-            rows = [_text_of_example(ex, self.info) for ex in
-                    (self._tfds_source.__getitems__(keys) if keys else [])]
-        return _stack_text(rows, self.info)
+            return [from_record(r, self.info) for r in self._raw_source.__getitems__(keys)]
+        return [from_example(ex, self.info) for ex in self._tfds_source.__getitems__(keys)]
 
     def __repr__(self) -> str:
         i = self.info
@@ -749,8 +737,7 @@ def _check_resize(info: DataInfo, image_size, resize_mode) -> str:
                          f"default), got {resize_mode!r}")
     if image_size is None:
         return mode
-    if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) \
-            or image_size < 1:
+    if not config_util.is_int(image_size) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
     if mode == "pad" and info.image_shape is not None and max(info.image_shape[:2]) > image_size:
         raise ValueError(
@@ -828,9 +815,9 @@ def _check_batching(source, global_batch_size, seed, step, process_index, proces
     for name, value, low in (("global_batch_size", global_batch_size, 1),
                              ("process_count", process_count, 1), ("start_step", step, 0),
                              ("process_index", process_index, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        if not config_util.is_int(value) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    if not config_util.is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if process_index >= process_count:
         raise ValueError(f"process_index={process_index} is not below process_count="
@@ -853,12 +840,12 @@ def _processes(process_index, process_count) -> tuple[int, int]:
 
 
 def _check_position(name: str, value) -> None:
-    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+    if value is not None and (not config_util.is_int(value) or value < 0):
         raise ValueError(f"{name} must be None or an integer >= 0 (a stream position), got {value!r}")
 
 
 def _check_workers(workers) -> int:
-    if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 1:
+    if not config_util.is_int(workers) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1 (decoding threads), got {workers!r}")
     return int(workers)
 

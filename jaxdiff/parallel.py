@@ -7,9 +7,8 @@ partitioner splits it. Per-host batches become global arrays with
 `jax.make_array_from_process_local_data`, so the same code runs on one process or many (call
 `initialize` first on multi-host runs).
 
-Reproducibility: samplers draw sample i's noise from fold_in(seed, sample_ids[i]), so the same seed
-gives the same images on 1 or 8 devices, with any batch size; a batch that does not divide the
-number of devices is padded (repeating its last row) and trimmed afterwards.
+Sampling is reproducible across device counts and batch sizes (noise keyed by sample id,
+`jaxdiff.samplers`); a batch that does not divide the devices is padded and trimmed afterwards.
 
 Training (`make_mesh`, `fsdp_spec`, `state_shardings`): a (data, fsdp) mesh; the batch is split
 over both axes (every device sees different examples), and each array of the train state is
@@ -24,6 +23,8 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxdiff import config_util
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -66,7 +67,7 @@ def mesh_shape(data: int, fsdp: int, device_count: int, prefix: str = "mesh ") -
     Raises ValueError naming the sizes (as `prefix` + name) when they cannot tile the devices.
     """
     for name, v in (("data", data), ("fsdp", fsdp)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or (v < 1 and not (name == "data" and v == -1)):
+        if not config_util.is_int(v) or (v < 1 and not (name == "data" and v == -1)):
             raise ValueError(f"{prefix}{name}={v!r}: expected a positive integer"
                              + (" or -1 (the devices fsdp leaves)" if name == "data" else ""))
     if device_count % fsdp:
@@ -281,12 +282,7 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
 
 def _common_local_size(n: int, ndev: int) -> int:
     """Per-process padded batch: a multiple of the local device count, equal on every process."""
-    size = -(-int(n) // ndev) * ndev
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        size = int(np.max(multihost_utils.process_allgather(np.array([size]))))
-    return size
+    return int(process_values(np.array(-(-int(n) // ndev) * ndev)).max())
 
 
 def sample_batch_sharded(run: Callable, params: Any, sched: Any, cond: Any, key: jax.Array,

@@ -19,9 +19,8 @@ k_i = fold_in(seed_key, sample_ids[i]); its starting noise is normal(fold_in(k_i
 of loop step j (j = 0 at the highest t) is normal(fold_in(fold_in(k_i, 1), j)). Recorded noises
 (`noises`, [num_steps, B, ...] in loop order) may be passed instead, e.g. for parity tests.
 
-Progress: with `progress=True` the loop calls `jax.debug.callback(..., ordered=False)` once per
-step with the step number; the host-side callback only advances the active tqdm bar (see
-`progress_bar`), so the device never waits on the host. Without an active bar it does nothing.
+Progress: with `progress=True` the loop calls an unordered `jax.debug.callback` once per step that
+only advances the active tqdm bar (`progress_bar`), so the device never waits on the host.
 """
 
 from __future__ import annotations

@@ -10,17 +10,12 @@ process and quantises exactly as guided-diffusion's sample scripts do; `generate
 to every process (training grids, the evaluation command's CFG accuracy, the sweep).
 
 Sharded runs (`run(..., shards=True)`, sample.py): each process writes its rows of each global
-batch as it goes, atomically, to OUT/shards/SSSSSSSS-EEEEEEEE.npz (sample ids S..E-1: `ids`,
-`images` uint8, `labels`, `captions`), next to OUT/shards/manifest.json, which records what
-determines the images (fingerprints of the networks' parameters and configs and of config.low_res,
-config.dtype, config.tokenizer, every sample setting except progress and grid_max). A rerun with
-the same settings generates only the global batches whose ids are not all in OUT/shards; other
-settings are refused before any work, naming what differs, and nothing is deleted. Every process
-reports what it sees and the reports are all-gathered, so all make the same decision. When every
-process is done (a barrier), process 0 merges: OUT/grid.png, then OUT/samples.npz streamed shard
-by shard in sample-id order (arr_0, arr_1, captions; the manifest in the zip comment, which
-np.load ignores), then the shards are deleted. A rerun into a complete OUT does nothing. Resuming
-and merging need OUT on a filesystem every host sees; with per-host disks, copy every host's
+batch atomically to OUT/shards/SSSSSSSS-EEEEEEEE.npz (sample ids S..E-1), next to
+OUT/shards/manifest.json, which records what determines the images (`settings_manifest`). A rerun
+with the same settings generates only the missing global batches; other settings are refused before
+any work, naming what differs (`resume_plan`, a collective). When every process is done, process 0
+merges the shards into OUT/grid.png and OUT/samples.npz and deletes them (`merge`). Resuming and
+merging need OUT on a filesystem every host sees; with per-host disks, copy every host's
 OUT/shards/ into one and run the merge command.
 
 Guides and samplers come from their registries (`guidance.GUIDES`, `samplers.SAMPLERS`): the

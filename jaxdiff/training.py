@@ -6,65 +6,34 @@ One entry point, `train(config, workdir)`, for every task (`config.task`):
   (index num_classes) with probability `diffusion.p_uncond`, so one model serves classifier-free
   guidance. Targets eps / x0 / v; learned sigma trains with the hybrid loss
   (`diffusion.training_losses`); t is uniform over the schedule.
-* "text2im": the same diffusion recipe (the same loss and step code) for GLIDE's text-conditional
-  U-Net (`models.Text2ImUNet`) on a captioned dataset (digits_text, fashion_mnist_text): the
-  captions are word-tokenized with the dataset's vocabulary (`tokenizers.WordTokenizer`; captions
-  longer than `model.text_ctx` words are truncated to their first text_ctx words, as GLIDE
-  truncates) and dropped to the empty caption (all padding, mask off) with probability
-  `diffusion.p_uncond` (default 0.2 here), the null condition of classifier-free guidance over text.
-* "classifier": the ADM noisy classifier (EncoderUNetModel) on q_sample'd inputs at uniform t
-  (`train.noised=True`, the ADM recipe), or on clean images with t = 0 (`train.noised=False`, the
-  classifier used for evaluation metrics).
-* "clip": a noised CLIP (`models.ClipModel`: glide's image encoder with its timestep token and its
-  causal text encoder) on a captioned dataset: images q_sample'd at uniform t with the diffusion's
-  schedule (the encoder sees the ORIGINAL timestep), captions as `WordTokenizer.tokens_and_lengths`
-  makes them (the words then the end id; more than max_text_len - 1 words are truncated), and
-  CLIP's symmetric contrastive loss: the mean of the image->text and text->image cross-entropies of
-  logits = logit_scale * cosine similarity over the batch, where every item with the same caption
-  counts as a positive (an even split of the target; with distinct captions this is CLIP's InfoNCE).
-  `model.learn_logit_scale` (default True, CLIP's convention: log of the scale learned from
-  log(model.logit_scale) = log(1 / 0.07), capped at 100) or False (fixed at model.logit_scale, as
-  glide's noised CLIP's config states 100). `train.noised=False` trains a CLEAN CLIP (t = 0), the
-  one the text sweep scores samples with. The contrastive negatives are the rows of one
-  micro-batch: with `train.grad_accum_steps` > 1 the loss differs from one batch of B (as in CLIP
-  without gradient caching); the other tasks' updates do not depend on it.
+* "text2im": the same recipe for GLIDE's text-conditional U-Net (`models.Text2ImUNet`) on a
+  captioned dataset; captions are word-tokenized (`tokenizers.WordTokenizer`, truncated to
+  `model.text_ctx` words as GLIDE does) and dropped to the empty caption with probability
+  `diffusion.p_uncond` (default 0.2).
+* "classifier": the ADM noisy classifier on q_sample'd inputs at uniform t (`train.noised=True`)
+  or on clean images at t = 0 (`train.noised=False`, the classifier of the evaluation metrics).
+* "clip": a noised CLIP (`models.ClipModel`) on a captioned dataset, images q_sample'd at uniform t
+  (the encoder sees the ORIGINAL timestep), with CLIP's symmetric contrastive loss
+  (`contrastive_loss`). `model.learn_logit_scale` learns log(scale) (capped at 100) or keeps
+  `model.logit_scale` fixed; `train.noised=False` trains the clean CLIP the text sweep scores with.
+  The negatives are the rows of one micro-batch, so with `train.grad_accum_steps` > 1 the loss
+  differs from one batch of B (the other tasks' updates do not depend on it).
 
-The text tasks write the dataset's vocabulary into W/config.json ({"text": {"vocab": [...]}}), so
-sample.py and the sweep tokenize captions with the model's own words.
+The text tasks write the dataset's vocabulary into W/config.json ({"text": {"vocab": [...]}}).
+All tasks use AdamW with linear warm-up (then constant, linear to 0 or cosine), global-norm
+clipping and an EMA of the weights kept in the `TrainState`.
 
-Both use AdamW with linear warm-up (then constant, linear anneal to 0 as ADM's `anneal_lr`, or
-cosine), global-norm gradient clipping and an EMA of the weights kept in the `TrainState`.
-
-Parallelism (`config.mesh`): a ('data', 'fsdp') mesh of every device of every process, by default
-all on 'data' (plain data parallelism). The global batch is split over both axes (per-host
-batches joined with `jax.make_array_from_process_local_data`); parameters, EMA and optimizer
-state are split over 'fsdp' by `parallel.state_shardings` (largest divisible dimension; small
-arrays replicated). The step is the single-device program under `jax.jit` with explicit in/out
-shardings: it gathers the parameters for the forward/backward pass and reduce-scatters the
-gradients back onto the state's layout. `train.grad_accum_steps = k` splits each batch into k
-micro-batches (a `lax.scan` summing their gradients), each holding B/k of every device's rows.
-
-Randomness: the step's key is fold_in(key(seed), step); example j of the global batch draws its
-timestep, noise, label drop and dropout from fold_in(step key, j), so k micro-batches of B/k give
-the update of one batch of B. The data of a step is a pure function of (seed, stream position)
-(`jaxdiff.data`), and the position is saved with every checkpoint, so a resumed run repeats an
-uninterrupted one exactly, and a run resumed with another batch size continues the same stream.
-
-Multi-host runs (docs/training.md): every process must be given the same workdir, on storage all
-of them read (a shared file system or gs://); the processes check that they see one config and
-one latest checkpoint before anything is compiled, and refuse with a clear error otherwise.
-Every decision that leads into a collective (save, sample, stop) is taken from values all
-processes share. SIGTERM / SIGINT stop every process after one agreed step, which is saved
-(`jaxdiff.preemption`); the run exits normally and the same command resumes it.
+Parallelism (`config.mesh`, a ('data', 'fsdp') mesh), gradient accumulation, randomness (example j
+of a step draws from fold_in(fold_in(key(seed), step), j), so resumed runs repeat uninterrupted
+ones), preemption and the multi-host rules: docs/training.md.
 
 Derived values are never configured twice: image size, channels and num_classes come from the
 dataset; out_channels from in_channels and learned_sigma (or num_classes for the classifier);
 null_label from p_uncond > 0. The resolved config is written to W/config.json.
 
-Non-finite losses: each step folds "first step with a non-finite loss or gradient norm" into an
-on-device accumulator. The host reads it at every log boundary and before every checkpoint save, so
-training stops at most `log_every - 1` steps after the first bad step, no checkpoint is ever
-written after it, and the error names that step and the last good checkpoint.
+Non-finite losses are folded into an on-device accumulator read at every log boundary and before
+every save: training stops at most `log_every - 1` steps after the first bad step, no checkpoint
+is written after it, and the error names that step and the last good checkpoint.
 """
 
 from __future__ import annotations

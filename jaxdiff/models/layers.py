@@ -114,12 +114,8 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
         cin = x.shape[-1]
-        kernel = self.param(
-            "kernel",
-            zeros_init if self.zero_init else torch_default_init,
-            (k, k, cin, self.features),
-            jnp.float32,
-        )
+        kernel = self.param("kernel", zeros_init if self.zero_init else torch_default_init,
+                            (k, k, cin, self.features), jnp.float32)
         bias = self.param("bias", zeros_init, (self.features,), jnp.float32)
         pad = k // 2 if self.padding is None else self.padding
         y = conv2d(cast(x, self.dtype), cast(kernel, self.dtype), stride=self.stride, padding=pad)
@@ -216,9 +212,8 @@ class ResBlock(nn.Module):
             h, x = avg_pool2(h), avg_pool2(x)
         h = Conv(cout, 3, dtype=self.dtype, name="in_layers_2")(h)
 
-        emb_out = Dense(
-            2 * cout if self.use_scale_shift_norm else cout, dtype=self.dtype, name="emb_layers_1"
-        )(nn.silu(emb))
+        emb_out = Dense(2 * cout if self.use_scale_shift_norm else cout, dtype=self.dtype,
+                        name="emb_layers_1")(nn.silu(emb))
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = GroupNorm32(silu=True, name="out_layers_0")(h, scale, shift)
@@ -242,9 +237,8 @@ def qkv_projections(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads:
 
     `kernel` [C_in, parts*H*ch] and `bias` [parts*H*ch] keep the checkpoint's channel layout: legacy
     order (QKVAttentionLegacy) is heads first, [H, (q, k, v), ch]; new order (QKVAttention) is
-    [(q, k, v), H, ch]. Splitting the (small) kernel instead of the [B, T, 3*H*ch] output keeps
-    the activations free of strided slices, whose gradients XLA writes as three zero-padded
-    full-width tensors; the ch^-1/4 scale is folded into the q and k weights (float32).
+    [(q, k, v), H, ch]. The (small) kernel is split rather than the output, whose strided slices
+    would cost zero-padded full-width gradients; the ch^-1/4 scale is folded into the weights.
     """
     b, t, c_in = x.shape
     ch = kernel.shape[1] // (parts * num_heads)
@@ -341,17 +335,13 @@ class AttentionPool2d(nn.Module):
         b, c = x.shape[0], x.shape[-1]
         tokens = x.reshape(b, -1, c)
         tokens = jnp.concatenate([jnp.mean(tokens, axis=1, keepdims=True), tokens], axis=1)
-        pos = self.param(
-            "positional_embedding",
-            lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(c),
-            (tokens.shape[1], c),
-            jnp.float32,
-        )
+        pos = self.param("positional_embedding",
+                         lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(c),
+                         (tokens.shape[1], c), jnp.float32)
         if pos.shape != tokens.shape[1:]:
             raise ValueError(
                 f"AttentionPool2d: {tokens.shape[1] - 1} pixels at the pooling resolution, but the positional "
-                f"embedding was built for {pos.shape[0] - 1}: the classifier needs inputs of its image_size"
-            )
+                f"embedding was built for {pos.shape[0] - 1}: the classifier needs inputs of its image_size")
         tokens = tokens + cast(pos, tokens.dtype)
         q, k, v = QKV(c // self.num_head_channels, new_order=True, dtype=self.dtype, name="qkv_proj")(tokens)
         out = Dense(self.output_dim, dtype=self.dtype, name="c_proj")(merge_heads(attention(q, k, v), b))

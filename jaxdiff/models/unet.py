@@ -31,8 +31,9 @@ import flax.linen as nn
 from jaxdiff.models import layers as L
 
 
-def validate_labels(y, num_classes: Optional[int], null_label: bool = False) -> np.ndarray:
-    """Host-side check of concrete integer labels; raises ValueError naming the bad value."""
+def check_labels(y, num_classes: Optional[int], null_label: bool = False) -> np.ndarray:
+    """Validate concrete integer labels on the host (before jitting): 0 <= y < num_classes, or
+    y == num_classes ("no label") when null_label. Returns them as a numpy array; raises ValueError."""
     if num_classes is None:
         raise ValueError("labels y were given to an unconditional model (num_classes=None)")
     arr = np.asarray(y)
@@ -107,12 +108,10 @@ def unet_forward(m, x, timesteps, y, train: bool, in_channels: int, extra_emb=No
             raise ValueError(f"labels y must have shape [B]=({x.shape[0]},), got {y.shape}")
         concrete = _concrete(y)
         if concrete is not None:
-            validate_labels(concrete, m.num_classes, m.null_label)
+            check_labels(concrete, m.num_classes, m.null_label)
         n = m.num_classes + (1 if m.null_label else 0)
-        emb = emb + nn.Embed(
-            n, 4 * m.model_channels, param_dtype=jnp.float32, dtype=jnp.float32,
-            embedding_init=nn.initializers.normal(1.0), name="label_emb",
-        )(y)
+        emb = emb + nn.Embed(n, 4 * m.model_channels, param_dtype=jnp.float32, dtype=jnp.float32,
+                             embedding_init=nn.initializers.normal(1.0), name="label_emb")(y)
     elif y is not None:
         raise ValueError("labels y were given to an unconditional model (num_classes=None)")
 
