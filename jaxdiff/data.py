@@ -2,9 +2,8 @@
 
 Datasets
 --------
-* ``digits``: scikit-learn's bundled 8x8 digits (uint8 (8, 8, 1), 0..16 scaled to 0..255,
-  labels 0..9; fixed stratified 80/20 split: train 1438 / test 359). See
-  `jaxdiff.datasets.digits`.
+* ``digits``: scikit-learn's bundled 8x8 digits (uint8 (8, 8, 1), 0..16 scaled to 0..255, labels
+  0..9; fixed stratified 80/20 split: train 1438 / test 359). See `jaxdiff.datasets.digits`.
 * ``fashion_mnist``: built from the idx files of Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist``) or of a directory passed as ``manual_dir``; uint8
   (28, 28, 1), labels 0..9, train 60000 / test 10000. See `jaxdiff.datasets.fashion_mnist`.
@@ -12,14 +11,12 @@ Datasets
   built from measured attributes (``"a thick slanted seven"``), the attributes' bins and which
   ones the caption names; `Source.gather_text` reads them, ``DataInfo.captions`` holds the
   scheme, vocabulary and thresholds (see `jaxdiff.captions`, `jaxdiff.datasets.captioned`).
-* any other tfds image dataset (``cifar10``, ``imagenet_resized/64x64``, ...) that is already
-  prepared in the tfds data_dir in a random-access format (array_record), e.g. with
-  ``tfds build cifar10 --file_format=array_record`` on a machine with TensorFlow.
+* any other tfds image dataset (``cifar10``, ...) already prepared in the tfds data_dir as
+  array_record (``tfds build cifar10 --file_format=array_record`` on a machine with TensorFlow).
 
-The bundled datasets are prepared on first use (tfds builders writing array_record files,
-no TensorFlow, no download) into ``data_dir`` (default ``$TFDS_DATA_DIR`` or
-``~/tensorflow_datasets``) and reused afterwards; `prepare` does it explicitly. Preparation holds
-a file lock in data_dir, so processes on one machine may race for it safely.
+The bundled datasets are prepared on first use (no TensorFlow, no download) into ``data_dir``
+(default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), under a file lock, and reused
+afterwards; `prepare` does it explicitly.
 
 Batches
 -------
@@ -73,21 +70,9 @@ from jaxdiff import datasets as _ds
 from jaxdiff.datasets._common import decode_png_simple
 
 __all__ = [
-    "BUNDLED_DATASETS",
-    "DataInfo",
-    "Source",
-    "batch_at",
-    "batches",
-    "default_data_dir",
-    "epoch_permutation",
-    "flip_mask",
-    "position_flips",
-    "global_batch_indices",
-    "load_split",
-    "make_source",
-    "prepare",
-    "resize_images",
-    "to_model_range",
+    "BUNDLED_DATASETS", "DataInfo", "Source", "batch_at", "batches", "default_data_dir",
+    "epoch_permutation", "flip_mask", "position_flips", "global_batch_indices", "load_split",
+    "make_source", "prepare", "resize_images", "to_model_range",
 ]
 
 #: Datasets jaxdiff prepares itself (no TensorFlow, no download).
@@ -517,10 +502,10 @@ def make_source(config_or_name, split: str, data_dir: str | os.PathLike | None =
         ``name`` (or ``dataset``), optionally ``data_dir``, ``manual_dir``, ``in_memory``, either
         at top level or under ``data``. Explicit arguments win over the config.
       split: "train", "test", ... or tfds slicing ("train[:90%]").
-      data_dir: tfds data directory (default `default_data_dir()`); the bundled datasets are
-        prepared there on first use.
-      manual_dir: fashion_mnist(_text) only: directory with the idx files (default: Debian's
-        /usr/share/datasets/fashion-mnist). Only read when the dataset still has to be prepared.
+      data_dir: tfds data directory (default `default_data_dir()`), where the bundled datasets
+        are prepared on first use.
+      manual_dir: fashion_mnist(_text), when it still has to be prepared: the idx files' directory
+        (default: Debian's /usr/share/datasets/fashion-mnist).
       in_memory: decode the whole split into arrays once (default: True for the bundled
         datasets, False otherwise).
 
@@ -915,18 +900,15 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
       global_batch_size: examples per step over all processes; a multiple of process_count.
       seed: data seed (order and flips).
       start_step: first step to yield (the step a resumed run continues from).
-      process_index, process_count: this process and the process count (default
-        `jax.process_index()` / `jax.process_count()`).
+      process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
       augment: random horizontal flips; None = the dataset's default (`info.random_flip`).
       image_size: square size the model takes (None = as stored); resize_mode: "pad",
         "resize", "center_crop" or None (the dataset's default).
       num_steps: stop after that many batches (None = never).
       prefetch: batches prepared ahead in background threads (0 = none).
       start_position: stream position of start_step's batch (default start_step *
-        global_batch_size); a resumed run passes the position stored with its checkpoint, so a
-        changed batch size continues the same stream of examples.
-      workers: threads decoding each batch (contiguous chunks of its rows, joined in order:
-        the batches are byte-identical for any number of workers).
+        global_batch_size); a resumed run passes the one stored with its checkpoint.
+      workers: threads decoding each batch (the batches are the same for any number).
       text: captioned datasets only: each batch also holds its rows' text fields (see `batch_at`).
 
     Arguments are checked when this is called, not at the first `next`.

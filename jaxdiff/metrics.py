@@ -4,10 +4,9 @@ accuracy, and the feature extractors they are computed with.
 * Images are uint8 NHWC at the boundary (guided-diffusion's ``arr_0``); extractors map them to
   float32 ``x / 127.5 - 1``. Statistics are float64 numpy on the host; only extraction runs in JAX.
 * FID: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrtm(S1 S2)``, the last trace as the sum of the
-  singular values of ``F1^T F2`` with ``Fi = Ui Li^{1/2}`` from symmetric eigendecompositions
-  (negative round-off eigenvalues clamped): exact for singular covariances, 0 for a set against
-  itself, equal to scipy's sqrtm formula wherever that one is accurate. A sample covariance of N
-  features of dimension D needs N >= D + 1 unless ``require_full_rank=False``.
+  singular values of ``F1^T F2`` with ``Fi = Ui Li^{1/2}`` (symmetric eigendecompositions): exact for
+  singular covariances, 0 for a set against itself. N features of dimension D need N >= D + 1
+  unless ``require_full_rank=False``.
 * Precision / recall (Kynkaenniemi et al. 2019; inside a ball when the distance is ``<=`` the
   radius) and density / coverage (Naeem et al. 2020; strict ``<``) with k-NN radii that count the
   point itself, as their reference code. Distances come in ``chunk_size`` blocks, float64 by
@@ -157,12 +156,9 @@ class MomentAccumulator:
     """Mean and covariance of feature rows fed in chunks (in order), without keeping the rows.
 
     The covariance is float64 with ddof=1 (``np.cov(x, rowvar=False)``), from sums of the rows shifted
-    by the first chunk's float64 mean: exact in exact arithmetic, and the shift keeps round-off near
-    that of the two-pass formula (plain sums of x x^T lose digits when the mean is large). With one
-    chunk the shift is the mean itself. ``mean_dtype`` float64 (default) accumulates the mean in
-    float64; float32 keeps the float32 running sum that ``np.mean(x, axis=0)`` makes of float32 rows
-    (one row added after another, then divided by N), so the mean is bit for bit the one
-    guided-diffusion's evaluator computes from its float32 activations, however the rows are chunked.
+    by the first chunk's mean, which keeps round-off near that of the two-pass formula. ``mean_dtype``
+    float32 keeps the float32 running sum ``np.mean(x, axis=0)`` makes of float32 rows, so the mean is
+    bit for bit guided-diffusion's evaluator's however the rows are chunked (default float64).
     """
 
     def __init__(self, mean_dtype: Any = np.float64):
@@ -392,10 +388,8 @@ _F16_MAX = np.float32(65504.0)
 def _round16(x: Array) -> Array:
     """float32 x rounded to the nearest float16 (ties to even), kept in float32 (every float16 is one).
 
-    Bit for bit ``x.astype(np.float16).astype(np.float32)``, about twice as fast: numpy's float16 casts
-    are scalar code, whereas this keeps 10 of float32's 23 mantissa bits with integer operations (the
-    rounding carry may bump the exponent, as it should), then mends float16's subnormal range
-    (multiples of 2^-24), its overflow (inf from 65520 on) and NaNs.
+    Bit for bit ``x.astype(np.float16).astype(np.float32)``, faster than numpy's scalar float16 casts:
+    keeps 10 mantissa bits with integer operations, then mends float16's subnormals, overflow and NaNs.
     """
     x = np.asarray(x, np.float32)
     u = x.view(np.uint32)
@@ -418,11 +412,9 @@ class _Points:
     """Feature rows prepared for squared euclidean distances in one arithmetic (``DISTANCES``).
 
     float64 / float32: ``|u|^2 + |v|^2 - 2 u.v`` in that dtype, clamped at 0. float16 is guided-diffusion's
-    evaluator (its DistanceBlock): features cast to float16, squares and u.v rounded to float16 (their
-    sums accumulated in float32, as float16 matrix products do on accelerators), then
-    ``(|u|^2 - 2 u.v) + |v|^2`` with each result rounded to float16, clamped at 0; where that is not
-    finite (float16 overflow), the float32 formula's value is used. float16 values are held in float32
-    arrays, so the products run on the float32 BLAS and comparisons with radii are exact.
+    evaluator's DistanceBlock: float16 features, squares and u.v rounded to float16 (sums accumulated in
+    float32), then ``(|u|^2 - 2 u.v) + |v|^2`` rounded to float16, clamped at 0, the float32 value where
+    that overflows. float16 values are held in float32 arrays (float32 BLAS, exact radius comparisons).
     """
 
     def __init__(self, x: Array, distance: str):
@@ -599,16 +591,12 @@ def classifier_extractor(apply_fn: Callable[[Any, Any], Any], params: Any, *,
                          name: str = "classifier", config: Optional[Mapping[str, Any]] = None) -> FeatureExtractor:
     """Wraps a Flax classifier as a FeatureExtractor.
 
-    apply_fn(params, x) -> logits [B, K], with x float32 NHWC in [-1, 1] (uint8 / 127.5 - 1). For a
-    timestep-conditioned (noisy) classifier pass e.g.
-    ``lambda p, x: model.apply(p, x, jnp.zeros(x.shape[0], jnp.int32))``.
-    feature_fn(params, x) -> features [B, ...] (flattened to [B, D]) from the penultimate layer, e.g.
-    ``lambda p, x: model.apply(p, x, method=Model.features)`` or via ``capture_intermediates``; it may also
-    return ``(features, logits)`` to get both from one forward pass. Without a feature_fn the logits are
-    used as features.
-    Images go through in fixed-size batches (the last one padded) under one jit, so one compile serves
-    any N. ``config`` (JSON-able) is folded into the fingerprint: put there whatever distinguishes
-    feature_fn choices (e.g. the layer name), since functions cannot be hashed stably.
+    apply_fn(params, x) -> logits [B, K], with x float32 NHWC in [-1, 1] (uint8 / 127.5 - 1).
+    feature_fn(params, x) -> features [B, ...] (flattened to [B, D]), e.g. the penultimate layer, or
+    ``(features, logits)`` from one forward pass; without it the logits are the features.
+    Images go through in fixed-size batches (the last one padded) under one jit. ``config`` (JSON-able)
+    is folded into the fingerprint: put there whatever distinguishes feature_fn choices (functions
+    cannot be hashed stably).
     """
     import jax.numpy as jnp
 

@@ -282,14 +282,12 @@ def sample_loop(model_fn: ModelFn, sched: Schedule, x_T: Optional[jax.Array], co
                 progress: bool = False, return_trajectory: bool = False, loop: str = "scan"):
     """Run `sampler` (a name in SAMPLERS) from x_T (index num_steps - 1) down to index 0; returns x_0.
 
-    Pure and traceable: call it inside `jax.jit` (see `make_sampler`); the steps are one
-    `lax.scan`. `loop="python"` runs the same step function in a Python loop instead (debugging, or
-    eager use with separately jitted networks, whose compilations are then shared between
-    samplers and schedules). `x_T=None` draws the start
-    from `key` and `sample_ids` (with per-sample `shape`); per-step noise comes from `key` and
-    `sample_ids`, or from recorded `noises` [num_steps, B, ...] in loop order. `x0_fn` replaces
-    the default clipping (`clip_denoised`) of x0, e.g. `guidance.dynamic_threshold`. `eta` may be
-    traced (DDIM only). With `return_trajectory` also returns the stacked x0 estimates.
+    Pure and traceable: call it inside `jax.jit` (see `make_sampler`); the steps are one `lax.scan`
+    (`loop="python"`: a Python loop, for debugging or eager use). `x_T=None` draws the start from
+    `key` and `sample_ids` (with per-sample `shape`); per-step noise comes from them too, or from
+    recorded `noises` [num_steps, B, ...] in loop order. `x0_fn` replaces the default clipping
+    (`clip_denoised`) of x0. `eta` may be traced (DDIM only). With `return_trajectory` also returns
+    the stacked x0 estimates.
     """
     spec = SAMPLERS[check_sampler(sampler)]
     check_prediction(prediction)

@@ -343,11 +343,9 @@ def generate_batches(sampler_fn, params, sched, *, num_samples: int, labels: Opt
     """Yields (sample ids, uint8 images) of THIS process's rows, batch by batch.
 
     `sampler_fn` comes from `samplers.make_sampler`; samples 0..num_samples-1 are drawn in global
-    batches of `batch_size` (only the global batches numbered `batches`, when given, the same on
-    every process), each split over the processes and sharded over `mesh`'s devices.
-    Sample i's noise depends only on (seed, i). `labels` [num_samples], `per_sample` arrays
-    [num_samples, ...] (e.g. low_res) and the `scales` (cond keys -> float) go into each batch's cond.
-    The progress bar shows on process 0 only; every process runs the same compiled program.
+    batches of `batch_size` (only those numbered `batches`, when given), each split over the
+    processes and sharded over `mesh`. Sample i's noise depends only on (seed, i). `labels`,
+    `per_sample` arrays [num_samples, ...] and `scales` (cond keys -> float) go into each batch's cond.
     """
     import contextlib
 
@@ -401,16 +399,14 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
         compiled: Optional[dict] = None, shards: bool = False, **named_networks) -> dict:
     """Sample as `config` says; models are (module, params, config) triples, loaded when not given.
 
-    `networks` (or keyword arguments such as classifier=..., guide_model=...) give the networks
-    guides need, by their config key. Everything is validated before any compile. `compiled`: a
-    dict the caller keeps across calls with the same models (a sweep), so settings that differ only
-    in scales, seed or sample count reuse one compiled sampler.
+    `networks` (or keywords such as classifier=..., guide_model=...) give the guides' networks by
+    config key. Everything is validated before any compile. `compiled`: a dict kept across calls with
+    the same models (a sweep), so settings differing only in scales, seed or count share one program.
 
     In memory (default): every process gets every image; returns {"images", "labels", "npz",
-    "grid", "num_samples"}. `shards=True` (sample.py): each process writes its rows to OUT/shards
-    and process 0 merges them (module doc); "images" is None, and "batches" / "generated" count the
-    global batches of the run and those this call generated (0 when OUT was already complete).
-    "npz" and "grid" are the paths written, on process 0 (None elsewhere).
+    "grid", "num_samples"}. `shards=True` (sample.py, module doc): "images" is None, and "batches" /
+    "generated" count the run's global batches and those this call generated. "npz" and "grid" are
+    the paths written, on process 0 (None elsewhere).
     """
     s = config.sample
     names = guidance.parse_guidance(str(s.guidance))
@@ -665,11 +661,10 @@ def resume_plan(out: str, manifest: dict, num_samples: int, batch_size: int) -> 
     """The global batches a sharded run into `out` still has to generate; None when OUT/samples.npz
     already holds it. Raises ValueError when `out` holds another run's samples.
 
-    A collective (every process calls it and gets the same answer): each process reports whether
-    it refuses, whether OUT/samples.npz holds this run (process 0's report decides) and which global
-    batches have all of ITS rows in the shards it sees; a batch is skipped when every process has
-    its rows. (On per-host disks each process sees its own shards, so a rerun with the same
-    processes resumes there too.) Writes OUT/shards/manifest.json when absent.
+    A collective with one answer: each process reports whether it refuses, whether OUT/samples.npz
+    holds this run (process 0's report decides) and which global batches have all of ITS rows in
+    the shards it sees; a batch is skipped when every process has its rows (so per-host disks
+    resume too). Writes OUT/shards/manifest.json when absent.
     """
     from jaxdiff import parallel
 

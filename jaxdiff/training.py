@@ -470,8 +470,7 @@ def example_keys(key: jax.Array, ids: jax.Array, n: int) -> list:
 
 def _apply(resolved, model, params, x, t, args: tuple, dropout_keys):
     """The network in training mode on (x, t, *args); with dropout, each example is its own call
-    (vmap) drawing its masks from its own key, so the masks do not depend on which micro-batch
-    holds the example."""
+    (vmap) with its own key, so its masks do not depend on its micro-batch."""
     if float(config_util.get(resolved.model, "dropout", 0.0) or 0.0) <= 0:
         return model.apply({"params": params}, x, t, *args, train=True)
 
@@ -602,11 +601,10 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
     """step(state, images, cond, acc) -> (state, acc): one AdamW update + EMA, metrics accumulated;
     cond: the labels or caption tokens (`cond_spec`), split into micro-batches like the images.
 
-    With `mesh` and `state_shardings` (a TrainState of NamedShardings, `state_layout`) the step
-    gathers the parameters for the forward/backward pass when they are split over 'fsdp' and
-    constrains the gradients to the parameters' layout. `train.grad_accum_steps = k` > 1 sums the
-    gradients of k micro-batches in a `lax.scan`; micro-batch m holds rows m*b'..(m+1)*b'-1 of every
-    device's block of b = k*b' rows, so each micro-batch is spread over every device.
+    With `mesh` and `state_shardings` (`state_layout`) the parameters are gathered for the
+    forward/backward pass when split over 'fsdp', and the gradients constrained to their layout.
+    `train.grad_accum_steps = k` > 1 sums k micro-batches' gradients in a `lax.scan`; micro-batch m
+    holds rows m*b'..(m+1)*b'-1 of every device's block of b = k*b' rows.
     """
     loss_fn = LOSSES[resolved.task](resolved, model, sched)
     lr_fn = learning_rate_fn(resolved.train)
@@ -821,9 +819,8 @@ def make_sample_fn(resolved, model) -> Callable:
     per class of `grid_classes` (at most sample.grid_classes rows); a text model's rows are
     captioned with the class alone ("a seven"), guided over the empty caption.
 
-    The sample count is padded to a multiple of the global device count, so every process samples
-    and contributes the same number of rows (the padding rows are dropped); every process ends up
-    with the whole (small) grid, and process 0 writes it. `params` must be replicated.
+    The sample count is padded to a multiple of the global device count (padding rows dropped);
+    every process gets the whole grid. `params` must be replicated.
     """
     from jaxdiff import guidance, samplers, sampling
 

@@ -12,11 +12,10 @@ variance interpolation value v in [-1, 1].
 Flags follow guided-diffusion's constructor exactly (attention_resolutions are downsampling factors
 ds). jaxdiff extras:
   null_label  the label embedding has num_classes + 1 rows; label num_classes means "no label" (CFG).
-  dtype       compute dtype, "float32" or "bfloat16"; None means bfloat16 if use_fp16 else float32
-              (guided-diffusion's use_fp16 = half-precision torso with float32 master weights).
+  dtype       compute dtype, "float32" or "bfloat16"; None: bfloat16 if use_fp16 else float32.
               Parameters are always float32; GroupNorm, softmax, the time embedding and the output
               head run in float32.
-  use_checkpoint  maps to nn.remat on every ResBlock and AttentionBlock (recompute in the backward pass).
+  use_checkpoint  nn.remat on every ResBlock and AttentionBlock.
 """
 
 from __future__ import annotations
@@ -161,9 +160,8 @@ class UNetModel(ADMFlags):
 def upsample_bilinear(low_res: jax.Array, height: int, width: int) -> jax.Array:
     """F.interpolate(low_res, (height, width), mode='bilinear', align_corners=False), NHWC.
 
-    jax.image.resize 'linear' uses half-pixel centres and renormalises weights at the borders, which
-    for upsampling equals torch's clamping of source coordinates (checked against a numpy port of
-    torch's formula in tests).
+    jax.image.resize 'linear' (half-pixel centres, renormalised border weights) equals torch's
+    clamping of source coordinates when upsampling (tested against a numpy port of torch's formula).
     """
     b, _, _, c = low_res.shape
     return jax.image.resize(low_res, (b, height, width, c), method="linear", antialias=False)
