@@ -90,10 +90,7 @@ _PAD = frozenset({"fashion_mnist", "fashion_mnist_text", "mnist", "emnist", "kmn
 _IN_MEMORY = frozenset(BUNDLED_DATASETS)
 
 
-# --------------------------------------------------------------------------------------------
-# Dataset info and sources
-# --------------------------------------------------------------------------------------------
-
+# --- Dataset info and sources ---------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
@@ -314,10 +311,7 @@ def _make_raw_source(builder, split: str, info: DataInfo, decoded_source):
         return None
 
 
-# --------------------------------------------------------------------------------------------
-# Preparing and opening datasets
-# --------------------------------------------------------------------------------------------
-
+# --- Preparing and opening datasets ---------------------------------------------------------------
 
 def default_data_dir() -> str:
     """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets`` (tfds's default)."""
@@ -625,9 +619,7 @@ def load_split(config_or_name, split: str, data_dir: str | os.PathLike | None = 
     return np.concatenate(images), np.concatenate(labels)
 
 
-# --------------------------------------------------------------------------------------------
-# Deterministic order and augmentation
-# --------------------------------------------------------------------------------------------
+# --- Deterministic order and augmentation ---------------------------------------------------------
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -710,10 +702,7 @@ def flip_mask(step: int, *, global_batch_size: int, seed: int,
     return position_flips(_step_positions(step, global_batch_size, position), seed)
 
 
-# --------------------------------------------------------------------------------------------
-# Resizing
-# --------------------------------------------------------------------------------------------
-
+# --- Resizing -------------------------------------------------------------------------------------
 
 def _check_resize(info: DataInfo, image_size, resize_mode) -> str:
     mode = info.resize_mode if resize_mode is None else resize_mode
@@ -755,9 +744,7 @@ def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
 def resize_images(images, image_size: int | None, mode: str, pad_value: int = 0) -> np.ndarray:
     """uint8 (n, image_size, image_size, C) from an (n, H, W, C) array or a list of images."""
     if image_size is None:
-        if isinstance(images, np.ndarray):
-            return images
-        return np.stack(images)
+        return images if isinstance(images, np.ndarray) else np.stack(images)
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
     s = int(image_size)
@@ -788,10 +775,7 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------
-
+# --- Batches --------------------------------------------------------------------------------------
 
 def _check_batching(source, global_batch_size, seed, step, process_index, process_count):
     if not isinstance(source, Source):
@@ -817,10 +801,8 @@ def _processes(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
 
-        if process_index is None:
-            process_index = jax.process_index()
-        if process_count is None:
-            process_count = jax.process_count()
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
     return process_index, process_count
 
 
@@ -979,10 +961,7 @@ def _iterate(make, parts: list, start: int, stop: int | None, prefetch: int):
             pass
 
 
-# --------------------------------------------------------------------------------------------
-# Command line: python -m jaxdiff.data prepare digits fashion_mnist [--data_dir D]
-# --------------------------------------------------------------------------------------------
-
+# --- Command line: python -m jaxdiff.data prepare digits fashion_mnist [--data_dir D] -------------
 
 def _main(argv=None) -> None:
     import argparse

@@ -92,11 +92,7 @@ def text_encoder(module, params) -> Callable[[Cond], Cond]:
 
 def logits_fn(module, params) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """(x, t) -> logits of a noisy classifier (ADM EncoderUNetModel or any module with that call)."""
-
-    def fn(x, t):
-        return module.apply({"params": params}, x, t)
-
-    return fn
+    return lambda x, t: module.apply({"params": params}, x, t)
 
 
 # --- scales ------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ DEFAULT_CHUNK_SIZE = 1024
 
 # --- Validation --------------------------------------------------------------------------------------
 
-
 def validate_images(images: Any, *, image_shape: Optional[Sequence[int]] = None, what: str = "images") -> Array:
     """Checks a uint8 NHWC batch (optionally of a given (H, W, C)) and returns it as a numpy array."""
     if not hasattr(images, "shape") or not hasattr(images, "dtype"):
@@ -110,7 +109,6 @@ def _check_knn(n: int, k: int, what: str) -> None:
 
 
 # --- FID ---------------------------------------------------------------------------------------------
-
 
 def _psd_factor(sigma: Array) -> Array:
     """F with F F^T = sigma (F = U sqrt(max(L, 0))), from a symmetric eigendecomposition in float64."""
@@ -300,7 +298,6 @@ def fid_from_features(features1: Any, features2: Any) -> float:
 
 # --- Inception Score and accuracy --------------------------------------------------------------------
 
-
 def softmax(logits: Any, dtype: Any = np.float64) -> Array:
     """Softmax over the last axis, computed in ``dtype`` (float32 as TensorFlow's in the ADM evaluator)."""
     x = np.asarray(logits, dtype)
@@ -368,7 +365,6 @@ def classifier_accuracy(logits: Any, labels: Any) -> float:
 
 
 # --- Precision / recall / density / coverage ---------------------------------------------------------
-
 
 DISTANCES = ("float64", "float32", "float16")
 
@@ -544,7 +540,6 @@ def prdc(real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int 
 
 # --- Feature extractors ------------------------------------------------------------------------------
 
-
 def params_fingerprint(params: Any, *, name: str = "", config: Optional[Mapping[str, Any]] = None) -> str:
     """sha256 over the name, a JSON config and every parameter leaf (tree path, dtype, shape, bytes)."""
     import jax
@@ -631,7 +626,6 @@ def classifier_extractor(apply_fn: Callable[[Any, Any], Any], params: Any, *,
 
 
 # --- Reference statistics cache and evaluation -------------------------------------------------------
-
 
 def _cache_path(cache_dir: str, key: str, fingerprint: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(key)).strip("._") or "reference"

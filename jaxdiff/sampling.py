@@ -90,9 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-# --------------------------------------------------------------------------------------------
-# loading and validation (host-side: nothing here traces or compiles)
-# --------------------------------------------------------------------------------------------
+# --- loading and validation (host-side: nothing here traces or compiles) --------------------------
 
 def load(directory: str, dtype: str = "", net: str = ""):
     """(module, params, config) through jaxdiff.checkpoints.load_model; `net`: the sample-config key
@@ -325,9 +323,7 @@ def _check_converted_flags(diffusion: Mapping, respacing: str) -> None:
             "guided-diffusion's default and what every released checkpoint uses")
 
 
-# --------------------------------------------------------------------------------------------
-# generation: the one sampling path
-# --------------------------------------------------------------------------------------------
+# --- generation: the one sampling path ------------------------------------------------------------
 
 def to_uint8(x) -> np.ndarray:
     """[-1, 1] floats -> uint8 exactly as guided-diffusion's sample scripts ((x + 1) * 127.5, clamp, trunc)."""
@@ -510,9 +506,7 @@ def _complete(config, labels, captions) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------------------------
-# sample.py's path: shards written as they come, resumable, merged in sample-id order
-# --------------------------------------------------------------------------------------------
+# --- sample.py's path: shards written as they come, resumable, merged in sample-id order ----------
 
 def settings_manifest(config, model, networks: Mapping[str, tuple] = ()) -> dict:
     """What determines a run's images, as JSON values: fingerprints of the networks (parameters,

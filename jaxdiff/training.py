@@ -88,9 +88,7 @@ class TrainState:
     opt_state: Any
 
 
-# --------------------------------------------------------------------------------------------
-# Default config (configs/*.py start from it and override)
-# --------------------------------------------------------------------------------------------
+# --- Default config (configs/*.py start from it and override) -------------------------------------
 
 # The "clip" task's model: glide's clip/config.yaml names (image_size, n_vocab and n_timesteps are
 # derived from the dataset and the diffusion schedule); logit scale as `models.ClipModel`.
@@ -178,9 +176,7 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
     return c
 
 
-# --------------------------------------------------------------------------------------------
-# Config: validation and derived values
-# --------------------------------------------------------------------------------------------
+# --- Config: validation and derived values --------------------------------------------------------
 
 def _check(cond: bool, msg: str):
     if not cond:
@@ -367,9 +363,7 @@ def create_model(resolved):
     return models.create_model(flags.pop("kind"), **flags)
 
 
-# --------------------------------------------------------------------------------------------
-# Optimiser, EMA, state
-# --------------------------------------------------------------------------------------------
+# --- Optimiser, EMA, state ------------------------------------------------------------------------
 
 def learning_rate_fn(train_cfg) -> Callable[[jax.Array], jax.Array]:
     """Linear warm-up to `lr` over warmup_steps, then constant / linear to 0 / cosine to 0."""
@@ -458,9 +452,7 @@ def init_state(resolved, model, tx, init_key) -> TrainState:
                       ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
 
 
-# --------------------------------------------------------------------------------------------
-# Losses and the train step
-# --------------------------------------------------------------------------------------------
+# --- Losses and the train step --------------------------------------------------------------------
 
 def example_keys(key: jax.Array, ids: jax.Array, n: int) -> list:
     """n keys per example: split(fold_in(key, id), n) for each id, as n arrays of keys [b]."""
@@ -745,9 +737,7 @@ def metric_names(resolved) -> tuple:
     return names + ("grad_norm", "lr")
 
 
-# --------------------------------------------------------------------------------------------
-# Host-side helpers
-# --------------------------------------------------------------------------------------------
+# --- Host-side helpers ----------------------------------------------------------------------------
 
 def _host(x) -> np.ndarray:
     """Value of a replicated (possibly multi-process) array on this host."""
@@ -803,9 +793,7 @@ def _progress(total: int, initial: int):
                 disable=jax.process_index() != 0, smoothing=0.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Periodic samples / evaluation
-# --------------------------------------------------------------------------------------------
+# --- Periodic samples / evaluation ----------------------------------------------------------------
 
 def grid_classes(num_classes: int, at_most: int) -> np.ndarray:
     """The classes a training grid shows: all of them, or `at_most` evenly spaced ones."""
@@ -870,9 +858,7 @@ def make_sample_fn(resolved, model) -> Callable:
     return fn
 
 
-# --------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------
+# --- The loop -------------------------------------------------------------------------------------
 
 def _read_text(path) -> Optional[str]:
     try:

@@ -56,7 +56,6 @@ def resolve_dtype(dtype: Any = None, use_fp16: bool = False) -> jnp.dtype:
 
 # --- Elementary layers -------------------------------------------------------------------------------
 
-
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding [cos, sin] of (possibly fractional) timesteps [B] -> [B, dim], float32."""
     half = dim // 2
@@ -349,7 +348,6 @@ class AttentionPool2d(nn.Module):
 
 
 # --- Architecture plan: the block layout, used by validation and the modules -------------------------
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
