@@ -852,11 +852,10 @@ def batch_at(source: Source, step: int, *, global_batch_size: int, seed: int,
              augment: bool | None = None, image_size: int | None = None,
              resize_mode: str | None = None, position: int | None = None, text: bool = False) -> tuple:
     """This process's part of the global batch of `step`: (float32 NHWC in [-1, 1], int32), and
-    with `text=True` (captioned datasets) a third element, the rows' text fields as
-    `Source.gather_text` gives them ({"caption": str, "attributes", "named"}).
+    with `text=True` (captioned datasets) the rows' text fields (`Source.gather_text`).
 
     Shape ``(global_batch_size // process_count, H, W, C)``; a pure function of (seed, position),
-    where `position` (the stream position the step starts at) defaults to step * global_batch_size.
+    `position` (where the step starts in the stream) defaulting to step * global_batch_size.
     """
     process_index, process_count = _processes(process_index, process_count)
     _check_batching(source, global_batch_size, seed, step, process_index, process_count)

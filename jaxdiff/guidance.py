@@ -489,11 +489,10 @@ def build_guides(kind: "str | Sequence[str]", model_fn: ModelFn, *, logits_fn=No
                  extra_grads: Sequence[GradFn] = (), prepare: Optional[Callable[[Cond], Cond]] = None) -> Guided:
     """`Guided(model_fn, cond_fn, prepare)` for the guides named by `kind` (see `parse_guidance`).
 
-    Networks a guide needs come in `fns` (by its `networks` keys); `logits_fn` and `weak_model_fn`
-    are shorthands for fns["classifier"] and fns["guide_model"]. Scales are read from cond.
-    `uncond` is the model's unconditional cond for CFG (`caption_dropout` for text models; by default
-    labels replaced by `null_label`); `prepare` is the model's own once-per-call work (e.g.
-    `text_encoder`), run before the guides'.
+    Networks a guide needs come in `fns` (by its `networks` keys; `logits_fn`, `weak_model_fn`:
+    fns["classifier"], fns["guide_model"]). Scales are read from cond. `uncond`: the model's
+    unconditional cond for CFG (`caption_dropout` for text models; default: labels replaced by
+    `null_label`); `prepare`: the model's own once-per-call work (e.g. `text_encoder`), run first.
     """
     fns = dict(fns or {})
     if logits_fn is not None:

@@ -225,11 +225,9 @@ class MomentAccumulator:
 class FeatureStats:
     """Gaussian statistics of a feature set, computed once.
 
-    mu: [D] float64 mean. sigma: [D, D] float64 covariance (ddof=1, as pytorch-fid / guided-diffusion).
-    n: number of samples. fingerprint: the extractor's fingerprint ("" if unknown).
-    features: the [N, D] features themselves (float32), kept when precision/recall/density/coverage
-    against this set are wanted; None otherwise. image_shape: (H, W, C) of the images the features came
-    from, used to validate samples; None if unknown.
+    mu: [D] float64 mean. sigma: [D, D] float64 covariance (ddof=1). n: number of samples.
+    fingerprint: the extractor's ("" if unknown). features: the [N, D] float32 features, kept for
+    precision/recall/density/coverage, else None. image_shape: (H, W, C) of the images, or None.
     """
 
     mu: Array
@@ -310,12 +308,10 @@ def inception_score(probs: Any, *, splits: int = 1, split_size: Optional[int] = 
                     dtype: Any = np.float64) -> Tuple[float, float]:
     """Inception Score from class probabilities [N, K]: (mean, std) over parts of the samples.
 
-    Each part scores exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean prediction. The parts are
-    ``splits`` numpy.array_split parts in order (default 1: all samples; std is 0 then), or, with
-    ``split_size``, consecutive runs of ``split_size`` rows in order, the last one shorter when N is not
-    a multiple (guided-diffusion's evaluator: 5000). ``dtype`` is the arithmetic's: float32 with
-    split_size=5000 is the evaluator's (numpy on float32 softmax outputs). 0 log 0 counts as 0 (the
-    evaluator would give NaN for a probability that underflowed to 0).
+    Each part scores exp(mean_x KL(p(y|x) || p(y))), p(y) the part's mean prediction. The parts are
+    ``splits`` numpy.array_split parts (default 1: std 0), or consecutive runs of ``split_size`` rows
+    (the last shorter). ``dtype`` float32 with split_size=5000 is guided-diffusion's evaluator's.
+    0 log 0 counts as 0 (the evaluator would give NaN).
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -561,10 +557,9 @@ def params_fingerprint(params: Any, *, name: str = "", config: Optional[Mapping[
 class FeatureExtractor:
     """A named feature extractor: ``extractor(images uint8 [N,H,W,C]) -> (features [N,D], logits [N,K] | None)``.
 
-    ``fn`` receives validated uint8 NHWC numpy images and must return numpy-convertible arrays;
-    batching and jitting are its business (``classifier_extractor`` does both). ``fingerprint`` must
-    change whenever the features could (parameters, architecture, preprocessing); cached reference
-    statistics are keyed by it.
+    ``fn`` receives validated uint8 NHWC numpy images and batches and jits as it likes
+    (``classifier_extractor`` does both). ``fingerprint`` must change whenever the features could;
+    cached reference statistics are keyed by it.
     """
 
     name: str
@@ -636,10 +631,9 @@ def reference_stats(images: Union[Array, Callable[[], Array]], extractor: Featur
                     cache_dir: Union[str, os.PathLike], key: str, *, keep_features: bool = True) -> FeatureStats:
     """Reference statistics of a dataset split, computed once and cached on disk.
 
-    The cache file is ``cache_dir/<key>-<fingerprint[:20]>.npz`` (key such as "cifar10/train", sanitised),
-    so a new extractor (new fingerprint) never reads stale statistics. ``images`` may be a zero-argument
-    callable returning the uint8 NHWC array, so a cache hit never loads the dataset. With keep_features
-    (default) the features are stored too, which precision/recall/density/coverage need.
+    The cache file is ``cache_dir/<key>-<fingerprint[:20]>.npz`` (key sanitised), so a new extractor
+    never reads stale statistics. ``images`` may be a zero-argument callable returning the uint8 NHWC
+    array (a cache hit never loads the dataset). keep_features stores the features PRDC needs.
     """
     path = _cache_path(os.fspath(cache_dir), key, extractor.fingerprint)
     if os.path.exists(path):
@@ -665,12 +659,10 @@ def evaluate_samples(sample_images: Any, sample_labels: Any, reference: Union[Fe
                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
     """All sample-quality metrics of uint8 NHWC samples against a reference (FeatureStats or images).
 
-    Returns a dict with fid, inception_score, inception_score_std, precision, recall, density, coverage,
-    accuracy (top-1 of the extractor's logits on the requested labels), extractor_fingerprint,
-    num_samples, num_reference, feature_dim, k, is_splits. Metrics that cannot be computed are NaN:
-    IS and accuracy when the extractor gives no logits, accuracy when sample_labels is None
-    (unconditional samples), precision/recall/density/coverage when the reference is FeatureStats
-    without stored features.
+    Returns fid, inception_score, inception_score_std, precision, recall, density, coverage, accuracy
+    (top-1 of the extractor's logits on the requested labels), extractor_fingerprint, num_samples,
+    num_reference, feature_dim, k, is_splits. NaN where not computable: IS and accuracy without
+    logits, accuracy without sample_labels, PRDC against FeatureStats without stored features.
     """
     if isinstance(reference, FeatureStats):
         if reference.fingerprint != extractor.fingerprint:

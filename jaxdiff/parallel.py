@@ -2,10 +2,9 @@
 ('data', 'fsdp') mesh for training.
 
 Sampling: batches are `NamedSharding(mesh, P('data'))` along their first axis, parameters and the
-schedule are replicated (`P()`); the jitted sampler is the single-device program and XLA's SPMD
-partitioner splits it. Per-host batches become global arrays with
-`jax.make_array_from_process_local_data`, so the same code runs on one process or many (call
-`initialize` first on multi-host runs).
+schedule replicated; XLA's SPMD partitioner splits the single-device program. Per-host batches
+become global arrays (`jax.make_array_from_process_local_data`), so the same code runs on one
+process or many (call `initialize` first on multi-host runs).
 
 Sampling is reproducible across device counts and batch sizes (noise keyed by sample id,
 `jaxdiff.samplers`); a batch that does not divide the devices is padded and trimmed afterwards.
@@ -190,10 +189,7 @@ def local_device_count(mesh: Mesh) -> int:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place every leaf on every device of `mesh` (works across hosts: each host passes the same values).
-
-    Leaves already replicated on this mesh are left alone, so a pre-replicated parameter tree costs
-    nothing per call.
-    """
+    Leaves already replicated on this mesh are left alone (a pre-replicated tree costs nothing)."""
     rep = replicated_sharding(mesh)
 
     def put(x):
@@ -219,11 +215,8 @@ def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
 
 
 def pad_batch(tree: Any, multiple: int, batch_axis: int = 0) -> tuple[Any, int]:
-    """Pad every leaf along `batch_axis` to a multiple of `multiple` by repeating its last row.
-
-    Returns (padded tree, original batch size). Padded rows are real, valid inputs (labels stay in
-    range), and are trimmed from the results.
-    """
+    """(padded tree, original batch size): every leaf padded along `batch_axis` to a multiple of
+    `multiple` by repeating its last row (valid inputs, trimmed from the results)."""
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return tree, 0
@@ -291,9 +284,9 @@ def sample_batch_sharded(run: Callable, params: Any, sched: Any, cond: Any, key:
                          noises: Optional[np.ndarray] = None) -> np.ndarray:
     """Run a sampler from `samplers.make_sampler` data-parallel over `mesh`; returns this process's samples.
 
-    `cond`, `sample_ids` (and `x_T`, and `noises` on its axis 1) hold this process's rows. A batch
-    that does not divide the process's device count is padded with copies of its last row and the
-    result trimmed back, so any batch size works. `params`, `sched` and `key` are replicated.
+    `cond`, `sample_ids` (and `x_T`, and `noises` on its axis 1) hold this process's rows; any
+    batch size works (padded to the process's device count, trimmed back). `params`, `sched` and
+    `key` are replicated.
     """
     mesh = data_mesh() if mesh is None else mesh
     ndev = local_device_count(mesh)

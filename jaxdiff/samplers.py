@@ -7,17 +7,15 @@ Small composable pieces, k-diffusion style:
   ddpm_step / ddim_step / dpmpp_2m_step   pure update rules over a (respaced) `Schedule`
   sample_loop(...)    the whole chain as ONE `lax.scan` (jit it, or use `make_sampler`)
 
-Registry: `SAMPLERS` maps each name to a `Sampler` record (uniform step function, initial state,
-whether it draws noise, whether gradient guidance acts on eps or on the mean, default respacing);
-`register_sampler` adds one, and nothing else in jaxdiff dispatches on sampler names.
+Registry: `SAMPLERS` maps each name to a `Sampler` record; `register_sampler` adds one, and nothing
+else in jaxdiff dispatches on sampler names.
 
 Indices `i` run over the respaced schedule from num_steps - 1 down to 0; the networks see the
 original timestep `sched.timestep_map[i]`.
 
-Randomness (batch- and device-count independent): sample i of a run uses the key
-k_i = fold_in(seed_key, sample_ids[i]); its starting noise is normal(fold_in(k_i, 0)) and the noise
-of loop step j (j = 0 at the highest t) is normal(fold_in(fold_in(k_i, 1), j)). Recorded noises
-(`noises`, [num_steps, B, ...] in loop order) may be passed instead, e.g. for parity tests.
+Randomness (batch- and device-count independent): sample i uses k_i = fold_in(seed_key,
+sample_ids[i]); its starting noise is normal(fold_in(k_i, 0)), that of loop step j (j = 0 at the
+highest t) normal(fold_in(fold_in(k_i, 1), j)), unless recorded `noises` are passed.
 
 Progress: with `progress=True` the loop calls an unordered `jax.debug.callback` once per step that
 only advances the active tqdm bar (`progress_bar`), so the device never waits on the host.

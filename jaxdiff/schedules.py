@@ -167,12 +167,10 @@ def schedule_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = Non
 def logsnr_timesteps(alphas_cumprod, num_steps: int, lambda_min: float = -5.0) -> list[int]:
     """`num_steps` distinct timesteps spaced (nearly) uniformly in lambda = 0.5 log SNR.
 
-    DPM-Solver's recommended "logSNR" spacing for few-step solvers: the first step is T - 1 (pure
-    noise), the last 0, and the others are the timesteps nearest to lambdas uniform between
-    max(lambda(T - 1), lambda_min) and lambda(0), each strictly below the previous one, so exactly
-    `num_steps` distinct steps come back (sorted ascending). `lambda_min` (SNR e^-10 by default)
-    keeps the cosine schedule's clipped last beta (lambda(T - 1) ~ -9.9) from drawing steps into the
-    pure-noise region. Respacing string: "logsnrN".
+    DPM-Solver's "logSNR" spacing ("logsnrN"): T - 1 first, 0 last, the others the timesteps nearest
+    to lambdas uniform between max(lambda(T - 1), lambda_min) and lambda(0), each strictly below the
+    previous one (sorted ascending). `lambda_min` keeps the cosine schedule's clipped last beta from
+    drawing steps into the pure-noise region.
     """
     ac = np.asarray(alphas_cumprod, np.float64)
     T = len(ac)

@@ -494,10 +494,8 @@ def condition_dropout(resolved) -> Callable:
 
 def diffusion_loss_fn(resolved, model, sched) -> Callable:
     """loss(params, images, cond, key, ids=None) -> (scalar loss, per-batch metrics); cond: the
-    labels, or the caption tokens of "text2im" (`cond_spec`).
-
-    Example i draws its timestep, noise, condition drop and dropout from fold_in(key, ids[i]) (ids
-    default to 0..b-1: the examples' rows in the step's global batch)."""
+    labels, or the caption tokens of "text2im" (`cond_spec`). Example i draws its timestep, noise,
+    condition drop and dropout from fold_in(key, ids[i]) (ids: rows in the global batch, 0..b-1)."""
     dcfg = resolved.diffusion
     p_uncond = float(dcfg.p_uncond)
     drop = condition_dropout(resolved)
@@ -549,9 +547,8 @@ def classifier_loss_fn(resolved, model, sched) -> Callable:
 
 def contrastive_loss(z_img: jax.Array, z_txt: jax.Array, scale: jax.Array, tokens: jax.Array) -> tuple:
     """(loss, top-1 accuracy) of CLIP's symmetric loss on unnormalised embeddings [B, D]: logits =
-    scale * cosine similarity; the target of a row is split evenly over the rows with the same
-    caption (identical tokens), which is CLIP's one-hot InfoNCE target when captions are distinct.
-    Accuracy: the image's best-scoring caption is one of its own."""
+    scale * cosine similarity; a row's target is split evenly over the rows with the same caption
+    (CLIP's InfoNCE when captions are distinct); accurate when the best caption is one of its own."""
     from jaxdiff.clip_guidance import normalize
 
     logits = scale * normalize(z_img.astype(jnp.float32)) @ normalize(z_txt.astype(jnp.float32)).T
@@ -869,10 +866,8 @@ def _read_text(path) -> Optional[str]:
 
 def prepare_workdir(workdir, config_text: str) -> None:
     """Create W and write W/config.json (process 0); then check, collectively, that every process
-    was given the same workdir on storage they all read, and the same config.
-
-    Raises ConfigError on every process (none hangs) when a process cannot read what process 0
-    wrote (different workdirs, or per-host local disks) or resolved a different config.
+    was given the same workdir on storage they all read, and the same config (else ConfigError on
+    every process: none hangs).
     """
     pid, count = jax.process_index(), jax.process_count()
     path = workdir / checkpoints.CONFIG_FILE
@@ -926,10 +921,9 @@ def agree_on_start(manager) -> Optional[int]:
 def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = None) -> TrainState:
     """Train per `config` in `workdir`, resuming from its latest complete checkpoint.
 
-    Returns the final TrainState (or the state saved when SIGTERM / SIGINT stopped the run early).
-    `step_hook(step)` (optional) is called on the host after each step is dispatched (tests use it
-    to slow a run down). Raises NonFiniteLossError when a loss or gradient norm is NaN/inf (after
-    waiting for pending checkpoint writes).
+    Returns the final TrainState (or the one saved when SIGTERM / SIGINT stopped the run early).
+    `step_hook(step)` is called on the host after each step is dispatched. Raises NonFiniteLossError
+    when a loss or gradient norm is NaN/inf (after waiting for pending checkpoint writes).
     """
     config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
     validate_config(config)

@@ -82,10 +82,9 @@ def decode_png_simple(data: bytes) -> np.ndarray | None:
 class OfflineBuilderMixin:
     """Put first in the bases of a `tfds.core.GeneratorBasedBuilder` defined in jaxdiff.
 
-    tfds 4.9.x's `DatasetBuilder.code_path` touches the `importlib_resources` backport, which
-    tfds declares only for Python < 3.9, so `download_and_prepare` fails with
-    ModuleNotFoundError for builders that live in an installed package. The path is only used to
-    look for a `checksums.tsv` next to the builder's module; the module's file is the answer.
+    tfds 4.9.x's `DatasetBuilder.code_path` needs the `importlib_resources` backport (declared only
+    for Python < 3.9) for builders in an installed package; it only locates `checksums.tsv`, so the
+    module's own file is the answer.
     """
 
     @tfds_utils.classproperty
@@ -97,9 +96,8 @@ class OfflineBuilderMixin:
 def serialize_example(png: bytes, label: int, extra: Mapping[str, Any] | None = None) -> bytes:
     """The tf.train.Example tfds writes for {"image": Image(), "label": ClassLabel()} and `extra`.
 
-    Extra features as tfds's serializer writes them: a str (Text) as its UTF-8 bytes, bytes as
-    they are, integer or bool arrays (Tensor; bools as 0/1) as flat int64 lists, float arrays as
-    flat float lists.
+    Extra features as tfds writes them: str as UTF-8 bytes, bytes as they are, integer or bool
+    arrays as flat int64 lists (bools 0/1), float arrays as flat float lists.
     """
     from tensorflow_datasets.proto import tf_example_pb2
 
@@ -137,9 +135,8 @@ class ImageArraysBuilder(OfflineBuilderMixin, tfds.core.GeneratorBasedBuilder,
     shard per split, in array order), leaving the rest to tfds; the first record is decoded back
     with tfds's features as a check.
 
-    `_info` is built from the class attributes below (a subclass may define its own instead);
-    subclasses add features by overriding `_features` and `_extra_features` (values of the
-    added features, computed from all splits' arrays before anything is written), and store
+    `_info` is built from the class attributes below; subclasses add features by overriding
+    `_features` and `_extra_features` (their values, from all splits' arrays), and store
     dataset-level facts in `_metadata` (a `tfds.core.MetadataDict`, saved as metadata.json).
     """
 

@@ -1,16 +1,12 @@
 """Shared building blocks of the ADM (openai/guided-diffusion) networks and the transformers, NHWC.
 
-The timestep embedding, GroupNorm32, Conv, Dense, ResBlock, AttentionBlock (legacy and new QKV order),
-Up/Downsample, LayerNorm and the GELU MLP, the architecture plan (which block sits where, with how many
-channels) and the one code path that builds the U-Net's and the classifier's trunks from it.
+The layers, the architecture plan (which block sits where, with how many channels) and the one code
+path that builds the U-Net's and the classifier's trunks from it.
 
 Submodule names mirror guided-diffusion's state_dict keys with "." written as "_" before an index
-(`input_blocks.3.0.in_layers.2` <-> `input_blocks_3_0/in_layers_2`), so that the checkpoint converter
-(`jaxdiff.convert`) maps names mechanically.
-
-Precision: `dtype` is the compute dtype (float32 or bfloat16). Parameters are always float32;
-GroupNorm and the attention softmax are always computed in float32, as guided-diffusion's fp16 mode
-does.
+(`input_blocks.3.0.in_layers.2` <-> `input_blocks_3_0/in_layers_2`), so `jaxdiff.convert` maps them
+mechanically. `dtype` is the compute dtype (float32 or bfloat16); parameters are always float32, and
+GroupNorm and the attention softmax always run in float32, as guided-diffusion's fp16 mode does.
 """
 
 from __future__ import annotations
@@ -98,8 +94,7 @@ class Conv(nn.Module):
     """2-D convolution (NHWC x HWIO) with bias, through `jaxdiff.conv.conv2d`.
 
     Parameters: `kernel` [k, k, in, out] (PyTorch-like init, or zeros) and `bias` [out] (zeros),
-    float32; computed in `dtype`.
-    `padding` defaults to k // 2 (same size for odd k at stride 1).
+    float32; computed in `dtype`. `padding` defaults to k // 2 (same size for odd k at stride 1).
     """
 
     features: int
@@ -125,8 +120,7 @@ def Dense(features: int, *, name: str, dtype: Dtype = jnp.float32, zero_init: bo
           use_bias: bool = True) -> nn.Dense:
     """nn.Dense with float32 parameters, PyTorch-like kernel init (or zeros), zero bias, compute `dtype`.
 
-    Also used for guided-diffusion's 1x1 conv1d layers over tokens (qkv, proj_out, qkv_proj, c_proj):
-    a pointwise conv1d is a matmul over the channel axis, not a spatial convolution.
+    Also guided-diffusion's 1x1 conv1d layers over tokens (qkv, proj_out, qkv_proj, c_proj).
     """
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=zeros_init if zero_init else torch_default_init, bias_init=zeros_init, name=name)
