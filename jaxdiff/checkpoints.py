@@ -10,17 +10,14 @@ A workdir written by `train.py` looks like::
 W may be a local directory or a URL etils.epath understands (gs://bucket/run): paths go through
 `as_path`, never os.path.abspath, which would mangle a URL.
 
-Checkpoints are written with `ocp.CheckpointManager`: every process calls `save` / `restore`
-(orbax coordinates the processes); saves are asynchronous where the backend allows it. Orbax writes
-a step into a temporary directory and renames it when complete, so a run killed while saving leaves
-the last complete checkpoint as the latest one; the temporary leftovers are removed when the next
-manager opens the directory. The manager keeps the last `keep` steps plus the best one (lowest
-training loss of the log interval before the save).
+Checkpoints are written with `ocp.CheckpointManager` (every process calls `save` / `restore`;
+asynchronous where the backend allows). A step is written to a temporary directory and renamed
+when complete, so a run killed while saving leaves the last complete checkpoint as the latest. The
+manager keeps the last `keep` steps plus the best one (lowest training loss before the save).
 
-Sharded train states are saved as they are (each process writes its shards) and restore into
-whatever shardings the abstract state passed to `restore` carries: another mesh, another device
-count, one device. `save` stores a small JSON `custom_metadata` with the step (the training loop
-keeps its data stream position there), read back by `step_metadata`.
+Sharded train states restore into whatever shardings the abstract state passed to `restore`
+carries (another mesh, device count, one device). `save` stores a small JSON `custom_metadata`
+with the step (the training loop's data stream position), read back by `step_metadata`.
 """
 
 from __future__ import annotations
@@ -157,15 +154,13 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True, dty
     """(module, params, config) of a trained workdir or of a converted guided-diffusion / GLIDE checkpoint.
 
     Trained workdir: the EMA parameters (``ema=False``: the raw ones) of the latest checkpoint (or
-    `step`), restored on the host. `config` is the resolved training config as a dict; its "model"
-    holds the `create_model` flags plus "kind", and its "diffusion" has schedule, num_timesteps,
-    prediction and learned_sigma. A converted checkpoint (config.json with "source":
-    "guided-diffusion" or "glide") is loaded by `jaxdiff.convert.load_converted` and its diffusion
-    flags are renamed to the same keys. `dtype` ("float32" / "bfloat16") overrides the compute dtype (a
-    converted use_fp16 checkpoint computes in bfloat16 unless dtype="float32" is given).
-    `kind` picks one network of a workdir that holds several: "clip-image" or "clip-text" of a trained
-    CLIP ("clip" task) gives that encoder, its parameters and config["model"] = its kwargs + "kind";
-    otherwise it is ignored (callers check the kind they get).
+    `step`), restored on the host; `config` is the resolved training config as a dict ("model": the
+    `create_model` flags plus "kind"; "diffusion": schedule, num_timesteps, prediction,
+    learned_sigma). A converted checkpoint ("source": "guided-diffusion" or "glide") is loaded by
+    `jaxdiff.convert.load_converted`, its diffusion flags renamed to the same keys. `dtype`
+    overrides the compute dtype (else a converted use_fp16 checkpoint computes in bfloat16). `kind`
+    "clip-image" / "clip-text" picks that encoder of a trained CLIP (config["model"] = its kwargs +
+    "kind"); otherwise it is ignored (callers check the kind).
     """
     cfg = read_config(directory)
     overrides = {"dtype": dtype} if dtype else {}

@@ -2,9 +2,8 @@
 
 Datasets
 --------
-* ``digits``: scikit-learn's bundled 8x8 digits (uint8 (8, 8, 1), 0..16 scaled to 0..255,
-  labels 0..9; fixed stratified 80/20 split: train 1438 / test 359). See
-  `jaxdiff.datasets.digits`.
+* ``digits``: scikit-learn's bundled 8x8 digits (uint8 (8, 8, 1), 0..16 scaled to 0..255, labels
+  0..9; fixed stratified 80/20 split: train 1438 / test 359). See `jaxdiff.datasets.digits`.
 * ``fashion_mnist``: built from the idx files of Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist``) or of a directory passed as ``manual_dir``; uint8
   (28, 28, 1), labels 0..9, train 60000 / test 10000. See `jaxdiff.datasets.fashion_mnist`.
@@ -12,14 +11,12 @@ Datasets
   built from measured attributes (``"a thick slanted seven"``), the attributes' bins and which
   ones the caption names; `Source.gather_text` reads them, ``DataInfo.captions`` holds the
   scheme, vocabulary and thresholds (see `jaxdiff.captions`, `jaxdiff.datasets.captioned`).
-* any other tfds image dataset (``cifar10``, ``imagenet_resized/64x64``, ...) that is already
-  prepared in the tfds data_dir in a random-access format (array_record), e.g. with
-  ``tfds build cifar10 --file_format=array_record`` on a machine with TensorFlow.
+* any other tfds image dataset (``cifar10``, ...) already prepared in the tfds data_dir as
+  array_record (``tfds build cifar10 --file_format=array_record`` on a machine with TensorFlow).
 
-The bundled datasets are prepared on first use (tfds builders writing array_record files,
-no TensorFlow, no download) into ``data_dir`` (default ``$TFDS_DATA_DIR`` or
-``~/tensorflow_datasets``) and reused afterwards; `prepare` does it explicitly. Preparation holds
-a file lock in data_dir, so processes on one machine may race for it safely.
+The bundled datasets are prepared on first use (no TensorFlow, no download) into ``data_dir``
+(default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), under a file lock, and reused
+afterwards; `prepare` does it explicitly.
 
 Batches
 -------
@@ -28,31 +25,21 @@ Batches
 text)``, text the rows' caption strings, attribute bins and named masks), read from one endless
 stream of examples:
 
-* order: epoch ``e`` visits the examples in the order ``argsort(h(seed, e, i))`` for i < N, with
-  ``h`` a 64-bit splitmix hash (pure NumPy, so it does not depend on a library's RNG stream);
-  the epochs are concatenated into a stream whose position ``q`` holds one example. A step takes
-  the next B positions: step ``s`` of a run that started at step ``s0`` at stream position
-  ``q0`` takes ``[q0 + (s - s0)*B, q0 + (s - s0 + 1)*B)`` (``q0 = s0*B`` unless given). A batch
-  may straddle two epochs; there is no partial last batch.
+* order: epoch ``e`` visits the examples in the order ``argsort(h(seed, e, i))``, ``h`` a 64-bit
+  splitmix hash (pure NumPy); epochs are concatenated into one stream. Step ``s`` of a run that
+  started at step ``s0`` at position ``q0`` takes positions ``[q0 + (s - s0)*B, q0 + (s - s0 + 1)*B)``
+  (``q0 = s0*B`` unless given); there is no partial last batch.
 * sharding: process ``p`` of ``P`` takes positions ``[q + p*B/P, q + (p+1)*B/P)`` of the step
-  starting at ``q``, and reads only those examples. The concatenation over processes is the
-  single-process batch.
-* augmentation: a random horizontal flip of stream position ``q`` iff the top bit of
-  ``h(seed, q)`` (a different hash tag; q hashed as two 32-bit words) is set, so it depends
-  neither on the process layout nor on the batch size. Default on for Fashion-MNIST and
-  natural-image (CIFAR-like) datasets, off for digits and other digit/character sets
-  (``augment=`` overrides).
-* workers: ``workers`` threads decode each step's rows in contiguous chunks; the chunks are
-  joined in order, so the batches are byte-identical for any number of workers.
+  starting at ``q``; the concatenation over processes is the single-process batch.
+* augmentation: a horizontal flip of position ``q`` iff the top bit of ``h(seed, q)`` is set
+  (independent of process layout and batch size). Default on for Fashion-MNIST and natural-image
+  datasets, off for digit/character sets (``augment=`` overrides).
+* workers: ``workers`` threads decode contiguous chunks of a step's rows, joined in order, so the
+  batches are byte-identical for any number of workers.
 
-Everything is a pure function of ``(seed, position)``: a run resumed at step s from the position
-stored with its checkpoint sees exactly the examples it would have seen, also when the resumed
-run uses another global batch size (a resized slice): it continues the same stream.
-
-Change of order (jaxdiff after issue 16): flips used to be keyed by (step, index in the step's
-batch); they are now keyed by stream position, which is the same for step 0 and differs for
-later steps. Runs of earlier versions therefore see other flips after step 0 (the example order
-itself is unchanged), and a checkpoint written before the change resumes at position step*B.
+Everything is a pure function of ``(seed, position)``, so a run resumed from the position stored
+with its checkpoint (also with another global batch size) continues the same stream. The change
+from flips keyed by (step, row) to flips keyed by position: docs/training.md.
 
 Resizing to a model's ``image_size`` (square), when it differs from the stored size:
 * ``"pad"`` (Fashion-MNIST, MNIST-like): centre the image on a ``pad_value`` background (0, the
@@ -78,25 +65,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from jaxdiff import config_util
 from jaxdiff import datasets as _ds
 from jaxdiff.datasets._common import decode_png_simple
 
 __all__ = [
-    "BUNDLED_DATASETS",
-    "DataInfo",
-    "Source",
-    "batch_at",
-    "batches",
-    "default_data_dir",
-    "epoch_permutation",
-    "flip_mask",
-    "position_flips",
-    "global_batch_indices",
-    "load_split",
-    "make_source",
-    "prepare",
-    "resize_images",
-    "to_model_range",
+    "BUNDLED_DATASETS", "DataInfo", "Source", "batch_at", "batches", "default_data_dir",
+    "epoch_permutation", "flip_mask", "position_flips", "global_batch_indices", "load_split",
+    "make_source", "prepare", "resize_images", "to_model_range",
 ]
 
 #: Datasets jaxdiff prepares itself (no TensorFlow, no download).
@@ -114,10 +90,7 @@ _PAD = frozenset({"fashion_mnist", "fashion_mnist_text", "mnist", "emnist", "kmn
 _IN_MEMORY = frozenset(BUNDLED_DATASETS)
 
 
-# --------------------------------------------------------------------------------------------
-# Dataset info and sources
-# --------------------------------------------------------------------------------------------
-
+# --- Dataset info and sources ---------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
@@ -200,19 +173,10 @@ class Source:
 
     def gather(self, indices) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
         """uint8 images (an (n, H, W, C) array, or a list when sizes differ) and int32 labels."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if indices.size and (indices.min() < 0 or indices.max() >= n):
-            raise IndexError(f"indices out of range for a split of {n} examples")
+        indices = self._indices(indices)
         if self.in_memory:
             return self._images[indices], self._labels[indices]
-        keys = [int(i) for i in indices]
-        if self._raw_source is not None:
-            records = self._raw_source.__getitems__(keys) if keys else []
-            decoded = [_decode_record(r, self.info) for r in records]
-        else:
-            decoded = [_from_tfds(ex, self.info) for ex in
-                       (self._tfds_source.__getitems__(keys) if keys else [])]
+        decoded = self._read(indices, _decode_record, _from_tfds)
         images = [d[0] for d in decoded]
         labels = np.asarray([d[1] for d in decoded], dtype=np.int32)
         if self.info.image_shape is not None:
@@ -228,20 +192,26 @@ class Source:
             raise ValueError(
                 f"dataset {self.info.name!r} has no captions; captioned datasets: "
                 f"{', '.join(n for n in BUNDLED_DATASETS if n.endswith('_text'))}")
+        indices = self._indices(indices)
+        if self._text is not None:
+            return {k: v[indices] for k, v in self._text.items()}
+        return _stack_text(self._read(indices, _text_of_record, _text_of_example), self.info)
+
+    def _indices(self, indices) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
         if indices.size and (indices.min() < 0 or indices.max() >= n):
             raise IndexError(f"indices out of range for a split of {n} examples")
-        if self._text is not None:
-            return {k: v[indices] for k, v in self._text.items()}
+        return indices
+
+    def _read(self, indices: np.ndarray, from_record, from_example) -> list:
+        """from_record of each raw array_record record, or from_example of tfds's decoded example."""
         keys = [int(i) for i in indices]
+        if not keys:
+            return []
         if self._raw_source is not None:
-            rows = [_text_of_record(r, self.info) for r in
-                    (self._raw_source.__getitems__(keys) if keys else [])]
-        else:
-            rows = [_text_of_example(ex, self.info) for ex in
-                    (self._tfds_source.__getitems__(keys) if keys else [])]
-        return _stack_text(rows, self.info)
+            return [from_record(r, self.info) for r in self._raw_source.__getitems__(keys)]
+        return [from_example(ex, self.info) for ex in self._tfds_source.__getitems__(keys)]
 
     def __repr__(self) -> str:
         i = self.info
@@ -341,10 +311,7 @@ def _make_raw_source(builder, split: str, info: DataInfo, decoded_source):
         return None
 
 
-# --------------------------------------------------------------------------------------------
-# Preparing and opening datasets
-# --------------------------------------------------------------------------------------------
-
+# --- Preparing and opening datasets ---------------------------------------------------------------
 
 def default_data_dir() -> str:
     """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets`` (tfds's default)."""
@@ -529,10 +496,10 @@ def make_source(config_or_name, split: str, data_dir: str | os.PathLike | None =
         ``name`` (or ``dataset``), optionally ``data_dir``, ``manual_dir``, ``in_memory``, either
         at top level or under ``data``. Explicit arguments win over the config.
       split: "train", "test", ... or tfds slicing ("train[:90%]").
-      data_dir: tfds data directory (default `default_data_dir()`); the bundled datasets are
-        prepared there on first use.
-      manual_dir: fashion_mnist(_text) only: directory with the idx files (default: Debian's
-        /usr/share/datasets/fashion-mnist). Only read when the dataset still has to be prepared.
+      data_dir: tfds data directory (default `default_data_dir()`), where the bundled datasets
+        are prepared on first use.
+      manual_dir: fashion_mnist(_text), when it still has to be prepared: the idx files' directory
+        (default: Debian's /usr/share/datasets/fashion-mnist).
       in_memory: decode the whole split into arrays once (default: True for the bundled
         datasets, False otherwise).
 
@@ -652,9 +619,7 @@ def load_split(config_or_name, split: str, data_dir: str | os.PathLike | None = 
     return np.concatenate(images), np.concatenate(labels)
 
 
-# --------------------------------------------------------------------------------------------
-# Deterministic order and augmentation
-# --------------------------------------------------------------------------------------------
+# --- Deterministic order and augmentation ---------------------------------------------------------
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -737,10 +702,7 @@ def flip_mask(step: int, *, global_batch_size: int, seed: int,
     return position_flips(_step_positions(step, global_batch_size, position), seed)
 
 
-# --------------------------------------------------------------------------------------------
-# Resizing
-# --------------------------------------------------------------------------------------------
-
+# --- Resizing -------------------------------------------------------------------------------------
 
 def _check_resize(info: DataInfo, image_size, resize_mode) -> str:
     mode = info.resize_mode if resize_mode is None else resize_mode
@@ -749,8 +711,7 @@ def _check_resize(info: DataInfo, image_size, resize_mode) -> str:
                          f"default), got {resize_mode!r}")
     if image_size is None:
         return mode
-    if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) \
-            or image_size < 1:
+    if not config_util.is_int(image_size) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
     if mode == "pad" and info.image_shape is not None and max(info.image_shape[:2]) > image_size:
         raise ValueError(
@@ -783,9 +744,7 @@ def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
 def resize_images(images, image_size: int | None, mode: str, pad_value: int = 0) -> np.ndarray:
     """uint8 (n, image_size, image_size, C) from an (n, H, W, C) array or a list of images."""
     if image_size is None:
-        if isinstance(images, np.ndarray):
-            return images
-        return np.stack(images)
+        return images if isinstance(images, np.ndarray) else np.stack(images)
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
     s = int(image_size)
@@ -816,10 +775,7 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------
-
+# --- Batches --------------------------------------------------------------------------------------
 
 def _check_batching(source, global_batch_size, seed, step, process_index, process_count):
     if not isinstance(source, Source):
@@ -828,9 +784,9 @@ def _check_batching(source, global_batch_size, seed, step, process_index, proces
     for name, value, low in (("global_batch_size", global_batch_size, 1),
                              ("process_count", process_count, 1), ("start_step", step, 0),
                              ("process_index", process_index, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        if not config_util.is_int(value) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    if not config_util.is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if process_index >= process_count:
         raise ValueError(f"process_index={process_index} is not below process_count="
@@ -845,20 +801,18 @@ def _processes(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
 
-        if process_index is None:
-            process_index = jax.process_index()
-        if process_count is None:
-            process_count = jax.process_count()
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
     return process_index, process_count
 
 
 def _check_position(name: str, value) -> None:
-    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+    if value is not None and (not config_util.is_int(value) or value < 0):
         raise ValueError(f"{name} must be None or an integer >= 0 (a stream position), got {value!r}")
 
 
 def _check_workers(workers) -> int:
-    if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 1:
+    if not config_util.is_int(workers) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1 (decoding threads), got {workers!r}")
     return int(workers)
 
@@ -898,11 +852,10 @@ def batch_at(source: Source, step: int, *, global_batch_size: int, seed: int,
              augment: bool | None = None, image_size: int | None = None,
              resize_mode: str | None = None, position: int | None = None, text: bool = False) -> tuple:
     """This process's part of the global batch of `step`: (float32 NHWC in [-1, 1], int32), and
-    with `text=True` (captioned datasets) a third element, the rows' text fields as
-    `Source.gather_text` gives them ({"caption": str, "attributes", "named"}).
+    with `text=True` (captioned datasets) the rows' text fields (`Source.gather_text`).
 
     Shape ``(global_batch_size // process_count, H, W, C)``; a pure function of (seed, position),
-    where `position` (the stream position the step starts at) defaults to step * global_batch_size.
+    `position` (where the step starts in the stream) defaulting to step * global_batch_size.
     """
     process_index, process_count = _processes(process_index, process_count)
     _check_batching(source, global_batch_size, seed, step, process_index, process_count)
@@ -928,18 +881,15 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
       global_batch_size: examples per step over all processes; a multiple of process_count.
       seed: data seed (order and flips).
       start_step: first step to yield (the step a resumed run continues from).
-      process_index, process_count: this process and the process count (default
-        `jax.process_index()` / `jax.process_count()`).
+      process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
       augment: random horizontal flips; None = the dataset's default (`info.random_flip`).
       image_size: square size the model takes (None = as stored); resize_mode: "pad",
         "resize", "center_crop" or None (the dataset's default).
       num_steps: stop after that many batches (None = never).
       prefetch: batches prepared ahead in background threads (0 = none).
       start_position: stream position of start_step's batch (default start_step *
-        global_batch_size); a resumed run passes the position stored with its checkpoint, so a
-        changed batch size continues the same stream of examples.
-      workers: threads decoding each batch (contiguous chunks of its rows, joined in order:
-        the batches are byte-identical for any number of workers).
+        global_batch_size); a resumed run passes the one stored with its checkpoint.
+      workers: threads decoding each batch (the batches are the same for any number).
       text: captioned datasets only: each batch also holds its rows' text fields (see `batch_at`).
 
     Arguments are checked when this is called, not at the first `next`.
@@ -1010,10 +960,7 @@ def _iterate(make, parts: list, start: int, stop: int | None, prefetch: int):
             pass
 
 
-# --------------------------------------------------------------------------------------------
-# Command line: python -m jaxdiff.data prepare digits fashion_mnist [--data_dir D]
-# --------------------------------------------------------------------------------------------
-
+# --- Command line: python -m jaxdiff.data prepare digits fashion_mnist [--data_dir D] -------------
 
 def _main(argv=None) -> None:
     import argparse

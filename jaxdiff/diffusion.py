@@ -199,11 +199,10 @@ def training_losses(sched: Schedule, model_fn: Callable[[jax.Array, jax.Array], 
                     learned_sigma: bool = False, vlb_weight: float | None = None) -> dict[str, jax.Array]:
     """Per-sample losses at schedule indices t.
 
-    `model_fn(x_t, t)` returns the raw model output (channels last). Without learned sigma the loss
-    is the MSE on the `prediction` target. With learned sigma it is the hybrid loss of Nichol &
-    Dhariwal: MSE plus the VLB term computed on a stop-gradient mean, so the VLB trains only the
-    variance; the VLB is scaled by `vlb_weight` (default num_steps / 1000, i.e.
-    guided-diffusion's RESCALED_MSE with lambda = 0.001 of the summed bound).
+    `model_fn(x_t, t)` returns the raw model output (channels last). The loss is the MSE on the
+    `prediction` target; with learned sigma, Nichol & Dhariwal's hybrid loss adds the VLB term on a
+    stop-gradient mean (it trains only the variance), scaled by `vlb_weight` (default num_steps /
+    1000: guided-diffusion's RESCALED_MSE).
     """
     xt = q_sample(sched, x0, t, noise)
     out = model_fn(xt, t)

@@ -372,8 +372,7 @@ def _inception_command(a) -> dict:
     """`adm` and `reference`: the FID Inception over every device of every process."""
     from jaxdiff import adm_eval, inception, parallel
 
-    if a.num_processes > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if a.num_processes > 1:  # (parallel.initialize selects the CPU collectives itself)
         parallel.initialize(a.coordinator_address, a.num_processes, a.process_id)
     params = inception.load_params(a.inception)
     fn = inception.pure_feature_fn(a.mode)

@@ -16,14 +16,11 @@ Guides are functions from such functions to such functions, so they compose:
   cond_fn = sum_guides(classifier_guide(logits_fn(classifier, cparams)),
                        log_density_guide(my_log_density, scale_key="clip_scale"))
 
-Scale conventions (see docs/guidance.md and DESIGN.md):
-  classifier-free / autoguidance: eps = eps_u + s (eps_c - eps_u); s = 1 plain conditional, s = 0
-    unconditional (for CFG); Ho & Salimans' w is s - 1.
-  gradient guides (classifier, log-density): s = 0 is no guidance; the gradient is
-    s * grad_x log p(y | x_t). Samplers apply it as mean += variance * g (ancestral) or
-    eps -= sqrt(1 - alpha_bar) * g (DDIM, DPM-Solver++) -- see `condition_mean`, `condition_eps`.
-Refinements: guidance interval (noise levels sigma = sqrt((1 - abar) / abar) in [lo, hi]), dynamic
-thresholding (on x0, passed to a sampler as `x0_fn`), CFG rescale (on the model output).
+Scale conventions (docs/guidance.md): classifier-free / autoguidance eps = eps_u + s (eps_c - eps_u),
+s = 1 plain conditional (Ho & Salimans' w = s - 1); gradient guides s * grad_x log p(y | x_t), s = 0
+no guidance, applied by `condition_mean` (ancestral) or `condition_eps` (DDIM, DPM-Solver++).
+Refinements: guidance interval (sigma = sqrt((1 - abar) / abar) in [lo, hi]), dynamic thresholding
+(on x0, a sampler's `x0_fn`), CFG rescale (on the model output).
 """
 
 from __future__ import annotations
@@ -95,11 +92,7 @@ def text_encoder(module, params) -> Callable[[Cond], Cond]:
 
 def logits_fn(module, params) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """(x, t) -> logits of a noisy classifier (ADM EncoderUNetModel or any module with that call)."""
-
-    def fn(x, t):
-        return module.apply({"params": params}, x, t)
-
-    return fn
+    return lambda x, t: module.apply({"params": params}, x, t)
 
 
 # --- scales ------------------------------------------------------------------------------------
@@ -223,13 +216,11 @@ def classifier_free(model_fn: ModelFn, *, null_label: Optional[int] = None,
                     sched: Optional[Schedule] = None) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) in the Imagen convention.
 
-    Conditional and unconditional outputs come from ONE call on the batch [x, x] with cond
-    [cond, uncond(cond)]: labels [y, null_label] (`null_label`, class-conditional models) or the
-    captions and the empty caption (`uncond=caption_dropout`, text models); every other cond entry
-    is repeated. Then out = out_u + s (out_c - out_u), s = cond[scale_key] per sample (s = 1
-    conditional, s = 0 unconditional, Ho & Salimans' w = s - 1). `rescale_key` names a per-sample
-    phi for CFG rescale; `interval=(lo, hi)` (with `sched`) guides only where lo <= sigma <= hi and
-    uses s = 1 elsewhere.
+    Conditional and unconditional outputs come from ONE call on [x, x] with cond [cond, uncond(cond)]:
+    labels [y, null_label] (class-conditional models) or the empty caption (`uncond=caption_dropout`,
+    text models). out = out_u + s (out_c - out_u), s = cond[scale_key] per sample. `rescale_key` names
+    a per-sample phi for CFG rescale; `interval=(lo, hi)` (with `sched`) guides only where
+    lo <= sigma <= hi (s = 1 elsewhere).
     """
     if uncond is None:
         if null_label is None:
@@ -396,12 +387,10 @@ class Guide(NamedTuple):
     """A registered guide. Exactly one of `wrap` (guides that transform the model output, like CFG)
     and `gradient` (guides that add s * grad log p(. | x_t), like classifier guidance) is set.
 
-    scale_key: key of its per-sample scale in `cond`; config_key: key of that scale in the sample
-    config (default: scale_key); neutral: the scale at which it does nothing; default: the sample
-    config's default scale; networks: sample-config keys of the extra networks it needs (each a
-    path loaded by `jaxdiff.sampling`); check(model_cfg, network_cfgs): host-side validation against
-    the loaded configs, raising ValueError; prepare(ctx) -> (cond -> cond): work done once per
-    sampling call before the loop (e.g. encoding a prompt), not once per step.
+    scale_key: its per-sample scale in `cond`; config_key: that scale's sample-config key (default
+    scale_key); neutral: the scale at which it does nothing; default: the config's default scale;
+    networks: sample-config keys of the networks it needs; check(model_cfg, network_cfgs): host-side
+    validation (ValueError); prepare(ctx) -> (cond -> cond): once per sampling call, before the loop.
     """
 
     name: str
@@ -500,11 +489,10 @@ def build_guides(kind: "str | Sequence[str]", model_fn: ModelFn, *, logits_fn=No
                  extra_grads: Sequence[GradFn] = (), prepare: Optional[Callable[[Cond], Cond]] = None) -> Guided:
     """`Guided(model_fn, cond_fn, prepare)` for the guides named by `kind` (see `parse_guidance`).
 
-    Networks a guide needs come in `fns` (by its `networks` keys); `logits_fn` and `weak_model_fn`
-    are shorthands for fns["classifier"] and fns["guide_model"]. Scales are read from cond.
-    `uncond` is the model's unconditional cond for CFG (`caption_dropout` for text models; by default
-    labels replaced by `null_label`); `prepare` is the model's own once-per-call work (e.g.
-    `text_encoder`), run before the guides'.
+    Networks a guide needs come in `fns` (by its `networks` keys; `logits_fn`, `weak_model_fn`:
+    fns["classifier"], fns["guide_model"]). Scales are read from cond. `uncond`: the model's
+    unconditional cond for CFG (`caption_dropout` for text models; default: labels replaced by
+    `null_label`); `prepare`: the model's own once-per-call work (e.g. `text_encoder`), run first.
     """
     fns = dict(fns or {})
     if logits_fn is not None:

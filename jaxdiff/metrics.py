@@ -4,10 +4,9 @@ accuracy, and the feature extractors they are computed with.
 * Images are uint8 NHWC at the boundary (guided-diffusion's ``arr_0``); extractors map them to
   float32 ``x / 127.5 - 1``. Statistics are float64 numpy on the host; only extraction runs in JAX.
 * FID: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrtm(S1 S2)``, the last trace as the sum of the
-  singular values of ``F1^T F2`` with ``Fi = Ui Li^{1/2}`` from symmetric eigendecompositions
-  (negative round-off eigenvalues clamped): exact for singular covariances, 0 for a set against
-  itself, equal to scipy's sqrtm formula wherever that one is accurate. A sample covariance of N
-  features of dimension D needs N >= D + 1 unless ``require_full_rank=False``.
+  singular values of ``F1^T F2`` with ``Fi = Ui Li^{1/2}`` (symmetric eigendecompositions): exact for
+  singular covariances, 0 for a set against itself. N features of dimension D need N >= D + 1
+  unless ``require_full_rank=False``.
 * Precision / recall (Kynkaenniemi et al. 2019; inside a ball when the distance is ``<=`` the
   radius) and density / coverage (Naeem et al. 2020; strict ``<``) with k-NN radii that count the
   point itself, as their reference code. Distances come in ``chunk_size`` blocks, float64 by
@@ -39,7 +38,6 @@ DEFAULT_CHUNK_SIZE = 1024
 
 
 # --- Validation --------------------------------------------------------------------------------------
-
 
 def validate_images(images: Any, *, image_shape: Optional[Sequence[int]] = None, what: str = "images") -> Array:
     """Checks a uint8 NHWC batch (optionally of a given (H, W, C)) and returns it as a numpy array."""
@@ -112,7 +110,6 @@ def _check_knn(n: int, k: int, what: str) -> None:
 
 # --- FID ---------------------------------------------------------------------------------------------
 
-
 def _psd_factor(sigma: Array) -> Array:
     """F with F F^T = sigma (F = U sqrt(max(L, 0))), from a symmetric eigendecomposition in float64."""
     sigma = np.asarray(sigma, np.float64)
@@ -157,12 +154,9 @@ class MomentAccumulator:
     """Mean and covariance of feature rows fed in chunks (in order), without keeping the rows.
 
     The covariance is float64 with ddof=1 (``np.cov(x, rowvar=False)``), from sums of the rows shifted
-    by the first chunk's float64 mean: exact in exact arithmetic, and the shift keeps round-off near
-    that of the two-pass formula (plain sums of x x^T lose digits when the mean is large). With one
-    chunk the shift is the mean itself. ``mean_dtype`` float64 (default) accumulates the mean in
-    float64; float32 keeps the float32 running sum that ``np.mean(x, axis=0)`` makes of float32 rows
-    (one row added after another, then divided by N), so the mean is bit for bit the one
-    guided-diffusion's evaluator computes from its float32 activations, however the rows are chunked.
+    by the first chunk's mean, which keeps round-off near that of the two-pass formula. ``mean_dtype``
+    float32 keeps the float32 running sum ``np.mean(x, axis=0)`` makes of float32 rows, so the mean is
+    bit for bit guided-diffusion's evaluator's however the rows are chunked (default float64).
     """
 
     def __init__(self, mean_dtype: Any = np.float64):
@@ -231,11 +225,9 @@ class MomentAccumulator:
 class FeatureStats:
     """Gaussian statistics of a feature set, computed once.
 
-    mu: [D] float64 mean. sigma: [D, D] float64 covariance (ddof=1, as pytorch-fid / guided-diffusion).
-    n: number of samples. fingerprint: the extractor's fingerprint ("" if unknown).
-    features: the [N, D] features themselves (float32), kept when precision/recall/density/coverage
-    against this set are wanted; None otherwise. image_shape: (H, W, C) of the images the features came
-    from, used to validate samples; None if unknown.
+    mu: [D] float64 mean. sigma: [D, D] float64 covariance (ddof=1). n: number of samples.
+    fingerprint: the extractor's ("" if unknown). features: the [N, D] float32 features, kept for
+    precision/recall/density/coverage, else None. image_shape: (H, W, C) of the images, or None.
     """
 
     mu: Array
@@ -304,7 +296,6 @@ def fid_from_features(features1: Any, features2: Any) -> float:
 
 # --- Inception Score and accuracy --------------------------------------------------------------------
 
-
 def softmax(logits: Any, dtype: Any = np.float64) -> Array:
     """Softmax over the last axis, computed in ``dtype`` (float32 as TensorFlow's in the ADM evaluator)."""
     x = np.asarray(logits, dtype)
@@ -317,12 +308,10 @@ def inception_score(probs: Any, *, splits: int = 1, split_size: Optional[int] = 
                     dtype: Any = np.float64) -> Tuple[float, float]:
     """Inception Score from class probabilities [N, K]: (mean, std) over parts of the samples.
 
-    Each part scores exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean prediction. The parts are
-    ``splits`` numpy.array_split parts in order (default 1: all samples; std is 0 then), or, with
-    ``split_size``, consecutive runs of ``split_size`` rows in order, the last one shorter when N is not
-    a multiple (guided-diffusion's evaluator: 5000). ``dtype`` is the arithmetic's: float32 with
-    split_size=5000 is the evaluator's (numpy on float32 softmax outputs). 0 log 0 counts as 0 (the
-    evaluator would give NaN for a probability that underflowed to 0).
+    Each part scores exp(mean_x KL(p(y|x) || p(y))), p(y) the part's mean prediction. The parts are
+    ``splits`` numpy.array_split parts (default 1: std 0), or consecutive runs of ``split_size`` rows
+    (the last shorter). ``dtype`` float32 with split_size=5000 is guided-diffusion's evaluator's.
+    0 log 0 counts as 0 (the evaluator would give NaN).
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -373,7 +362,6 @@ def classifier_accuracy(logits: Any, labels: Any) -> float:
 
 # --- Precision / recall / density / coverage ---------------------------------------------------------
 
-
 DISTANCES = ("float64", "float32", "float16")
 
 
@@ -392,10 +380,8 @@ _F16_MAX = np.float32(65504.0)
 def _round16(x: Array) -> Array:
     """float32 x rounded to the nearest float16 (ties to even), kept in float32 (every float16 is one).
 
-    Bit for bit ``x.astype(np.float16).astype(np.float32)``, about twice as fast: numpy's float16 casts
-    are scalar code, whereas this keeps 10 of float32's 23 mantissa bits with integer operations (the
-    rounding carry may bump the exponent, as it should), then mends float16's subnormal range
-    (multiples of 2^-24), its overflow (inf from 65520 on) and NaNs.
+    Bit for bit ``x.astype(np.float16).astype(np.float32)``, faster than numpy's scalar float16 casts:
+    keeps 10 mantissa bits with integer operations, then mends float16's subnormals, overflow and NaNs.
     """
     x = np.asarray(x, np.float32)
     u = x.view(np.uint32)
@@ -418,11 +404,9 @@ class _Points:
     """Feature rows prepared for squared euclidean distances in one arithmetic (``DISTANCES``).
 
     float64 / float32: ``|u|^2 + |v|^2 - 2 u.v`` in that dtype, clamped at 0. float16 is guided-diffusion's
-    evaluator (its DistanceBlock): features cast to float16, squares and u.v rounded to float16 (their
-    sums accumulated in float32, as float16 matrix products do on accelerators), then
-    ``(|u|^2 - 2 u.v) + |v|^2`` with each result rounded to float16, clamped at 0; where that is not
-    finite (float16 overflow), the float32 formula's value is used. float16 values are held in float32
-    arrays, so the products run on the float32 BLAS and comparisons with radii are exact.
+    evaluator's DistanceBlock: float16 features, squares and u.v rounded to float16 (sums accumulated in
+    float32), then ``(|u|^2 - 2 u.v) + |v|^2`` rounded to float16, clamped at 0, the float32 value where
+    that overflows. float16 values are held in float32 arrays (float32 BLAS, exact radius comparisons).
     """
 
     def __init__(self, x: Array, distance: str):
@@ -552,7 +536,6 @@ def prdc(real_features: Any, fake_features: Any, *, k: int = 3, chunk_size: int 
 
 # --- Feature extractors ------------------------------------------------------------------------------
 
-
 def params_fingerprint(params: Any, *, name: str = "", config: Optional[Mapping[str, Any]] = None) -> str:
     """sha256 over the name, a JSON config and every parameter leaf (tree path, dtype, shape, bytes)."""
     import jax
@@ -574,10 +557,9 @@ def params_fingerprint(params: Any, *, name: str = "", config: Optional[Mapping[
 class FeatureExtractor:
     """A named feature extractor: ``extractor(images uint8 [N,H,W,C]) -> (features [N,D], logits [N,K] | None)``.
 
-    ``fn`` receives validated uint8 NHWC numpy images and must return numpy-convertible arrays;
-    batching and jitting are its business (``classifier_extractor`` does both). ``fingerprint`` must
-    change whenever the features could (parameters, architecture, preprocessing); cached reference
-    statistics are keyed by it.
+    ``fn`` receives validated uint8 NHWC numpy images and batches and jits as it likes
+    (``classifier_extractor`` does both). ``fingerprint`` must change whenever the features could;
+    cached reference statistics are keyed by it.
     """
 
     name: str
@@ -599,16 +581,12 @@ def classifier_extractor(apply_fn: Callable[[Any, Any], Any], params: Any, *,
                          name: str = "classifier", config: Optional[Mapping[str, Any]] = None) -> FeatureExtractor:
     """Wraps a Flax classifier as a FeatureExtractor.
 
-    apply_fn(params, x) -> logits [B, K], with x float32 NHWC in [-1, 1] (uint8 / 127.5 - 1). For a
-    timestep-conditioned (noisy) classifier pass e.g.
-    ``lambda p, x: model.apply(p, x, jnp.zeros(x.shape[0], jnp.int32))``.
-    feature_fn(params, x) -> features [B, ...] (flattened to [B, D]) from the penultimate layer, e.g.
-    ``lambda p, x: model.apply(p, x, method=Model.features)`` or via ``capture_intermediates``; it may also
-    return ``(features, logits)`` to get both from one forward pass. Without a feature_fn the logits are
-    used as features.
-    Images go through in fixed-size batches (the last one padded) under one jit, so one compile serves
-    any N. ``config`` (JSON-able) is folded into the fingerprint: put there whatever distinguishes
-    feature_fn choices (e.g. the layer name), since functions cannot be hashed stably.
+    apply_fn(params, x) -> logits [B, K], with x float32 NHWC in [-1, 1] (uint8 / 127.5 - 1).
+    feature_fn(params, x) -> features [B, ...] (flattened to [B, D]), e.g. the penultimate layer, or
+    ``(features, logits)`` from one forward pass; without it the logits are the features.
+    Images go through in fixed-size batches (the last one padded) under one jit. ``config`` (JSON-able)
+    is folded into the fingerprint: put there whatever distinguishes feature_fn choices (functions
+    cannot be hashed stably).
     """
     import jax.numpy as jnp
 
@@ -644,7 +622,6 @@ def classifier_extractor(apply_fn: Callable[[Any, Any], Any], params: Any, *,
 
 # --- Reference statistics cache and evaluation -------------------------------------------------------
 
-
 def _cache_path(cache_dir: str, key: str, fingerprint: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(key)).strip("._") or "reference"
     return os.path.join(os.fspath(cache_dir), f"{safe}-{fingerprint[:20]}.npz")
@@ -654,10 +631,9 @@ def reference_stats(images: Union[Array, Callable[[], Array]], extractor: Featur
                     cache_dir: Union[str, os.PathLike], key: str, *, keep_features: bool = True) -> FeatureStats:
     """Reference statistics of a dataset split, computed once and cached on disk.
 
-    The cache file is ``cache_dir/<key>-<fingerprint[:20]>.npz`` (key such as "cifar10/train", sanitised),
-    so a new extractor (new fingerprint) never reads stale statistics. ``images`` may be a zero-argument
-    callable returning the uint8 NHWC array, so a cache hit never loads the dataset. With keep_features
-    (default) the features are stored too, which precision/recall/density/coverage need.
+    The cache file is ``cache_dir/<key>-<fingerprint[:20]>.npz`` (key sanitised), so a new extractor
+    never reads stale statistics. ``images`` may be a zero-argument callable returning the uint8 NHWC
+    array (a cache hit never loads the dataset). keep_features stores the features PRDC needs.
     """
     path = _cache_path(os.fspath(cache_dir), key, extractor.fingerprint)
     if os.path.exists(path):
@@ -683,12 +659,10 @@ def evaluate_samples(sample_images: Any, sample_labels: Any, reference: Union[Fe
                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
     """All sample-quality metrics of uint8 NHWC samples against a reference (FeatureStats or images).
 
-    Returns a dict with fid, inception_score, inception_score_std, precision, recall, density, coverage,
-    accuracy (top-1 of the extractor's logits on the requested labels), extractor_fingerprint,
-    num_samples, num_reference, feature_dim, k, is_splits. Metrics that cannot be computed are NaN:
-    IS and accuracy when the extractor gives no logits, accuracy when sample_labels is None
-    (unconditional samples), precision/recall/density/coverage when the reference is FeatureStats
-    without stored features.
+    Returns fid, inception_score, inception_score_std, precision, recall, density, coverage, accuracy
+    (top-1 of the extractor's logits on the requested labels), extractor_fingerprint, num_samples,
+    num_reference, feature_dim, k, is_splits. NaN where not computable: IS and accuracy without
+    logits, accuracy without sample_labels, PRDC against FeatureStats without stored features.
     """
     if isinstance(reference, FeatureStats):
         if reference.fingerprint != extractor.fingerprint:

@@ -2,14 +2,12 @@
 ('data', 'fsdp') mesh for training.
 
 Sampling: batches are `NamedSharding(mesh, P('data'))` along their first axis, parameters and the
-schedule are replicated (`P()`); the jitted sampler is the single-device program and XLA's SPMD
-partitioner splits it. Per-host batches become global arrays with
-`jax.make_array_from_process_local_data`, so the same code runs on one process or many (call
-`initialize` first on multi-host runs).
+schedule replicated; XLA's SPMD partitioner splits the single-device program. Per-host batches
+become global arrays (`jax.make_array_from_process_local_data`), so the same code runs on one
+process or many (call `initialize` first on multi-host runs).
 
-Reproducibility: samplers draw sample i's noise from fold_in(seed, sample_ids[i]), so the same seed
-gives the same images on 1 or 8 devices, with any batch size; a batch that does not divide the
-number of devices is padded (repeating its last row) and trimmed afterwards.
+Sampling is reproducible across device counts and batch sizes (noise keyed by sample id,
+`jaxdiff.samplers`); a batch that does not divide the devices is padded and trimmed afterwards.
 
 Training (`make_mesh`, `fsdp_spec`, `state_shardings`): a (data, fsdp) mesh; the batch is split
 over both axes (every device sees different examples), and each array of the train state is
@@ -24,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxdiff import config_util
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -66,7 +66,7 @@ def mesh_shape(data: int, fsdp: int, device_count: int, prefix: str = "mesh ") -
     Raises ValueError naming the sizes (as `prefix` + name) when they cannot tile the devices.
     """
     for name, v in (("data", data), ("fsdp", fsdp)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or (v < 1 and not (name == "data" and v == -1)):
+        if not config_util.is_int(v) or (v < 1 and not (name == "data" and v == -1)):
             raise ValueError(f"{prefix}{name}={v!r}: expected a positive integer"
                              + (" or -1 (the devices fsdp leaves)" if name == "data" else ""))
     if device_count % fsdp:
@@ -189,10 +189,7 @@ def local_device_count(mesh: Mesh) -> int:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place every leaf on every device of `mesh` (works across hosts: each host passes the same values).
-
-    Leaves already replicated on this mesh are left alone, so a pre-replicated parameter tree costs
-    nothing per call.
-    """
+    Leaves already replicated on this mesh are left alone (a pre-replicated tree costs nothing)."""
     rep = replicated_sharding(mesh)
 
     def put(x):
@@ -218,11 +215,8 @@ def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
 
 
 def pad_batch(tree: Any, multiple: int, batch_axis: int = 0) -> tuple[Any, int]:
-    """Pad every leaf along `batch_axis` to a multiple of `multiple` by repeating its last row.
-
-    Returns (padded tree, original batch size). Padded rows are real, valid inputs (labels stay in
-    range), and are trimmed from the results.
-    """
+    """(padded tree, original batch size): every leaf padded along `batch_axis` to a multiple of
+    `multiple` by repeating its last row (valid inputs, trimmed from the results)."""
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return tree, 0
@@ -281,12 +275,7 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
 
 def _common_local_size(n: int, ndev: int) -> int:
     """Per-process padded batch: a multiple of the local device count, equal on every process."""
-    size = -(-int(n) // ndev) * ndev
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        size = int(np.max(multihost_utils.process_allgather(np.array([size]))))
-    return size
+    return int(process_values(np.array(-(-int(n) // ndev) * ndev)).max())
 
 
 def sample_batch_sharded(run: Callable, params: Any, sched: Any, cond: Any, key: jax.Array,
@@ -295,9 +284,9 @@ def sample_batch_sharded(run: Callable, params: Any, sched: Any, cond: Any, key:
                          noises: Optional[np.ndarray] = None) -> np.ndarray:
     """Run a sampler from `samplers.make_sampler` data-parallel over `mesh`; returns this process's samples.
 
-    `cond`, `sample_ids` (and `x_T`, and `noises` on its axis 1) hold this process's rows. A batch
-    that does not divide the process's device count is padded with copies of its last row and the
-    result trimmed back, so any batch size works. `params`, `sched` and `key` are replicated.
+    `cond`, `sample_ids` (and `x_T`, and `noises` on its axis 1) hold this process's rows; any
+    batch size works (padded to the process's device count, trimmed back). `params`, `sched` and
+    `key` are replicated.
     """
     mesh = data_mesh() if mesh is None else mesh
     ndev = local_device_count(mesh)

@@ -7,21 +7,18 @@ Small composable pieces, k-diffusion style:
   ddpm_step / ddim_step / dpmpp_2m_step   pure update rules over a (respaced) `Schedule`
   sample_loop(...)    the whole chain as ONE `lax.scan` (jit it, or use `make_sampler`)
 
-Registry: `SAMPLERS` maps each name to a `Sampler` record (uniform step function, initial state,
-whether it draws noise, whether gradient guidance acts on eps or on the mean, default respacing);
-`register_sampler` adds one, and nothing else in jaxdiff dispatches on sampler names.
+Registry: `SAMPLERS` maps each name to a `Sampler` record; `register_sampler` adds one, and nothing
+else in jaxdiff dispatches on sampler names.
 
 Indices `i` run over the respaced schedule from num_steps - 1 down to 0; the networks see the
 original timestep `sched.timestep_map[i]`.
 
-Randomness (batch- and device-count independent): sample i of a run uses the key
-k_i = fold_in(seed_key, sample_ids[i]); its starting noise is normal(fold_in(k_i, 0)) and the noise
-of loop step j (j = 0 at the highest t) is normal(fold_in(fold_in(k_i, 1), j)). Recorded noises
-(`noises`, [num_steps, B, ...] in loop order) may be passed instead, e.g. for parity tests.
+Randomness (batch- and device-count independent): sample i uses k_i = fold_in(seed_key,
+sample_ids[i]); its starting noise is normal(fold_in(k_i, 0)), that of loop step j (j = 0 at the
+highest t) normal(fold_in(fold_in(k_i, 1), j)), unless recorded `noises` are passed.
 
-Progress: with `progress=True` the loop calls `jax.debug.callback(..., ordered=False)` once per
-step with the step number; the host-side callback only advances the active tqdm bar (see
-`progress_bar`), so the device never waits on the host. Without an active bar it does nothing.
+Progress: with `progress=True` the loop calls an unordered `jax.debug.callback` once per step that
+only advances the active tqdm bar (`progress_bar`), so the device never waits on the host.
 """
 
 from __future__ import annotations
@@ -283,14 +280,12 @@ def sample_loop(model_fn: ModelFn, sched: Schedule, x_T: Optional[jax.Array], co
                 progress: bool = False, return_trajectory: bool = False, loop: str = "scan"):
     """Run `sampler` (a name in SAMPLERS) from x_T (index num_steps - 1) down to index 0; returns x_0.
 
-    Pure and traceable: call it inside `jax.jit` (see `make_sampler`); the steps are one
-    `lax.scan`. `loop="python"` runs the same step function in a Python loop instead (debugging, or
-    eager use with separately jitted networks, whose compilations are then shared between
-    samplers and schedules). `x_T=None` draws the start
-    from `key` and `sample_ids` (with per-sample `shape`); per-step noise comes from `key` and
-    `sample_ids`, or from recorded `noises` [num_steps, B, ...] in loop order. `x0_fn` replaces
-    the default clipping (`clip_denoised`) of x0, e.g. `guidance.dynamic_threshold`. `eta` may be
-    traced (DDIM only). With `return_trajectory` also returns the stacked x0 estimates.
+    Pure and traceable: call it inside `jax.jit` (see `make_sampler`); the steps are one `lax.scan`
+    (`loop="python"`: a Python loop, for debugging or eager use). `x_T=None` draws the start from
+    `key` and `sample_ids` (with per-sample `shape`); per-step noise comes from them too, or from
+    recorded `noises` [num_steps, B, ...] in loop order. `x0_fn` replaces the default clipping
+    (`clip_denoised`) of x0. `eta` may be traced (DDIM only). With `return_trajectory` also returns
+    the stacked x0 estimates.
     """
     spec = SAMPLERS[check_sampler(sampler)]
     check_prediction(prediction)

@@ -10,17 +10,12 @@ process and quantises exactly as guided-diffusion's sample scripts do; `generate
 to every process (training grids, the evaluation command's CFG accuracy, the sweep).
 
 Sharded runs (`run(..., shards=True)`, sample.py): each process writes its rows of each global
-batch as it goes, atomically, to OUT/shards/SSSSSSSS-EEEEEEEE.npz (sample ids S..E-1: `ids`,
-`images` uint8, `labels`, `captions`), next to OUT/shards/manifest.json, which records what
-determines the images (fingerprints of the networks' parameters and configs and of config.low_res,
-config.dtype, config.tokenizer, every sample setting except progress and grid_max). A rerun with
-the same settings generates only the global batches whose ids are not all in OUT/shards; other
-settings are refused before any work, naming what differs, and nothing is deleted. Every process
-reports what it sees and the reports are all-gathered, so all make the same decision. When every
-process is done (a barrier), process 0 merges: OUT/grid.png, then OUT/samples.npz streamed shard
-by shard in sample-id order (arr_0, arr_1, captions; the manifest in the zip comment, which
-np.load ignores), then the shards are deleted. A rerun into a complete OUT does nothing. Resuming
-and merging need OUT on a filesystem every host sees; with per-host disks, copy every host's
+batch atomically to OUT/shards/SSSSSSSS-EEEEEEEE.npz (sample ids S..E-1), next to
+OUT/shards/manifest.json, which records what determines the images (`settings_manifest`). A rerun
+with the same settings generates only the missing global batches; other settings are refused before
+any work, naming what differs (`resume_plan`, a collective). When every process is done, process 0
+merges the shards into OUT/grid.png and OUT/samples.npz and deletes them (`merge`). Resuming and
+merging need OUT on a filesystem every host sees; with per-host disks, copy every host's
 OUT/shards/ into one and run the merge command.
 
 Guides and samplers come from their registries (`guidance.GUIDES`, `samplers.SAMPLERS`): the
@@ -95,9 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-# --------------------------------------------------------------------------------------------
-# loading and validation (host-side: nothing here traces or compiles)
-# --------------------------------------------------------------------------------------------
+# --- loading and validation (host-side: nothing here traces or compiles) --------------------------
 
 def load(directory: str, dtype: str = "", net: str = ""):
     """(module, params, config) through jaxdiff.checkpoints.load_model; `net`: the sample-config key
@@ -330,9 +323,7 @@ def _check_converted_flags(diffusion: Mapping, respacing: str) -> None:
             "guided-diffusion's default and what every released checkpoint uses")
 
 
-# --------------------------------------------------------------------------------------------
-# generation: the one sampling path
-# --------------------------------------------------------------------------------------------
+# --- generation: the one sampling path ------------------------------------------------------------
 
 def to_uint8(x) -> np.ndarray:
     """[-1, 1] floats -> uint8 exactly as guided-diffusion's sample scripts ((x + 1) * 127.5, clamp, trunc)."""
@@ -348,11 +339,9 @@ def generate_batches(sampler_fn, params, sched, *, num_samples: int, labels: Opt
     """Yields (sample ids, uint8 images) of THIS process's rows, batch by batch.
 
     `sampler_fn` comes from `samplers.make_sampler`; samples 0..num_samples-1 are drawn in global
-    batches of `batch_size` (only the global batches numbered `batches`, when given, the same on
-    every process), each split over the processes and sharded over `mesh`'s devices.
-    Sample i's noise depends only on (seed, i). `labels` [num_samples], `per_sample` arrays
-    [num_samples, ...] (e.g. low_res) and the `scales` (cond keys -> float) go into each batch's cond.
-    The progress bar shows on process 0 only; every process runs the same compiled program.
+    batches of `batch_size` (only those numbered `batches`, when given), each split over the
+    processes and sharded over `mesh`. Sample i's noise depends only on (seed, i). `labels`,
+    `per_sample` arrays [num_samples, ...] and `scales` (cond keys -> float) go into each batch's cond.
     """
     import contextlib
 
@@ -406,16 +395,14 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
         compiled: Optional[dict] = None, shards: bool = False, **named_networks) -> dict:
     """Sample as `config` says; models are (module, params, config) triples, loaded when not given.
 
-    `networks` (or keyword arguments such as classifier=..., guide_model=...) give the networks
-    guides need, by their config key. Everything is validated before any compile. `compiled`: a
-    dict the caller keeps across calls with the same models (a sweep), so settings that differ only
-    in scales, seed or sample count reuse one compiled sampler.
+    `networks` (or keywords such as classifier=..., guide_model=...) give the guides' networks by
+    config key. Everything is validated before any compile. `compiled`: a dict kept across calls with
+    the same models (a sweep), so settings differing only in scales, seed or count share one program.
 
     In memory (default): every process gets every image; returns {"images", "labels", "npz",
-    "grid", "num_samples"}. `shards=True` (sample.py): each process writes its rows to OUT/shards
-    and process 0 merges them (module doc); "images" is None, and "batches" / "generated" count the
-    global batches of the run and those this call generated (0 when OUT was already complete).
-    "npz" and "grid" are the paths written, on process 0 (None elsewhere).
+    "grid", "num_samples"}. `shards=True` (sample.py, module doc): "images" is None, and "batches" /
+    "generated" count the run's global batches and those this call generated. "npz" and "grid" are
+    the paths written, on process 0 (None elsewhere).
     """
     s = config.sample
     names = guidance.parse_guidance(str(s.guidance))
@@ -519,9 +506,7 @@ def _complete(config, labels, captions) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------------------------
-# sample.py's path: shards written as they come, resumable, merged in sample-id order
-# --------------------------------------------------------------------------------------------
+# --- sample.py's path: shards written as they come, resumable, merged in sample-id order ----------
 
 def settings_manifest(config, model, networks: Mapping[str, tuple] = ()) -> dict:
     """What determines a run's images, as JSON values: fingerprints of the networks (parameters,
@@ -670,11 +655,10 @@ def resume_plan(out: str, manifest: dict, num_samples: int, batch_size: int) -> 
     """The global batches a sharded run into `out` still has to generate; None when OUT/samples.npz
     already holds it. Raises ValueError when `out` holds another run's samples.
 
-    A collective (every process calls it and gets the same answer): each process reports whether
-    it refuses, whether OUT/samples.npz holds this run (process 0's report decides) and which global
-    batches have all of ITS rows in the shards it sees; a batch is skipped when every process has
-    its rows. (On per-host disks each process sees its own shards, so a rerun with the same
-    processes resumes there too.) Writes OUT/shards/manifest.json when absent.
+    A collective with one answer: each process reports whether it refuses, whether OUT/samples.npz
+    holds this run (process 0's report decides) and which global batches have all of ITS rows in
+    the shards it sees; a batch is skipped when every process has its rows (so per-host disks
+    resume too). Writes OUT/shards/manifest.json when absent.
     """
     from jaxdiff import parallel
 

@@ -36,9 +36,7 @@ def named_betas(name: str, num_timesteps: int) -> np.ndarray:
         scale = 1000 / num_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
-        return betas_for_alpha_bar(
-            num_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        )
+        return betas_for_alpha_bar(num_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown noise schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
 
 
@@ -62,16 +60,13 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
             for stride in range(1, num_timesteps + 1):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
-            raise ValueError(
-                f"respacing {section_counts!r}: cannot take exactly {desired} steps of "
-                f"{num_timesteps} with an integer stride"
-            )
+            raise ValueError(f"respacing {section_counts!r}: cannot take exactly {desired} steps of "
+                             f"{num_timesteps} with an integer stride")
         try:
             section_counts = [int(x) for x in text.split(",")]
         except ValueError:
-            raise ValueError(
-                f"bad respacing {section_counts!r}: allowed forms are 'N', 'N1,N2,...' or 'ddimN'"
-            ) from None
+            raise ValueError(f"bad respacing {section_counts!r}: allowed forms are 'N', 'N1,N2,...' or "
+                             "'ddimN'") from None
     section_counts = list(section_counts)
     if not section_counts or any(c < 1 for c in section_counts):
         raise ValueError(f"bad respacing {section_counts!r}: every section needs at least one step")
@@ -80,10 +75,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     for i, count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise ValueError(
-                f"respacing asks for {count} steps in a section of only {size} of the "
-                f"{num_timesteps} schedule steps"
-            )
+            raise ValueError(f"respacing asks for {count} steps in a section of only {size} of the "
+                             f"{num_timesteps} schedule steps")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         cur = 0.0
         for _ in range(count):
@@ -174,12 +167,10 @@ def schedule_from_betas(betas: np.ndarray, timestep_map: np.ndarray | None = Non
 def logsnr_timesteps(alphas_cumprod, num_steps: int, lambda_min: float = -5.0) -> list[int]:
     """`num_steps` distinct timesteps spaced (nearly) uniformly in lambda = 0.5 log SNR.
 
-    DPM-Solver's recommended "logSNR" spacing for few-step solvers: the first step is T - 1 (pure
-    noise), the last 0, and the others are the timesteps nearest to lambdas uniform between
-    max(lambda(T - 1), lambda_min) and lambda(0), each strictly below the previous one, so exactly
-    `num_steps` distinct steps come back (sorted ascending). `lambda_min` (SNR e^-10 by default)
-    keeps the cosine schedule's clipped last beta (lambda(T - 1) ~ -9.9) from drawing steps into the
-    pure-noise region. Respacing string: "logsnrN".
+    DPM-Solver's "logSNR" spacing ("logsnrN"): T - 1 first, 0 last, the others the timesteps nearest
+    to lambdas uniform between max(lambda(T - 1), lambda_min) and lambda(0), each strictly below the
+    previous one (sorted ascending). `lambda_min` keeps the cosine schedule's clipped last beta from
+    drawing steps into the pure-noise region.
     """
     ac = np.asarray(alphas_cumprod, np.float64)
     T = len(ac)

@@ -2,13 +2,10 @@
 (and sampler step counts), evaluate each setting, and write a table, plots and one grid per setting.
 
 Text-conditional models (a "text2im" workdir) are swept over captions: sample i gets the caption of
-example i of a deterministic draw from `caption_split` (`text_prompts`: its class, the attribute
-bins it asks for and which attributes it names), passed through the sample config; each setting
-then also reports the attribute accuracy of the named attributes (`jaxdiff.captions`' oracle,
-against the requested bins; chance 1/3) and the evaluation CLIP's score (`eval_clip`, a clean CLIP:
-mean cosine x 100 of the samples and their captions), besides class accuracy and FID / precision /
-recall in the evaluation classifier's features. CFG over text uses the empty caption as its null
-condition; "clip" guides the text model with the noised CLIP (`clip_image`, `clip_text`).
+example i of a deterministic draw from `caption_split` (`text_prompts`); each setting also reports
+the attribute accuracy of the named attributes (`jaxdiff.captions`' oracle; chance 1/3) and the
+evaluation CLIP's score (`eval_clip`: mean cosine x 100 of samples and captions). CFG over text uses
+the empty caption as its null condition; "clip" guides with the noised CLIP (`clip_image`, `clip_text`).
 """
 
 from __future__ import annotations

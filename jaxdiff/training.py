@@ -6,65 +6,34 @@ One entry point, `train(config, workdir)`, for every task (`config.task`):
   (index num_classes) with probability `diffusion.p_uncond`, so one model serves classifier-free
   guidance. Targets eps / x0 / v; learned sigma trains with the hybrid loss
   (`diffusion.training_losses`); t is uniform over the schedule.
-* "text2im": the same diffusion recipe (the same loss and step code) for GLIDE's text-conditional
-  U-Net (`models.Text2ImUNet`) on a captioned dataset (digits_text, fashion_mnist_text): the
-  captions are word-tokenized with the dataset's vocabulary (`tokenizers.WordTokenizer`; captions
-  longer than `model.text_ctx` words are truncated to their first text_ctx words, as GLIDE
-  truncates) and dropped to the empty caption (all padding, mask off) with probability
-  `diffusion.p_uncond` (default 0.2 here), the null condition of classifier-free guidance over text.
-* "classifier": the ADM noisy classifier (EncoderUNetModel) on q_sample'd inputs at uniform t
-  (`train.noised=True`, the ADM recipe), or on clean images with t = 0 (`train.noised=False`, the
-  classifier used for evaluation metrics).
-* "clip": a noised CLIP (`models.ClipModel`: glide's image encoder with its timestep token and its
-  causal text encoder) on a captioned dataset: images q_sample'd at uniform t with the diffusion's
-  schedule (the encoder sees the ORIGINAL timestep), captions as `WordTokenizer.tokens_and_lengths`
-  makes them (the words then the end id; more than max_text_len - 1 words are truncated), and
-  CLIP's symmetric contrastive loss: the mean of the image->text and text->image cross-entropies of
-  logits = logit_scale * cosine similarity over the batch, where every item with the same caption
-  counts as a positive (an even split of the target; with distinct captions this is CLIP's InfoNCE).
-  `model.learn_logit_scale` (default True, CLIP's convention: log of the scale learned from
-  log(model.logit_scale) = log(1 / 0.07), capped at 100) or False (fixed at model.logit_scale, as
-  glide's noised CLIP's config states 100). `train.noised=False` trains a CLEAN CLIP (t = 0), the
-  one the text sweep scores samples with. The contrastive negatives are the rows of one
-  micro-batch: with `train.grad_accum_steps` > 1 the loss differs from one batch of B (as in CLIP
-  without gradient caching); the other tasks' updates do not depend on it.
+* "text2im": the same recipe for GLIDE's text-conditional U-Net (`models.Text2ImUNet`) on a
+  captioned dataset; captions are word-tokenized (`tokenizers.WordTokenizer`, truncated to
+  `model.text_ctx` words as GLIDE does) and dropped to the empty caption with probability
+  `diffusion.p_uncond` (default 0.2).
+* "classifier": the ADM noisy classifier on q_sample'd inputs at uniform t (`train.noised=True`)
+  or on clean images at t = 0 (`train.noised=False`, the classifier of the evaluation metrics).
+* "clip": a noised CLIP (`models.ClipModel`) on a captioned dataset, images q_sample'd at uniform t
+  (the encoder sees the ORIGINAL timestep), with CLIP's symmetric contrastive loss
+  (`contrastive_loss`). `model.learn_logit_scale` learns log(scale) (capped at 100) or keeps
+  `model.logit_scale` fixed; `train.noised=False` trains the clean CLIP the text sweep scores with.
+  The negatives are the rows of one micro-batch, so with `train.grad_accum_steps` > 1 the loss
+  differs from one batch of B (the other tasks' updates do not depend on it).
 
-The text tasks write the dataset's vocabulary into W/config.json ({"text": {"vocab": [...]}}), so
-sample.py and the sweep tokenize captions with the model's own words.
+The text tasks write the dataset's vocabulary into W/config.json ({"text": {"vocab": [...]}}).
+All tasks use AdamW with linear warm-up (then constant, linear to 0 or cosine), global-norm
+clipping and an EMA of the weights kept in the `TrainState`.
 
-Both use AdamW with linear warm-up (then constant, linear anneal to 0 as ADM's `anneal_lr`, or
-cosine), global-norm gradient clipping and an EMA of the weights kept in the `TrainState`.
-
-Parallelism (`config.mesh`): a ('data', 'fsdp') mesh of every device of every process, by default
-all on 'data' (plain data parallelism). The global batch is split over both axes (per-host
-batches joined with `jax.make_array_from_process_local_data`); parameters, EMA and optimizer
-state are split over 'fsdp' by `parallel.state_shardings` (largest divisible dimension; small
-arrays replicated). The step is the single-device program under `jax.jit` with explicit in/out
-shardings: it gathers the parameters for the forward/backward pass and reduce-scatters the
-gradients back onto the state's layout. `train.grad_accum_steps = k` splits each batch into k
-micro-batches (a `lax.scan` summing their gradients), each holding B/k of every device's rows.
-
-Randomness: the step's key is fold_in(key(seed), step); example j of the global batch draws its
-timestep, noise, label drop and dropout from fold_in(step key, j), so k micro-batches of B/k give
-the update of one batch of B. The data of a step is a pure function of (seed, stream position)
-(`jaxdiff.data`), and the position is saved with every checkpoint, so a resumed run repeats an
-uninterrupted one exactly, and a run resumed with another batch size continues the same stream.
-
-Multi-host runs (docs/training.md): every process must be given the same workdir, on storage all
-of them read (a shared file system or gs://); the processes check that they see one config and
-one latest checkpoint before anything is compiled, and refuse with a clear error otherwise.
-Every decision that leads into a collective (save, sample, stop) is taken from values all
-processes share. SIGTERM / SIGINT stop every process after one agreed step, which is saved
-(`jaxdiff.preemption`); the run exits normally and the same command resumes it.
+Parallelism (`config.mesh`, a ('data', 'fsdp') mesh), gradient accumulation, randomness (example j
+of a step draws from fold_in(fold_in(key(seed), step), j), so resumed runs repeat uninterrupted
+ones), preemption and the multi-host rules: docs/training.md.
 
 Derived values are never configured twice: image size, channels and num_classes come from the
 dataset; out_channels from in_channels and learned_sigma (or num_classes for the classifier);
 null_label from p_uncond > 0. The resolved config is written to W/config.json.
 
-Non-finite losses: each step folds "first step with a non-finite loss or gradient norm" into an
-on-device accumulator. The host reads it at every log boundary and before every checkpoint save, so
-training stops at most `log_every - 1` steps after the first bad step, no checkpoint is ever
-written after it, and the error names that step and the last good checkpoint.
+Non-finite losses are folded into an on-device accumulator read at every log boundary and before
+every save: training stops at most `log_every - 1` steps after the first bad step, no checkpoint
+is written after it, and the error names that step and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -119,9 +88,7 @@ class TrainState:
     opt_state: Any
 
 
-# --------------------------------------------------------------------------------------------
-# Default config (configs/*.py start from it and override)
-# --------------------------------------------------------------------------------------------
+# --- Default config (configs/*.py start from it and override) -------------------------------------
 
 # The "clip" task's model: glide's clip/config.yaml names (image_size, n_vocab and n_timesteps are
 # derived from the dataset and the diffusion schedule); logit scale as `models.ClipModel`.
@@ -209,9 +176,7 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
     return c
 
 
-# --------------------------------------------------------------------------------------------
-# Config: validation and derived values
-# --------------------------------------------------------------------------------------------
+# --- Config: validation and derived values --------------------------------------------------------
 
 def _check(cond: bool, msg: str):
     if not cond:
@@ -398,9 +363,7 @@ def create_model(resolved):
     return models.create_model(flags.pop("kind"), **flags)
 
 
-# --------------------------------------------------------------------------------------------
-# Optimiser, EMA, state
-# --------------------------------------------------------------------------------------------
+# --- Optimiser, EMA, state ------------------------------------------------------------------------
 
 def learning_rate_fn(train_cfg) -> Callable[[jax.Array], jax.Array]:
     """Linear warm-up to `lr` over warmup_steps, then constant / linear to 0 / cosine to 0."""
@@ -489,9 +452,7 @@ def init_state(resolved, model, tx, init_key) -> TrainState:
                       ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
 
 
-# --------------------------------------------------------------------------------------------
-# Losses and the train step
-# --------------------------------------------------------------------------------------------
+# --- Losses and the train step --------------------------------------------------------------------
 
 def example_keys(key: jax.Array, ids: jax.Array, n: int) -> list:
     """n keys per example: split(fold_in(key, id), n) for each id, as n arrays of keys [b]."""
@@ -501,8 +462,7 @@ def example_keys(key: jax.Array, ids: jax.Array, n: int) -> list:
 
 def _apply(resolved, model, params, x, t, args: tuple, dropout_keys):
     """The network in training mode on (x, t, *args); with dropout, each example is its own call
-    (vmap) drawing its masks from its own key, so the masks do not depend on which micro-batch
-    holds the example."""
+    (vmap) with its own key, so its masks do not depend on its micro-batch."""
     if float(config_util.get(resolved.model, "dropout", 0.0) or 0.0) <= 0:
         return model.apply({"params": params}, x, t, *args, train=True)
 
@@ -534,10 +494,8 @@ def condition_dropout(resolved) -> Callable:
 
 def diffusion_loss_fn(resolved, model, sched) -> Callable:
     """loss(params, images, cond, key, ids=None) -> (scalar loss, per-batch metrics); cond: the
-    labels, or the caption tokens of "text2im" (`cond_spec`).
-
-    Example i draws its timestep, noise, condition drop and dropout from fold_in(key, ids[i]) (ids
-    default to 0..b-1: the examples' rows in the step's global batch)."""
+    labels, or the caption tokens of "text2im" (`cond_spec`). Example i draws its timestep, noise,
+    condition drop and dropout from fold_in(key, ids[i]) (ids: rows in the global batch, 0..b-1)."""
     dcfg = resolved.diffusion
     p_uncond = float(dcfg.p_uncond)
     drop = condition_dropout(resolved)
@@ -589,9 +547,8 @@ def classifier_loss_fn(resolved, model, sched) -> Callable:
 
 def contrastive_loss(z_img: jax.Array, z_txt: jax.Array, scale: jax.Array, tokens: jax.Array) -> tuple:
     """(loss, top-1 accuracy) of CLIP's symmetric loss on unnormalised embeddings [B, D]: logits =
-    scale * cosine similarity; the target of a row is split evenly over the rows with the same
-    caption (identical tokens), which is CLIP's one-hot InfoNCE target when captions are distinct.
-    Accuracy: the image's best-scoring caption is one of its own."""
+    scale * cosine similarity; a row's target is split evenly over the rows with the same caption
+    (CLIP's InfoNCE when captions are distinct); accurate when the best caption is one of its own."""
     from jaxdiff.clip_guidance import normalize
 
     logits = scale * normalize(z_img.astype(jnp.float32)) @ normalize(z_txt.astype(jnp.float32)).T
@@ -633,11 +590,10 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
     """step(state, images, cond, acc) -> (state, acc): one AdamW update + EMA, metrics accumulated;
     cond: the labels or caption tokens (`cond_spec`), split into micro-batches like the images.
 
-    With `mesh` and `state_shardings` (a TrainState of NamedShardings, `state_layout`) the step
-    gathers the parameters for the forward/backward pass when they are split over 'fsdp' and
-    constrains the gradients to the parameters' layout. `train.grad_accum_steps = k` > 1 sums the
-    gradients of k micro-batches in a `lax.scan`; micro-batch m holds rows m*b'..(m+1)*b'-1 of every
-    device's block of b = k*b' rows, so each micro-batch is spread over every device.
+    With `mesh` and `state_shardings` (`state_layout`) the parameters are gathered for the
+    forward/backward pass when split over 'fsdp', and the gradients constrained to their layout.
+    `train.grad_accum_steps = k` > 1 sums k micro-batches' gradients in a `lax.scan`; micro-batch m
+    holds rows m*b'..(m+1)*b'-1 of every device's block of b = k*b' rows.
     """
     loss_fn = LOSSES[resolved.task](resolved, model, sched)
     lr_fn = learning_rate_fn(resolved.train)
@@ -778,9 +734,7 @@ def metric_names(resolved) -> tuple:
     return names + ("grad_norm", "lr")
 
 
-# --------------------------------------------------------------------------------------------
-# Host-side helpers
-# --------------------------------------------------------------------------------------------
+# --- Host-side helpers ----------------------------------------------------------------------------
 
 def _host(x) -> np.ndarray:
     """Value of a replicated (possibly multi-process) array on this host."""
@@ -836,9 +790,7 @@ def _progress(total: int, initial: int):
                 disable=jax.process_index() != 0, smoothing=0.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Periodic samples / evaluation
-# --------------------------------------------------------------------------------------------
+# --- Periodic samples / evaluation ----------------------------------------------------------------
 
 def grid_classes(num_classes: int, at_most: int) -> np.ndarray:
     """The classes a training grid shows: all of them, or `at_most` evenly spaced ones."""
@@ -852,9 +804,8 @@ def make_sample_fn(resolved, model) -> Callable:
     per class of `grid_classes` (at most sample.grid_classes rows); a text model's rows are
     captioned with the class alone ("a seven"), guided over the empty caption.
 
-    The sample count is padded to a multiple of the global device count, so every process samples
-    and contributes the same number of rows (the padding rows are dropped); every process ends up
-    with the whole (small) grid, and process 0 writes it. `params` must be replicated.
+    The sample count is padded to a multiple of the global device count (padding rows dropped);
+    every process gets the whole grid. `params` must be replicated.
     """
     from jaxdiff import guidance, samplers, sampling
 
@@ -904,9 +855,7 @@ def make_sample_fn(resolved, model) -> Callable:
     return fn
 
 
-# --------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------
+# --- The loop -------------------------------------------------------------------------------------
 
 def _read_text(path) -> Optional[str]:
     try:
@@ -917,10 +866,8 @@ def _read_text(path) -> Optional[str]:
 
 def prepare_workdir(workdir, config_text: str) -> None:
     """Create W and write W/config.json (process 0); then check, collectively, that every process
-    was given the same workdir on storage they all read, and the same config.
-
-    Raises ConfigError on every process (none hangs) when a process cannot read what process 0
-    wrote (different workdirs, or per-host local disks) or resolved a different config.
+    was given the same workdir on storage they all read, and the same config (else ConfigError on
+    every process: none hangs).
     """
     pid, count = jax.process_index(), jax.process_count()
     path = workdir / checkpoints.CONFIG_FILE
@@ -974,10 +921,9 @@ def agree_on_start(manager) -> Optional[int]:
 def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = None) -> TrainState:
     """Train per `config` in `workdir`, resuming from its latest complete checkpoint.
 
-    Returns the final TrainState (or the state saved when SIGTERM / SIGINT stopped the run early).
-    `step_hook(step)` (optional) is called on the host after each step is dispatched (tests use it
-    to slow a run down). Raises NonFiniteLossError when a loss or gradient norm is NaN/inf (after
-    waiting for pending checkpoint writes).
+    Returns the final TrainState (or the one saved when SIGTERM / SIGINT stopped the run early).
+    `step_hook(step)` is called on the host after each step is dispatched. Raises NonFiniteLossError
+    when a loss or gradient norm is NaN/inf (after waiting for pending checkpoint writes).
     """
     config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
     validate_config(config)

@@ -26,11 +26,9 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
 def encode_png(image: np.ndarray, level: int = 6) -> bytes:
     """Standard PNG bytes (8-bit, no interlace, filter type 0) of a uint8 (H, W, C) image.
 
-    Written directly with zlib: tfds's `Image` feature stores already-encoded bytes as they are,
-    whereas a NumPy array would make it call `tf.image.encode_png` (TensorFlow), and Pillow's
-    encoder costs ~0.4 ms for a 28x28 image. Any PNG reader (Pillow, OpenCV, TF) decodes these.
-    `level` is the zlib level (0 = stored: ~10x faster to write and read, ~1.7x larger for
-    Fashion-MNIST).
+    Written directly with zlib: tfds's `Image` feature stores encoded bytes as they are (an array
+    would need TensorFlow), and Pillow's encoder is slower. Any PNG reader decodes these. `level`
+    is the zlib level (0 = stored: faster to write and read, larger).
     """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in _COLOR_TYPE:
@@ -39,12 +37,8 @@ def encode_png(image: np.ndarray, level: int = 6) -> bytes:
     rows = np.zeros((h, 1 + w * c), np.uint8)  # leading 0 per row = filter type "None"
     rows[:, 1:] = image.reshape(h, w * c)
     header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_TYPE[c], 0, 0, 0)
-    return (
-        _PNG_SIGNATURE
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
-        + _chunk(b"IEND", b"")
-    )
+    return (_PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+            + _chunk(b"IEND", b""))
 
 
 def decode_png_simple(data: bytes) -> np.ndarray | None:
@@ -88,10 +82,9 @@ def decode_png_simple(data: bytes) -> np.ndarray | None:
 class OfflineBuilderMixin:
     """Put first in the bases of a `tfds.core.GeneratorBasedBuilder` defined in jaxdiff.
 
-    tfds 4.9.x's `DatasetBuilder.code_path` touches the `importlib_resources` backport, which
-    tfds declares only for Python < 3.9, so `download_and_prepare` fails with
-    ModuleNotFoundError for builders that live in an installed package. The path is only used to
-    look for a `checksums.tsv` next to the builder's module; the module's file is the answer.
+    tfds 4.9.x's `DatasetBuilder.code_path` needs the `importlib_resources` backport (declared only
+    for Python < 3.9) for builders in an installed package; it only locates `checksums.tsv`, so the
+    module's own file is the answer.
     """
 
     @tfds_utils.classproperty
@@ -103,9 +96,8 @@ class OfflineBuilderMixin:
 def serialize_example(png: bytes, label: int, extra: Mapping[str, Any] | None = None) -> bytes:
     """The tf.train.Example tfds writes for {"image": Image(), "label": ClassLabel()} and `extra`.
 
-    Extra features as tfds's serializer writes them: a str (Text) as its UTF-8 bytes, bytes as
-    they are, integer or bool arrays (Tensor; bools as 0/1) as flat int64 lists, float arrays as
-    flat float lists.
+    Extra features as tfds writes them: str as UTF-8 bytes, bytes as they are, integer or bool
+    arrays as flat int64 lists (bools 0/1), float arrays as flat float lists.
     """
     from tensorflow_datasets.proto import tf_example_pb2
 
@@ -138,16 +130,13 @@ class ImageArraysBuilder(OfflineBuilderMixin, tfds.core.GeneratorBasedBuilder,
     Subclasses implement `_split_arrays(dl_manager) -> {split: (images NHWC uint8, labels)}` and
     `_info` with features {"image": Image(shape), "label": ClassLabel(...)}.
 
-    tfds's generic writer (`_split_generators` / `_generate_examples`, kept here and equivalent)
-    spends ~0.4 ms of Python per example (~40 s for Fashion-MNIST on a small CPU), so
-    `_download_and_prepare` writes the same tf.train.Examples itself: one array_record shard per
-    split through tfds's file adapter, then `info.set_splits`, leaving the rest (temporary
-    directory, dataset_info.json, features.json, atomic rename) to tfds. The first record is
-    decoded back with tfds's features as a check. Examples are stored in array order.
+    tfds's generic writer (`_split_generators` / `_generate_examples`, kept and equivalent) is
+    slow, so `_download_and_prepare` writes the same tf.train.Examples itself (one array_record
+    shard per split, in array order), leaving the rest to tfds; the first record is decoded back
+    with tfds's features as a check.
 
-    `_info` is built from the class attributes below (a subclass may define its own instead);
-    subclasses add features by overriding `_features` and `_extra_features` (values of the
-    added features, computed from all splits' arrays before anything is written), and store
+    `_info` is built from the class attributes below; subclasses add features by overriding
+    `_features` and `_extra_features` (their values, from all splits' arrays), and store
     dataset-level facts in `_metadata` (a `tfds.core.MetadataDict`, saved as metadata.json).
     """
 
@@ -158,31 +147,24 @@ class ImageArraysBuilder(OfflineBuilderMixin, tfds.core.GeneratorBasedBuilder,
 
     #: False: use tfds's generic (slow) writer instead.
     FAST_WRITE = True
-    #: zlib level of the PNGs: 0 (stored) is ~7x faster to write than 6 and faster to decode.
+    #: zlib level of the PNGs: 0 (stored) is faster to write and to decode than 6.
     PNG_LEVEL = 0
 
     def _split_arrays(self, dl_manager) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise NotImplementedError
 
     def _features(self) -> dict:
-        return {
-            "image": tfds.features.Image(shape=self.IMAGE_SHAPE, dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=list(self.CLASS_NAMES)),
-        }
+        return {"image": tfds.features.Image(shape=self.IMAGE_SHAPE, dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=list(self.CLASS_NAMES))}
 
     def _metadata(self) -> tfds.core.MetadataDict | None:
         return None
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self.DESCRIPTION,
-            features=tfds.features.FeaturesDict(self._features()),
-            supervised_keys=("image", "label"),
-            homepage=self.HOMEPAGE,
-            disable_shuffling=True,
-            metadata=self._metadata(),
-        )
+        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                     features=tfds.features.FeaturesDict(self._features()),
+                                     supervised_keys=("image", "label"), homepage=self.HOMEPAGE,
+                                     disable_shuffling=True, metadata=self._metadata())
 
     def _extra_features(self, arrays: dict[str, tuple]) -> dict[str, dict[str, Any]]:
         """{split: {feature: one value per example}} beyond image and label ({}: none)."""
@@ -192,10 +174,8 @@ class ImageArraysBuilder(OfflineBuilderMixin, tfds.core.GeneratorBasedBuilder,
     def _split_generators(self, dl_manager):
         arrays = self._split_arrays(dl_manager)
         extra = self._extra_features(arrays)
-        return {
-            split: self._generate_examples(images, labels, extra.get(split, {}))
-            for split, (images, labels) in arrays.items()
-        }
+        return {split: self._generate_examples(images, labels, extra.get(split, {}))
+                for split, (images, labels) in arrays.items()}
 
     def _generate_examples(self, images, labels, extra=None):
         extra = extra or {}
@@ -211,7 +191,7 @@ class ImageArraysBuilder(OfflineBuilderMixin, tfds.core.GeneratorBasedBuilder,
         arrays = self._split_arrays(dl_manager)
         extras = self._extra_features(arrays)
         for split, (images, labels) in arrays.items():
-            # rows as Python values (lists of ints from integer arrays): ~5x faster to serialize
+            # rows as Python values (lists of ints from integer arrays): faster to serialize
             extra = {k: v.tolist() if isinstance(v, np.ndarray) else v
                      for k, v in extras.get(split, {}).items()}
             n = len(images)
@@ -219,22 +199,14 @@ class ImageArraysBuilder(OfflineBuilderMixin, tfds.core.GeneratorBasedBuilder,
                 raise ValueError(f"{self.name}: split {split!r} is empty")
             template = self._get_filename_template(split_name=split)
             path = template.sharded_filepath(shard_index=0, num_shards=1)
-            examples = (
-                (i, serialize_example(encode_png(images[i], self.PNG_LEVEL), labels[i],
-                                      {k: v[i] for k, v in extra.items()}))
-                for i in range(n)
-            )
+            examples = ((i, serialize_example(encode_png(images[i], self.PNG_LEVEL), labels[i],
+                                              {k: v[i] for k, v in extra.items()}))
+                        for i in range(n))
             adapter.write_examples(path, examples)
-            split_infos.append(
-                tfds.core.SplitInfo(
-                    name=split,
-                    shard_lengths=[n],
-                    num_bytes=os.path.getsize(os.fspath(path)),
-                    filename_template=template,
-                )
-            )
-            self._check_first_record(path, images[0], labels[0],
-                                     {k: v[0] for k, v in extra.items()})
+            split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n],
+                                                   num_bytes=os.path.getsize(os.fspath(path)),
+                                                   filename_template=template))
+            self._check_first_record(path, images[0], labels[0], {k: v[0] for k, v in extra.items()})
         self.info.set_splits(tfds.core.SplitDict(split_infos))
 
     def _check_first_record(self, path, image, label, extra) -> None:

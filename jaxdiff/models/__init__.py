@@ -15,7 +15,6 @@ clip/config.yaml names). create_model validates every flag in Python, before any
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import flax.linen as nn
@@ -44,7 +43,7 @@ from jaxdiff.models.text_unet import (
     Text2ImUNet,
     encode_text,
 )
-from jaxdiff.models.unet import SuperResModel, UNetModel, upsample_bilinear, validate_labels
+from jaxdiff.models.unet import SuperResModel, UNetModel, check_labels, upsample_bilinear
 
 __all__ = ["AttentionBlock", "AttentionPool2d", "ClipModel", "Conv", "Downsample", "EncoderUNetModel", "GroupNorm32",
            "InpaintText2ImUNet", "MODEL_KINDS", "ResBlock", "SuperResInpaintText2ImUNet", "SuperResModel",
@@ -87,12 +86,6 @@ def _kind_class(kind: str):
         raise ValueError(f"unknown model kind {kind!r}{did_you_mean(kind, MODEL_KINDS)}; expected one of "
                          f"{sorted(MODEL_KINDS)}")
     return MODEL_KINDS[kind]
-
-
-def check_labels(y, num_classes: Optional[int], null_label: bool = False) -> np.ndarray:
-    """Validate concrete integer labels on the host (before jitting): 0 <= y < num_classes, or
-    y == num_classes ("no label") when null_label. Returns them as a numpy array; raises ValueError."""
-    return validate_labels(y, num_classes, null_label)
 
 
 def normalize_flags(kind: str, **flags) -> dict:

@@ -1,16 +1,12 @@
 """Shared building blocks of the ADM (openai/guided-diffusion) networks and the transformers, NHWC.
 
-The timestep embedding, GroupNorm32, Conv, Dense, ResBlock, AttentionBlock (legacy and new QKV order),
-Up/Downsample, LayerNorm and the GELU MLP, the architecture plan (which block sits where, with how many
-channels) and the one code path that builds the U-Net's and the classifier's trunks from it.
+The layers, the architecture plan (which block sits where, with how many channels) and the one code
+path that builds the U-Net's and the classifier's trunks from it.
 
 Submodule names mirror guided-diffusion's state_dict keys with "." written as "_" before an index
-(`input_blocks.3.0.in_layers.2` <-> `input_blocks_3_0/in_layers_2`), so that the checkpoint converter
-(`jaxdiff.convert`) maps names mechanically.
-
-Precision: `dtype` is the compute dtype (float32 or bfloat16). Parameters are always float32;
-GroupNorm and the attention softmax are always computed in float32, as guided-diffusion's fp16 mode
-does.
+(`input_blocks.3.0.in_layers.2` <-> `input_blocks_3_0/in_layers_2`), so `jaxdiff.convert` maps them
+mechanically. `dtype` is the compute dtype (float32 or bfloat16); parameters are always float32, and
+GroupNorm and the attention softmax always run in float32, as guided-diffusion's fp16 mode does.
 """
 
 from __future__ import annotations
@@ -56,7 +52,6 @@ def resolve_dtype(dtype: Any = None, use_fp16: bool = False) -> jnp.dtype:
 
 # --- Elementary layers -------------------------------------------------------------------------------
 
-
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding [cos, sin] of (possibly fractional) timesteps [B] -> [B, dim], float32."""
     half = dim // 2
@@ -99,8 +94,7 @@ class Conv(nn.Module):
     """2-D convolution (NHWC x HWIO) with bias, through `jaxdiff.conv.conv2d`.
 
     Parameters: `kernel` [k, k, in, out] (PyTorch-like init, or zeros) and `bias` [out] (zeros),
-    float32; computed in `dtype`.
-    `padding` defaults to k // 2 (same size for odd k at stride 1).
+    float32; computed in `dtype`. `padding` defaults to k // 2 (same size for odd k at stride 1).
     """
 
     features: int
@@ -114,12 +108,8 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
         cin = x.shape[-1]
-        kernel = self.param(
-            "kernel",
-            zeros_init if self.zero_init else torch_default_init,
-            (k, k, cin, self.features),
-            jnp.float32,
-        )
+        kernel = self.param("kernel", zeros_init if self.zero_init else torch_default_init,
+                            (k, k, cin, self.features), jnp.float32)
         bias = self.param("bias", zeros_init, (self.features,), jnp.float32)
         pad = k // 2 if self.padding is None else self.padding
         y = conv2d(cast(x, self.dtype), cast(kernel, self.dtype), stride=self.stride, padding=pad)
@@ -130,8 +120,7 @@ def Dense(features: int, *, name: str, dtype: Dtype = jnp.float32, zero_init: bo
           use_bias: bool = True) -> nn.Dense:
     """nn.Dense with float32 parameters, PyTorch-like kernel init (or zeros), zero bias, compute `dtype`.
 
-    Also used for guided-diffusion's 1x1 conv1d layers over tokens (qkv, proj_out, qkv_proj, c_proj):
-    a pointwise conv1d is a matmul over the channel axis, not a spatial convolution.
+    Also guided-diffusion's 1x1 conv1d layers over tokens (qkv, proj_out, qkv_proj, c_proj).
     """
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=zeros_init if zero_init else torch_default_init, bias_init=zeros_init, name=name)
@@ -216,9 +205,8 @@ class ResBlock(nn.Module):
             h, x = avg_pool2(h), avg_pool2(x)
         h = Conv(cout, 3, dtype=self.dtype, name="in_layers_2")(h)
 
-        emb_out = Dense(
-            2 * cout if self.use_scale_shift_norm else cout, dtype=self.dtype, name="emb_layers_1"
-        )(nn.silu(emb))
+        emb_out = Dense(2 * cout if self.use_scale_shift_norm else cout, dtype=self.dtype,
+                        name="emb_layers_1")(nn.silu(emb))
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = GroupNorm32(silu=True, name="out_layers_0")(h, scale, shift)
@@ -242,9 +230,8 @@ def qkv_projections(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads:
 
     `kernel` [C_in, parts*H*ch] and `bias` [parts*H*ch] keep the checkpoint's channel layout: legacy
     order (QKVAttentionLegacy) is heads first, [H, (q, k, v), ch]; new order (QKVAttention) is
-    [(q, k, v), H, ch]. Splitting the (small) kernel instead of the [B, T, 3*H*ch] output keeps
-    the activations free of strided slices, whose gradients XLA writes as three zero-padded
-    full-width tensors; the ch^-1/4 scale is folded into the q and k weights (float32).
+    [(q, k, v), H, ch]. The (small) kernel is split rather than the output, whose strided slices
+    would cost zero-padded full-width gradients; the ch^-1/4 scale is folded into the weights.
     """
     b, t, c_in = x.shape
     ch = kernel.shape[1] // (parts * num_heads)
@@ -341,17 +328,13 @@ class AttentionPool2d(nn.Module):
         b, c = x.shape[0], x.shape[-1]
         tokens = x.reshape(b, -1, c)
         tokens = jnp.concatenate([jnp.mean(tokens, axis=1, keepdims=True), tokens], axis=1)
-        pos = self.param(
-            "positional_embedding",
-            lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(c),
-            (tokens.shape[1], c),
-            jnp.float32,
-        )
+        pos = self.param("positional_embedding",
+                         lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(c),
+                         (tokens.shape[1], c), jnp.float32)
         if pos.shape != tokens.shape[1:]:
             raise ValueError(
                 f"AttentionPool2d: {tokens.shape[1] - 1} pixels at the pooling resolution, but the positional "
-                f"embedding was built for {pos.shape[0] - 1}: the classifier needs inputs of its image_size"
-            )
+                f"embedding was built for {pos.shape[0] - 1}: the classifier needs inputs of its image_size")
         tokens = tokens + cast(pos, tokens.dtype)
         q, k, v = QKV(c // self.num_head_channels, new_order=True, dtype=self.dtype, name="qkv_proj")(tokens)
         out = Dense(self.output_dim, dtype=self.dtype, name="c_proj")(merge_heads(attention(q, k, v), b))
@@ -359,7 +342,6 @@ class AttentionPool2d(nn.Module):
 
 
 # --- Architecture plan: the block layout, used by validation and the modules -------------------------
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:

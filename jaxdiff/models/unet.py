@@ -12,11 +12,10 @@ variance interpolation value v in [-1, 1].
 Flags follow guided-diffusion's constructor exactly (attention_resolutions are downsampling factors
 ds). jaxdiff extras:
   null_label  the label embedding has num_classes + 1 rows; label num_classes means "no label" (CFG).
-  dtype       compute dtype, "float32" or "bfloat16"; None means bfloat16 if use_fp16 else float32
-              (guided-diffusion's use_fp16 = half-precision torso with float32 master weights).
+  dtype       compute dtype, "float32" or "bfloat16"; None: bfloat16 if use_fp16 else float32.
               Parameters are always float32; GroupNorm, softmax, the time embedding and the output
               head run in float32.
-  use_checkpoint  maps to nn.remat on every ResBlock and AttentionBlock (recompute in the backward pass).
+  use_checkpoint  nn.remat on every ResBlock and AttentionBlock.
 """
 
 from __future__ import annotations
@@ -31,8 +30,9 @@ import flax.linen as nn
 from jaxdiff.models import layers as L
 
 
-def validate_labels(y, num_classes: Optional[int], null_label: bool = False) -> np.ndarray:
-    """Host-side check of concrete integer labels; raises ValueError naming the bad value."""
+def check_labels(y, num_classes: Optional[int], null_label: bool = False) -> np.ndarray:
+    """Validate concrete integer labels on the host (before jitting): 0 <= y < num_classes, or
+    y == num_classes ("no label") when null_label. Returns them as a numpy array; raises ValueError."""
     if num_classes is None:
         raise ValueError("labels y were given to an unconditional model (num_classes=None)")
     arr = np.asarray(y)
@@ -107,12 +107,10 @@ def unet_forward(m, x, timesteps, y, train: bool, in_channels: int, extra_emb=No
             raise ValueError(f"labels y must have shape [B]=({x.shape[0]},), got {y.shape}")
         concrete = _concrete(y)
         if concrete is not None:
-            validate_labels(concrete, m.num_classes, m.null_label)
+            check_labels(concrete, m.num_classes, m.null_label)
         n = m.num_classes + (1 if m.null_label else 0)
-        emb = emb + nn.Embed(
-            n, 4 * m.model_channels, param_dtype=jnp.float32, dtype=jnp.float32,
-            embedding_init=nn.initializers.normal(1.0), name="label_emb",
-        )(y)
+        emb = emb + nn.Embed(n, 4 * m.model_channels, param_dtype=jnp.float32, dtype=jnp.float32,
+                             embedding_init=nn.initializers.normal(1.0), name="label_emb")(y)
     elif y is not None:
         raise ValueError("labels y were given to an unconditional model (num_classes=None)")
 
@@ -162,9 +160,8 @@ class UNetModel(ADMFlags):
 def upsample_bilinear(low_res: jax.Array, height: int, width: int) -> jax.Array:
     """F.interpolate(low_res, (height, width), mode='bilinear', align_corners=False), NHWC.
 
-    jax.image.resize 'linear' uses half-pixel centres and renormalises weights at the borders, which
-    for upsampling equals torch's clamping of source coordinates (checked against a numpy port of
-    torch's formula in tests).
+    jax.image.resize 'linear' (half-pixel centres, renormalised border weights) equals torch's
+    clamping of source coordinates when upsampling (tested against a numpy port of torch's formula).
     """
     b, _, _, c = low_res.shape
     return jax.image.resize(low_res, (b, height, width, c), method="linear", antialias=False)
