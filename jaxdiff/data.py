@@ -897,7 +897,7 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
     process_index, process_count = _processes(process_index, process_count)
     _check_batching(source, global_batch_size, seed, start_step, process_index, process_count)
     mode = _check_resize(source.info, image_size, resize_mode)
-    if num_steps is not None and (not isinstance(num_steps, (int, np.integer)) or num_steps < 0):
+    if num_steps is not None and (not config_util.is_int(num_steps) or num_steps < 0):
         raise ValueError(f"num_steps must be None or an integer >= 0, got {num_steps!r}")
     _check_position("start_position", start_position)
     workers = _check_workers(workers)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import config_util
+
 SCHEDULES = ("linear", "cosine")
 
 
@@ -29,7 +31,7 @@ def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) 
 
 def named_betas(name: str, num_timesteps: int) -> np.ndarray:
     """guided-diffusion's `get_named_beta_schedule`: "linear" or "cosine", float64."""
-    if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+    if not config_util.is_int(num_timesteps) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     if name == "linear":
         # Ho et al.'s 1e-4..0.02 for 1000 steps, scaled so any step count has the same endpoints.
