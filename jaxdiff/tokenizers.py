@@ -424,7 +424,8 @@ class WordTokenizer:
         for w in split_words(text):
             if w not in self.ids:
                 raise ValueError(f"word {w!r} (in caption {text!r}) is not in the vocabulary ({self.source}, "
-                                 f"{len(self.words)} words); rebuild it with WordTokenizer.from_captions")
+                                 f"{len(self.words)} words): use only its words (a trained model's are listed "
+                                 f"in its config.json under \"text\": {{\"vocab\": [...]}})")
             ids.append(self.ids[w])
         return ids
 
