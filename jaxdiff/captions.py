@@ -38,8 +38,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 __all__ = ["CHANCE", "DEFAULT_SEED", "NAME_PROBABILITY", "SCHEMES", "Attribute", "Scheme", "attribute_accuracy",
-           "bins_of", "caption", "captions", "from_metadata", "measure", "measured_bins", "metadata", "named_mask",
-           "parse_caption", "requested_bins", "scheme", "tertile_thresholds", "vocabulary"]
+           "bins_of", "caption", "captions", "class_caption", "from_metadata", "measure", "measured_bins", "metadata",
+           "named_mask", "parse_caption", "requested_bins", "scheme", "tertile_thresholds", "vocabulary"]
 
 #: Expected attribute accuracy of images that ignore the caption.
 CHANCE = 1.0 / 3.0
@@ -81,6 +81,11 @@ class Scheme:
     @property
     def num_classes(self) -> int:
         return len(self.class_words)
+
+    @property
+    def max_words(self) -> int:
+        """Words in the longest caption: the article, every attribute, the longest class phrase."""
+        return 1 + len(self.attributes) + max(len(w.split()) for w in self.class_words)
 
 
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -344,6 +349,12 @@ def caption(s: Scheme | str, label: int, bins: Sequence[int], named: Sequence[bo
     words = [a.words[int(b)] for a, b, on in zip(s.attributes, bins, named, strict=True) if on]
     words.append(s.class_words[int(label)])
     return " ".join([_article(words[0]), *words])
+
+
+def class_caption(s: Scheme | str, label: int) -> str:
+    """The caption naming the class alone ("a seven"): training grids, CLIP's zero-shot classes."""
+    s = _as_scheme(s)
+    return caption(s, label, [0] * len(s.attributes), [False] * len(s.attributes))
 
 
 def captions(s: Scheme | str, labels, bins, named) -> list[str]:

@@ -664,10 +664,14 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return _cached_permutation(int(seed), int(epoch), int(num_examples))
 
 
+def _step_start(step: int, global_batch_size: int, position) -> int:
+    """Stream position where the global batch of `step` starts: `position`, default step * B."""
+    return int(step) * int(global_batch_size) if position is None else int(position)
+
+
 def _step_positions(step: int, global_batch_size: int, position) -> np.ndarray:
-    """Stream positions of the global batch of `step`: B positions from `position` (default step*B)."""
-    start = int(step) * int(global_batch_size) if position is None else int(position)
-    return start + np.arange(global_batch_size, dtype=np.int64)
+    """Stream positions of the global batch of `step`: B positions from `_step_start`."""
+    return _step_start(step, global_batch_size, position) + np.arange(global_batch_size, dtype=np.int64)
 
 
 def global_batch_indices(step: int, *, global_batch_size: int, num_examples: int,
@@ -863,9 +867,9 @@ def batch_at(source: Source, step: int, *, global_batch_size: int, seed: int,
     augment = source.info.random_flip if augment is None else bool(augment)
     _check_position("position", position)
     text = _check_text(source, text)
-    first = int(step) * int(global_batch_size) if position is None else int(position)
-    return _rows(source, _local_positions(first, int(global_batch_size), int(process_index),
-                                          int(process_count)), int(seed), augment, image_size, mode, text)
+    first = _step_start(step, global_batch_size, position)
+    return _rows(source, _local_positions(first, int(global_batch_size), int(process_index), int(process_count)),
+                 int(seed), augment, image_size, mode, text)
 
 
 def batches(source: Source, *, global_batch_size: int, seed: int, start_step: int = 0,
@@ -904,7 +908,7 @@ def batches(source: Source, *, global_batch_size: int, seed: int, start_step: in
     text = _check_text(source, text)
     augment = source.info.random_flip if augment is None else bool(augment)
     b, start = int(global_batch_size), int(start_step)
-    q0 = start * b if start_position is None else int(start_position)
+    q0 = _step_start(start, b, start_position)
     positions = functools.partial(_local_positions, b=b, p=int(process_index), count=int(process_count))
     rows = functools.partial(_rows, source, seed=int(seed), augment=augment, image_size=image_size, mode=mode,
                              text=text)

@@ -175,8 +175,7 @@ def clip_class_logits(module, cfg: Mapping) -> Any:
     from jaxdiff.clip_guidance import normalize
 
     scheme = captions.scheme(cfg["data"]["name"])
-    none = [False] * len(scheme.attributes)
-    words = [captions.caption(scheme, c, [0] * len(none), none) for c in range(scheme.num_classes)]
+    words = [captions.class_caption(scheme, c) for c in range(scheme.num_classes)]
     tokens, lengths = sampling.tokenizer_for(cfg).tokens_and_lengths(words, int(cfg["model"]["max_text_len"]))
 
     @cpu.jit

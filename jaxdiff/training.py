@@ -96,6 +96,7 @@ CLIP_MODEL_DEFAULTS = dict(n_embd=64, patch_size=2, n_head_image=2, n_head_state
                            n_head_text=2, n_head_state_text=32, n_xf_blocks_text=2, max_text_len=8,
                            logit_scale=1 / 0.07, learn_logit_scale=True)
 
+
 def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
     """Every key train.py reads, with defaults. Derived values (image size, channels, num_classes,
     out_channels, null_label) are deliberately absent: they come from the dataset and the task."""
@@ -348,8 +349,7 @@ def _warn_truncation(resolved, info) -> None:
     """Log when the dataset's longest caption has more words than the model reads (it is truncated)."""
     from jaxdiff import captions
 
-    s = captions.scheme(info.captions["scheme"])
-    longest = 1 + len(s.attributes) + max(len(w.split()) for w in s.class_words)
+    longest = captions.scheme(info.captions["scheme"]).max_words
     room = int(resolved.model.text_ctx) if resolved.task == "text2im" else int(resolved.model.max_text_len) - 1
     if longest > room:
         log.warning("captions of %s have up to %d words; the model reads %d: longer ones are truncated to their "
@@ -504,8 +504,7 @@ def diffusion_loss_fn(resolved, model, sched) -> Callable:
 
     def loss_fn(params, images, cond, key, ids=None):
         k_t, k_noise, k_drop, k_dropout = example_keys(key, _ids(images, ids), 4)
-        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, sched.num_steps))(k_t)
-        noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(k_noise)
+        t, noise = _t_and_noise(sched, images, k_t, k_noise)
         if p_uncond > 0:
             cond = drop(cond, jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(k_drop))
         args = model_args(resolved.task, cond)
@@ -521,12 +520,18 @@ def diffusion_loss_fn(resolved, model, sched) -> Callable:
     return loss_fn
 
 
+def _t_and_noise(sched, images, k_t, k_noise):
+    """Each example's uniform timestep index and Gaussian noise, from its own keys [b]."""
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, sched.num_steps))(k_t)
+    noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(k_noise)
+    return t, noise
+
+
 def _noised(resolved, sched, images, k_t, k_noise):
     """(x_t, t): q_sample'd at uniform t (train.noised, the default), or the clean images at t = 0."""
     if not bool(config_util.get(resolved.train, "noised", True)):
         return images, jnp.zeros((images.shape[0],), jnp.int32)
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, sched.num_steps))(k_t)
-    noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(k_noise)
+    t, noise = _t_and_noise(sched, images, k_t, k_noise)
     return diffusion_lib.q_sample(sched, images, t, noise), t
 
 
@@ -843,8 +848,7 @@ def make_sample_fn(resolved, model) -> Callable:
         from jaxdiff import captions
 
         scheme = captions.scheme(resolved.data.name)
-        words = [captions.caption(scheme, int(y), [0] * len(scheme.attributes), [False] * len(scheme.attributes))
-                 for y in padded]
+        words = [captions.class_caption(scheme, int(y)) for y in padded]
         kwargs = dict(per_sample=sampling.caption_inputs({}, resolved, {}, (), words, total))
 
     def fn(params):

@@ -172,6 +172,18 @@ def test_fast_writer_matches_tfds_generic_writer(digits_text, tmp_path):
     assert dict(reread.info.metadata) == digits_text["test"][1].captions
 
 
+@pytest.mark.parametrize("name", ["digits", "fashion_mnist"])
+def test_class_caption_and_longest_caption(name):
+    s = captions.scheme(name)
+    for c in range(s.num_classes):
+        text = captions.class_caption(s, c)
+        label, requested = captions.parse_caption(s, text)
+        assert label == c and (requested == -1).all() and text.split()[-1] == s.class_words[c].split()[-1]
+    every = [captions.caption(s, c, [2] * len(s.attributes), [True] * len(s.attributes))
+             for c in range(s.num_classes)]
+    assert s.max_words == max(len(t.split()) for t in every)
+
+
 def test_bad_input():
     t = np.zeros((10, 3, 2))
     ok = np.zeros((2, 8, 8, 1), np.uint8)
