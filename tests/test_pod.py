@@ -283,6 +283,15 @@ def test_fsdp_rule_and_mesh():
     assert parallel.fsdp_spec((30, 12), 8, 0) == P()                                 # none divisible
     assert parallel.fsdp_spec((64,), 8, 65) == P() and parallel.fsdp_spec((64,), 1, 0) == P()
     assert parallel.mesh_shape(-1, 4, 8) == (2, 4)
+    # the layout bench_pod_memory.py reports: on a 1 x 8 abstract mesh, a (64, 128) float32 kernel
+    # keeps 1/8 of its bytes per device and a small bias stays whole
+    from jax.sharding import AbstractMesh, AxisType
+
+    abstract = AbstractMesh((1, 8), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+    tree = {"kernel": jax.ShapeDtypeStruct((64, 128), np.float32), "bias": jax.ShapeDtypeStruct((128,), np.float32)}
+    shardings = parallel.state_shardings(tree, abstract, min_size=1024)
+    assert shardings["kernel"].spec == P(None, "fsdp") and shardings["bias"].spec == P()
+    assert parallel.bytes_per_device(tree, shardings) == 64 * 128 * 4 // 8 + 128 * 4
     mesh = parallel.make_mesh()
     assert mesh.axis_names == ("data", "fsdp") and mesh.devices.size == jax.device_count()
     assert parallel.batch_sharding(mesh).spec == P(("data", "fsdp"))
