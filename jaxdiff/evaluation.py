@@ -172,7 +172,6 @@ def clip_class_logits(module, cfg: Mapping) -> Any:
     as a zero-shot classifier: cosine similarity of x_t with the caption naming each class alone
     ("a seven")."""
     from jaxdiff import captions, sampling
-    from jaxdiff.clip_guidance import normalize
 
     scheme = captions.scheme(cfg["data"]["name"])
     words = [captions.class_caption(scheme, c) for c in range(scheme.num_classes)]
@@ -180,11 +179,19 @@ def clip_class_logits(module, cfg: Mapping) -> Any:
 
     @cpu.jit
     def fn(params, x, t):
-        z_txt = module.apply({"params": params}, tokens, lengths, method="encode_text")
-        z_img = module.apply({"params": params}, x, t, method="encode_image")
-        return normalize(z_img.astype(jnp.float32)) @ normalize(z_txt.astype(jnp.float32)).T
+        z_img, z_txt = _unit_embeddings(module, params, x, t, tokens, lengths)
+        return z_img @ z_txt.T
 
     return fn
+
+
+def _unit_embeddings(module, params, x, t, tokens, lengths) -> tuple:
+    """A CLIP's (image, text) embeddings of x at t and of the tokens, float32 and of unit length."""
+    from jaxdiff.clip_guidance import normalize
+
+    z_img = module.apply({"params": params}, x, t, method="encode_image")
+    z_txt = module.apply({"params": params}, tokens, lengths, method="encode_text")
+    return normalize(z_img.astype(jnp.float32)), normalize(z_txt.astype(jnp.float32))
 
 
 def make_eval_fn(resolved, module, split: Optional[str] = None, ts: Optional[Sequence[int]] = None):
@@ -219,7 +226,6 @@ def clip_scorer(workdir: str, *, batch_size: int = 256):
     (t = 0) image embeddings and the captions' embeddings of the CLIP trained in `workdir` (the
     evaluation CLIP, `configs/*_clip.py:eval`; EMA weights)."""
     from jaxdiff import sampling
-    from jaxdiff.clip_guidance import normalize
 
     module, params, cfg = checkpoints.load_model(workdir)
     config_util.require_kind(cfg, ("clip",), "the evaluation CLIP (train configs/*_clip.py:eval)", workdir)
@@ -228,10 +234,8 @@ def clip_scorer(workdir: str, *, batch_size: int = 256):
 
     @cpu.jit
     def cosine(params, x, tokens, lengths):
-        t = jnp.zeros((x.shape[0],), jnp.int32)
-        z_img = module.apply({"params": params}, x, t, method="encode_image").astype(jnp.float32)
-        z_txt = module.apply({"params": params}, tokens, lengths, method="encode_text").astype(jnp.float32)
-        return jnp.sum(normalize(z_img) * normalize(z_txt), axis=-1)
+        z_img, z_txt = _unit_embeddings(module, params, x, jnp.zeros((x.shape[0],), jnp.int32), tokens, lengths)
+        return jnp.sum(z_img * z_txt, axis=-1)
 
     def score(images, captions: Sequence[str]) -> float:
         images = metrics.validate_images(images)
