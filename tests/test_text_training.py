@@ -214,3 +214,21 @@ def test_text_configs_resolve_and_read_whole_captions(data_dir, name):
     room = r.model.text_ctx if r.task == "text2im" else r.model.max_text_len - 1  # CLIP keeps one for the end id
     assert longest <= room, (name, longest, room)
     assert r.data.image_size == (8 if base == "digits" else 32)
+
+
+def test_clip_scorer_is_the_mean_clean_cosine_times_100(runs):
+    from jaxdiff import checkpoints, evaluation
+
+    root, _ = runs
+    module, params, cfg = checkpoints.load_model(str(root / "clip"))
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    caps = ["a seven", "a thick two", "a one", "a slanted nine", "a zero"]
+    tokens, lengths = WordTokenizer(list(cfg["text"]["vocab"])).tokens_and_lengths(caps, cfg["model"]["max_text_len"])
+    x, t = data.to_model_range(images), jnp.zeros((5,), jnp.int32)
+    z_img = np.asarray(module.apply({"params": params}, x, t, method="encode_image"), np.float64)
+    z_txt = np.asarray(module.apply({"params": params}, tokens, lengths, method="encode_text"), np.float64)
+    unit = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)  # noqa: E731
+    expected = 100 * np.mean(np.sum(unit(z_img) * unit(z_txt), axis=-1))
+    score = evaluation.clip_scorer(str(root / "clip"), batch_size=2)  # batches of 2, 2, 1
+    assert score(images, caps) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    assert score(images, caps[::-1]) != pytest.approx(expected, rel=1e-5, abs=1e-4)  # the captions count
