@@ -23,7 +23,7 @@ Resumable: each process writes its rows to OUT/shards/ as it goes; rerunning the
 an interruption generates only the missing samples, then OUT/samples.npz is merged in sample-id
 order and the shards deleted. Other settings into the same OUT are refused, naming what differs.
 OUT must be on a filesystem every host sees; with per-host disks, copy every host's OUT/shards/
-into one and run `python -m jaxdiff.sampling merge OUT` (jaxdiff.sampling's doc has the layout).
+into one and run `python -m jaxdiff.sample merge OUT` (jaxdiff.sample's doc has the layout).
 Compiled programs are cached in --jax_cache_dir, so a rerun skips compiling.
 """
 
@@ -35,22 +35,23 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdiff import cli
+from jaxdiff import parallel
+from jaxdiff.util import cli
 
 config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                                        "sample.py"),
                                 "ml_collections sampling config (configs/sample.py)", lock_config=True)
-cli.define_flags()
+parallel.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.setup()
-    from jaxdiff import sampling
+    parallel.setup_from_flags()
+    from jaxdiff.sample import runner
 
     def run():
-        res = sampling.run(flags.FLAGS.config, shards=True)
+        res = runner.run(flags.FLAGS.config, shards=True)
         if not res["npz"]:
             return
         if res["generated"] == 0:

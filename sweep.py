@@ -14,17 +14,18 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdiff import cli
+from jaxdiff import parallel
+from jaxdiff.util import cli
 
 config_flags.DEFINE_config_file("config", None, "sweep config (configs/sweep_*.py)", lock_config=True)
-cli.define_flags()
+parallel.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.setup()
-    from jaxdiff import sweep
+    parallel.setup_from_flags()
+    from jaxdiff.eval import sweep
 
     sys.exit(cli.report_errors(lambda: sweep.run_sweep(flags.FLAGS.config), "sweep.py"))
 

@@ -20,9 +20,8 @@ import json
 import numpy as np
 from scipy import ndimage
 
-from jaxdiff import captions
-from jaxdiff.datasets import (FASHION_MNIST_DEBIAN_DIR, digits_arrays, digits_split,
-                              find_idx_files, read_split)
+from jaxdiff.data import captions
+from jaxdiff.data.datasets import FASHION_MNIST_DEBIAN_DIR, digits_arrays, digits_split, find_idx_files, read_split
 
 
 def _splits(name: str):

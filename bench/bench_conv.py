@@ -8,7 +8,7 @@ median wall ms of the interleaved repeats and GFLOP/s, of
   fwd       the forward pass
   fwd_bwd   forward + backward (y, dL/dx and dL/dkernel for a fixed cotangent), jitted together
 compiled two ways:
-  plain       with `jaxdiff.cpu.jit` (convolutions on XLA's Eigen path; what jaxdiff runs)
+  plain       with `jaxdiff.util.cpu.jit` (convolutions on XLA's Eigen path; what jaxdiff runs)
   plain_ynn   with plain `jax.jit` (XLA's default CPU options: convolutions on YNNPACK)
 and `speedup_fwd_bwd_vs_plain_ynn` with its geometric mean over the shapes.
 
@@ -35,13 +35,13 @@ import json
 import os
 import sys
 
+import common  # first: puts this checkout's jaxdiff on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-import common  # first: puts this checkout's jaxdiff on sys.path
-from jaxdiff import cpu
+from jaxdiff.util import cpu
 
 # (batch, height=width, cin, cout, kernel, stride, padding): the ADM U-Net's convolutions
 SHAPES = [
@@ -239,7 +239,7 @@ def main(argv=None):
             counts.update(fixture_a_convs(b))
         shapes = sorted(counts)
     repeats = args.repeats or (5 if args.quick else 9)
-    report = {"benchmark": "CPU convolutions: jaxdiff.cpu.jit vs XLA's default options", "machine": common.machine(),
+    report = {"benchmark": "CPU convolutions: jaxdiff.util.cpu.jit vs XLA's default options", "machine": common.machine(),
               "compiler_options": cpu.compiler_options(), "dtype": args.dtype, "repeats": repeats,
               "matmul_f32_gflops": common.matmul_gflops(), "results": []}
     for shape in shapes:

@@ -8,7 +8,7 @@ protobuf parse, PNG decode, resize, flips, scaling to [-1, 1]):
                      32x32, flips on; in_memory=False so every batch is decoded
   synthetic_64       a tfds dataset written here: `--examples` smooth random 72x72x3 images (PNG,
                      zlib level 6), centre-cropped/resized to 64x64 as ImageNet-64 would be
-Each case runs `jaxdiff.data.batches` for `--steps` steps after one warm-up step, per worker
+Each case runs `jaxdiff.data.batching.batches` for `--steps` steps after one warm-up step, per worker
 count, and checks that the batches are byte-identical to the 1-worker ones (`identical`). The
 machine's core count bounds what more workers can give.
 """
@@ -27,16 +27,17 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jaxdiff import data  # noqa: E402
-
 import common  # noqa: E402
+
+from jaxdiff.data import batching
+from jaxdiff.data import sources as data_sources  # noqa: E402
 
 
 def synthetic_source(directory: str, n: int):
     """A prepared tfds dataset of n smooth 72x72 RGB images (4 classes), opened from array_record."""
     import tensorflow_datasets as tfds
 
-    from jaxdiff.datasets._common import ImageArraysBuilder
+    from jaxdiff.data.datasets._common import ImageArraysBuilder
 
     class Synthetic64(ImageArraysBuilder, skip_registration=True):
         name = "synthetic64"
@@ -55,7 +56,7 @@ def synthetic_source(directory: str, n: int):
             return {"train": (np.clip(images, 0, 255).astype(np.uint8), np.arange(n) % 4)}
 
     Synthetic64(data_dir=directory, file_format="array_record").download_and_prepare()
-    return data.make_source("synthetic64", "train", directory, in_memory=False)[0]
+    return data_sources.make_source("synthetic64", "train", directory, in_memory=False)[0]
 
 
 def run_case(name: str, source, image_size: int, batch: int, steps: int, workers: list) -> dict:
@@ -63,7 +64,7 @@ def run_case(name: str, source, image_size: int, batch: int, steps: int, workers
            "workers": {}}
     reference = None
     for w in workers:
-        it = data.batches(source, global_batch_size=batch, seed=0, start_step=0, num_steps=steps + 1,
+        it = batching.batches(source, global_batch_size=batch, seed=0, start_step=0, num_steps=steps + 1,
                           process_index=0, process_count=1, image_size=image_size, workers=w, prefetch=2)
         first = next(it)  # warm-up: thread start, first records
         t0 = time.perf_counter()
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
     results = []
-    fashion, _ = data.make_source("fashion_mnist", "train", args.data_dir, in_memory=False)
+    fashion, _ = data_sources.make_source("fashion_mnist", "train", args.data_dir, in_memory=False)
     results.append(run_case("fashion_mnist_32", fashion, 32, args.batch, args.steps, workers))
     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:

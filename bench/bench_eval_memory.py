@@ -1,4 +1,4 @@
-"""Peak host memory of jaxdiff.adm_eval.evaluate on a 50,000-image sample file.
+"""Peak host memory of jaxdiff.eval.adm.evaluate on a 50,000-image sample file.
 
 Writes synthetic files to a temporary directory (random uint8 images: 50,000 samples and a 10,000-image
 reference batch at 64x64 by default, streamed to disk so writing them takes little memory), runs the
@@ -23,9 +23,8 @@ import resource
 import tempfile
 import time
 
-import numpy as np
-
 import common  # first: puts this checkout's jaxdiff on sys.path
+import numpy as np
 
 
 def _peak_rss_mb() -> float:
@@ -53,7 +52,7 @@ def projection_features(dims: tuple, image_size: int, seed: int = 0):
 
 def write_random_images(path: str, n: int, size: int, seed: int) -> None:
     """n random uint8 [size, size, 3] images as arr_0, written 1000 at a time."""
-    from jaxdiff import adm_eval
+    from jaxdiff.eval import adm as adm_eval
 
     rng = np.random.default_rng(seed)
     chunks = (rng.integers(0, 256, (min(1000, n - s), size, size, 3), dtype=np.uint8) for s in range(0, n, 1000))
@@ -62,7 +61,7 @@ def write_random_images(path: str, n: int, size: int, seed: int) -> None:
 
 def run(feature_fn, params, *, num_samples: int, num_ref: int, image_size: int, batch_size: int,
         distance: str, workdir: str) -> dict:
-    from jaxdiff import adm_eval
+    from jaxdiff.eval import adm as adm_eval
 
     ref, samples = os.path.join(workdir, "ref.npz"), os.path.join(workdir, "samples.npz")
     t0 = time.perf_counter()

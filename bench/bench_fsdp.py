@@ -31,26 +31,29 @@ import numpy as np  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jaxdiff import parallel, training  # noqa: E402
-
 import common  # noqa: E402
 from bench_training import fixture_a_config  # noqa: E402
+
+from jaxdiff import parallel
+from jaxdiff.train import config as train_config
+from jaxdiff.train import state as train_state
+from jaxdiff.train import step as train_step  # noqa: E402
 
 
 def bench_mesh(data: int, fsdp: int, batch: int, accum: int, warmup: int, iters: int, min_size: int) -> dict:
     cfg, info = fixture_a_config("diffusion", batch, "float32")
     cfg.mesh.update(data=data, fsdp=fsdp, min_shard_size=min_size)
     cfg.train.grad_accum_steps = accum
-    resolved = training.resolve_config(cfg, info)
-    model, tx = training.create_model(resolved), training.make_optimizer(resolved.train)
-    mesh = training.train_mesh(resolved)
+    resolved = train_config.resolve_config(cfg, info)
+    model, tx = train_config.create_model(resolved), train_state.make_optimizer(resolved.train)
+    mesh = train_step.train_mesh(resolved)
     t0 = time.perf_counter()
-    compiled = training.lower_train_step(resolved, mesh).compile()
+    compiled = train_step.lower_train_step(resolved, mesh).compile()
     compile_s = time.perf_counter() - t0
-    _, shardings, init_fn = training.state_layout(resolved, model, tx, mesh)
+    _, shardings, init_fn = train_step.state_layout(resolved, model, tx, mesh)
     state = init_fn(jax.random.key(0))
     repl = parallel.replicated_sharding(mesh)
-    acc = jax.device_put(training.zero_accumulator(training.metric_names(resolved)), repl)
+    acc = jax.device_put(train_step.zero_accumulator(train_step.metric_names(resolved)), repl)
     batch_sh = parallel.batch_sharding(mesh)
     rng = np.random.default_rng(0)
     images = jax.device_put(rng.uniform(-1, 1, (batch, 32, 32, 3)).astype(np.float32), batch_sh)

@@ -119,15 +119,16 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
     import torch
-
     from common import ROOT, machine  # first: puts this checkout's jaxdiff on sys.path
-    from jaxdiff import inception
+
+    from jaxdiff.convert import inception as convert_inception
+    from jaxdiff.eval import inception
 
     FeatureExtractorInceptionV3, import_note = load_torch_fidelity_inception()
     torch.set_num_threads(args.threads)
     with np.load(ROOT / "tests" / "fixtures" / "inception_a.npz") as f:
         sd = random_state_dict(f["keys"], f["shapes"], args.seed)
-    params = inception.params_from_state_dict(sd)
+    params = convert_inception.params_from_state_dict(sd)
     with tempfile.TemporaryDirectory() as tmp:
         pth = os.path.join(tmp, "inception_seeded.pth")
         torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, pth)

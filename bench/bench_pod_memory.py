@@ -4,7 +4,7 @@ allocated or compiled); prints JSON.
     python bench/bench_pod_memory.py [--data 1] [--fsdp 16] [--min-shard-size 16384]
 
 Models: guided-diffusion's released flags for the 512x512 class-conditional ADM and the ImageNet
-64x64 ADM (jaxdiff.convert.flags_from_args). The train state is jaxdiff's `TrainState`: float32
+64x64 ADM (jaxdiff.convert.guided_diffusion.flags_from_args). The train state is jaxdiff's `TrainState`: float32
 parameters, their EMA and AdamW's two moments, laid out by `parallel.state_shardings` on an
 abstract mesh of data x fsdp devices. Besides the state, a step holds for a moment the gathered
 float32 parameters (the forward/backward pass sees whole weights) and, at most, the whole float32
@@ -28,9 +28,12 @@ from jax.sharding import AbstractMesh, AxisType
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jaxdiff import convert, models, parallel, training  # noqa: E402
-
 import common  # noqa: E402
+
+from jaxdiff import models, parallel
+from jaxdiff.convert import guided_diffusion as convert_gd
+from jaxdiff.train import config as train_config
+from jaxdiff.train import state as train_state  # noqa: E402
 
 MODELS = {
     # guided-diffusion README, "512x512 model" (MODEL_FLAGS of the released checkpoint)
@@ -48,13 +51,13 @@ GIB = 2 ** 30
 
 def abstract_state(flags_text: str):
     """jax.eval_shape of the TrainState (with a null label row, as jaxdiff trains CFG models)."""
-    flags, _ = convert.flags_from_args(flags_text, kind="unet")
+    flags, _ = convert_gd.flags_from_args(flags_text, kind="unet")
     flags["null_label"] = True
     model = models.create_model("unet", **flags)
     resolved = ml_collections.ConfigDict({"task": "diffusion", "data": {
         "image_size": flags["image_size"], "channels": flags["in_channels"]}})
-    tx = training.make_optimizer(training.default_config().train)
-    state = jax.eval_shape(lambda k: training.init_state(resolved, model, tx, k), jax.random.key(0))
+    tx = train_state.make_optimizer(train_config.default_config().train)
+    state = jax.eval_shape(lambda k: train_state.init_state(resolved, model, tx, k), jax.random.key(0))
     return state
 
 

@@ -16,10 +16,10 @@ and checks the targets: loop <= 1.1 N step_unguided; step_cfg <= 2.1 step_unguid
 step_classifier <= 1.1 (step_unguided + guidance_gradient); loop_classifier <= 1.1 N
 (unet_forward + guidance_gradient). `--plain-ops` adds unet_forward, guidance_gradient and
 loop_classifier compiled with JAXDIFF_PLAIN_OPS=1 (XLA's own gradients, the convolutions' included:
-the guided loop as it ran before jaxdiff.conv, ~2x its parts). Timings are only meaningful on an
+the guided loop as it ran before jaxdiff.ops.conv, ~2x its parts). Timings are only meaningful on an
 otherwise idle machine: the JSON records the load average at the start and the end. Run it with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` set, as docs/benchmarks.md says. Everything is compiled
-with `jaxdiff.cpu.jit` (what sample.py runs); `--xla-defaults` uses plain `jax.jit`.
+with `jaxdiff.util.cpu.jit` (what sample.py runs); `--xla-defaults` uses plain `jax.jit`.
 GFLOP/s counts convolution and matrix-product FLOPs (bench/common.py), next to the machine's
 float32 matrix-product rate (`matmul_f32_gflops`).
 """
@@ -30,15 +30,16 @@ import argparse
 import json
 import os
 
+import common  # first: puts this checkout's jaxdiff on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import common  # first: puts this checkout's jaxdiff on sys.path
-from jaxdiff import cpu
-from jaxdiff import guidance as G
-from jaxdiff import samplers as S
-from jaxdiff.schedules import make_schedule
+from jaxdiff.diffusion import guidance
+from jaxdiff.diffusion import guides as G
+from jaxdiff.diffusion import samplers as S
+from jaxdiff.diffusion.schedules import make_schedule
+from jaxdiff.util import cpu
 
 
 def _random_params(module, *args, seed=0):
@@ -53,7 +54,7 @@ def load_models(weights: str):
     from jaxdiff.models import create_model
 
     if weights == "fixture":
-        from jaxdiff.convert import from_guided_diffusion
+        from jaxdiff.convert.guided_diffusion import from_guided_diffusion
 
         fx = common.load_fixture()
         um, up = from_guided_diffusion(common.state_dict(fx, "unet"), "unet", **common.UNET_FLAGS)
@@ -82,7 +83,7 @@ def compiled_with_plain_ops(fn, args):
 def build(batch: int, steps: int = 10, weights: str = "random", xla_defaults: bool = False,
           plain_ops: bool = False) -> dict:
     """{name: (fn, args)} for the measured quantities at `batch`, respacing `steps`, step index
-    steps // 2; fns are jitted with `jaxdiff.cpu.jit` (plain `jax.jit` with `xla_defaults`).
+    steps // 2; fns are jitted with `jaxdiff.util.cpu.jit` (plain `jax.jit` with `xla_defaults`).
     step_cfg only with random weights (the fixture's U-Net has no null label); the *_plain_ops
     controls with `plain_ops`."""
     um, up, cm, cp = load_models(weights)
@@ -99,7 +100,7 @@ def build(batch: int, steps: int = 10, weights: str = "random", xla_defaults: bo
     null_label = 10 if weights == "random" else None
 
     def guides(p, kind):
-        return G.build_guides(kind, G.unet_fn(um, p["unet"]), logits_fn=G.logits_fn(cm, p["classifier"]),
+        return guidance.build_guides(kind, G.unet_fn(um, p["unet"]), logits_fn=G.logits_fn(cm, p["classifier"]),
                               null_label=null_label, learned_sigma=True)
 
     def one_step(kind):
@@ -150,7 +151,7 @@ def main(argv=None):
     ap.add_argument("--weights", choices=("random", "fixture"), default="random",
                     help="random parameters (with a null label, so CFG runs) or the fixture's (no CFG)")
     ap.add_argument("--xla-defaults", action="store_true",
-                    help="compile with plain jax.jit (XLA's default CPU options) instead of jaxdiff.cpu.jit")
+                    help="compile with plain jax.jit (XLA's default CPU options) instead of jaxdiff.util.cpu.jit")
     ap.add_argument("--plain-ops", action="store_true",
                     help="also the forward, gradient and guided loop compiled with JAXDIFF_PLAIN_OPS=1 (control)")
     args = ap.parse_args(argv)
@@ -160,7 +161,7 @@ def main(argv=None):
     N = args.steps
     res = {"benchmark": "sampling", "machine": common.machine(), "batch": args.batch, "steps": N,
            "repeats": args.repeats, "weights": args.weights,
-           "compiled_with": "jax.jit (XLA defaults)" if args.xla_defaults else f"jaxdiff.cpu.jit {cpu.compiler_options()}",
+           "compiled_with": "jax.jit (XLA defaults)" if args.xla_defaults else f"jaxdiff.util.cpu.jit {cpu.compiler_options()}",
            "matmul_f32_gflops": common.matmul_gflops()}
     fns = build(args.batch, N, args.weights, args.xla_defaults, args.plain_ops)
     times = common.interleaved({n: common.blocking(f, *a) for n, (f, a) in fns.items()}, args.repeats)

@@ -13,7 +13,7 @@ Cases:
 Each case is the real jitted `training.make_train_step` on one device with synthetic data (no
 dataset needed); the time is the median of `--iters` steps after `--warmup` steps, each step
 waited for with block_until_ready. Compile time is reported separately. Steps are compiled with
-`jaxdiff.cpu.jit` (what train.py runs); `--xla-defaults` compiles them with plain `jax.jit` for an
+`jaxdiff.util.cpu.jit` (what train.py runs); `--xla-defaults` compiles them with plain `jax.jit` for an
 A/B comparison. Run it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` set, as docs/benchmarks.md
 says. GFLOP/s counts the step's convolution and matrix-product FLOPs (bench/common.py)
 and is reported next to the machine's float32 2048^3 matrix-product rate.
@@ -27,13 +27,17 @@ import json
 import sys
 import time
 
+import common  # first: puts this checkout's jaxdiff on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import common  # first: puts this checkout's jaxdiff on sys.path
-from jaxdiff import cpu, schedules, training
-from jaxdiff.data import DataInfo
+from jaxdiff.data.sources import DataInfo
+from jaxdiff.diffusion import schedules
+from jaxdiff.train import config as train_config
+from jaxdiff.train import state as train_state
+from jaxdiff.train import step as train_step
+from jaxdiff.util import cpu
 
 _ARCH_KEYS = ("model_channels", "num_res_blocks", "attention_resolutions", "channel_mult", "num_head_channels",
               "num_heads", "use_scale_shift_norm", "resblock_updown", "dropout", "use_new_attention_order")
@@ -54,7 +58,7 @@ def _load_config(name):
 
 
 def fixture_a_config(task: str, batch: int, dtype: str):
-    c = training.default_config(task)
+    c = train_config.default_config(task)
     c.model.update(FIXTURE_A)
     c.model.dtype = dtype
     if task == "classifier":
@@ -68,21 +72,21 @@ def build_step(config, info, *, xla_defaults: bool = False) -> dict:
     """The compiled train step of `config` on synthetic data, as a dict: run() (one step on a fixed
     batch, waited for; the state and metric accumulator it carries are donated each step), carry
     ([state, acc]), mean_loss() (over the steps run), resolved, flops, compile_s, init_s."""
-    resolved = training.resolve_config(config, info)
-    model = training.create_model(resolved)
-    tx = training.make_optimizer(resolved.train)
+    resolved = train_config.resolve_config(config, info)
+    model = train_config.create_model(resolved)
+    tx = train_state.make_optimizer(resolved.train)
     sched = schedules.make_schedule(resolved.diffusion.schedule, int(resolved.diffusion.num_timesteps))
-    init_key, train_key, _ = training._keys(0)
+    init_key, train_key, _ = train_state.root_keys(0)
     t0 = time.perf_counter()
-    state = jax.jit(lambda k: training.init_state(resolved, model, tx, k))(init_key)
+    state = jax.jit(lambda k: train_state.init_state(resolved, model, tx, k))(init_key)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     b, s, c = int(resolved.train.batch_size), int(resolved.data.image_size), int(resolved.data.channels)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, int(resolved.data.num_classes), b).astype(np.int32))
-    acc = training.zero_accumulator(training.metric_names(resolved))
-    step_fn = training.make_train_step(resolved, model, tx, sched, train_key)
+    acc = train_step.zero_accumulator(train_step.metric_names(resolved))
+    step_fn = train_step.make_train_step(resolved, model, tx, sched, train_key)
     flops = common.count_flops(step_fn, state, images, labels, acc)
     step = (jax.jit if xla_defaults else cpu.jit)(step_fn, donate_argnums=(0, 3))
     t0 = time.perf_counter()
@@ -112,7 +116,7 @@ def bench_case(name: str, config, info, *, warmup: int, iters: int, xla_defaults
         "ms_per_step_median": common.median(times),
         "gflop_per_step": round(flops / 1e9, 2),
         "gflops_at_median": round(flops / common.median(times) / 1e6, 1),
-        "compiled_with": "jax.jit (XLA defaults)" if xla_defaults else f"jaxdiff.cpu.jit {cpu.compiler_options()}",
+        "compiled_with": "jax.jit (XLA defaults)" if xla_defaults else f"jaxdiff.util.cpu.jit {cpu.compiler_options()}",
         "ms_per_step_min": round(min(times), 3), "iters": iters, "warmup": warmup,
         "compile_s": round(built["compile_s"], 2), "init_s": round(built["init_s"], 2),
         "mean_loss": round(built["mean_loss"](), 5),
@@ -124,9 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="16,64", help="fixture-A batch sizes")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=training.DTYPES, help="fixture-A compute dtype")
+    p.add_argument("--dtype", default="float32", choices=train_config.DTYPES, help="fixture-A compute dtype")
     p.add_argument("--xla-defaults", action="store_true",
-                   help="compile with plain jax.jit (XLA's default CPU options) instead of jaxdiff.cpu.jit")
+                   help="compile with plain jax.jit (XLA's default CPU options) instead of jaxdiff.util.cpu.jit")
     p.add_argument("--which", default="all",
                    help="comma list of: fixture_a_unet, fixture_a_classifier, digits (all three digits configs)")
     args = p.parse_args(argv)

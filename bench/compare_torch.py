@@ -26,7 +26,7 @@ jaxdiff, ...) so both meet the same machine state (this VM's speed drifts +-30 %
                                uniform t, backward, AdamW (lr 1e-4), EMA 0.9999 (training_losses, AdamW,
                                nn.update_ema; TrainLoop's logging left out)
 jaxdiff's side is bench/bench_sampling.py's and bench/bench_training.py's compiled functions
-(`jaxdiff.cpu.jit`); the sampling quantities use fixture A's weights on both sides, the training
+(`jaxdiff.util.cpu.jit`); the sampling quantities use fixture A's weights on both sides, the training
 steps random ones. Reported: both medians, jaxdiff / PyTorch, the quartiles of the per-pair ratios,
 and jaxdiff / the issue's PyTorch figures. One process means one malloc for both: with the
 GLIBC_TUNABLES above both sides get the huge-page malloc (docs/benchmarks.md).
@@ -40,11 +40,10 @@ import pathlib
 import statistics
 import sys
 
-import numpy as np
-
-import common  # first: puts this checkout's jaxdiff on sys.path
 import bench_sampling
 import bench_training
+import common  # first: puts this checkout's jaxdiff on sys.path
+import numpy as np
 
 # guided-diffusion (PyTorch 2.13, 2 threads) on this project's CPU, fixture-A architecture, median ms,
 # as given in the issue

@@ -6,7 +6,7 @@ Sized to train on 2 CPU cores in about 10 minutes; CFG samples (s = 3, DDIM 50) 
 classified as their requested class >= 90 % of the time by configs/digits_eval_classifier.py.
 """
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config():

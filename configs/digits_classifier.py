@@ -1,8 +1,8 @@
 """Noisy classifier on the 8x8 digits for classifier guidance (ADM recipe: q_sample'd inputs at
 uniform t, AdamW with weight decay, linear lr anneal). Report: accuracy against t with
-`python -m jaxdiff.evaluation accuracy --workdir W`."""
+`python -m jaxdiff.eval accuracy --workdir W`."""
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config():

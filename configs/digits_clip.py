@@ -10,7 +10,7 @@ encoder reads the word-tokenized captions. Symmetric contrastive loss, CLIP's le
 The evaluation CLIP ("eval") is trained apart, from another seed, on clean images (t = 0).
 """
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config(variant: str = "noised"):

@@ -1,6 +1,6 @@
 """Classifier on clean 8x8 digits (t = 0, no noise), used to score generated samples."""
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config():

@@ -2,12 +2,12 @@
 
     python train.py --config configs/digits_text.py --workdir W
 
-Captions such as "a thick slanted seven" (jaxdiff.captions), word-tokenized with the dataset's
+Captions such as "a thick slanted seven" (jaxdiff.data.captions), word-tokenized with the dataset's
 vocabulary and dropped to the empty caption with probability diffusion.p_uncond (0.2), so one model
 serves classifier-free guidance over text. Sized for the 2-core main job (scripts/main.sh digits_text).
 """
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config():

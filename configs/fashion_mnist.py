@@ -8,7 +8,7 @@ completes on 2 CPU cores; for a real model raise model_channels, num_res_blocks 
 `--config.model.model_channels=128 --config.train.steps=50000`.
 """
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config():

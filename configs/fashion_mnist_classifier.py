@@ -1,6 +1,6 @@
 """Noisy classifier on Fashion-MNIST (ADM recipe) for classifier guidance, sized for 2 CPU cores."""
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config():

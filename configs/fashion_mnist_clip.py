@@ -1,7 +1,7 @@
 """CLIP on captioned Fashion-MNIST (padded to 32): noised, to guide sampling by text, or clean
 (`configs/fashion_mnist_clip.py:eval`), to score samples; as configs/digits_clip.py."""
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config(variant: str = "noised"):

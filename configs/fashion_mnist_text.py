@@ -2,12 +2,12 @@
 
     python train.py --config configs/fashion_mnist_text.py --workdir W
 
-Captions such as "a large dark ankle boot" (jaxdiff.captions), word-tokenized, dropped to the empty
+Captions such as "a large dark ankle boot" (jaxdiff.data.captions), word-tokenized, dropped to the empty
 caption with probability diffusion.p_uncond (0.2). Sized like configs/fashion_mnist.py so the main job
 finishes on 2 CPU cores: an under-trained model; raise model_channels and steps for a real one.
 """
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config():

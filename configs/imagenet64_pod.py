@@ -13,7 +13,7 @@ Adjust to the slice: --config.train.batch_size, --config.train.grad_accum_steps,
 Sizes: docs/training.md.
 """
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config():

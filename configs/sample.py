@@ -5,7 +5,7 @@
         --config.sample.scale=3 --config.sample.classes=3,5 --config.sample.num_samples=64
 
 `--config configs/sample.py:pkg.my_guides,pkg.more` imports those modules first, so the guides and
-samplers they register (jaxdiff.guidance.register_guide, jaxdiff.samplers.register_sampler) have
+samplers they register (jaxdiff.diffusion.guidance.register_guide, jaxdiff.diffusion.samplers.register_sampler) have
 their keys here. Scale conventions (docs/guidance.md): `scale` is the classifier-free /
 autoguidance scale in the Imagen convention (1 = plain conditional, 0 = unconditional; Ho &
 Salimans' w = scale - 1); `classifier_scale` is guided-diffusion's classifier scale (0 = none).
@@ -13,7 +13,7 @@ Salimans' w = scale - 1); `classifier_scale` is guided-diffusion's classifier sc
 
 import importlib
 
-from jaxdiff.sampling import default_config
+from jaxdiff.sample.runner import default_config
 
 
 def get_config(imports: str = ""):

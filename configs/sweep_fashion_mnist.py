@@ -5,7 +5,7 @@ convention (1 = plain conditional, 0 = unconditional). The "none" row is plain c
 sampling, shared as the starting point of both curves.
 """
 
-from jaxdiff.sweep import default_config
+from jaxdiff.eval.sweep import default_config
 
 
 def get_config():

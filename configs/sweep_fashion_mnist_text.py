@@ -1,7 +1,7 @@
 """Text guidance sweep on the captioned Fashion-MNIST models (last stage of scripts/main.sh
 fashion_mnist_text): as configs/sweep_digits_text.py, sized for 32x32 samples on 2 CPU cores."""
 
-from jaxdiff.sweep import default_config
+from jaxdiff.eval.sweep import default_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Tiny diffusion config for tests: a one-level 32-channel U-Net on the 8x8 digits."""
 
-from jaxdiff.training import default_config
+from jaxdiff.train.config import default_config
 
 
 def get_config():

@@ -21,19 +21,19 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "jaxdiff.checkpoints",
-    "make_schedule": "jaxdiff.schedules",
-    "unet_fn": "jaxdiff.guidance",
-    "logits_fn": "jaxdiff.guidance",
-    "build_guides": "jaxdiff.guidance",
-    "Guide": "jaxdiff.guidance",
-    "register_guide": "jaxdiff.guidance",
-    "register_log_density": "jaxdiff.guidance",
-    "SamplerSpec": "jaxdiff.samplers",
-    "Sampler": "jaxdiff.samplers",
-    "make_sampler": "jaxdiff.samplers",
-    "register_sampler": "jaxdiff.samplers",
-    "generate": "jaxdiff.sampling",
-    "evaluate": "jaxdiff.evaluation",
+    "make_schedule": "jaxdiff.diffusion.schedules",
+    "unet_fn": "jaxdiff.diffusion.guides",
+    "logits_fn": "jaxdiff.diffusion.guides",
+    "build_guides": "jaxdiff.diffusion.guidance",
+    "Guide": "jaxdiff.diffusion.guidance",
+    "register_guide": "jaxdiff.diffusion.guidance",
+    "register_log_density": "jaxdiff.diffusion.guidance",
+    "SamplerSpec": "jaxdiff.diffusion.samplers",
+    "Sampler": "jaxdiff.diffusion.samplers",
+    "make_sampler": "jaxdiff.diffusion.samplers",
+    "register_sampler": "jaxdiff.diffusion.samplers",
+    "generate": "jaxdiff.sample.generation",
+    "evaluate": "jaxdiff.eval.evaluation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -157,7 +157,7 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True, dty
     `step`), restored on the host; `config` is the resolved training config as a dict ("model": the
     `create_model` flags plus "kind"; "diffusion": schedule, num_timesteps, prediction,
     learned_sigma). A converted checkpoint ("source": "guided-diffusion" or "glide") is loaded by
-    `jaxdiff.convert.load_converted`, its diffusion flags renamed to the same keys. `dtype`
+    `jaxdiff.convert.converted.load_converted`, its diffusion flags renamed to the same keys. `dtype`
     overrides the compute dtype (else a converted use_fp16 checkpoint computes in bfloat16). `kind`
     "clip-image" / "clip-text" picks that encoder of a trained CLIP (config["model"] = its kwargs +
     "kind"); otherwise it is ignored (callers check the kind).
@@ -165,9 +165,9 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True, dty
     cfg = read_config(directory)
     overrides = {"dtype": dtype} if dtype else {}
     if cfg.get("source") in ("guided-diffusion", "glide"):
-        from jaxdiff import convert
+        from jaxdiff.convert import converted
 
-        module, params, ccfg = convert.load_converted(directory, **overrides)
+        module, params, ccfg = converted.load_converted(directory, **overrides)
         ccfg = dict(ccfg)
         ccfg["model"] = {"kind": ccfg.get("kind"), **dict(ccfg.get("model", {}))}
         ccfg["diffusion"] = _normalise_converted_diffusion(ccfg.get("diffusion", {}))

@@ -7,7 +7,7 @@ become global arrays (`jax.make_array_from_process_local_data`), so the same cod
 process or many (call `initialize` first on multi-host runs).
 
 Sampling is reproducible across device counts and batch sizes (noise keyed by sample id,
-`jaxdiff.samplers`); a batch that does not divide the devices is padded and trimmed afterwards.
+`jaxdiff.diffusion.samplers`); a batch that does not divide the devices is padded and trimmed afterwards.
 
 Training (`make_mesh`, `fsdp_spec`, `state_shardings`): a (data, fsdp) mesh; the batch is split
 over both axes (every device sees different examples), and each array of the train state is
@@ -17,13 +17,16 @@ elements, or with no such dimension, are replicated). fsdp = 1 is plain data par
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxdiff import config_util
+from jaxdiff.util import config as config_util
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -318,3 +321,39 @@ __all__ = [
     "local_device_count", "local_rows", "make_mesh", "mesh_shape", "pad_batch", "process_rows", "process_strings",
     "process_values", "replicate", "replicated_sharding", "sample_batch_sharded", "shard_batch", "state_shardings",
 ]
+
+
+def define_flags() -> None:
+    """absl flags for multi-process runs and the persistent compilation cache (once per program)."""
+    from absl import flags
+
+    if "num_processes" in flags.FLAGS:
+        return
+    flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
+    flags.DEFINE_integer("num_processes", 1, "multi-process: number of processes")
+    flags.DEFINE_integer("process_id", 0, "multi-process: index of this process")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "off"],
+                      "multi-process without the flags above: 'auto' joins the cluster JAX detects (TPU pod "
+                      "slices, SLURM, Open MPI, Kubernetes) with jax.distributed.initialize(), and runs as "
+                      "one process where none is found; 'off' never does")
+    flags.DEFINE_string("jax_cache_dir", "~/.cache/jaxdiff/xla",
+                        "persistent XLA compilation cache (a rerun skips compiling); '' = off. "
+                        "$JAX_COMPILATION_CACHE_DIR wins when set")
+
+
+def setup_from_flags() -> None:
+    """Apply the flags of `define_flags` (call first in main, before any other JAX work)."""
+    import jax
+    from absl import flags
+    from absl import logging as absl_logging
+
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("jaxdiff").setLevel(logging.INFO)
+    if FLAGS.jax_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.jax_cache_dir))
+        if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                        auto_detect=FLAGS.distributed == "auto")

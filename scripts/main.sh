@@ -21,7 +21,7 @@ stamp() { echo "[main $(( $(date +%s) - start ))s] $*"; }
 
 case "$dataset" in fashion_mnist*) bash scripts/install_system_deps.sh ;; esac
 python3 -m pip install -q -e .
-# glibc's huge-page malloc for XLA's per-step buffers: CPU training steps 5-10 % faster (jaxdiff/cpu.py).
+# glibc's huge-page malloc for XLA's per-step buffers: CPU training steps 5-10 % faster (jaxdiff/util/cpu.py).
 # glibc reads it only at process start, so it is set here rather than by the Python entry points.
 case "${GLIBC_TUNABLES:-}" in
   *glibc.malloc.hugetlb*) ;;

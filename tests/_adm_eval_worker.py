@@ -16,10 +16,10 @@ if len(sys.argv) > 4:
 
     parallel.initialize(f"localhost:{sys.argv[4]}", int(sys.argv[5]), int(sys.argv[6]))
 
+import _fake_features as F  # noqa: E402
 import numpy as np  # noqa: E402
 
-import _fake_features as F  # noqa: E402
-from jaxdiff import adm_eval  # noqa: E402
+from jaxdiff.eval import adm as adm_eval  # noqa: E402
 
 ref, samples, out = sys.argv[1:4]
 params = F.make_params()

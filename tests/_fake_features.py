@@ -1,6 +1,6 @@
 """A stand-in for the Inception feature function: fixed random projections of the pixels.
 
-``feature_fn(params, images_uint8 [B, H, W, 3])`` returns the keys jaxdiff.adm_eval reads (pool3,
+``feature_fn(params, images_uint8 [B, H, W, 3])`` returns the keys jaxdiff.eval.adm reads (pool3,
 spatial, logits_unbiased, logits) with small dimensions; ``make_params`` draws the projections.
 ``TRACES`` counts how often the function is traced (compiled or shape-evaluated).
 """

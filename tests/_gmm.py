@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.schedules import make_schedule
+from jaxdiff.diffusion.schedules import make_schedule
 
 WEIGHTS = np.array([0.3, 0.3, 0.4])
 MEANS = np.array([[-0.4, -0.2], [0.4, -0.2], [0.0, 0.45]])

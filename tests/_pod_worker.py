@@ -27,7 +27,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _training_helpers as H  # noqa: E402
 
-from jaxdiff import checkpoints, parallel, training  # noqa: E402
+from jaxdiff import checkpoints, parallel
+from jaxdiff.train import config as train_config
+from jaxdiff.train import grids
+from jaxdiff.train import loop as training
+from jaxdiff.train import state as train_state
+from jaxdiff.train import step as train_step  # noqa: E402
 
 MIN_SHARD = 64  # elements: the tiny model's 32-channel norm scales and biases stay replicated
 
@@ -67,14 +72,14 @@ def eight(data_dir, base, two_process, out):
                            str(base / "data2_fsdp4"))
     res["data2_fsdp4"] = layout(state)
     # 2. restore the 2-process checkpoint on other meshes
-    resolved = training.resolve_config(config(data_dir, **{"mesh.fsdp": 8}))
-    model, tx = training.create_model(resolved), training.make_optimizer(resolved.train)
+    resolved = train_config.resolve_config(config(data_dir, **{"mesh.fsdp": 8}))
+    model, tx = train_config.create_model(resolved), train_state.make_optimizer(resolved.train)
     stored = H.load_tree(two_process, H.STEPS)
     manager = checkpoints.make_manager(str(Path(two_process) / "checkpoints"), read_only=True)
     res["restore"] = {}
     for name, mesh in (("fsdp8", parallel.make_mesh(1, 8)), ("data8", parallel.make_mesh(8, 1)),
                        ("one_device", parallel.make_mesh(1, 1, devices=jax.devices()[:1]))):
-        abstract, _, _ = training.state_layout(resolved, model, tx, mesh)
+        abstract, _, _ = train_step.state_layout(resolved, model, tx, mesh)
         state = checkpoints.restore(manager, H.STEPS, abstract)
         got = {"params": state.params, "ema_params": state.ema_params, "opt_state": state.opt_state}
         la, lb = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves({k: stored[k] for k in got})
@@ -94,12 +99,12 @@ def accumulation(data_dir, base):
 
 
 def grid(data_dir, out_dir):
-    resolved = training.resolve_config(config(data_dir, **{"train.batch_size": 12}))
-    model = training.create_model(resolved)
-    tx = training.make_optimizer(resolved.train)
-    _, _, init_fn = training.state_layout(resolved, model, tx, training.train_mesh(resolved))
+    resolved = train_config.resolve_config(config(data_dir, **{"train.batch_size": 12}))
+    model = train_config.create_model(resolved)
+    tx = train_state.make_optimizer(resolved.train)
+    _, _, init_fn = train_step.state_layout(resolved, model, tx, train_step.train_mesh(resolved))
     state = init_fn(jax.random.key(0))
-    images, labels = training.make_sample_fn(resolved, model)(state.ema_params)
+    images, labels = grids.make_sample_fn(resolved, model)(state.ema_params)
     if jax.process_index() == 0:
         np.savez(Path(out_dir) / "grid.npz", images=images, labels=labels)
 

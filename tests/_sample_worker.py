@@ -13,7 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jaxdiff import parallel, sampling  # noqa: E402
+from jaxdiff import parallel
+from jaxdiff.sample import shards  # noqa: E402
 
 
 def _no_gather(*args, **kwargs):
@@ -24,7 +25,7 @@ parallel.gather_rows = _no_gather
 
 _kill_after = int(os.environ.get("JAXDIFF_TEST_KILL_AFTER_SHARDS", "0"))
 if _kill_after:
-    _write_shard, _written = sampling.write_shard, []
+    _write_shard, _written = shards.write_shard, []
 
     def write_shard(*args, **kwargs):
         path = _write_shard(*args, **kwargs)
@@ -33,7 +34,7 @@ if _kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
-    sampling.write_shard = write_shard
+    shards.write_shard = write_shard
 
 sys.argv[0] = str(REPO / "sample.py")
 runpy.run_path(str(REPO / "sample.py"), run_name="__main__")

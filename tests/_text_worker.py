@@ -16,13 +16,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from jaxdiff import sweep, training
+from jaxdiff.eval import sweep
+from jaxdiff.train import config as train_config
+from jaxdiff.train import loop as training
 
 N = 40  # samples of the sweep (more than the tiny classifier's 32 features, for FID)
 
 
 def _config(task: str, data_dir: str, **train):
-    c = training.default_config(task)
+    c = train_config.default_config(task)
     c.data.update(name="digits" if task == "classifier" else "digits_text", data_dir=data_dir)
     if task == "clip":
         c.model.update(n_embd=16, patch_size=4, n_head_image=1, n_head_state_image=16, n_xf_blocks_image=1,

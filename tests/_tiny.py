@@ -58,20 +58,22 @@ def classifier_config(**overrides):
 
 def sample_sharded(ids_batches, devices=None, seed=0):
     """Samples of ids (any batching) with CFG + DDPM over a ('data',) mesh of `devices`."""
-    from jaxdiff import guidance as G, parallel, samplers as S
-    from jaxdiff.schedules import make_schedule
+    from jaxdiff import parallel
+    from jaxdiff.diffusion import guidance, guides
+    from jaxdiff.diffusion import samplers as S
+    from jaxdiff.diffusion.schedules import make_schedule
 
     m, p = unet()
     sched = make_schedule("cosine", 100, "4")
 
     def build(params):
-        return G.build_guides("cfg", G.unet_fn(m, params), null_label=NUM_CLASSES, learned_sigma=True)
+        return guidance.build_guides("cfg", guides.unet_fn(m, params), null_label=NUM_CLASSES, learned_sigma=True)
 
     run = S.make_sampler(build, S.SamplerSpec("ddpm", learned_sigma=True), (8, 8, 3))
     mesh = parallel.data_mesh(devices)
     outs = []
     for ids in ids_batches:
         ids = np.asarray(ids)
-        cond = G.make_cond(len(ids), ids % NUM_CLASSES, cfg_scale=2.0 + 0.1 * (ids % 4))
+        cond = guides.make_cond(len(ids), ids % NUM_CLASSES, cfg_scale=2.0 + 0.1 * (ids % 4))
         outs.append(parallel.sample_batch_sharded(run, p, sched, cond, jax.random.key(seed), ids, mesh=mesh))
     return np.concatenate(outs, axis=0)

@@ -135,9 +135,9 @@ def session(tmp_path_factory) -> dict:
     data_dir = base / "tfds"
     cache.mkdir(exist_ok=True)
     data_dir.mkdir(exist_ok=True)
-    from jaxdiff import data
+    from jaxdiff.data import sources as data_sources
 
-    data.prepare("digits", str(data_dir))
+    data_sources.prepare("digits", str(data_dir))
     ref = base / "reference"
     if not (ref / "DONE").exists():
         run(train_cmd(ref, data_dir), env(cache))
@@ -149,7 +149,8 @@ def session(tmp_path_factory) -> dict:
 # --- the test-hooked train.py ------------------------------------------------------------------
 
 def _install_hooks():
-    from jaxdiff import training
+    from jaxdiff.train import inputs as train_inputs
+    from jaxdiff.train import loop as training
 
     delay = float(os.environ.get("JAXDIFF_TEST_STEP_DELAY", "0") or 0)
     nan_at = int(os.environ.get("JAXDIFF_TEST_NAN_AT_STEP", "0") or 0)
@@ -162,7 +163,7 @@ def _install_hooks():
 
         training.train = train
     if nan_at > 0:
-        orig_batches = training.train_batches
+        orig_batches = train_inputs.train_batches
 
         def train_batches(source, resolved, start, stop, *rest):
             for step, (images, labels) in enumerate(orig_batches(source, resolved, start, stop, *rest), start):
@@ -170,7 +171,7 @@ def _install_hooks():
                     images = np.full_like(images, np.nan)
                 yield images, labels
 
-        training.train_batches = train_batches
+        train_inputs.train_batches = train_batches
     if kill_in_save > 0:
         from orbax.checkpoint._src.path import atomicity
 

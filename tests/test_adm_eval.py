@@ -1,4 +1,4 @@
-"""guided-diffusion's evaluator semantics (jaxdiff.metrics options, jaxdiff.adm_eval): parity with
+"""guided-diffusion's evaluator semantics (jaxdiff.eval.metrics options, jaxdiff.eval.adm): parity with
 tests/fixtures/adm_eval_a.npz, streaming npz reading, bad inputs, the reference cache, and sharded
 extraction on 8 fake devices and on 2 processes x 2 devices."""
 
@@ -8,17 +8,18 @@ import pathlib
 import subprocess
 import sys
 
+import _fake_features as F
+import _training_helpers as H
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import _fake_features as F
-import _training_helpers as H
-from jaxdiff import adm_eval as A
-from jaxdiff import data
-from jaxdiff import metrics as M
-from jaxdiff.datasets._common import ImageArraysBuilder
+from jaxdiff.data import order as data_order
+from jaxdiff.data import sources as data_sources
+from jaxdiff.data.datasets._common import ImageArraysBuilder
+from jaxdiff.eval import adm as A
+from jaxdiff.eval import metrics as M
 
 HERE = pathlib.Path(__file__).parent
 BATCH = 16
@@ -309,12 +310,12 @@ class ToyRgb8(ImageArraysBuilder, skip_registration=True):
 
 def test_write_reference_batch_from_a_split(files, tmp_path):
     ToyRgb8(data_dir=os.fspath(tmp_path), file_format="array_record").download_and_prepare()
-    images, labels = data.load_split("toy_rgb8", "train", tmp_path)
+    images, labels = data_sources.load_split("toy_rgb8", "train", tmp_path)
     params, out = files["params"], tmp_path / "ref" / "toy.npz"
     summary = A.write_reference_batch(out, "toy_rgb8", "train", F.feature_fn, params, num_images=10, seed=5,
                                       data_dir=tmp_path, batch_size=BATCH, progress=False)
     assert summary["num_images"] == 10 and summary["stats_images"] == 30
-    chosen = np.sort(data.epoch_permutation(5, 0, 30)[:10])
+    chosen = np.sort(data_order.epoch_permutation(5, 0, 30)[:10])
     feats = _direct_features(params, images)
     with np.load(out) as z:
         assert set(z.files) == {"arr_0", "arr_1", "mu", "sigma", "mu_s", "sigma_s", "features_fingerprint"}

@@ -1,4 +1,4 @@
-"""jaxdiff.attention.attention: the chunked custom-VJP CPU path equals the plain softmax attention
+"""jaxdiff.ops.attention.attention: the chunked custom-VJP CPU path equals the plain softmax attention
 and XLA's gradient of it."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import attention as A
+from jaxdiff.ops import attention as A
 
 
 def inputs(n, t, s, c, seed=0):

@@ -6,8 +6,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from jaxdiff import captions, data, datasets
-from jaxdiff.tokenizers import WordTokenizer
+from jaxdiff.data import __main__ as data_cli
+from jaxdiff.data import captions, datasets, transforms
+from jaxdiff.data import sources as data_sources
+from jaxdiff.data.tokenizers import WordTokenizer
 
 DEBIAN_DIR = pathlib.Path(datasets.FASHION_MNIST_DEBIAN_DIR)
 DIGITS = captions.scheme("digits")
@@ -21,10 +23,10 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits_text(data_dir):
     """{split: (source, info, images, labels, text)} of digits_text, prepared by the CLI."""
-    data._main(["prepare", "digits_text", "--data_dir", os.fspath(data_dir)])
+    data_cli.main(["prepare", "digits_text", "--data_dir", os.fspath(data_dir)])
     out = {}
     for split in ("train", "test"):
-        source, info = data.make_source("digits_text", split, data_dir)
+        source, info = data_sources.make_source("digits_text", split, data_dir)
         images, labels = source.arrays()
         out[split] = (source, info, images, labels, source.gather_text(np.arange(len(source))))
     return out
@@ -48,13 +50,13 @@ def test_digits_text_is_digits_with_captions(digits_text):
         assert text["attributes"].shape == text["named"].shape == (len(idx), 3)
         assert text["attributes"].dtype == np.int32 and text["named"].dtype == bool
         # read from the records (not in memory): the same
-        lazy, _ = data.make_source("digits_text", split, info.data_dir, in_memory=False)
+        lazy, _ = data_sources.make_source("digits_text", split, info.data_dir, in_memory=False)
         some = np.array([0, 5, len(idx) - 1])
         for key, value in lazy.gather_text(some).items():
             np.testing.assert_array_equal(value, text[key][some])
         got, got_lb = lazy.gather(some)  # images and labels as for any image dataset
         np.testing.assert_array_equal(got, images[idx][some])
-    plain, _ = data.make_source("digits", "test", digits_text["test"][1].data_dir)
+    plain, _ = data_sources.make_source("digits", "test", digits_text["test"][1].data_dir)
     with pytest.raises(ValueError, match="has no captions; captioned datasets: digits_text"):
         plain.gather_text([0])
 
@@ -142,7 +144,7 @@ def test_oracle_recovers_stored_bins_and_is_chance_on_shuffled_pairs(digits_text
                                   captions.measure(DIGITS, images)[5:9])
     # the same request as a dict, and as the model produces images: floats in [-1, 1], 16x16
     as_dict = {a: requested[:, j] for j, a in enumerate(DIGITS.attribute_names)}
-    model = data.to_model_range(np.repeat(np.repeat(images, 2, 1), 2, 2))
+    model = transforms.to_model_range(np.repeat(np.repeat(images, 2, 1), 2, 2))
     acc = captions.attribute_accuracy(DIGITS, t, model, labels, as_dict)
     assert min(acc.values()) > 0.99  # float32 rounding may move values right at a threshold
     rng = np.random.default_rng(0)
@@ -211,7 +213,7 @@ def test_bad_input():
 
 def test_fashion_mnist_text_needs_the_idx_files(tmp_path):
     with pytest.raises(ValueError, match="fashion_mnist_text is not prepared.*dataset-fashion"):
-        data.make_source("fashion_mnist_text", "train", tmp_path / "tfds",
+        data_sources.make_source("fashion_mnist_text", "train", tmp_path / "tfds",
                          manual_dir=tmp_path / "nowhere")
 
 
@@ -220,7 +222,7 @@ def test_fashion_mnist_text_needs_the_idx_files(tmp_path):
                            "installed (scripts/install_system_deps.sh installs it as root)")
 def test_fashion_mnist_text_real_files(data_dir):
     s = captions.scheme("fashion_mnist")
-    source, info = data.make_source("fashion_mnist_text", "test", data_dir)
+    source, info = data_sources.make_source("fashion_mnist_text", "test", data_dir)
     assert len(source) == 10000 and info.random_flip and info.resize_mode == "pad"
     files = datasets.find_idx_files(DEBIAN_DIR)
     train_images, train_labels = datasets.read_split(*files["train"])
@@ -237,7 +239,7 @@ def test_fashion_mnist_text_real_files(data_dir):
     text = source.gather_text(np.arange(len(source)))
     WordTokenizer(info.captions["vocabulary"]).tokens_and_mask(text["caption"].tolist(), 8)
     requested = captions.requested_bins(text["attributes"], text["named"])
-    padded = data.resize_images(images, 32, "pad")  # what the model is trained on
+    padded = transforms.resize_images(images, 32, "pad")  # what the model is trained on
     acc = captions.attribute_accuracy(s, t, padded, labels, requested)
     assert acc == {"size": 1.0, "width": 1.0, "brightness": 1.0}
     # the pipeline flips Fashion-MNIST horizontally: the attributes must not change

@@ -23,11 +23,12 @@ def sess(tmp_path_factory):
 
 
 def test_manager_keeps_last_n_and_best(tmp_path):
+    from typing import Any
+
     import flax
     import jax
     import jax.numpy as jnp
     import optax
-    from typing import Any
 
     from jaxdiff import checkpoints
 
@@ -118,14 +119,15 @@ def test_interrupted_runs_resume_exactly(sess, tmp_path):
     H.run(cmd, H.env(sess["cache"]))
     assert H.complete_steps(work) == [10, 20, 30]
     H.assert_trees_equal(H.load_tree(work, H.STEPS), H.load_tree(sess["ref"], H.STEPS))
-    from jaxdiff.monitor import TIMING_KEYS  # steps/s, step time, images/s, memory: machine, not model
+    from jaxdiff.train.monitor import TIMING_KEYS  # steps/s, step time, images/s, memory: machine, not model
 
     strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in ms]
     assert strip(H.read_metrics(work)) == strip(H.read_metrics(sess["ref"]))
 
 
 def test_load_model_trained_and_converted(sess, tmp_path):
-    from jaxdiff import checkpoints, convert
+    from jaxdiff import checkpoints
+    from jaxdiff.convert import converted
 
     module, params, cfg = checkpoints.load_model(str(sess["ref"]))
     assert cfg["step"] == H.STEPS
@@ -146,7 +148,7 @@ def test_load_model_trained_and_converted(sess, tmp_path):
 
     flags = {k: v for k, v in cfg["model"].items() if k != "kind"}
     conv_dir = tmp_path / "converted"
-    convert.save_converted(conv_dir, params, "unet", flags,
+    converted.save_converted(conv_dir, params, "unet", flags,
                            {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True,
                             "predict_xstart": False, "timestep_respacing": ""})
     m2, p2, c2 = checkpoints.load_model(str(conv_dir))

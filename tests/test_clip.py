@@ -9,13 +9,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import cpu
-from jaxdiff.clip_guidance import (CLIP_SCALE, CLIP_TEXT_KEY, clip_guide, image_embedding_fn, logit_scale_exp,
-                                   text_embeddings)
-from jaxdiff.convert import load_converted, main
-from jaxdiff.convert_clip import (CLIP_CONFIG, clip_config, encoder_kwargs, expected_clip_shapes, from_glide_clip,
-                                  to_glide_clip)
+from jaxdiff.convert.__main__ import main
+from jaxdiff.convert.clip import (
+    CLIP_CONFIG,
+    clip_config,
+    encoder_kwargs,
+    expected_clip_shapes,
+    from_glide_clip,
+    to_glide_clip,
+)
+from jaxdiff.convert.converted import load_converted
+from jaxdiff.diffusion.clip_guide import (
+    CLIP_SCALE,
+    CLIP_TEXT_KEY,
+    clip_guide,
+    image_embedding_fn,
+    logit_scale_exp,
+    text_embeddings,
+)
 from jaxdiff.models.clip import create_clip_encoder
+from jaxdiff.util import cpu
 
 GLIDE = pathlib.Path(__file__).parent / "fixtures" / "glide"
 

@@ -1,4 +1,4 @@
-"""jaxdiff.conv.conv2d: on the CPU, XLA's gradient in canonical form.
+"""jaxdiff.ops.conv.conv2d: on the CPU, XLA's gradient in canonical form.
 
 The values and gradients equal those of the plain convolution for every kernel/stride/padding the
 ADM networks use and odd sizes, also under vmap, remat and nested differentiation; inside a
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxdiff import conv as C
-from jaxdiff.conv import conv2d
+from jaxdiff.ops import conv as C
+from jaxdiff.ops.conv import conv2d
 
 ON_CPU = jax.default_backend() == "cpu"
 TOL = 1e-5 if ON_CPU else 5e-3  # GPUs/TPUs run float32 convolutions in TF32/bf16 passes by default
@@ -53,7 +53,8 @@ def test_values_and_gradients_match_the_plain_convolution():
     def run(data):  # every case in one program: one compilation
         out = []
         for (_, _, _, _, _, _, s, p), (x, w, g) in zip(CASES, data):
-            for f in (lambda x, w: conv2d(x, w, stride=s, padding=p), lambda x, w: C._plain(x, w, s, p)):
+            for f in (lambda x, w, s=s, p=p: conv2d(x, w, stride=s, padding=p),
+                      lambda x, w, s=s, p=p: C._plain(x, w, s, p)):
                 y, vjp = jax.vjp(f, x, w)
                 out.append((y,) + vjp(g))
         return out

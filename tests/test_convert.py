@@ -10,14 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff.convert import (
+from jaxdiff.convert.__main__ import main
+from jaxdiff.convert.common import load_state_dict
+from jaxdiff.convert.converted import load_converted
+from jaxdiff.convert.guided_diffusion import (
     abstract_params,
     expected_state_dict_shapes,
     flags_from_args,
     from_guided_diffusion,
-    load_converted,
-    load_state_dict,
-    main,
     parse_gd_flags,
     to_guided_diffusion,
 )
@@ -27,7 +27,8 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 RELEASED = json.loads((FIXTURES / "released_keys" / "released.json").read_text())
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-from _adm import CLASSIFIER_FLAGS as CLF_FLAGS, UNET_FLAGS  # the architecture of adm_tiny_a.npz
+from _adm import CLASSIFIER_FLAGS as CLF_FLAGS  # the architecture of adm_tiny_a.npz
+from _adm import UNET_FLAGS
 
 
 def kind_of(name):
@@ -218,7 +219,7 @@ def test_missing_unexpected_and_misshaped_keys(unet_sd):
 )
 def test_unet_mismatch_hints(unet_sd, changes, key, flag):
     msg = _err(unet_sd, "unet", **{**UNET_FLAGS, **changes})
-    line = next(l for l in msg.splitlines()[1:] if key in l)
+    line = next(ln for ln in msg.splitlines()[1:] if key in ln)
     assert "likely flag: " in line and flag in line, msg
     assert flag in msg.splitlines()[0]  # the summary names it too
 

@@ -1,11 +1,11 @@
-"""jaxdiff.cpu: the XLA options jaxdiff compiles CPU programs with."""
+"""jaxdiff.util.cpu: the XLA options jaxdiff compiles CPU programs with."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import cpu
+from jaxdiff.util import cpu
 
 ON_CPU = jax.default_backend() == "cpu"
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxdiff import data
-from jaxdiff import datasets
-from jaxdiff.datasets._common import ImageArraysBuilder, decode_png_simple, encode_png
+from jaxdiff.data import batching, datasets, transforms
+from jaxdiff.data import order as data_order
+from jaxdiff.data import sources as data_sources
+from jaxdiff.data.datasets._common import ImageArraysBuilder, decode_png_simple, encode_png
 
 DEBIAN_DIR = pathlib.Path(datasets.FASHION_MNIST_DEBIAN_DIR)
 
@@ -29,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits(data_dir):
-    return data.make_source("digits", "train", data_dir)
+    return data_sources.make_source("digits", "train", data_dir)
 
 
 def _write_idx(path, array, gz):
@@ -61,7 +62,7 @@ def fake_fashion(tmp_path_factory):
 def fashion(tmp_path_factory, fake_fashion):
     root, arrays = fake_fashion
     dd = tmp_path_factory.mktemp("tfds_fake_fashion")
-    source, info = data.make_source("fashion_mnist", "train", dd, manual_dir=root)
+    source, info = data_sources.make_source("fashion_mnist", "train", dd, manual_dir=root)
     return source, info, arrays
 
 
@@ -79,7 +80,7 @@ def test_digits_builds_and_loads(digits, data_dir):
     assert images.shape == (1438, 8, 8, 1) and images.dtype == np.uint8
     assert labels.dtype == np.int32 and labels.min() == 0 and labels.max() == 9
     assert images.max() == 255 and images.min() == 0  # 0..16 scaled to 0..255
-    test_images, test_labels = data.load_split("digits", "test", data_dir)
+    test_images, test_labels = data_sources.load_split("digits", "test", data_dir)
     assert test_images.shape == (359, 8, 8, 1) and test_labels.shape == (359,)
     # Stored in scikit-learn order: exactly the documented split of the scaled arrays.
     all_images, all_labels = datasets.digits_arrays()
@@ -107,7 +108,7 @@ def test_digits_split_is_fixed():
 def test_preparation_is_idempotent(digits, data_dir):
     shard = next((pathlib.Path(data_dir) / "digits" / "1.0.0").glob("digits-train.array_record*"))
     mtime = shard.stat().st_mtime_ns
-    source, _ = data.make_source("digits", "train", data_dir)
+    source, _ = data_sources.make_source("digits", "train", data_dir)
     assert shard.stat().st_mtime_ns == mtime
     np.testing.assert_array_equal(source.arrays()[0], digits[0].arrays()[0])
 
@@ -143,15 +144,15 @@ def test_fashion_mnist_from_fake_idx_directory(fashion):
     images, labels = source.arrays()
     np.testing.assert_array_equal(images, arrays["train"][0])
     np.testing.assert_array_equal(labels, arrays["train"][1])
-    test_images, test_labels = data.load_split("fashion_mnist", "test", info.data_dir)
+    test_images, test_labels = data_sources.load_split("fashion_mnist", "test", info.data_dir)
     np.testing.assert_array_equal(test_images, arrays["test"][0])  # read from plain idx files
     np.testing.assert_array_equal(test_labels, arrays["test"][1])
     # Padding 28 -> 32 with the black background (-1 after scaling).
-    padded, _ = data.load_split("fashion_mnist", "test", info.data_dir, image_size=32)
+    padded, _ = data_sources.load_split("fashion_mnist", "test", info.data_dir, image_size=32)
     assert padded.shape == (12, 32, 32, 1)
     np.testing.assert_array_equal(padded[:, 2:30, 2:30], arrays["test"][0])
     assert not padded[:, :2].any() and not padded[:, :, 30:].any()
-    x, _ = data.batch_at(source, 0, global_batch_size=4, seed=0, process_index=0,
+    x, _ = batching.batch_at(source, 0, global_batch_size=4, seed=0, process_index=0,
                          process_count=1, image_size=32, augment=False)
     assert x.shape == (4, 32, 32, 1) and np.all(x[:, :2] == -1.0)
 
@@ -160,12 +161,12 @@ def test_fashion_mnist_from_fake_idx_directory(fashion):
                     reason=f"{DEBIAN_DIR} absent: Debian package dataset-fashion-mnist not "
                            "installed (scripts/install_system_deps.sh installs it)")
 def test_fashion_mnist_real_debian_files(tmp_path):
-    source, info = data.make_source("fashion_mnist", "train", tmp_path)
+    source, info = data_sources.make_source("fashion_mnist", "train", tmp_path)
     assert len(source) == 60000 and info.image_shape == (28, 28, 1)
     images, labels = source.arrays()
     assert images.dtype == np.uint8 and labels.dtype == np.int32
     np.testing.assert_array_equal(np.bincount(labels), [6000] * 10)
-    test_source, test_info = data.make_source("fashion_mnist", "test", tmp_path, in_memory=False)
+    test_source, test_info = data_sources.make_source("fashion_mnist", "test", tmp_path, in_memory=False)
     assert len(test_source) == test_info.num_examples == 10000
     files = datasets.find_idx_files(DEBIAN_DIR)
     ref_images, ref_labels = datasets.read_split(*files["test"])
@@ -184,16 +185,16 @@ def test_fashion_mnist_real_debian_files(tmp_path):
 
 def test_order_is_pinned():
     # Part of the reproducibility contract: changing these changes every run's data order.
-    assert data.epoch_permutation(0, 0, 10).tolist() == [1, 3, 4, 5, 9, 8, 6, 7, 2, 0]
-    assert data.epoch_permutation(0, 1, 10).tolist() == [2, 7, 5, 3, 4, 1, 0, 9, 6, 8]
-    assert data.flip_mask(0, global_batch_size=16, seed=0).astype(int).tolist() == [
+    assert data_order.epoch_permutation(0, 0, 10).tolist() == [1, 3, 4, 5, 9, 8, 6, 7, 2, 0]
+    assert data_order.epoch_permutation(0, 1, 10).tolist() == [2, 7, 5, 3, 4, 1, 0, 9, 6, 8]
+    assert data_order.flip_mask(0, global_batch_size=16, seed=0).astype(int).tolist() == [
         0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1]
 
 
 def test_epochs_are_permutations():
     n, b = 1438, 64
     steps = -(-3 * n // b)
-    pos = np.concatenate([data.global_batch_indices(s, global_batch_size=b, num_examples=n,
+    pos = np.concatenate([data_order.global_batch_indices(s, global_batch_size=b, num_examples=n,
                                                     seed=7) for s in range(steps)])
     for e in range(3):
         np.testing.assert_array_equal(np.sort(pos[e * n:(e + 1) * n]), np.arange(n))
@@ -203,32 +204,32 @@ def test_epochs_are_permutations():
 def test_resume_sees_the_same_batches(digits):
     source, _ = digits
     kw = dict(global_batch_size=64, seed=3, process_index=0, process_count=1)
-    from_zero = list(data.batches(source, start_step=0, num_steps=25, **kw))
-    resumed = list(data.batches(source, start_step=20, num_steps=5, prefetch=0, **kw))
+    from_zero = list(batching.batches(source, start_step=0, num_steps=25, **kw))
+    resumed = list(batching.batches(source, start_step=20, num_steps=5, prefetch=0, **kw))
     for (x0, y0), (x1, y1) in zip(from_zero[20:], resumed):  # step 22 straddles epochs 0 and 1
         np.testing.assert_array_equal(x0, x1)
         np.testing.assert_array_equal(y0, y1)
-    x, y = data.batch_at(source, 22, **kw)
+    x, y = batching.batch_at(source, 22, **kw)
     np.testing.assert_array_equal(x, from_zero[22][0])
     assert x.dtype == np.float32 and y.dtype == np.int32 and x.shape == (64, 8, 8, 1)
     assert x.min() == -1.0 and x.max() == 1.0
-    other_seed = data.batch_at(source, 22, **{**kw, "seed": 4})[1]
+    other_seed = batching.batch_at(source, 22, **{**kw, "seed": 4})[1]
     assert not np.array_equal(other_seed, y)
 
 
 def test_process_slices_partition_the_global_batch(digits):
     source, _ = digits
     for step in (0, 22):
-        x, y = data.batch_at(source, step, global_batch_size=64, seed=1, process_index=0,
+        x, y = batching.batch_at(source, step, global_batch_size=64, seed=1, process_index=0,
                              process_count=1)
-        parts = [data.batch_at(source, step, global_batch_size=64, seed=1, process_index=p,
+        parts = [batching.batch_at(source, step, global_batch_size=64, seed=1, process_index=p,
                                process_count=2) for p in range(2)]
         assert all(px.shape == (32, 8, 8, 1) for px, _ in parts)
         np.testing.assert_array_equal(np.concatenate([px for px, _ in parts]), x)
         np.testing.assert_array_equal(np.concatenate([py for _, py in parts]), y)
-        idx = data.global_batch_indices(step, global_batch_size=64, num_examples=len(source),
+        idx = data_order.global_batch_indices(step, global_batch_size=64, num_examples=len(source),
                                         seed=1)
-        perms = np.concatenate([data.epoch_permutation(1, e, len(source)) for e in (0, 1)])
+        perms = np.concatenate([data_order.epoch_permutation(1, e, len(source)) for e in (0, 1)])
         np.testing.assert_array_equal(idx, perms[step * 64:(step + 1) * 64])
         if step == 0:  # within one epoch the two slices hold different examples
             assert len(set(idx[:32]) & set(idx[32:])) == 0 and len(set(idx)) == 64
@@ -243,32 +244,32 @@ def test_flips_only_where_configured(fashion, digits):
     b = 16
     kw = dict(global_batch_size=b, seed=5, process_count=1, process_index=0)
     for step in range(3):
-        idx = data.global_batch_indices(step, global_batch_size=b, num_examples=len(source),
+        idx = data_order.global_batch_indices(step, global_batch_size=b, num_examples=len(source),
                                         seed=5)
         plain = images[idx] / np.float32(127.5) - 1
-        mask = data.flip_mask(step, global_batch_size=b, seed=5)
-        x, _ = data.batch_at(source, step, **kw)  # fashion_mnist: flips on by default
+        mask = data_order.flip_mask(step, global_batch_size=b, seed=5)
+        x, _ = batching.batch_at(source, step, **kw)  # fashion_mnist: flips on by default
         np.testing.assert_array_equal(x[~mask], plain[~mask])
         np.testing.assert_array_equal(x[mask], plain[mask][:, :, ::-1])
         assert 0 < mask.sum() < b
-        np.testing.assert_array_equal(data.batch_at(source, step, augment=False, **kw)[0], plain)
+        np.testing.assert_array_equal(batching.batch_at(source, step, augment=False, **kw)[0], plain)
         # Per host: each process flips its own slice of the same global mask.
-        x1, _ = data.batch_at(source, step, **{**kw, "process_count": 2, "process_index": 1})
+        x1, _ = batching.batch_at(source, step, **{**kw, "process_count": 2, "process_index": 1})
         np.testing.assert_array_equal(x1, x[b // 2:])
     dsource, _ = digits
-    x_on, _ = data.batch_at(dsource, 0, augment=True, **kw)
-    x_off, _ = data.batch_at(dsource, 0, **kw)
-    mask = data.flip_mask(0, global_batch_size=b, seed=5)
+    x_on, _ = batching.batch_at(dsource, 0, augment=True, **kw)
+    x_off, _ = batching.batch_at(dsource, 0, **kw)
+    mask = data_order.flip_mask(0, global_batch_size=b, seed=5)
     np.testing.assert_array_equal(x_on[mask], x_off[mask][:, :, ::-1])
 
 
 def test_resize_modes(digits):
     source, _ = digits
-    x, _ = data.batch_at(source, 0, global_batch_size=8, seed=0, process_index=0,
+    x, _ = batching.batch_at(source, 0, global_batch_size=8, seed=0, process_index=0,
                          process_count=1, image_size=16)  # digits default: bicubic resize
     assert x.shape == (8, 16, 16, 1) and x.min() >= -1 and x.max() <= 1
     images = [np.zeros((40, 60, 3), np.uint8), np.full((64, 48, 3), 200, np.uint8)]
-    out = data.resize_images(images, 16, "center_crop")
+    out = transforms.resize_images(images, 16, "center_crop")
     assert out.shape == (2, 16, 16, 3) and np.all(out[1] == 200)
 
 
@@ -303,17 +304,17 @@ class ToyRgb(ImageArraysBuilder, skip_registration=True):
 def test_other_prepared_tfds_dataset(tmp_path):
     ToyRgb(data_dir=os.fspath(tmp_path), file_format="array_record").download_and_prepare()
     config = ml_collections.ConfigDict({"data": {"name": "toy_rgb", "data_dir": str(tmp_path)}})
-    source, info = data.make_source(config, "train")  # read by tfds from the files alone
+    source, info = data_sources.make_source(config, "train")  # read by tfds from the files alone
     assert info.image_shape is None and info.num_classes == 3 and info.random_flip
     assert info.resize_mode == "center_crop" and not source.in_memory
-    x, y = data.batch_at(source, 0, global_batch_size=4, seed=0, process_index=0,
+    x, y = batching.batch_at(source, 0, global_batch_size=4, seed=0, process_index=0,
                          process_count=1, image_size=16)
     assert x.shape == (4, 16, 16, 3) and y.dtype == np.int32
     with pytest.raises(ValueError, match="image_size"):
-        data.batch_at(source, 0, global_batch_size=4, seed=0, process_index=0, process_count=1)
-    images, labels = data.load_split("toy_rgb", "validation", tmp_path, image_size=8)
+        batching.batch_at(source, 0, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    images, labels = data_sources.load_split("toy_rgb", "validation", tmp_path, image_size=8)
     assert images.shape == (2, 8, 8, 3) and labels.tolist() == [0, 0]
-    src_slice, info_slice = data.make_source("toy_rgb", "train[:50%]", tmp_path)
+    src_slice, info_slice = data_sources.make_source("toy_rgb", "train[:50%]", tmp_path)
     assert len(src_slice) == info_slice.num_examples == 3
 
 
@@ -324,45 +325,45 @@ def test_other_prepared_tfds_dataset(tmp_path):
 
 def test_unknown_dataset_name(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset'") as e:
-        data.make_source("no_such_dataset", "train", tmp_path)
+        data_sources.make_source("no_such_dataset", "train", tmp_path)
     assert "digits" in str(e.value) and "fashion_mnist" in str(e.value)
     assert "tfds build" in str(e.value) and "array_record" in str(e.value)
     with pytest.raises(ValueError, match="not prepared"):  # a tfds dataset nobody prepared here
-        data.make_source("cifar10", "train", tmp_path)
+        data_sources.make_source("cifar10", "train", tmp_path)
 
 
 def test_missing_fashion_mnist_directory(tmp_path):
     with pytest.raises(ValueError, match="dataset-fashion-mnist") as e:
-        data.make_source("fashion_mnist", "train", tmp_path / "tfds",
+        data_sources.make_source("fashion_mnist", "train", tmp_path / "tfds",
                          manual_dir=tmp_path / "nowhere")
     assert "nowhere" in str(e.value) and "manual_dir" in str(e.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="train-images-idx3-ubyte"):
-        data.make_source("fashion_mnist", "train", tmp_path / "tfds", manual_dir=tmp_path / "empty")
+        data_sources.make_source("fashion_mnist", "train", tmp_path / "tfds", manual_dir=tmp_path / "empty")
 
 
 def test_bad_batching_arguments(digits):
     source, _ = digits
     with pytest.raises(ValueError, match="global_batch_size=10 cannot be shared by "
                                          "process_count=3"):
-        data.batches(source, global_batch_size=10, seed=0, process_index=0, process_count=3)
+        batching.batches(source, global_batch_size=10, seed=0, process_index=0, process_count=3)
     with pytest.raises(ValueError, match="process_index=2"):
-        data.batches(source, global_batch_size=8, seed=0, process_index=2, process_count=2)
+        batching.batches(source, global_batch_size=8, seed=0, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="start_step"):
-        data.batches(source, global_batch_size=8, seed=0, start_step=-1, process_index=0,
+        batching.batches(source, global_batch_size=8, seed=0, start_step=-1, process_index=0,
                      process_count=1)
     with pytest.raises(ValueError, match="resize_mode"):
-        data.batches(source, global_batch_size=8, seed=0, process_index=0, process_count=1,
+        batching.batches(source, global_batch_size=8, seed=0, process_index=0, process_count=1,
                      image_size=16, resize_mode="stretch")
 
 
 def test_pad_cannot_shrink(fashion):
     source = fashion[0]
     with pytest.raises(ValueError, match="image_size=16"):
-        data.batches(source, global_batch_size=8, seed=0, process_index=0, process_count=1,
+        batching.batches(source, global_batch_size=8, seed=0, process_index=0, process_count=1,
                      image_size=16)
 
 
 def test_unknown_split(data_dir, digits):
     with pytest.raises(ValueError, match=r"unknown split 'validation'.*\['test', 'train'\]"):
-        data.make_source("digits", "validation", data_dir)
+        data_sources.make_source("digits", "validation", data_dir)

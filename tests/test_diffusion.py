@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import diffusion as D
-from jaxdiff.schedules import make_schedule
+from jaxdiff.diffusion import gaussian as D
+from jaxdiff.diffusion.schedules import make_schedule
 
 SCHED = make_schedule("cosine", 1000, "50")
 

@@ -9,11 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoints, cpu, schedules
-from jaxdiff.convert import expected_state_dict_shapes, main, to_guided_diffusion
-from jaxdiff.convert_glide import flags_from_glide, from_glide
-from jaxdiff.guidance import guided_output
+from jaxdiff import checkpoints
+from jaxdiff.convert.__main__ import main
+from jaxdiff.convert.glide import flags_from_glide, from_glide
+from jaxdiff.convert.guided_diffusion import expected_state_dict_shapes, to_guided_diffusion
+from jaxdiff.diffusion import schedules
+from jaxdiff.diffusion.guides import guided_output
 from jaxdiff.models import create_model, encode_text
+from jaxdiff.util import cpu
 
 GLIDE = pathlib.Path(__file__).parent / "fixtures" / "glide"
 RELEASED = json.loads((GLIDE / "released_keys" / "released.json").read_text())
@@ -248,7 +251,7 @@ def test_missing_unexpected_and_misshaped_keys(unet_sd):
     assert "likely flag: xf_padding" in _err(unet_sd, TINY_OPTIONS + " --xf_padding False")
     assert "likely flag: xf_final_ln" in _err(unet_sd, TINY_OPTIONS + " --xf_final_ln False")
     # a GLIDE checkpoint given a guided-diffusion kind is told to use the text kinds
-    from jaxdiff.convert import from_guided_diffusion
+    from jaxdiff.convert.guided_diffusion import from_guided_diffusion
 
     flags = {k: v for k, v in flags_from_glide(TINY_OPTIONS)[1].items() if not k.startswith(("xf_", "text", "n_"))}
     with pytest.raises(ValueError, match="text2im"):

@@ -9,13 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jaxdiff import cpu, guidance as G, samplers as S
-from jaxdiff.convert_clip import from_glide_clip
-from jaxdiff.convert_glide import from_glide
-from jaxdiff.schedules import make_schedule
-
 from test_glide import TINY_OPTIONS, max_rel_err, nhwc
+
+from jaxdiff.convert.clip import from_glide_clip
+from jaxdiff.convert.glide import from_glide
+from jaxdiff.diffusion import guidance
+from jaxdiff.diffusion import guides as G
+from jaxdiff.diffusion import samplers as S
+from jaxdiff.diffusion.schedules import make_schedule
+from jaxdiff.util import cpu
 
 GLIDE = pathlib.Path(__file__).parent / "fixtures" / "glide"
 SHAPE = (16, 16, 3)
@@ -49,8 +51,8 @@ def _builder(nets, guides):
     module = nets["model"][0]
 
     def build(p):
-        fns = {k: G.network_fn(nets[k][0], p[k], k.replace("_", "-")) for k in p if k != "model"}
-        return G.build_guides(guides, G.unet_fn(module, p["model"]), fns=fns, uncond=G.caption_dropout,
+        fns = {k: guidance.network_fn(nets[k][0], p[k], k.replace("_", "-")) for k in p if k != "model"}
+        return guidance.build_guides(guides, G.unet_fn(module, p["model"]), fns=fns, uncond=G.caption_dropout,
                               learned_sigma=True, prepare=G.text_encoder(module, p["model"]))
 
     return build
@@ -121,7 +123,8 @@ def test_sample_py_with_captions_cfg_and_clip(fx, nets, tmp_path):
     import subprocess
     import sys
 
-    from jaxdiff import convert, sampling
+    from jaxdiff.convert import converted
+    from jaxdiff.sample import runner
 
     words = [f"w{i}" for i in range(63)]  # 63 words + the end id = the fixture's n_vocab 64
     dirs = {}
@@ -129,7 +132,7 @@ def test_sample_py_with_captions_cfg_and_clip(fx, nets, tmp_path):
         module, params = nets[name]
         flags = {f: getattr(module, f) for f in module.__dataclass_fields__ if f not in ("parent", "name")}
         kind = "text2im" if name == "model" else kind
-        dirs[name] = convert.save_converted(tmp_path / name, params, kind, flags,
+        dirs[name] = converted.save_converted(tmp_path / name, params, kind, flags,
                                             dict(noise_schedule="cosine", diffusion_steps=1000, learn_sigma=True),
                                             source="glide")
         cfg = json.loads((dirs[name] / "config.json").read_text())
@@ -146,13 +149,13 @@ def test_sample_py_with_captions_cfg_and_clip(fx, nets, tmp_path):
     with np.load(out / "samples.npz") as f:
         assert f["arr_0"].shape == (4, 16, 16, 3) and "arr_1" not in f.files
         assert list(f["captions"]) == ["w1 w2 w3", "w40", "w1 w2 w3", "w40"]
-    cfg = sampling.default_config()
+    cfg = runner.default_config()
     cfg.update(dict(model=str(dirs["model"]), clip_image=str(dirs["clip_image"]), clip_text=str(dirs["clip_text"]),
                     out=str(tmp_path / "clip")))
     cfg.sample.update(guidance="clip", clip_scale=3.0, captions="w5 w6", steps=3, num_samples=2, batch_size=2,
                       sampler="ddpm", progress=False)
-    res = sampling.run(cfg)
+    res = runner.run(cfg)
     assert res["images"].shape == (2, 16, 16, 3)
     cfg.sample.captions = "w5 nope"
     with pytest.raises(ValueError, match="nope"):
-        sampling.run(cfg)
+        runner.run(cfg)

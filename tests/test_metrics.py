@@ -1,4 +1,4 @@
-"""Known-answer tests for jaxdiff.metrics (FID, IS, precision/recall, density/coverage, extractors)."""
+"""Known-answer tests for jaxdiff.eval.metrics (FID, IS, precision/recall, density/coverage, extractors)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from scipy import linalg
 from scipy.spatial.distance import cdist
 
-from jaxdiff import metrics as M
-
+from jaxdiff.eval import metrics as M
+from jaxdiff.util import images as image_util
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -377,12 +377,12 @@ def test_load_samples_npz(tmp_path):
     labels = np.arange(10) % K
     good = tmp_path / "samples_10x4x4x3.npz"
     np.savez(good, imgs, labels)
-    im, lb = M.load_samples_npz(good, num_classes=K, image_shape=HWC)
+    im, lb = image_util.load_samples_npz(good, num_classes=K, image_shape=HWC)
     np.testing.assert_array_equal(im, imgs)
     np.testing.assert_array_equal(lb, labels)
     uncond = tmp_path / "uncond.npz"
     np.savez(uncond, imgs)
-    assert M.load_samples_npz(uncond)[1] is None
+    assert image_util.load_samples_npz(uncond)[1] is None
     cases = {
         "float.npz": ((imgs / 255.0).astype(np.float32), labels, "dtype uint8"),
         "nchw.npz": (np.transpose(random_images(rng, 10, (8, 8, 3)), (0, 3, 1, 2)).copy(), labels, "channels"),
@@ -393,14 +393,14 @@ def test_load_samples_npz(tmp_path):
     for name, (a0, a1, msg) in cases.items():
         np.savez(tmp_path / name, a0, a1)
         with pytest.raises(ValueError, match=msg):
-            M.load_samples_npz(tmp_path / name, num_classes=K)
+            image_util.load_samples_npz(tmp_path / name, num_classes=K)
     with pytest.raises(ValueError, match="match the reference image shape"):
-        M.load_samples_npz(good, image_shape=(8, 8, 3))
+        image_util.load_samples_npz(good, image_shape=(8, 8, 3))
     np.savez(tmp_path / "noarr.npz", images=imgs)
     with pytest.raises(ValueError, match="arr_0"):
-        M.load_samples_npz(tmp_path / "noarr.npz")
+        image_util.load_samples_npz(tmp_path / "noarr.npz")
     with pytest.raises(ValueError, match="count 5 != samples count 10"):
-        M.load_samples_npz(tmp_path / "count.npz")  # checked without num_classes too
+        image_util.load_samples_npz(tmp_path / "count.npz")  # checked without num_classes too
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.convert import abstract_params, from_guided_diffusion
+from jaxdiff.convert.guided_diffusion import abstract_params, from_guided_diffusion
 from jaxdiff.models import (
     EncoderUNetModel,
     SuperResModel,
@@ -21,7 +21,9 @@ from jaxdiff.models import (
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
-from _adm import CLASSIFIER_FLAGS as CLF_FLAGS, UNET_FLAGS  # the architecture of adm_tiny_a.npz
+from _adm import CLASSIFIER_FLAGS as CLF_FLAGS  # the architecture of adm_tiny_a.npz
+from _adm import UNET_FLAGS
+
 # A small network for behaviour tests (8x8, one level).
 TINY = dict(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
             attention_resolutions=(1,), channel_mult=(1,), num_heads=2)

@@ -1,4 +1,4 @@
-"""jaxdiff.norm.group_norm: values against torch's GroupNorm formula, and the custom CPU gradient
+"""jaxdiff.ops.norm.group_norm: values against torch's GroupNorm formula, and the custom CPU gradient
 against XLA's gradient of the plain formula (JAXDIFF_PLAIN_OPS switch included)."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import norm
+from jaxdiff.ops import norm
 
 
 def numpy_reference(x, p, q, groups, eps, silu):

@@ -5,13 +5,12 @@ import pathlib
 import subprocess
 import sys
 
+import _tiny
 import jax
 import numpy as np
 import pytest
 
 from jaxdiff import parallel
-
-import _tiny
 
 HERE = pathlib.Path(__file__).parent
 
@@ -74,11 +73,11 @@ def test_same_samples_on_1_and_8_devices_any_batch_size(tmp_path):
 
 def test_sharded_run_with_recorded_noises_matches_direct_loop():
     import jax.numpy as jnp
-
-    from jaxdiff import guidance as G, samplers as S
-    from jaxdiff.schedules import make_schedule
-
     from _gmm import GMM, K
+
+    from jaxdiff.diffusion import guides
+    from jaxdiff.diffusion import samplers as S
+    from jaxdiff.diffusion.schedules import make_schedule
 
     g = GMM()
     sched = make_schedule("cosine", 1000, "6")
@@ -87,7 +86,7 @@ def test_sharded_run_with_recorded_noises_matches_direct_loop():
     x_T = rng.normal(size=(5, 2)).astype(np.float32)
     noises = rng.normal(size=(6, 5, 2)).astype(np.float32)
     ids = np.arange(5)
-    cond = G.make_cond(5, ids % K)
+    cond = guides.make_cond(5, ids % K)
     out = parallel.sample_batch_sharded(run, {}, sched, cond, jax.random.key(0), ids, x_T=x_T, noises=noises)
     want = S.sample_loop(g.model_fn, sched, jnp.asarray(x_T), cond, sampler="ddpm", noises=jnp.asarray(noises),
                          clip_denoised=False, loop="python")

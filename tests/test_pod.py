@@ -264,13 +264,13 @@ def _tiny(data_dir=None):
     (lambda c: setattr(c, "profile_steps", (5, 2)), r"config.profile_steps=\(5, 2\): expected \(\) \(no trace\)"),
 ])
 def test_bad_mesh_and_accumulation_refused_before_compiling(mutate, message, monkeypatch):
-    from jaxdiff import training
+    from jaxdiff.train import config as train_config
 
     monkeypatch.setattr(jax, "device_count", lambda *a: 8)
     cfg = _tiny()
     mutate(cfg)
-    with pytest.raises(training.ConfigError, match=message):
-        training.validate_config(cfg)
+    with pytest.raises(train_config.ConfigError, match=message):
+        train_config.validate_config(cfg)
 
 
 def test_fsdp_rule_and_mesh():
@@ -306,8 +306,10 @@ def test_per_example_keys_make_micro_batches_equal_one_batch():
     with label dropout, random t and noise (a stub network; the 8-device run checks the real one)."""
     import jax.numpy as jnp
 
-    from jaxdiff import schedules, training
-    from jaxdiff.data import DataInfo
+    from jaxdiff.data.sources import DataInfo
+    from jaxdiff.diffusion import schedules
+    from jaxdiff.train import config as train_config
+    from jaxdiff.train import losses
 
     class Stub:
         def apply(self, variables, x, t, y=None, train=False, rngs=None):
@@ -316,9 +318,9 @@ def test_per_example_keys_make_micro_batches_equal_one_batch():
     info = DataInfo(name="digits", split="train", num_examples=1438, image_shape=(8, 8, 1), num_classes=10,
                     class_names=tuple(map(str, range(10))), random_flip=False, resize_mode="resize",
                     pad_value=0, data_dir="/unused")
-    r = training.resolve_config(_tiny(), info)
+    r = train_config.resolve_config(_tiny(), info)
     r.diffusion.update(p_uncond=0.5, learned_sigma=False)
-    loss_fn = jax.jit(training.diffusion_loss_fn(r, Stub(), schedules.make_schedule("cosine", 100)))
+    loss_fn = jax.jit(losses.diffusion_loss_fn(r, Stub(), schedules.make_schedule("cosine", 100)))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)  # numpy: slicing compiles nothing
     y = np.arange(16, dtype=np.int32) % 10
@@ -334,7 +336,7 @@ def test_per_example_keys_make_micro_batches_equal_one_batch():
 
 
 def test_stop_request_single_process_and_handlers_restored():
-    from jaxdiff import preemption
+    from jaxdiff.train import preemption
 
     before = signal.getsignal(signal.SIGTERM)
     with preemption.StopRequest() as stop:
@@ -345,10 +347,12 @@ def test_stop_request_single_process_and_handlers_restored():
 
 
 def test_data_workers_byte_identical_and_stream_independent_of_batch_size(tmp_path):
-    from jaxdiff import data
-    from jaxdiff.datasets._common import ImageArraysBuilder
-
     import tensorflow_datasets as tfds
+
+    from jaxdiff.data import batching
+    from jaxdiff.data import order as data_order
+    from jaxdiff.data import sources as data_sources
+    from jaxdiff.data.datasets._common import ImageArraysBuilder
 
     class Rgb64(ImageArraysBuilder, skip_registration=True):
         """Random 64x64 RGB PNGs in array_record: the decoding path of a prepared tfds dataset."""
@@ -366,30 +370,30 @@ def test_data_workers_byte_identical_and_stream_independent_of_batch_size(tmp_pa
             return {"train": (rng.integers(0, 256, (40, 64, 64, 3), dtype=np.uint8), np.arange(40) % 4)}
 
     Rgb64(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-    source, _ = data.make_source("rgb64", "train", str(tmp_path))
+    source, _ = data_sources.make_source("rgb64", "train", str(tmp_path))
     assert not source.in_memory
     kw = dict(global_batch_size=12, seed=3, augment=True, image_size=32, num_steps=4)
     for p, count in ((0, 1), (1, 2), (2, 3)):
-        one = list(data.batches(source, start_step=5, process_index=p, process_count=count, workers=1, **kw))
-        many = list(data.batches(source, start_step=5, process_index=p, process_count=count, workers=3, prefetch=0,
+        one = list(batching.batches(source, start_step=5, process_index=p, process_count=count, workers=1, **kw))
+        many = list(batching.batches(source, start_step=5, process_index=p, process_count=count, workers=3, prefetch=0,
                                  **kw))
         for (x1, y1), (x3, y3) in zip(one, many):
             assert x1.tobytes() == x3.tobytes() and y1.tobytes() == y3.tobytes()
     # one stream of examples: batches of 12 from position 36 are two batches of 6 from there
-    big = list(data.batches(source, global_batch_size=12, seed=3, augment=True, start_step=3, start_position=36,
+    big = list(batching.batches(source, global_batch_size=12, seed=3, augment=True, start_step=3, start_position=36,
                             num_steps=2, process_index=0, process_count=1))
-    small = list(data.batches(source, global_batch_size=6, seed=3, augment=True, start_step=7, start_position=36,
+    small = list(batching.batches(source, global_batch_size=6, seed=3, augment=True, start_step=7, start_position=36,
                               num_steps=4, process_index=0, process_count=1))
     np.testing.assert_array_equal(np.concatenate([x for x, _ in big]), np.concatenate([x for x, _ in small]))
-    flips = data.position_flips(np.arange(36, 60), 3)
+    flips = data_order.position_flips(np.arange(36, 60), 3)
     assert 0 < flips.sum() < 24
 
 
 def test_grid_classes_and_throughput():
-    from jaxdiff import monitor, training
+    from jaxdiff.train import grids, monitor
 
-    np.testing.assert_array_equal(training.grid_classes(10, 16), np.arange(10))
-    g = training.grid_classes(1000, 16)
+    np.testing.assert_array_equal(grids.grid_classes(10, 16), np.arange(10))
+    g = grids.grid_classes(1000, 16)
     assert len(g) == 16 and g[0] == 0 and g[-1] == 999
     t = monitor.throughput(10, 2.0, 64)
     assert t["step_time"] == 0.2 and t["images_per_sec"] == 320.0
@@ -400,7 +404,9 @@ def test_grid_classes_and_throughput():
 def test_disagreeing_processes_refused_on_every_process(monkeypatch, tmp_path):
     """The collective checks' error paths, with the other process simulated: a different latest
     checkpoint, a different config (what process 1 would see; every process raises the same)."""
-    from jaxdiff import checkpoints, parallel, training
+    from jaxdiff import checkpoints, parallel
+    from jaxdiff.train import config as train_config
+    from jaxdiff.train import loop as training
 
     class Manager:
         directory = "W/checkpoints"
@@ -409,7 +415,7 @@ def test_disagreeing_processes_refused_on_every_process(monkeypatch, tmp_path):
             return 20
 
     monkeypatch.setattr(parallel, "process_values", lambda v: np.stack([np.asarray(v), np.full_like(v, -1)]))
-    with pytest.raises(training.ConfigError, match=r"different latest checkpoints .*process 0: step 20; "
+    with pytest.raises(train_config.ConfigError, match=r"different latest checkpoints .*process 0: step 20; "
                                                    r"process 1: none"):
         training.agree_on_start(Manager())
     work = checkpoints.as_path(tmp_path)
@@ -421,7 +427,7 @@ def test_disagreeing_processes_refused_on_every_process(monkeypatch, tmp_path):
                     lambda v: np.array([0, int(v)])])  # the codes: process 0's, then this process's
     monkeypatch.setattr(parallel, "process_values", lambda v: next(answers)(v))
     monkeypatch.setattr(parallel, "process_strings", lambda s: [s, s])
-    with pytest.raises(training.ConfigError, match=r"process\(es\) 1 resolved a different config than process 0"):
+    with pytest.raises(train_config.ConfigError, match=r"process\(es\) 1 resolved a different config than process 0"):
         training.prepare_workdir(work, '{"other": 1}\n')
 
 
@@ -429,8 +435,9 @@ def test_pod_config_resolves_on_a_slice(monkeypatch):
     """configs/imagenet64_pod.py on 32 devices: ADM ImageNet-64's network (295.9 M parameters)."""
     import importlib.util
 
-    from jaxdiff import training
-    from jaxdiff.data import DataInfo
+    from jaxdiff.data.sources import DataInfo
+    from jaxdiff.train import config as train_config
+    from jaxdiff.train import state as train_state
 
     monkeypatch.setattr(jax, "device_count", lambda *a: 32)
     spec = importlib.util.spec_from_file_location("pod_config", H.REPO / "configs" / "imagenet64_pod.py")
@@ -439,8 +446,8 @@ def test_pod_config_resolves_on_a_slice(monkeypatch):
     info = DataInfo(name="imagenet_resized/64x64", split="train", num_examples=1281167, image_shape=(64, 64, 3),
                     num_classes=1000, class_names=(), random_flip=True, resize_mode="center_crop", pad_value=0,
                     data_dir="/unused")
-    r = training.resolve_config(mod.get_config(), info)
+    r = train_config.resolve_config(mod.get_config(), info)
     assert r.model.use_checkpoint and r.model.out_channels == 6 and r.mesh.fsdp == 4
-    shapes = jax.eval_shape(lambda k: training.init_state(r, training.create_model(r), training.make_optimizer(r.train),
+    shapes = jax.eval_shape(lambda k: train_state.init_state(r, train_config.create_model(r), train_state.make_optimizer(r.train),
                                                           k), jax.random.key(0))
     assert abs(sum(x.size for x in jax.tree_util.tree_leaves(shapes.params)) - 295.9e6) < 0.1e6

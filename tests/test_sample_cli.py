@@ -1,4 +1,4 @@
-"""jaxdiff.sampling and sample.py: validation before any compile, the evaluator's npz layout, the command line."""
+"""jaxdiff.sample and sample.py: validation before any compile, the evaluator's npz layout, the command line."""
 
 import importlib.util
 import os
@@ -6,10 +6,9 @@ import pathlib
 import subprocess
 import sys
 
+import _tiny
 import numpy as np
 import pytest
-
-import _tiny
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -23,9 +22,9 @@ def _load_module(name, path):
 
 @pytest.fixture(scope="module")
 def cli():
-    from jaxdiff import sampling
+    from jaxdiff.sample import runner
 
-    return sampling
+    return runner
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[m[:24] for _, m in BAD])
 def test_bad_settings_fail_before_any_compile(cli, tiny_models, tmp_path, monkeypatch, overrides, message):
-    from jaxdiff import samplers
+    from jaxdiff.diffusion import samplers
 
     def no_compile(*a, **k):
         raise AssertionError("a sampler was built before validation finished")
@@ -91,13 +90,13 @@ def test_labels_balanced_and_parsed(cli):
 
 def test_command_line(tmp_path):
     """The whole path: load_model on converted directories, flags, guidance "both", npz + grid."""
-    from jaxdiff import convert
+    from jaxdiff.convert import converted
 
     m, p = _tiny.unet()
     c, cp = _tiny.classifier()
-    convert.save_converted(tmp_path / "model", p, "unet", dict(_tiny.UNET_FLAGS),
+    converted.save_converted(tmp_path / "model", p, "unet", dict(_tiny.UNET_FLAGS),
                            dict(noise_schedule="cosine", diffusion_steps=100, learn_sigma=True))
-    convert.save_converted(tmp_path / "classifier", cp, "classifier", dict(_tiny.CLASSIFIER_FLAGS))
+    converted.save_converted(tmp_path / "classifier", cp, "classifier", dict(_tiny.CLASSIFIER_FLAGS))
     out = tmp_path / "out"
     base = [sys.executable, str(ROOT / "sample.py"), "--config", str(ROOT / "configs" / "sample.py"),
             f"--config.model={tmp_path / 'model'}", f"--config.classifier={tmp_path / 'classifier'}",
@@ -123,10 +122,10 @@ def test_command_line(tmp_path):
 
 def test_registered_guide_and_sampler_are_accepted_by_name(tmp_path):
     """A guide and a sampler registered by a user module: sample.py takes them by name, no other edit."""
-    from jaxdiff import convert
+    from jaxdiff.convert import converted
 
     m, p = _tiny.unet()
-    convert.save_converted(tmp_path / "model", p, "unet", dict(_tiny.UNET_FLAGS),
+    converted.save_converted(tmp_path / "model", p, "unet", dict(_tiny.UNET_FLAGS),
                            dict(noise_schedule="cosine", diffusion_steps=100, learn_sigma=True))
     (tmp_path / "my_guides.py").write_text(
         "from jaxdiff import guidance, samplers\n"

@@ -9,11 +9,10 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
 import _tiny
 import _training_helpers as H
+import numpy as np
+import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -25,11 +24,11 @@ KILL_AFTER = 3  # process 1 of the interrupted run SIGKILLs itself after writing
 
 class _Runs:
     def __init__(self, root):
-        from jaxdiff import convert
+        from jaxdiff.convert import converted
 
         self.root, self.cache = root, root / "xla"
         m, p = _tiny.unet()
-        convert.save_converted(root / "model", p, "unet", dict(_tiny.UNET_FLAGS),
+        converted.save_converted(root / "model", p, "unet", dict(_tiny.UNET_FLAGS),
                                dict(noise_schedule="cosine", diffusion_steps=100, learn_sigma=True))
 
     def start(self, name, processes, devices, extra=(), kill=None):
@@ -132,9 +131,9 @@ def test_rerun_after_kill_9_generates_only_missing_batches_from_cached_program(r
 
 
 def _config(out, **sample):
-    from jaxdiff import sampling
+    from jaxdiff.sample import runner
 
-    cfg = sampling.default_config()
+    cfg = runner.default_config()
     cfg.model, cfg.out = str(cfg.model), str(out)
     cfg.sample.update(dict(sampler="ddim", steps=3, num_samples=N, batch_size=BS, grid_max=16), **sample)
     return cfg
@@ -146,7 +145,9 @@ def _snapshot(directory):
 
 
 def test_other_settings_refused_complete_run_not_redone(runs, monkeypatch):
-    from jaxdiff import checkpoints, samplers, sampling
+    from jaxdiff import checkpoints
+    from jaxdiff.diffusion import samplers
+    from jaxdiff.sample import __main__, runner
 
     def no_compile(*a, **k):
         raise AssertionError("a sampler was built")
@@ -156,40 +157,41 @@ def test_other_settings_refused_complete_run_not_redone(runs, monkeypatch):
     killed, one = runs.root / "killed_copy", runs.root / "one"
     before = {d: _snapshot(d) for d in (killed, one)}
     with pytest.raises(ValueError) as e:
-        sampling.run(_config(killed, seed=1, steps=4), model=model, shards=True)
+        runner.run(_config(killed, seed=1, steps=4), model=model, shards=True)
     assert "shards made with other settings: sample.seed=1 here, 0 there; sample.steps=4 here, 3 there" in str(e.value)
     with pytest.raises(ValueError, match=r"samples.npz holds samples made with other settings: sample.classes='0,2' "):
-        sampling.run(_config(one, classes="0,2"), model=model, shards=True)
+        runner.run(_config(one, classes="0,2"), model=model, shards=True)
     # the same settings into the complete OUT: nothing to do (progress and grid_max do not count)
-    res = sampling.run(_config(one, progress=False, grid_max=4), model=model, shards=True)
+    res = runner.run(_config(one, progress=False, grid_max=4), model=model, shards=True)
     assert res["generated"] == 0 and res["npz"] == str(one / "samples.npz")
     assert {d: _snapshot(d) for d in (killed, one)} == before  # nothing written, deleted or mixed
     # merging an incomplete run names the missing ids
     with pytest.raises(ValueError, match=r"killed_copy/shards lacks \d+ of the 1000 samples \(ids \d+\.\."):
-        sampling.main(["merge", str(killed)])
+        __main__.main(["merge", str(killed)])
 
 
 def test_shards_of_different_process_counts_resume_and_merge_in_id_order(tmp_path):
     """Shards from runs with 2 and 3 processes overlap; a batch counts as done when its ids are covered."""
-    from jaxdiff import files, sampling
+    from jaxdiff.sample import shards
+    from jaxdiff.util import files
 
     out = str(tmp_path / "out")
-    manifest = {"format": sampling.MANIFEST_FORMAT, "sample": {"num_samples": 14, "batch_size": 10}}
+    manifest = {"format": shards.MANIFEST_FORMAT, "sample": {"num_samples": 14, "batch_size": 10}}
     files.write_json(tmp_path / "out" / "shards" / "manifest.json", manifest)
     images = np.arange(14, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
     labels = np.arange(14) % 3
     for lo, hi in [(0, 5), (4, 7), (10, 12)]:  # batch 0 split 5/5 and 4/3/3; batch 1 (10..13) half done
-        sampling.write_shard(out, np.arange(lo, hi), images[lo:hi], labels)
-    assert sampling.resume_plan(out, manifest, 14, 10) == [0, 1]
-    sampling.write_shard(out, np.arange(7, 10), images[7:10], labels)
-    assert sampling.resume_plan(out, manifest, 14, 10) == [1]
+        shards.write_shard(out, np.arange(lo, hi), images[lo:hi], labels)
+    assert shards.resume_plan(out, manifest, 14, 10) == [0, 1]
+    shards.write_shard(out, np.arange(7, 10), images[7:10], labels)
+    assert shards.resume_plan(out, manifest, 14, 10) == [1]
     with pytest.raises(ValueError, match=r"lacks 2 of the 14 samples \(ids 12\.\.13\)"):
-        sampling.merge(out)
-    sampling.write_shard(out, np.arange(12, 14), images[12:14], labels)
-    assert sampling.resume_plan(out, manifest, 14, 10) == []
-    res = sampling.merge(out, grid_max=0)
+        shards.merge(out)
+    shards.write_shard(out, np.arange(12, 14), images[12:14], labels)
+    assert shards.resume_plan(out, manifest, 14, 10) == []
+    res = shards.merge(out, grid_max=0)
     with np.load(res["npz"]) as z:
         np.testing.assert_array_equal(z["arr_0"], images)
         np.testing.assert_array_equal(z["arr_1"], labels)
-    assert sorted(os.listdir(out)) == ["samples.npz"] and sampling.recorded_settings(res["npz"]) == manifest
-    assert sampling.resume_plan(out, manifest, 14, 10) is None  # complete: nothing to redo
+    assert sorted(os.listdir(out)) == ["samples.npz"] and shards.recorded_settings(res["npz"]) == manifest
+    assert shards.resume_plan(out, manifest, 14, 10) is None  # complete: nothing to redo

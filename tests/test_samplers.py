@@ -4,13 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _gmm import COVS, GMM, MEANS, K
 
-from jaxdiff import guidance as G
-from jaxdiff import samplers as S
-from jaxdiff.schedules import logsnr_timesteps, make_schedule
-
-from _gmm import COVS, GMM, K, MEANS
-
+from jaxdiff.diffusion import guides
+from jaxdiff.diffusion import samplers as S
+from jaxdiff.diffusion.schedules import logsnr_timesteps, make_schedule
 
 # --- parity with guided-diffusion on adm_tiny_a.npz --------------------------------------------
 
@@ -22,13 +20,14 @@ def adm_fns(adm):
     eager, so the two network compilations are shared by all samplers and respacings (the
     `lax.scan` path itself is exercised by the other tests).
     """
-    convert = pytest.importorskip("jaxdiff.convert")
     from _adm import CLASSIFIER_FLAGS, UNET_FLAGS, state_dict
+
+    from jaxdiff.convert import guided_diffusion as convert
 
     um, up = convert.from_guided_diffusion(state_dict(adm, "unet"), "unet", **UNET_FLAGS)
     cm, cp = convert.from_guided_diffusion(state_dict(adm, "classifier"), "classifier", **CLASSIFIER_FLAGS)
-    apply = jax.jit(lambda p, x, t, cond: G.unet_fn(um, p)(x, t, cond))
-    grad = jax.jit(lambda p, x, t, cond: G.classifier_guide(G.logits_fn(cm, p))(x, t, cond))
+    apply = jax.jit(lambda p, x, t, cond: guides.unet_fn(um, p)(x, t, cond))
+    grad = jax.jit(lambda p, x, t, cond: guides.classifier_guide(guides.logits_fn(cm, p))(x, t, cond))
     model_fn = lambda x, t, cond: apply(up, x, t, cond)
     cond_fn = lambda x, t, cond: grad(cp, x, t, cond)
     return model_fn, cond_fn
@@ -38,7 +37,7 @@ def test_classifier_gradient_matches_guided_diffusion(adm, adm_fns):
     from _adm import nchw, nhwc, rel_err
 
     _, cond_fn = adm_fns
-    cond = G.make_cond(4, adm["y"], classifier_scale=adm["classifier_scale"])
+    cond = guides.make_cond(4, adm["y"], classifier_scale=adm["classifier_scale"])
     g = nchw(cond_fn(nhwc(adm["x"]), jnp.asarray(adm["t"], jnp.int32), cond))
     ref = adm["cond_grad"]
     assert rel_err(g, ref) < 1e-4
@@ -51,7 +50,7 @@ def test_parity_with_guided_diffusion(adm, adm_fns, R, name):
     from _adm import nchw, nhwc, rel_err
 
     model_fn, cond_fn = adm_fns
-    cond = G.make_cond(4, adm["y"], classifier_scale=adm["classifier_scale"])
+    cond = guides.make_cond(4, adm["y"], classifier_scale=adm["classifier_scale"])
     sched = make_schedule("cosine", 1000, R)  # the fixture's diffusion: cosine, 1000 steps
     np.testing.assert_array_equal(np.asarray(sched.timestep_map), adm[f"{R}/timestep_map"])
     np.testing.assert_allclose(np.asarray(sched.betas), adm[f"{R}/betas"], rtol=1e-6)
@@ -100,7 +99,7 @@ def test_exact_conditional_score_reproduces_each_class(gmm, sampler, respacing, 
     run = jax.jit(lambda cond, key, ids: S.sample_loop(
         gmm.model_fn, sched, None, cond, sampler=sampler, key=key, sample_ids=ids, shape=(2,),
         clip_denoised=False, fixed_variance=fixed_variance))
-    x = run(G.make_cond(len(y), y), jax.random.key(0), ids)
+    x = run(guides.make_cond(len(y), y), jax.random.key(0), ids)
     _class_moments_ok(x, n, sampler)
 
 
@@ -144,7 +143,7 @@ def test_dpmpp_2m_matches_reference_formulation(gmm):
 def test_ddim_eta_one_is_ddpm_with_posterior_variance(gmm):
     sched = make_schedule("linear", 1000, "25")
     ids = np.arange(40)
-    cond = G.make_cond(40, ids % K)
+    cond = guides.make_cond(40, ids % K)
     ddim = jax.jit(lambda c, k, i: S.sample_loop(gmm.model_fn, sched, None, c, sampler="ddim", eta=1.0, key=k,
                                                  sample_ids=i, shape=(2,), clip_denoised=False))
     ddpm = jax.jit(lambda c, k, i: S.sample_loop(gmm.model_fn, sched, None, c, sampler="ddpm", key=k,
@@ -159,9 +158,9 @@ def test_noise_depends_on_sample_id_not_batch(gmm):
     run = jax.jit(lambda c, k, i: S.sample_loop(gmm.model_fn, sched, None, c, sampler="ddpm", key=k, sample_ids=i,
                                                 shape=(2,), clip_denoised=False))
     ids = np.arange(10)
-    full = np.asarray(run(G.make_cond(10, ids % K), jax.random.key(7), ids))
+    full = np.asarray(run(guides.make_cond(10, ids % K), jax.random.key(7), ids))
     part_ids = np.array([7, 2, 9])
-    part = np.asarray(run(G.make_cond(3, part_ids % K), jax.random.key(7), part_ids))
+    part = np.asarray(run(guides.make_cond(3, part_ids % K), jax.random.key(7), part_ids))
     np.testing.assert_allclose(part, full[part_ids], atol=1e-6)  # x_T and every step's noise per sample id
 
 
@@ -171,13 +170,13 @@ def test_progress_bar_counts_every_step(gmm):
                                                 shape=(2,), progress=True))
     ids = np.arange(4)
     with S.progress_bar(2 * sched.num_steps, disable=False) as advance:
-        from jaxdiff.samplers import _Progress
+        from jaxdiff.diffusion.samplers import _Progress
         for _ in range(2):
-            jax.block_until_ready(run(G.make_cond(4, ids % K), jax.random.key(0), ids))
+            jax.block_until_ready(run(guides.make_cond(4, ids % K), jax.random.key(0), ids))
             jax.effects_barrier()
             advance(sched.num_steps)
         assert _Progress.bar.n == 2 * sched.num_steps
-    jax.block_until_ready(run(G.make_cond(4, ids % K), jax.random.key(0), ids))  # no active bar: no-op
+    jax.block_until_ready(run(guides.make_cond(4, ids % K), jax.random.key(0), ids))  # no active bar: no-op
 
 
 def test_bad_sampler_arguments(gmm):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jaxdiff import schedules
+from jaxdiff.diffusion import schedules
 
 
 def test_cosine_schedule_matches_guided_diffusion(adm):

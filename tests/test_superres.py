@@ -8,7 +8,6 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _adm import nchw, nhwc, state_dict
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -20,7 +19,7 @@ def superres():
         ref = {k: f[k] for k in f.files}
     flags = json.loads(str(ref["kwargs"]))
     flags = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}
-    from jaxdiff.convert import from_guided_diffusion
+    from jaxdiff.convert.guided_diffusion import from_guided_diffusion
 
     module, params = from_guided_diffusion(state_dict(ref, "superres"), "superres", **flags)
     return ref, flags, module, params
@@ -37,9 +36,9 @@ def test_superres_matches_guided_diffusion(superres):
 def test_sample_py_upsamples_low_res_samples(superres, tmp_path):
     """ADM-G+U's second stage from our command: a converted upsampler and --config.low_res -> 4x larger."""
     _, flags, _, params = superres
-    from jaxdiff import convert
+    from jaxdiff.convert import converted
 
-    convert.save_converted(tmp_path / "upsampler", params, "superres", flags,
+    converted.save_converted(tmp_path / "upsampler", params, "superres", flags,
                            dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=True))
     rng = np.random.default_rng(0)
     low = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
@@ -65,29 +64,31 @@ def test_sample_py_upsamples_low_res_samples(superres, tmp_path):
 
 def test_converted_flags_that_would_change_samples_are_refused(tmp_path, superres):
     _, flags, _, _ = superres
-    from jaxdiff import sampling
+    from jaxdiff.sample import runner
 
     low = (np.zeros((2, 8, 8, 3), np.float32), np.array([1, 2]))
-    cfg = sampling.default_config()
+    cfg = runner.default_config()
     cfg.model, cfg.out = "upsampler", str(tmp_path / "out")
     cfg.sample.update(steps=10, num_samples=2)
     diffusion = dict(schedule="linear", num_timesteps=1000, learned_sigma=True)  # as load_model names them
     model_cfg = {"model": dict(flags, kind="superres"), "diffusion": dict(diffusion, timestep_respacing="250")}
     with pytest.raises(ValueError, match="converted with --timestep_respacing 250.*sample.respacing=250"):
-        sampling.validate(cfg, model_cfg, low_res=low)
+        runner.validate(cfg, model_cfg, low_res=low)
     cfg.sample.respacing = "250"
-    sampling.validate(cfg, model_cfg, low_res=low)  # honoured when asked for
+    runner.validate(cfg, model_cfg, low_res=low)  # honoured when asked for
     model_cfg["diffusion"] = dict(diffusion, rescale_timesteps=True)
     with pytest.raises(ValueError, match="--rescale_timesteps True .* not supported"):
-        sampling.validate(cfg, model_cfg, low_res=low)
+        runner.validate(cfg, model_cfg, low_res=low)
 
 
 def test_fp16_checkpoint_samples_in_float32_on_request(tmp_path):
     import _tiny
-    from jaxdiff import checkpoints, convert
+
+    from jaxdiff import checkpoints
+    from jaxdiff.convert import converted
 
     m, p = _tiny.unet()
-    convert.save_converted(tmp_path / "m", p, "unet", dict(_tiny.UNET_FLAGS, use_fp16=True),
+    converted.save_converted(tmp_path / "m", p, "unet", dict(_tiny.UNET_FLAGS, use_fp16=True),
                            dict(noise_schedule="cosine", diffusion_steps=100, learn_sigma=True))
     assert checkpoints.load_model(str(tmp_path / "m"))[0].dtype is None  # use_fp16: bfloat16 compute
     from jaxdiff.models.layers import compute_dtype

@@ -7,7 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from jaxdiff import evaluation, report, sweep, training
+from jaxdiff.eval import __main__ as eval_cli
+from jaxdiff.eval import evaluation, report, sweep
+from jaxdiff.train import config as train_config
+from jaxdiff.train import loop as training
 
 
 def load_config(filename):
@@ -22,7 +25,7 @@ def load_config(filename):
 
 
 def _tiny(task, **train):
-    c = training.default_config(task)
+    c = train_config.default_config(task)
     c.model.update(model_channels=32, num_res_blocks=1, attention_resolutions=(), channel_mult=(1,),
                    num_head_channels=32, resblock_updown=False)
     if task == "classifier":
@@ -93,13 +96,13 @@ def test_evaluate_cli_refuses_bad_samples(workdirs, tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, np.zeros((50, 8, 8, 1), np.float32), np.zeros(50, np.int64))
     with pytest.raises(ValueError, match="uint8"):
-        evaluation.main(["--samples", str(bad), "--classifier", workdirs["eval_classifier"]])
+        eval_cli.main(["--samples", str(bad), "--classifier", workdirs["eval_classifier"]])
     np.savez(bad, np.zeros((50, 8, 8, 1), np.uint8), np.full(50, 12, np.int64))
     with pytest.raises(ValueError, match="12"):
-        evaluation.main(["--samples", str(bad), "--classifier", workdirs["eval_classifier"]])
+        eval_cli.main(["--samples", str(bad), "--classifier", workdirs["eval_classifier"]])
     np.savez(bad, np.zeros((5, 8, 8, 1), np.uint8), np.zeros(5, np.int64))
     with pytest.raises(ValueError, match="at least"):
-        evaluation.main(["--samples", str(bad), "--classifier", workdirs["eval_classifier"],
+        eval_cli.main(["--samples", str(bad), "--classifier", workdirs["eval_classifier"],
                          "--cache_dir", str(workdirs["root"] / "refcache")])
     with pytest.raises(ValueError, match="'model' model; the evaluation extractor must be a classifier|"
                                          "must be a classifier"):
@@ -139,7 +142,7 @@ def test_report_curves_start_from_the_unguided_row(tmp_path):
 @pytest.fixture
 def toy_guide():
     """A toy log-density guide registered in one call (pulls every pixel towards +0.9)."""
-    from jaxdiff import guidance
+    from jaxdiff.diffusion import guidance
 
     guidance.register_log_density("toy", lambda x, t, cond: -((x - 0.9) ** 2).sum(axis=(1, 2, 3)))
     yield "toy"
@@ -182,12 +185,15 @@ def test_sweep_with_inception_metrics(tmp_path, monkeypatch):
     import _fake_features as F
     import _inception
     import _tiny
-    from jaxdiff import convert, inception
+
+    from jaxdiff.convert import converted
+    from jaxdiff.convert import inception as convert_inception
+    from jaxdiff.eval import inception
 
     m, p = _tiny.unet()
-    convert.save_converted(tmp_path / "model", p, "unet", dict(_tiny.UNET_FLAGS),
+    converted.save_converted(tmp_path / "model", p, "unet", dict(_tiny.UNET_FLAGS),
                            dict(noise_schedule="cosine", diffusion_steps=100, learn_sigma=True))
-    inception.save_params(tmp_path / "inception.npz", inception.params_from_state_dict(_inception.fixture_state_dict()))
+    convert_inception.save_params(tmp_path / "inception.npz", convert_inception.params_from_state_dict(_inception.fixture_state_dict()))
     fake = F.make_params((8, 8, 3))
     monkeypatch.setattr(inception, "pure_feature_fn", lambda mode="tf1": lambda p_, x: F.feature_fn(fake, x))
     np.savez(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))

@@ -4,7 +4,6 @@ The runs (tiny models, a few steps) happen in one subprocess, `_text_worker.py`,
 with a persistent cache; the other tests need no compilation."""
 
 import json
-import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -15,8 +14,15 @@ try:
     import _training_helpers as H
 except ImportError:  # tests/ imported as a package
     from tests import _training_helpers as H
-from jaxdiff import captions, data, sampling, sweep, training
-from jaxdiff.tokenizers import WordTokenizer
+from jaxdiff.data import batching, captions, transforms
+from jaxdiff.data import order as data_order
+from jaxdiff.data import sources as data_sources
+from jaxdiff.data.tokenizers import WordTokenizer
+from jaxdiff.eval import sweep
+from jaxdiff.sample import runner
+from jaxdiff.train import config as train_config
+from jaxdiff.train import inputs as train_inputs
+from jaxdiff.train import losses
 
 VOCAB = list(captions.vocabulary("digits"))
 
@@ -26,7 +32,7 @@ def data_dir(tmp_path_factory):
     d = tmp_path_factory.getbasetemp() / "tfds"  # the other training tests' data_dir (prepare is idempotent)
     d.mkdir(exist_ok=True)
     for name in ("digits", "digits_text"):
-        data.prepare(name, str(d))
+        data_sources.prepare(name, str(d))
     return d
 
 
@@ -41,7 +47,7 @@ def runs(data_dir, tmp_path_factory):
 
 
 def _config(task, data_dir, **model):
-    c = training.default_config(task)
+    c = train_config.default_config(task)
     c.data.update(name="digits_text", data_dir=str(data_dir))
     c.model.update(model)
     return c
@@ -85,47 +91,47 @@ def test_text_sweep_rows_captions_and_report(runs):
               "precision_vs_recall.png"):
         assert (root / "report" / f).stat().st_size > 0, f
     # a trained CLIP's workdir gives either encoder to a guide
-    module, params, cfg = sampling.load(str(root / "clip"), net="clip_text")
+    module, params, cfg = runner.load(str(root / "clip"), net="clip_text")
     assert cfg["model"]["kind"] == "clip-text" and set(params) == {"input", "output", "block_0"}
 
 
 # --- batches, tokens and bad input (no compilation) ----------------------------------------------
 
 def test_caption_batches_carry_text_and_leave_images_byte_identical(data_dir):
-    source, _ = data.make_source("digits_text", "train", str(data_dir))
+    source, _ = data_sources.make_source("digits_text", "train", str(data_dir))
     kw = dict(global_batch_size=12, seed=3, num_steps=2, start_position=5, prefetch=0)
-    plain = list(data.batches(source, **kw))
-    texts = list(data.batches(source, text=True, workers=3, **kw))
+    plain = list(batching.batches(source, **kw))
+    texts = list(batching.batches(source, text=True, workers=3, **kw))
     for step, ((im, lb), (im2, lb2, text)) in enumerate(zip(plain, texts)):
         assert im.tobytes() == im2.tobytes() and np.array_equal(lb, lb2)
-        idx = data.global_batch_indices(step, global_batch_size=12, num_examples=len(source), seed=3,
+        idx = data_order.global_batch_indices(step, global_batch_size=12, num_examples=len(source), seed=3,
                                         position=5 + 12 * step)
         want = source.gather_text(idx)
         assert set(text) == {"caption", "attributes", "named"}
         for k in want:
             np.testing.assert_array_equal(text[k], want[k])
-    digits, _ = data.make_source("digits", "train", str(data_dir))
+    digits, _ = data_sources.make_source("digits", "train", str(data_dir))
     with pytest.raises(ValueError, match="has no captions; captioned datasets: digits_text, fashion_mnist_text"):
-        data.batches(digits, global_batch_size=4, seed=0, text=True)
+        batching.batches(digits, global_batch_size=4, seed=0, text=True)
 
 
 def test_caption_tokens_truncate_and_refuse_unknown_words(data_dir):
-    text = training.resolve_config(_config("text2im", data_dir, text_ctx=2))
-    tokens = training.caption_tokens(text)(["a thick wide slanted seven", ""])
+    text = train_config.resolve_config(_config("text2im", data_dir, text_ctx=2))
+    tokens = train_inputs.caption_tokens(text)(["a thick wide slanted seven", ""])
     ids = [VOCAB.index(w) for w in ("a", "thick")]
     np.testing.assert_array_equal(tokens["tokens"], [ids, [len(VOCAB)] * 2])  # truncated; empty = all padding
     np.testing.assert_array_equal(tokens["mask"], [[True, True], [False, False]])
-    clip = training.resolve_config(_config("clip", data_dir, max_text_len=3))
-    tokens = training.caption_tokens(clip)(["a thick wide slanted seven", "a two"])
+    clip = train_config.resolve_config(_config("clip", data_dir, max_text_len=3))
+    tokens = train_inputs.caption_tokens(clip)(["a thick wide slanted seven", "a two"])
     np.testing.assert_array_equal(tokens["tokens"][0], ids + [len(VOCAB)])  # the first 2 words and the end id
     np.testing.assert_array_equal(tokens["lengths"], [3, 3])
     with pytest.raises(ValueError, match="word 'purple' .* is not in the vocabulary \\(the vocabulary of digits_text"):
-        training.caption_tokens(text)(["a purple seven"])
+        train_inputs.caption_tokens(text)(["a purple seven"])
     model_cfg = {**text.to_dict(), "model": {**text.model.to_dict()}}
-    cfg = sampling.default_config()
+    cfg = runner.default_config()
     cfg.sample.update(captions="a thin two|a purple seven", num_samples=2, batch_size=2)
     with pytest.raises(ValueError, match="'purple'"):
-        sampling.validate(cfg, model_cfg)
+        runner.validate(cfg, model_cfg)
 
 
 @pytest.mark.parametrize("task,data_name,message", [
@@ -138,15 +144,15 @@ def test_text_configs_refused(data_dir, task, data_name, message):
     c.data.name = data_name
     if task == "clip":
         c.model.n_vocab = 5
-    with pytest.raises(training.ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")):
-        training.resolve_config(c)
+    with pytest.raises(train_config.ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        train_config.resolve_config(c)
 
 
 def test_contrastive_loss_is_clip_infonce_with_shared_captions():
     rng = np.random.default_rng(0)
     z_img, z_txt = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
     tokens = np.array([[1, 2], [3, 4], [1, 2], [5, 6]])
-    loss, acc = training.contrastive_loss(jnp.asarray(z_img), jnp.asarray(z_txt), jnp.float32(10.0), jnp.asarray(tokens))
+    loss, acc = losses.contrastive_loss(jnp.asarray(z_img), jnp.asarray(z_txt), jnp.float32(10.0), jnp.asarray(tokens))
     unit = lambda z: z / np.linalg.norm(z, axis=1, keepdims=True)
     logits = 10.0 * unit(z_img) @ unit(z_txt).T
     same = (tokens[:, None] == tokens[None]).all(-1)
@@ -161,9 +167,9 @@ def test_contrastive_loss_is_clip_infonce_with_shared_captions():
 
 
 def test_caption_dropout_is_the_empty_caption(data_dir):
-    resolved = training.resolve_config(_config("text2im", data_dir, text_ctx=4))
-    tokens = training.caption_tokens(resolved)(["a thin two", "a seven"])
-    out = training.condition_dropout(resolved)({k: jnp.asarray(v) for k, v in tokens.items()},
+    resolved = train_config.resolve_config(_config("text2im", data_dir, text_ctx=4))
+    tokens = train_inputs.caption_tokens(resolved)(["a thin two", "a seven"])
+    out = losses.condition_dropout(resolved)({k: jnp.asarray(v) for k, v in tokens.items()},
                                                jnp.asarray([False, True]))
     empty_tokens, empty_mask = WordTokenizer(VOCAB).tokens_and_mask([""], 4)
     np.testing.assert_array_equal(out["tokens"], np.concatenate([tokens["tokens"][:1], empty_tokens]))
@@ -204,11 +210,11 @@ def test_text_configs_resolve_and_read_whole_captions(data_dir, name):
         cfg.data.data_dir = str(data_dir)
         info = None
     else:  # Fashion-MNIST's shape and caption metadata, without preparing 70,000 images
-        info = data.DataInfo(name=cfg.data.name, split="train", num_examples=60000, image_shape=(28, 28, 1),
+        info = data_sources.DataInfo(name=cfg.data.name, split="train", num_examples=60000, image_shape=(28, 28, 1),
                              num_classes=10, class_names=tuple(map(str, range(10))), random_flip=False,
                              resize_mode="pad", pad_value=0, data_dir="/unused", caption_key="caption",
                              captions={"scheme": base, "vocabulary": list(captions.vocabulary(base))})
-    r = training.resolve_config(cfg, info)
+    r = train_config.resolve_config(cfg, info)
     s = captions.scheme(base)
     longest = 1 + len(s.attributes) + max(len(w.split()) for w in s.class_words)  # "a" + attributes + class
     room = r.model.text_ctx if r.task == "text2im" else r.model.max_text_len - 1  # CLIP keeps one for the end id
@@ -217,14 +223,15 @@ def test_text_configs_resolve_and_read_whole_captions(data_dir, name):
 
 
 def test_clip_scorer_is_the_mean_clean_cosine_times_100(runs):
-    from jaxdiff import checkpoints, evaluation
+    from jaxdiff import checkpoints
+    from jaxdiff.eval import evaluation
 
     root, _ = runs
     module, params, cfg = checkpoints.load_model(str(root / "clip"))
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
     caps = ["a seven", "a thick two", "a one", "a slanted nine", "a zero"]
     tokens, lengths = WordTokenizer(list(cfg["text"]["vocab"])).tokens_and_lengths(caps, cfg["model"]["max_text_len"])
-    x, t = data.to_model_range(images), jnp.zeros((5,), jnp.int32)
+    x, t = transforms.to_model_range(images), jnp.zeros((5,), jnp.int32)
     z_img = np.asarray(module.apply({"params": params}, x, t, method="encode_image"), np.float64)
     z_txt = np.asarray(module.apply({"params": params}, tokens, lengths, method="encode_text"), np.float64)
     unit = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)  # noqa: E731

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxdiff.tokenizers import ClipTokenizer, GPT2Tokenizer, WordTokenizer, _gpt2_pieces, bytes_to_unicode
+from jaxdiff.data.tokenizers import ClipTokenizer, GPT2Tokenizer, WordTokenizer, _gpt2_pieces, bytes_to_unicode
 
 BYTES = list(bytes_to_unicode().values())
 GPT2_MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "hello"), ("o", "r"), ("Ġ", "w"),

@@ -11,7 +11,10 @@ try:
     import _training_helpers as H
 except ImportError:  # tests/ imported as a package
     from tests import _training_helpers as H
-from jaxdiff import schedules, training
+from jaxdiff.diffusion import schedules
+from jaxdiff.train import config as train_config
+from jaxdiff.train import losses
+from jaxdiff.train import state as train_state
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +23,7 @@ def sess(tmp_path_factory):
 
 
 def _digits_info():
-    from jaxdiff.data import DataInfo
+    from jaxdiff.data.sources import DataInfo
 
     return DataInfo(name="digits", split="train", num_examples=1438, image_shape=(8, 8, 1), num_classes=10,
                     class_names=tuple(map(str, range(10))), random_flip=False, resize_mode="resize",
@@ -72,20 +75,20 @@ BAD = [
 @pytest.mark.parametrize("mutate,message", BAD, ids=[m for _, m in BAD])
 def test_bad_config_is_refused_with_value_and_allowed(tiny, mutate, message):
     mutate(tiny)
-    with pytest.raises(training.ConfigError, match=message):
-        training.resolve_config(tiny)
+    with pytest.raises(train_config.ConfigError, match=message):
+        train_config.resolve_config(tiny)
 
 
 def test_derived_values_are_refused_in_config(tiny):
     tiny.model.num_classes = 10
-    with pytest.raises(training.ConfigError, match="config.model.num_classes is derived"):
-        training.resolve_config(tiny)
+    with pytest.raises(train_config.ConfigError, match="config.model.num_classes is derived"):
+        train_config.resolve_config(tiny)
 
 
 def test_batch_size_the_devices_cannot_share(tiny, monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda *a: 3)
-    with pytest.raises(training.ConfigError, match=r"batch_size=16 cannot be shared by the 3 devices .*multiple of 3"):
-        training.resolve_config(tiny)
+    with pytest.raises(train_config.ConfigError, match=r"batch_size=16 cannot be shared by the 3 devices .*multiple of 3"):
+        train_config.resolve_config(tiny)
 
 
 def test_cli_reports_bad_input_without_traceback(sess, tmp_path):
@@ -99,16 +102,16 @@ def test_cli_reports_bad_input_without_traceback(sess, tmp_path):
 # --- derived values, resolved config ------------------------------------------------------------
 
 def test_resolved_config_derives_from_dataset_and_task(tiny, sess):
-    r = training.resolve_config(tiny)
+    r = train_config.resolve_config(tiny)
     assert r.model.kind == "unet" and r.model.image_size == 8 and r.model.in_channels == 1
     assert r.model.out_channels == 2  # learned sigma doubles the channels
     assert r.model.num_classes == 10 and r.model.null_label is True
     tiny.diffusion.learned_sigma = False
     tiny.diffusion.p_uncond = 0.0
-    r = training.resolve_config(tiny)
+    r = train_config.resolve_config(tiny)
     assert r.model.out_channels == 1 and r.model.null_label is False
     tiny.task = "classifier"
-    r = training.resolve_config(tiny)
+    r = train_config.resolve_config(tiny)
     assert r.model.kind == "classifier" and r.model.out_channels == 10 and "num_classes" not in r.model
     # the reference workdir has the resolved config: sampling needs only the workdir
     saved = json.loads((sess["ref"] / "config.json").read_text())
@@ -129,18 +132,18 @@ def _load_config(name):
 def test_digits_configs_resolve(sess, name):
     cfg = _load_config(name)
     cfg.data.data_dir = str(sess["data_dir"])
-    r = training.resolve_config(cfg)
+    r = train_config.resolve_config(cfg)
     assert r.model.image_size == 8 and r.data.num_classes == 10
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "fashion_mnist_classifier", "fashion_mnist_eval_classifier"])
 def test_fashion_mnist_configs_resolve(name):
-    from jaxdiff.data import DataInfo
+    from jaxdiff.data.sources import DataInfo
 
     info = DataInfo(name="fashion_mnist", split="train", num_examples=60000, image_shape=(28, 28, 1),
                     num_classes=10, class_names=tuple(map(str, range(10))), random_flip=True,
                     resize_mode="pad", pad_value=0, data_dir="/unused")
-    r = training.resolve_config(_load_config(name), info)
+    r = train_config.resolve_config(_load_config(name), info)
     assert r.model.image_size == 32 and r.model.in_channels == 1
 
 
@@ -149,24 +152,24 @@ def test_fashion_mnist_configs_resolve(name):
 def test_learning_rate_warmup_and_decay():
     t = _tiny_config().train
     t.update(lr=1.0, warmup_steps=4, steps=14)
-    f = training.learning_rate_fn(t)
+    f = train_state.learning_rate_fn(t)
     np.testing.assert_allclose([float(f(s)) for s in (0, 3, 4, 13)], [0.25, 1.0, 1.0, 1.0])
     t.lr_schedule = "linear"
-    f = training.learning_rate_fn(t)
+    f = train_state.learning_rate_fn(t)
     np.testing.assert_allclose([float(f(s)) for s in (0, 4, 9, 14)], [0.25, 1.0, 0.5, 0.0], atol=1e-6)
     t.lr_schedule = "cosine"
-    f = training.learning_rate_fn(t)
+    f = train_state.learning_rate_fn(t)
     np.testing.assert_allclose([float(f(s)) for s in (4, 9, 14)], [1.0, 0.5, 0.0], atol=1e-6)
 
 
 def test_ema_update_and_warmup():
     tiny = _tiny_config()
     tiny.train.ema_decay = 0.999
-    assert float(training.ema_decay_at(tiny.train, 0)) == pytest.approx(0.1)
-    assert float(training.ema_decay_at(tiny.train, 10 ** 6)) == pytest.approx(0.999)
+    assert float(train_state.ema_decay_at(tiny.train, 0)) == pytest.approx(0.1)
+    assert float(train_state.ema_decay_at(tiny.train, 10 ** 6)) == pytest.approx(0.999)
     tiny.train.ema_warmup = False
-    assert float(training.ema_decay_at(tiny.train, 0)) == pytest.approx(0.999)
-    e = training.ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 0.75)
+    assert float(train_state.ema_decay_at(tiny.train, 0)) == pytest.approx(0.999)
+    e = train_state.ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 0.75)
     np.testing.assert_allclose(e["w"], 0.25)
 
 
@@ -199,11 +202,11 @@ def _run(loss_fn, model, params, images, labels):
 
 
 def test_diffusion_loss_drops_labels_and_draws_uniform_t():
-    r = training.resolve_config(_tiny_config(), _digits_info())
+    r = train_config.resolve_config(_tiny_config(), _digits_info())
     r.diffusion.p_uncond = 0.5
     sched = schedules.make_schedule("cosine", 100)
     model = _Recorder(2)
-    loss_fn = training.diffusion_loss_fn(r, model, sched)
+    loss_fn = losses.diffusion_loss_fn(r, model, sched)
     images = jnp.zeros((4096, 8, 8, 1))
     labels = jnp.full((4096,), 3, jnp.int32)
     loss, metrics, seen = _run(loss_fn, model, {"w": jnp.float32(0.5)}, images, labels)
@@ -216,17 +219,17 @@ def test_diffusion_loss_drops_labels_and_draws_uniform_t():
 def test_classifier_loss_noised_and_clean():
     tiny = _tiny_config()
     tiny.task = "classifier"
-    r = training.resolve_config(tiny, _digits_info())
+    r = train_config.resolve_config(tiny, _digits_info())
     sched = schedules.make_schedule("cosine", 100)
     images = jnp.full((256, 8, 8, 1), 0.5)
     labels = jnp.zeros((256,), jnp.int32)
     model = _Recorder(10)
-    loss, metrics, seen = _run(training.classifier_loss_fn(r, model, sched), model, {"w": jnp.float32(1.0)},
+    loss, metrics, seen = _run(losses.classifier_loss_fn(r, model, sched), model, {"w": jnp.float32(1.0)},
                                images, labels)
     assert np.asarray(seen["t"]).max() > 50 and not np.allclose(seen["x"], images)
     assert set(metrics) == {"loss", "accuracy"}
     r.train.noised = False
-    _, _, seen = _run(training.classifier_loss_fn(r, model, sched), model, {"w": jnp.float32(1.0)}, images, labels)
+    _, _, seen = _run(losses.classifier_loss_fn(r, model, sched), model, {"w": jnp.float32(1.0)}, images, labels)
     assert np.all(np.asarray(seen["t"]) == 0)
     np.testing.assert_array_equal(seen["x"], images)
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import flax.linen as nn
+import numpy as np
 
-from jaxdiff.config_util import did_you_mean
 from jaxdiff.models import layers
 from jaxdiff.models.classifier import EncoderUNetModel
 from jaxdiff.models.clip import ClipModel
@@ -44,6 +43,7 @@ from jaxdiff.models.text_unet import (
     encode_text,
 )
 from jaxdiff.models.unet import SuperResModel, UNetModel, check_labels, upsample_bilinear
+from jaxdiff.util.config import did_you_mean
 
 __all__ = ["AttentionBlock", "AttentionPool2d", "ClipModel", "Conv", "Downsample", "EncoderUNetModel", "GroupNorm32",
            "InpaintText2ImUNet", "MODEL_KINDS", "ResBlock", "SuperResInpaintText2ImUNet", "SuperResModel",
@@ -97,7 +97,7 @@ def normalize_flags(kind: str, **flags) -> dict:
             alias = _SCRIPT_ALIASES.get(k)
             if alias in names:
                 hint = (f" (did you mean {alias!r}? {k!r} is a guided-diffusion command-line flag; "
-                        f"jaxdiff.convert.flags_from_args translates those)")
+                        f"jaxdiff.convert.guided_diffusion.flags_from_args translates those)")
             else:
                 hint = did_you_mean(k, names, cutoff=0.5)
             raise ValueError(f"unknown flag {k!r} for a {kind!r} model{hint}; allowed flags: {', '.join(names)}")

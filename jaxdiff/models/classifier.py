@@ -16,8 +16,8 @@ and unused, as in guided-diffusion.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
 
 from jaxdiff.models import layers as L
 from jaxdiff.models.unet import ADMFlags, _check_input, prepare_timesteps

@@ -5,11 +5,11 @@
     ClipTextEncoder(n_bpe_vocab, max_text_len, n_embd, n_head, n_xf_blocks, n_head_state)
         (tokens [B, max_text_len] int, text_len [B] int) -> [B, n_embd]
     create_clip_encoder(kind, **kwargs)         kind: "clip-image" | "clip-text"
-    ClipModel(...)  both encoders and the logit scale, trained together by jaxdiff.training's "clip" task
+    ClipModel(...)  both encoders and the logit scale, trained together by jaxdiff.train's "clip" task
 
 The encoders return unnormalised embeddings. Constructor arguments are glide's own (width = n_head *
 n_head_state). Submodule and parameter names mirror the state_dict keys without the leading "blocks."
-(`blocks.block_3.f_attn.f_q.w` <-> `block_3/f_attn/f_q/kernel`) for `jaxdiff.convert_clip`.
+(`blocks.block_3.f_attn.f_q.w` <-> `block_3/f_attn/f_q/kernel`) for `jaxdiff.convert.clip`.
 
 glide pads every sequence to a multiple of 32 tokens and masks the padding with -1e10 logits; for
 the real tokens that equals plain attention over the unpadded sequence, which is what is computed
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
-from jaxdiff.attention import attention
-from jaxdiff.config_util import did_you_mean, is_int
 from jaxdiff.models.layers import Dense, gelu_mlp, layer_norm, merge_heads, split_heads
+from jaxdiff.ops.attention import attention
+from jaxdiff.util.config import did_you_mean, is_int
 
 __all__ = ["CLIP_IMAGE_MEAN", "CLIP_IMAGE_STD", "CLIP_KINDS", "ClipImageEncoder", "ClipModel", "ClipTextEncoder",
            "MAX_LOGIT_SCALE", "PreLNAttention", "PreLNMLP", "TransformerBlock", "check_clip_kind", "create_clip_encoder",
@@ -50,7 +50,7 @@ def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int
     """Scaled dot-product attention of q, k, v [B, T, C] with `num_heads` contiguous heads -> [B, T, C].
 
     q and k are each scaled by d^-1/4 (d = C / num_heads: total 1/sqrt(d)). Without a mask this is
-    `jaxdiff.attention.attention` (with its CPU gradient); `causal=True` lets position i attend
+    `jaxdiff.ops.attention.attention` (with its CPU gradient); `causal=True` lets position i attend
     to positions <= i only (a plain formula).
     """
     b, t, c = q.shape
@@ -204,7 +204,7 @@ class ClipTextEncoder(nn.Module):
     """GLIDE's CLIP text encoder (glide's TextEncoder).
 
     __call__(tokens, text_len): tokens [B, max_text_len] int ([start] + BPE ids + [end], padded; see
-    `jaxdiff.tokenizers.ClipTokenizer`), text_len [B] the number of ids including start and end.
+    `jaxdiff.data.tokenizers.ClipTokenizer`), text_len [B] the number of ids including start and end.
     Causal attention; the output is read at position text_len - 1 (the end token), so ids after it
     have no effect. Returns the unnormalised embedding [B, n_embd].
     """
@@ -245,9 +245,9 @@ MAX_LOGIT_SCALE = 100.0
 
 
 class ClipModel(nn.Module):
-    """Both encoders of a noised CLIP and its logit scale (what jaxdiff.training's "clip" task trains).
+    """Both encoders of a noised CLIP and its logit scale (what jaxdiff.train's "clip" task trains).
 
-    Fields are glide's clip/config.yaml names (`jaxdiff.convert_clip.CLIP_CONFIG`), so `image_encoder()`
+    Fields are glide's clip/config.yaml names (`jaxdiff.convert.clip.CLIP_CONFIG`), so `image_encoder()`
     and `text_encoder()` are the ClipImageEncoder / ClipTextEncoder of the released layout; their
     parameters are this module's "image" and "text" subtrees.
 

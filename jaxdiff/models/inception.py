@@ -1,6 +1,6 @@
 """Inception-v3 as the FID/IS/sFID evaluators run it (TensorFlow's 2015-12-05 graph), Flax linen, NHWC.
 
-Architecture only (preprocessing, weights and the jitted feature function: `jaxdiff.inception`).
+Architecture only (preprocessing, weights and the jitted feature function: `jaxdiff.eval.inception`).
 The network of guided-diffusion's evaluator and of its PyTorch ports (torch-fidelity, pytorch-fid),
 which differs from torchvision's Inception-v3 in three places:
 
@@ -197,7 +197,7 @@ class Logits(nn.Module):
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception-v3 on preprocessed float32 images [N, 299, 299, 3] (see jaxdiff.inception).
+    """The FID Inception-v3 on preprocessed float32 images [N, 299, 299, 3] (see jaxdiff.eval.inception).
 
     Returns {"pool3": [N, 2048] (global average of Mixed_7c), "logits_unbiased": [N, 1008]
     (pool3 @ W, what the ADM evaluator's Inception Score uses), "logits": [N, 1008] (+ bias),

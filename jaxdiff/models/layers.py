@@ -15,15 +15,15 @@ import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
-from jaxdiff.attention import attention
-from jaxdiff.config_util import is_int
-from jaxdiff.conv import conv2d
-from jaxdiff.norm import group_norm
+from jaxdiff.ops.attention import attention
+from jaxdiff.ops.conv import conv2d
+from jaxdiff.ops.norm import group_norm
+from jaxdiff.util.config import is_int
 
 Dtype = Any
 
@@ -69,7 +69,7 @@ class GroupNorm32(nn.Module):
 
     Works on [B, ..., C]; statistics over every non-batch axis of a group. `silu=True` applies SiLU
     to the result, and `scale`/`shift` ([B, C]) the ResBlock's scale-shift modulation
-    `norm(x) * (1 + scale) + shift`; all of it is one `jaxdiff.norm.group_norm` call.
+    `norm(x) * (1 + scale) + shift`; all of it is one `jaxdiff.ops.norm.group_norm` call.
     """
 
     num_groups: int = 32
@@ -91,7 +91,7 @@ class GroupNorm32(nn.Module):
 
 
 class Conv(nn.Module):
-    """2-D convolution (NHWC x HWIO) with bias, through `jaxdiff.conv.conv2d`.
+    """2-D convolution (NHWC x HWIO) with bias, through `jaxdiff.ops.conv.conv2d`.
 
     Parameters: `kernel` [k, k, in, out] (PyTorch-like init, or zeros) and `bias` [out] (zeros),
     float32; computed in `dtype`. `padding` defaults to k // 2 (same size for odd k at stride 1).
@@ -555,7 +555,7 @@ def check_architecture(m, kind: str) -> None:
             raise ValueError(f"attention_resolutions contains {a!r}, a downsampling factor (ds) this network never "
                              f"reaches: with channel_mult={cm} it runs at ds {reached} (resolutions {res} for "
                              f"image_size {m.image_size}). attention_resolutions are factors ds = image_size // "
-                             f"resolution, as inside guided-diffusion's UNetModel; jaxdiff.convert.flags_from_args "
+                             f"resolution, as inside guided-diffusion's UNetModel; jaxdiff.convert.guided_diffusion.flags_from_args "
                              f"converts command-line resolutions")
     nh, nhc = m.num_heads, m.num_head_channels
     nhu = getattr(m, "num_heads_upsample", -1)

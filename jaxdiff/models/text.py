@@ -20,15 +20,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
-from jaxdiff.attention import attention
-from jaxdiff.config_util import is_int
 from jaxdiff.models import layers as L
 from jaxdiff.models.unet import _concrete
+from jaxdiff.ops.attention import attention
+from jaxdiff.util.config import is_int
 
 TEXT_FLAGS = ("text_ctx", "xf_width", "xf_layers", "xf_heads", "n_vocab")
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from jaxdiff.models import layers as L
 from jaxdiff.models.text import TextEncoder

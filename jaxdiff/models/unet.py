@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 from jaxdiff.models import layers as L
 

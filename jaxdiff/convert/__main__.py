@@ -1,0 +1,98 @@
+"""Loading openai/guided-diffusion and openai/glide-text2im (PyTorch) checkpoints into jaxdiff models.
+
+    python -m jaxdiff.convert (--pt FILE.pt | --npz FILE.npz) --kind unet|classifier|superres \\
+        --flags "<guided-diffusion command-line flags>" --out DIR [--force]
+    python -m jaxdiff.convert --source glide (--pt | --npz) FILE [--kind text2im|...|clip-image|clip-text] \\
+        [--flags "<GLIDE options or clip/config.yaml values>"] --out DIR [--force]
+
+writes DIR/config.json ({"kind", "model", "diffusion", "source"}) and DIR/params (orbax), atomically;
+an existing non-empty DIR is only replaced with --force. GLIDE's options and kinds: `jaxdiff.convert.glide`,
+`jaxdiff.convert.clip`.
+
+Layout mapping: Conv2d OIHW -> HWIO; Linear (out, in) -> (in, out); the token-wise conv1d layers (qkv,
+proj_out, qkv_proj, c_proj, encoder_kv; weight (O, I, 1)) -> Dense (I, O); GroupNorm weight -> scale;
+Embedding weight -> embedding; the classifier's positional_embedding (C, T) -> (T, C). GLIDE's caption
+encoder (top-level state_dict keys) lives under `text_encoder`; its Linear layers -> Dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from jaxdiff.convert.converted import SOURCES, save_converted
+from jaxdiff.convert.guided_diffusion import KINDS, flags_from_args, from_guided_diffusion, infer_kind, parse_given
+
+
+def main(argv=None) -> int:
+    from jaxdiff.convert import glide as convert_glide
+    from jaxdiff.models import TEXT_KINDS
+    from jaxdiff.models.clip import CLIP_KINDS
+
+    p = argparse.ArgumentParser(
+        prog="python -m jaxdiff.convert",
+        description="Convert an openai/guided-diffusion or openai/glide-text2im checkpoint (text U-Nets and "
+                    "the noised CLIP encoders) into a jaxdiff checkpoint directory.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pt", help="PyTorch .pt state_dict (needs torch)")
+    src.add_argument("--npz", help="numpy .npz state_dict (keys as in the .pt file)")
+    glide_kinds = tuple(TEXT_KINDS) + tuple(CLIP_KINDS)
+    p.add_argument("--source", choices=SOURCES, default=None,
+                   help="the repository the checkpoint comes from (default: glide for a GLIDE --kind, else "
+                        "guided-diffusion)")
+    p.add_argument("--kind", choices=KINDS + glide_kinds, default=None,
+                   help=f"guided-diffusion: {', '.join(KINDS)}; glide: {', '.join(glide_kinds)} (default: "
+                        f"inferred from --flags)")
+    p.add_argument("--flags", default="",
+                   help='guided-diffusion command-line flags, e.g. "--image_size 64 --num_channels 192 ...", '
+                        'GLIDE\'s options, e.g. "--super_res True" (absent ones take GLIDE\'s defaults), or for '
+                        'CLIP kinds clip/config.yaml values as "--n_embd 512 ..." (default: the released config)')
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    args = p.parse_args(argv)
+    if args.source is None:
+        args.source = "glide" if args.kind in glide_kinds else "guided-diffusion"
+
+    save_kw = {"source": args.source}
+    if args.source == "glide":
+        if args.kind is not None and args.kind not in glide_kinds:
+            p.error(f"--kind {args.kind} is a guided-diffusion kind; GLIDE's are {', '.join(glide_kinds)}")
+        if args.kind in CLIP_KINDS:
+            from jaxdiff.convert.clip import clip_config, encoder_kwargs, from_glide_clip
+
+            config = clip_config(args.flags)
+            kind, model_flags = args.kind, encoder_kwargs(args.kind, config)
+            diffusion_flags = {"diffusion_steps": config["n_timesteps"], "noise_schedule": config["beta_schedule"]}
+            convert, save_kw["extra"] = from_glide_clip, {"clip": config}
+        else:
+            kind, model_flags, diffusion_flags = convert_glide.flags_from_glide(args.flags, args.kind)
+            convert = from_guided_diffusion
+    else:
+        if args.kind is not None and args.kind not in KINDS:
+            p.error(f"--kind {args.kind} is a GLIDE kind: add --source glide")
+        if not args.flags:
+            p.error(f"--flags (guided-diffusion command-line flags) is required for --kind {args.kind or 'unet'}")
+        kind = args.kind or infer_kind(parse_given(args.flags))
+        model_flags, diffusion_flags = flags_from_args(args.flags, kind)
+        convert = from_guided_diffusion
+    out = Path(args.out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
+        return 2
+    _, params = convert(args.pt or args.npz, kind, **model_flags)
+    save_converted(out, params, kind, model_flags, diffusion_flags, force=args.force, **save_kw)
+    n = sum(int(np.prod(np.shape(v))) for v in flatten_dict(params).values())
+    print(json.dumps({"out": str(out), "kind": kind, "parameters": n}))
+    return 0
+
+
+if __name__ == "__main__":
+    from jaxdiff.util import cli
+
+    cli.main_of(main, "python -m jaxdiff.convert")

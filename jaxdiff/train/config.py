@@ -1,0 +1,313 @@
+"""The training config: defaults for every task, validation, and the values derived from the dataset
+(image size, channels, classes, the model's flags)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import jax
+import ml_collections
+
+from jaxdiff import parallel
+from jaxdiff.data import sources as data_lib
+from jaxdiff.diffusion import gaussian as diffusion_lib
+from jaxdiff.diffusion import schedules
+from jaxdiff.util import config as config_util
+
+log = logging.getLogger(__name__)
+
+
+TASKS = ("diffusion", "classifier", "text2im", "clip")
+
+
+DIFFUSION_TASKS = ("diffusion", "text2im")
+
+
+TEXT_TASKS = ("text2im", "clip")
+
+
+P_UNCOND = {"diffusion": 0.1, "text2im": 0.2}  # default probability of dropping the label / caption
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work (the message names the value and what is allowed)."""
+
+
+# The "clip" task's model: glide's clip/config.yaml names (image_size, n_vocab and n_timesteps are
+# derived from the dataset and the diffusion schedule); logit scale as `models.ClipModel`.
+CLIP_MODEL_DEFAULTS = dict(n_embd=64, patch_size=2, n_head_image=2, n_head_state_image=32, n_xf_blocks_image=2,
+                           n_head_text=2, n_head_state_text=32, n_xf_blocks_text=2, max_text_len=8,
+                           logit_scale=1 / 0.07, learn_logit_scale=True)
+
+
+def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
+    """Every key train.py reads, with defaults. Derived values (image size, channels, num_classes,
+    out_channels, null_label) are deliberately absent: they come from the dataset and the task."""
+    from ml_collections.config_dict import placeholder
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = task
+    c.data = ml_collections.ConfigDict(dict(
+        name="digits",
+        data_dir="",            # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+        split="train",
+        eval_split="test",
+        augment=placeholder(bool),   # None = the dataset's default (flips off for digits)
+        image_size=placeholder(int),  # None = as stored; else resized/padded by jaxdiff.data
+        workers=1,              # threads decoding each batch (batches identical for any number)
+    ))
+    c.model = ml_collections.ConfigDict(CLIP_MODEL_DEFAULTS) if task == "clip" else ml_collections.ConfigDict(dict(
+        model_channels=64,
+        num_res_blocks=2,
+        attention_resolutions=(2,),   # downsampling factors ds
+        dropout=0.0,
+        channel_mult=(1, 2),
+        num_heads=1,
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        use_new_attention_order=False,
+        dtype="float32",              # compute dtype: "float32" or "bfloat16"
+        use_checkpoint=False,         # remat: recompute each block's activations in the backward pass
+    ))
+    if task == "classifier":
+        c.model.pool = "attention"
+    if task == "text2im":  # GLIDE's caption transformer (text_unet.py)
+        c.model.update(text_ctx=8, xf_width=64, xf_layers=2, xf_heads=2, xf_final_ln=True, xf_padding=True)
+    c.diffusion = ml_collections.ConfigDict(dict(
+        schedule="cosine",
+        num_timesteps=1000,
+        prediction="eps",
+        learned_sigma=True,
+        p_uncond=P_UNCOND.get(task, 0.1),
+        vlb_weight=placeholder(float),  # None = num_steps / 1000 (guided-diffusion)
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=64,
+        steps=2000,
+        lr=1e-3,
+        lr_schedule="constant",   # "constant" | "linear" (anneal to 0) | "cosine"
+        warmup_steps=100,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        grad_clip=1.0,            # global norm; 0 = off
+        ema_decay=0.999,
+        ema_warmup=True,          # decay_t = min(ema_decay, (1 + t) / (10 + t))
+        noised=True,              # classifier, clip: q_sample at uniform t (False: clean images, t = 0)
+        log_every=50,
+        checkpoint_every=500,
+        keep=3,
+        sample_every=0,           # diffusion: sample grid; classifier: test accuracy vs t (0 = never)
+        async_checkpointing=True,
+        grad_accum_steps=1,       # micro-batches per step (k of B/k each: the same update as one of B)
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1,                  # data-parallel size; -1 = every device fsdp leaves
+        fsdp=1,                   # devices sharing (splitting) parameters, EMA and optimizer state
+        min_shard_size=parallel.DEFAULT_MIN_SHARD_SIZE,  # smaller arrays (elements) stay replicated
+    ))
+    c.profile_steps = ()          # (start, stop): jax.profiler trace of steps start+1..stop in W/profile
+    c.sample = ml_collections.ConfigDict(dict(
+        sampler="ddim",
+        steps=50,
+        guidance_scale=3.0,       # CFG, Imagen convention (1 = conditional)
+        per_class=8,
+        seed=0,
+        grid_classes=16,          # training grids show at most this many classes (evenly spaced)
+    ))
+    return c
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_config(config) -> None:
+    """Refuse bad values that need no dataset and no model (clear ValueError: value + allowed)."""
+    task = config_util.get(config, "task")
+    _check(task in TASKS, f"config.task={task!r} is not a task; allowed: {', '.join(TASKS)}")
+    _check(config_util.is_int(config_util.get(config, "seed", 0)), f"config.seed={config_util.get(config, 'seed')!r}: expected an integer")
+    d = config.diffusion
+    _check(d.schedule in schedules.SCHEDULES,
+           f"config.diffusion.schedule={d.schedule!r}; allowed: {', '.join(schedules.SCHEDULES)}")
+    _check(config_util.is_int(d.num_timesteps) and d.num_timesteps >= 1,
+           f"config.diffusion.num_timesteps={d.num_timesteps!r}: expected a positive integer")
+    if task in DIFFUSION_TASKS:
+        _check(d.prediction in diffusion_lib.PREDICTIONS,
+               f"config.diffusion.prediction={d.prediction!r} is not a prediction target; allowed: "
+               f"{', '.join(diffusion_lib.PREDICTIONS)}")
+        p = d.p_uncond
+        _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0,
+               f"config.diffusion.p_uncond={p!r} is outside [0, 1): it is the probability of dropping "
+               "a label to the null label (a caption to the empty one) (0 = no classifier-free guidance; the "
+               "paper's range is 0.1-0.2)")
+        _check(isinstance(d.learned_sigma, bool),
+               f"config.diffusion.learned_sigma={d.learned_sigma!r}: expected True or False")
+    t = config.train
+    _check(config_util.is_int(t.batch_size) and t.batch_size >= 1,
+           f"config.train.batch_size={t.batch_size!r}: expected a positive integer")
+    _check(config_util.is_int(t.steps) and t.steps >= 1, f"config.train.steps={t.steps!r}: expected a positive integer")
+    _check(isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool) and math.isfinite(t.lr) and t.lr > 0,
+           f"config.train.lr={t.lr!r}: expected a positive finite number")
+    _check(config_util.get(t, "lr_schedule", "constant") in LR_SCHEDULES,
+           f"config.train.lr_schedule={config_util.get(t, 'lr_schedule')!r}; allowed: {', '.join(LR_SCHEDULES)}")
+    _check(config_util.is_int(t.warmup_steps) and t.warmup_steps >= 0,
+           f"config.train.warmup_steps={t.warmup_steps!r}: expected an integer >= 0")
+    _check(t.weight_decay >= 0, f"config.train.weight_decay={t.weight_decay!r}: expected >= 0")
+    _check(t.grad_clip >= 0, f"config.train.grad_clip={t.grad_clip!r}: expected >= 0 (0 = no clipping)")
+    _check(0.0 <= t.ema_decay < 1.0, f"config.train.ema_decay={t.ema_decay!r}: expected a number in [0, 1)")
+    for key in ("log_every", "checkpoint_every", "keep"):
+        v = t[key]
+        _check(config_util.is_int(v) and v >= 1, f"config.train.{key}={v!r}: expected a positive integer")
+    v = config_util.get(t, "sample_every", 0)
+    _check(config_util.is_int(v) and v >= 0, f"config.train.sample_every={v!r}: expected an integer >= 0 (0 = never)")
+    dtype = config_util.get(config.model, "dtype", "float32")
+    _check(dtype in DTYPES, f"config.model.dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+    for key in ("image_size", "in_channels", "out_channels", "num_classes", "null_label", "kind", "n_vocab",
+                "n_timesteps"):
+        _check(key not in config.model,
+               f"config.model.{key} is derived (from the dataset / task / diffusion settings); "
+               "remove it from the config")
+    n = jax.device_count()
+    mesh = config_util.get(config, "mesh", {})
+    try:
+        parallel.mesh_shape(config_util.get(mesh, "data", -1), config_util.get(mesh, "fsdp", 1), n, "config.mesh.")
+    except ValueError as e:
+        raise ConfigError(f"{e} ({jax.process_count()} process(es))") from None
+    v = config_util.get(mesh, "min_shard_size", parallel.DEFAULT_MIN_SHARD_SIZE)
+    _check(config_util.is_int(v) and v >= 0, f"config.mesh.min_shard_size={v!r}: expected an integer >= 0 (elements)")
+    _check(t.batch_size % n == 0,
+           f"config.train.batch_size={t.batch_size} cannot be shared by the {n} devices "
+           f"({jax.process_count()} process(es)): use a multiple of {n}")
+    k = config_util.get(t, "grad_accum_steps", 1)
+    _check(config_util.is_int(k) and k >= 1, f"config.train.grad_accum_steps={k!r}: expected a positive integer")
+    _check(t.batch_size % (k * n) == 0,
+           f"config.train.grad_accum_steps={k} does not divide config.train.batch_size={t.batch_size} into "
+           f"micro-batches the {n} devices can share: batch_size must be a multiple of grad_accum_steps x "
+           f"devices = {k * n}")
+    w = config_util.get(config.data, "workers", 1)
+    _check(config_util.is_int(w) and w >= 1, f"config.data.workers={w!r}: expected a positive integer")
+    window = config_util.get(config, "profile_steps", ())
+    _check(window == () or (isinstance(window, (tuple, list)) and len(window) == 2
+                            and all(config_util.is_int(x) for x in window) and 0 <= window[0] < window[1]),
+           f"config.profile_steps={window!r}: expected () (no trace) or (start, stop) with 0 <= start < stop")
+    g = config_util.get(config_util.get(config, "sample", {}), "grid_classes", 16)
+    _check(config_util.is_int(g) and g >= 1, f"config.sample.grid_classes={g!r}: expected a positive integer")
+    ddir = config_util.get(config.data, "data_dir", "")
+    if ddir and "://" not in str(ddir):
+        _check(os.path.isdir(os.path.expanduser(ddir)),
+               f"config.data.data_dir={ddir!r} does not exist (create it, or leave it empty for "
+               f"the default {data_lib.default_data_dir()!r})")
+
+
+def open_dataset(config, split: Optional[str] = None):
+    """(source, info) of config.data (split defaults to config.data.split)."""
+    dcfg = config.data
+    name = dcfg.name
+    ddir = config_util.get(dcfg, "data_dir", "") or None
+    try:
+        return data_lib.make_source(name, split or dcfg.split, ddir)
+    except ValueError as e:
+        raise ConfigError(f"config.data (name={name!r}, split={split or dcfg.split!r}): {e}") from None
+
+
+def vocabulary(config, info) -> list:
+    """The word vocabulary of a text task's captioned dataset (ConfigError for other datasets)."""
+    if info.caption_key is None or not info.captions:
+        from jaxdiff.data.sources import BUNDLED_DATASETS
+
+        raise ConfigError(f"config.task={config.task!r} needs a captioned dataset, and config.data.name="
+                          f"{info.name!r} has no captions; allowed: "
+                          f"{', '.join(n for n in BUNDLED_DATASETS if n.endswith('_text'))}")
+    return list(info.captions["vocabulary"])
+
+
+def model_flags(config, info) -> dict:
+    """create_model kwargs (plus "kind") with the derived values filled in."""
+    flags = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.model.items()}
+    if info.image_shape is None and not config_util.get(config.data, "image_size"):
+        raise ConfigError(f"dataset {info.name!r} has images of varying size: set config.data.image_size")
+    image_size = int(config_util.get(config.data, "image_size") or info.image_shape[0])
+    channels = int(info.channels or 3)
+    if config.task == "clip":
+        return dict(flags, kind="clip", image_size=image_size, n_vocab=len(vocabulary(config, info)) + 1,
+                    n_timesteps=int(config.diffusion.num_timesteps))
+    flags.setdefault("dtype", "float32")
+    if info.num_classes < 1 and config.task != "text2im":
+        raise ConfigError(f"dataset {info.name!r} has no class labels; jaxdiff trains class-conditional "
+                         "models and classifiers")
+    flags["image_size"] = image_size
+    flags["in_channels"] = channels
+    if config.task in DIFFUSION_TASKS:
+        flags.pop("pool", None)
+        flags["out_channels"] = channels * (2 if config.diffusion.learned_sigma else 1)
+        if config.task == "text2im":
+            flags["kind"] = "text2im"
+            flags["n_vocab"] = len(vocabulary(config, info)) + 1  # the words and the end/padding id
+        else:
+            flags["kind"] = "unet"
+            flags["num_classes"] = int(info.num_classes)
+            flags["null_label"] = bool(config.diffusion.p_uncond > 0)
+    else:
+        flags["kind"] = "classifier"
+        flags["out_channels"] = int(info.num_classes)
+    return flags
+
+
+def resolve_config(config, info=None) -> ml_collections.ConfigDict:
+    """A copy of `config`, validated, with the derived values filled in (config.model becomes the
+    full create_model flags with "kind"; config.data gets num_classes, image_size, channels)."""
+    validate_config(config)
+    if info is None:
+        _, info = open_dataset(config)
+    flags = model_flags(config, info)
+    kind = flags.pop("kind")
+    from jaxdiff import models
+
+    try:
+        flags = models.normalize_flags(kind, **flags)
+    except (ValueError, TypeError) as e:
+        s = flags["image_size"]
+        raise ConfigError(f"config.model cannot build a {kind!r} for {info.name!r} images of size {s}x{s}x"
+                          f"{int(info.channels or 3)}: {e}") from None
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.model = ml_collections.ConfigDict({"kind": kind, **flags})
+    out.data.image_size = flags["image_size"]
+    out.data.channels = int(info.channels or 3)
+    out.data.num_classes = int(info.num_classes)
+    out.data.data_dir = info.data_dir
+    out.data.num_examples = int(info.num_examples)
+    if config.task in TEXT_TASKS:
+        out.text = ml_collections.ConfigDict({"vocab": vocabulary(config, info)})
+        _warn_truncation(out, info)
+    return out
+
+
+def _warn_truncation(resolved, info) -> None:
+    """Log when the dataset's longest caption has more words than the model reads (it is truncated)."""
+    from jaxdiff.data import captions
+
+    longest = captions.scheme(info.captions["scheme"]).max_words
+    room = int(resolved.model.text_ctx) if resolved.task == "text2im" else int(resolved.model.max_text_len) - 1
+    if longest > room:
+        log.warning("captions of %s have up to %d words; the model reads %d: longer ones are truncated to their "
+                    "first %d words", info.name, longest, room, room)
+
+
+def create_model(resolved):
+    from jaxdiff import models
+
+    flags = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in resolved.model.items()}
+    return models.create_model(flags.pop("kind"), **flags)
