@@ -1,4 +1,28 @@
-"""Per-process batches of the example stream: sharded by process, decoded by worker threads, prefetched."""
+"""Per-process batches of the example stream: sharded by process, decoded by worker threads, prefetched.
+
+Batches
+-------
+`batches` yields, per process, ``(images, labels)``: float32 NHWC images in [-1, 1]
+(``x / 127.5 - 1``) and int32 labels (with ``text=True``, captioned datasets: ``(images, labels,
+text)``, text the rows' caption strings, attribute bins and named masks), read from one endless
+stream of examples:
+
+* order: epoch ``e`` visits the examples in the order ``argsort(h(seed, e, i))``, ``h`` a 64-bit
+  splitmix hash (pure NumPy); epochs are concatenated into one stream. Step ``s`` of a run that
+  started at step ``s0`` at position ``q0`` takes positions ``[q0 + (s - s0)*B, q0 + (s - s0 + 1)*B)``
+  (``q0 = s0*B`` unless given); there is no partial last batch.
+* sharding: process ``p`` of ``P`` takes positions ``[q + p*B/P, q + (p+1)*B/P)`` of the step
+  starting at ``q``; the concatenation over processes is the single-process batch.
+* augmentation: a horizontal flip of position ``q`` iff the top bit of ``h(seed, q)`` is set
+  (independent of process layout and batch size). Default on for Fashion-MNIST and natural-image
+  datasets, off for digit/character sets (``augment=`` overrides).
+* workers: ``workers`` threads decode contiguous chunks of a step's rows, joined in order, so the
+  batches are byte-identical for any number of workers.
+
+Everything is a pure function of ``(seed, position)``, so a run resumed from the position stored
+with its checkpoint (also with another global batch size) continues the same stream. The change
+from flips keyed by (step, row) to flips keyed by position: docs/training.md.
+"""
 
 from __future__ import annotations
 

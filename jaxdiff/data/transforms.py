@@ -1,4 +1,13 @@
-"""Image transforms: resizing to a model's size (pad, resize, center_crop) and the model's [-1, 1] range."""
+"""Image transforms: resizing to a model's size (pad, resize, center_crop) and the model's [-1, 1] range.
+
+Resizing to a model's ``image_size`` (square), when it differs from the stored size:
+* ``"pad"`` (Fashion-MNIST, MNIST-like): centre the image on a ``pad_value`` background (0, the
+  datasets' black background): Fashion-MNIST 28 -> 32 adds 2 pixels on each side.
+* ``"resize"`` (digits): bicubic resize to image_size x image_size (e.g. 8 -> 16 or 32).
+* ``"center_crop"`` (other tfds datasets): guided-diffusion's ``center_crop_arr``: box
+  downsampling by 2 while the short side is >= 2 * image_size, bicubic resize of the short side
+  to image_size, centre crop.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,40 @@
-"""The training loop: one entry point, `train(config, workdir)`, for every task."""
+"""The training loop: one entry point, `train(config, workdir)`, for every task (`config.task`).
+
+One entry point, `train(config, workdir)`, for every task (`config.task`):
+
+* "diffusion": an ADM U-Net, class-conditional; labels are dropped to the null label
+  (index num_classes) with probability `diffusion.p_uncond`, so one model serves classifier-free
+  guidance. Targets eps / x0 / v; learned sigma trains with the hybrid loss
+  (`jaxdiff.diffusion.gaussian.training_losses`); t is uniform over the schedule.
+* "text2im": the same recipe for GLIDE's text-conditional U-Net (`jaxdiff.models.Text2ImUNet`) on a
+  captioned dataset; captions are word-tokenized (`jaxdiff.data.tokenizers.WordTokenizer`, truncated to
+  `model.text_ctx` words as GLIDE does) and dropped to the empty caption with probability
+  `diffusion.p_uncond` (default 0.2).
+* "classifier": the ADM noisy classifier on q_sample'd inputs at uniform t (`train.noised=True`)
+  or on clean images at t = 0 (`train.noised=False`, the classifier of the evaluation metrics).
+* "clip": a noised CLIP (`models.ClipModel`) on a captioned dataset, images q_sample'd at uniform t
+  (the encoder sees the ORIGINAL timestep), with CLIP's symmetric contrastive loss
+  (`losses.contrastive_loss`). `model.learn_logit_scale` learns log(scale) (capped at 100) or keeps
+  `model.logit_scale` fixed; `train.noised=False` trains the clean CLIP the text sweep scores with.
+  The negatives are the rows of one micro-batch, so with `train.grad_accum_steps` > 1 the loss
+  differs from one batch of B (the other tasks' updates do not depend on it).
+
+The text tasks write the dataset's vocabulary into W/config.json ({"text": {"vocab": [...]}}).
+All tasks use AdamW with linear warm-up (then constant, linear to 0 or cosine), global-norm
+clipping and an EMA of the weights kept in the `TrainState`.
+
+Parallelism (`config.mesh`, a ('data', 'fsdp') mesh), gradient accumulation, randomness (example j
+of a step draws from fold_in(fold_in(key(seed), step), j), so resumed runs repeat uninterrupted
+ones), preemption and the multi-host rules: docs/training.md.
+
+Derived values are never configured twice: image size, channels and num_classes come from the
+dataset; out_channels from in_channels and learned_sigma (or num_classes for the classifier);
+null_label from p_uncond > 0. The resolved config is written to W/config.json.
+
+Non-finite losses are folded into an on-device accumulator read at every log boundary and before
+every save: training stops at most `log_every - 1` steps after the first bad step, no checkpoint
+is written after it, and the error names that step and the last good checkpoint.
+"""
 
 from __future__ import annotations
 
