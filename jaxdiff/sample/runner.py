@@ -1,5 +1,11 @@
 """Sampling as `sample.py` and the sweep run it: the sample config, loading and validating the models
-before any compile, labels and captions, guide scales, and `run(config)`."""
+before any compile, labels and captions, guide scales, and `run(config)`.
+
+Guides and samplers come from their registries (`guidance.GUIDES`, `samplers.SAMPLERS`): the
+sample config has one scale key per registered guide (`config_scale`, e.g. `scale` for CFG,
+`classifier_scale`) and one path key per network a guide needs (`classifier`, `guide_model`).
+Scale conventions: docs/guidance.md.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,15 @@
 """Sharded, resumable sample files: per-process shards written as they come, a manifest of what
-determines the images, the resume plan (a collective) and the merge into samples.npz in sample-id order."""
+determines the images, the resume plan (a collective) and the merge into samples.npz in sample-id order.
+
+Sharded runs (`run(..., shards=True)`, sample.py): each process writes its rows of each global
+batch atomically to OUT/shards/SSSSSSSS-EEEEEEEE.npz (sample ids S..E-1), next to
+OUT/shards/manifest.json, which records what determines the images (`settings_manifest`). A rerun
+with the same settings generates only the missing global batches; other settings are refused before
+any work, naming what differs (`resume_plan`, a collective). When every process is done, process 0
+merges the shards into OUT/grid.png and OUT/samples.npz and deletes them (`merge`). Resuming and
+merging need OUT on a filesystem every host sees; with per-host disks, copy every host's
+OUT/shards/ into one and run the merge command.
+"""
 
 from __future__ import annotations
 
