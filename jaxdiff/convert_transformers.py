@@ -1,0 +1,293 @@
+"""Loading transformers' T5 encoders (T5EncoderModel folders, e.g. DeepFloyd IF's text_encoder/).
+
+    module, params, config = load_t5_folder("IF-I-XL-v1.0/text_encoder")              # float32
+    module, params, config = load_t5_folder(path, dtype="bfloat16")                   # bfloat16 weights + compute
+    params = t5_params_from_state_dict(state_dict, config)                            # a state_dict in memory
+    states = jaxdiff.models.t5.encode(module, params, tokens, mask)
+
+A folder holds config.json (transformers' T5Config) and the weights: model.safetensors, a sharded
+model.safetensors.index.json, or (read with torch, which is then needed) pytorch_model.bin or its
+index; `variant="fp16"` reads model.fp16.safetensors / model.safetensors.index.fp16.json as
+transformers does. safetensors files are read tensor by tensor, so peak host memory is about the
+converted params plus one tensor.
+
+Key map (`jaxdiff.models.t5` names the params after the keys): `encoder.<path>.weight` <->
+params[<path with ".<i>" written "_<i>">][leaf], leaf `kernel` for Linear layers (transposed: (out, in) ->
+(in, out)), `scale` for the norms, `embedding` for the relative-position table; the token embedding
+`embed_tokens/embedding` comes from `shared.weight` or `encoder.embed_tokens.weight` (a T5EncoderModel
+stores both, tied; either alone is enough, and if both are given they must be equal). Every expected key
+must be present with its shape and nothing else may be there (ValueError listing the missing, unexpected
+and wrongly shaped keys); the decoder of a full T5 checkpoint (`decoder.*`, `lm_head.weight`) is dropped
+only with allow_decoder=True.
+
+The params come back as numpy arrays on the host (float32, or the dtype asked for): jax.device_put them
+with the shardings you want (T5-v1.1-XXL is 19 GB in float32, 9.5 GB in bfloat16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxdiff.models.layers import resolve_dtype
+from jaxdiff.models.t5 import (
+    T5Config,
+    T5Encoder,
+    abstract_t5_params,
+    t5_config_from_json,
+)
+
+__all__ = ["expected_t5_shapes", "find_t5_weights", "load_t5_folder", "load_t5_state_dict", "t5_params_from_state_dict"]
+
+EMBED_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
+_MAX_LISTED = 12
+
+
+def _torch_key(path: tuple) -> str:
+    """Flax param path -> transformers state_dict key (the token embedding: "shared.weight")."""
+    if path == ("embed_tokens", "embedding"):
+        return "shared.weight"
+    parts = []
+    for p in path[:-1]:
+        m = re.fullmatch(r"(block|layer)_(\d+)", p)
+        parts.extend([m.group(1), m.group(2)] if m else [p])
+    return "encoder." + ".".join(parts) + ".weight"
+
+
+def _layout(config: T5Config) -> dict:
+    """{state_dict key: (flax path, flax shape, transpose)} for the encoder of `config`."""
+    import jax
+
+    abstract = abstract_t5_params(T5Encoder(config))
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        path = tuple(k.key for k in path)
+        transpose = path[-1] == "kernel"
+        out[_torch_key(path)] = (path, tuple(leaf.shape), transpose)
+    return out
+
+
+def expected_t5_shapes(config: T5Config) -> dict:
+    """{state_dict key: shape (PyTorch layout)} that a T5EncoderModel of `config` holds (the token
+    embedding under "shared.weight"; "encoder.embed_tokens.weight" is accepted in its place)."""
+    return {k: (s[::-1] if t else s) for k, (_, s, t) in _layout(config).items()}
+
+
+def _shape(sd: Mapping, key: str) -> tuple:
+    shape = getattr(sd, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(np.shape(sd[key]))
+
+
+def _listed(keys: list) -> str:
+    head = ", ".join(keys[:_MAX_LISTED])
+    return head + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def _checked_keys(state_dict: Mapping, config: T5Config, allow_decoder: bool) -> dict:
+    """{flax path: (state_dict key, transpose)} once keys and shapes match (ValueError otherwise)."""
+    layout = _layout(config)
+    given = [str(k) for k in state_dict]
+    if allow_decoder:
+        given = [k for k in given if not (k.startswith("decoder.") or k == "lm_head.weight")]
+    embed = [k for k in EMBED_KEYS if k in given]
+    expected = {k: v for k, v in layout.items() if k != "shared.weight"}
+    missing = [k for k in expected if k not in given]
+    if not embed:
+        missing.insert(0, " or ".join(EMBED_KEYS))
+    unexpected = [k for k in given if k not in expected and k not in EMBED_KEYS]
+    wrong = []
+    for k in [*embed, *(k for k in expected if k in given)]:
+        _, shape, transpose = layout["shared.weight"] if k in EMBED_KEYS else layout[k]
+        want = shape[::-1] if transpose else shape
+        got = _shape(state_dict, k)
+        if got != want:
+            wrong.append(f"{k}: {got}, expected {want}")
+    if missing or unexpected or wrong:
+        lines = [(f"T5 state_dict does not fit the encoder of this config (d_model={config.d_model}, "
+                  f"num_layers={config.num_layers}, num_heads={config.num_heads}, d_kv={config.d_kv}, "
+                  f"d_ff={config.d_ff}, vocab_size={config.vocab_size}, "
+                  f"{'gated ' if config.is_gated_act else ''}{config.dense_act_fn}):")]
+        if missing:
+            lines.append(f"  missing keys: {_listed(missing)}")
+        if unexpected:
+            hint = ""
+            if any(k.startswith("decoder.") or k == "lm_head.weight" for k in unexpected):
+                hint = " (a full encoder-decoder checkpoint: allow_decoder=True drops the decoder)"
+            lines.append(f"  unexpected keys: {_listed(unexpected)}{hint}")
+        if wrong:
+            lines.append(f"  wrong shapes: {_listed(wrong)}")
+        raise ValueError("\n".join(lines))
+    keys = {path: (k, t) for k, (path, _, t) in expected.items()}
+    keys[layout["shared.weight"][0]] = (embed[0], False)
+    return keys
+
+
+def t5_params_from_state_dict(state_dict: Mapping, config: T5Config, dtype: Any = None, *,
+                              allow_decoder: bool = False) -> dict:
+    """The T5Encoder's params (numpy arrays, float32 or `dtype`: "float32" / "bfloat16") from a transformers
+    T5 state_dict ({key: numpy array or torch tensor}); strict: see the module doc."""
+    import ml_dtypes  # jax's own dependency: bfloat16 for numpy
+
+    target = np.dtype(resolve_dtype(dtype))
+    keys = _checked_keys(state_dict, config, allow_decoder)
+    if all(k in state_dict for k in EMBED_KEYS):
+        a, b = (_as_numpy(state_dict[k]) for k in EMBED_KEYS)
+        if not np.array_equal(a, b):
+            raise ValueError(f"T5 state_dict: {EMBED_KEYS[0]} and {EMBED_KEYS[1]} differ; a T5EncoderModel ties them "
+                             "(give one of them)")
+        del a, b
+    params: dict = {}
+    for path, (key, transpose) in keys.items():
+        a = _as_numpy(state_dict[key])
+        if not (np.issubdtype(a.dtype, np.floating) or a.dtype == np.dtype(ml_dtypes.bfloat16)):
+            raise ValueError(f"T5 state_dict: {key} has dtype {a.dtype}; allowed: floating point (float32, float16, "
+                             "bfloat16)")
+        a = np.ascontiguousarray((a.T if transpose else a).astype(target, copy=False))
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = a
+    return params
+
+
+def _as_numpy(v) -> np.ndarray:
+    if hasattr(v, "detach"):  # a torch tensor
+        import torch
+
+        v = v.detach().cpu()
+        if v.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return v.numpy()
+    return np.asarray(v)
+
+
+# --- reading folders -------------------------------------------------------------------------------------
+
+
+class _SafetensorsDict(Mapping):
+    """A read-only {key: numpy array} over safetensors files; tensors are read when asked for."""
+
+    def __init__(self, files: list):
+        from safetensors import SafetensorError, safe_open
+
+        self._file: dict = {}
+        self._shapes: dict = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="np") as h:
+                    for k in h.keys():  # noqa: SIM118 (a safe_open handle is not a Mapping)
+                        if k in self._file:
+                            raise ValueError(f"{f}: key {k} is also in {self._file[k]}")
+                        self._file[k] = f
+                        self._shapes[k] = tuple(h.get_slice(k).get_shape())
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{f} is not a readable safetensors file: {e}") from None
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file[key]), framework="np") as h:
+            return h.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    def shape(self, key: str) -> tuple:
+        return self._shapes[key]
+
+
+def _variant(name: str, variant: str | None) -> str:
+    """transformers' _add_variant: model.safetensors -> model.fp16.safetensors."""
+    if not variant:
+        return name
+    parts = name.split(".")
+    return ".".join(parts[:-1] + [variant] + parts[-1:])
+
+
+def _index_files(index: Path) -> list:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a weights index (a JSON object with a 'weight_map'): {e}") from None
+    paths = [index.parent / f for f in files]
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{index} lists weight files that are not there: {_listed(absent)}")
+    return paths
+
+
+def find_t5_weights(folder, variant: str | None = None) -> tuple:
+    """(format, [files]) of the weights in a transformers model folder: "safetensors" or "torch"."""
+    folder = Path(os.fspath(folder))
+    names = [("safetensors", "model.safetensors", False), ("safetensors", "model.safetensors.index.json", True),
+             ("torch", "pytorch_model.bin", False), ("torch", "pytorch_model.bin.index.json", True)]
+    for fmt, name, is_index in names:
+        p = folder / _variant(name, variant)
+        if p.is_file():
+            return fmt, (_index_files(p) if is_index else [p])
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise FileNotFoundError(f"no T5 weights in {folder}: looked for {', '.join(_variant(n, variant) for _, n, _ in names)}"
+                            f"; the folder holds {present if present else 'nothing'}")
+
+
+def _read_torch(files: list) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"reading {files[0]} needs PyTorch (pip install torch); or convert the weights to "
+                          "safetensors (model.safetensors), which is read without it") from None
+    sd: dict = {}
+    for f in files:
+        part = torch.load(str(f), map_location="cpu", weights_only=True)
+        if not isinstance(part, Mapping):
+            raise ValueError(f"{f} does not hold a state_dict (got {type(part).__name__})")  # noqa: TRY004
+        sd.update(part)
+    return sd
+
+
+def load_t5_state_dict(folder, variant: str | None = None) -> Mapping:
+    """The folder's state_dict: {key: array}, lazily read for safetensors, torch tensors for .bin."""
+    fmt, files = find_t5_weights(folder, variant)
+    return _SafetensorsDict(files) if fmt == "safetensors" else _read_torch(files)
+
+
+def read_t5_config(folder, *, strict: bool = True) -> T5Config:
+    path = Path(os.fspath(folder)) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {path.parent} (a transformers T5EncoderModel folder has one)")
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not JSON: {e}") from None
+    try:
+        return t5_config_from_json(d, strict=strict)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_t5_folder(path, dtype: Any = None, *, param_dtype: Any = None, variant: str | None = None,
+                   strict: bool = True, allow_decoder: bool = False) -> tuple:
+    """(T5Encoder module, params, T5Config) from a transformers T5EncoderModel folder.
+
+    dtype: the compute dtype, "float32" (None) or "bfloat16"; param_dtype: the params' dtype (default:
+    dtype). The config and the weights' keys and shapes are checked before any tensor is converted.
+    strict: refuse config.json fields the encoder does not know (see t5_config_from_json).
+    """
+    compute = resolve_dtype(dtype)
+    store = resolve_dtype(param_dtype) if param_dtype is not None else compute
+    config = read_t5_config(path, strict=strict)
+    sd = load_t5_state_dict(path, variant)
+    params = t5_params_from_state_dict(sd, config, store, allow_decoder=allow_decoder)
+    return T5Encoder(config, dtype=compute, param_dtype=store), params, config
