@@ -1,5 +1,5 @@
-"""The T5 v1.1 encoder (jaxdiff.models.t5), its transformers converter (jaxdiff.convert_transformers) and
-IF's T5 tokenization (jaxdiff.t5_tokenizer), against tests/fixtures/if_tiny_a.npz (transformers'
+"""The T5 v1.1 encoder (jaxdiff.models.t5), its transformers converter (jaxdiff.convert.transformers) and
+IF's T5 tokenization (jaxdiff.data.t5_tokenizer), against tests/fixtures/if_tiny_a.npz (transformers'
 T5EncoderModel: t5_config, t5/<key>, t5_tokens, t5_mask, t5_out; see /work/shared/fixtures/cascade/README.md)."""
 
 import json
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxdiff import convert_transformers as ct
+from jaxdiff.convert import transformers as ct
+from jaxdiff.data.t5_tokenizer import IF_MAX_LENGTH, T5Tokenizer
 from jaxdiff.models import t5
-from jaxdiff.t5_tokenizer import IF_MAX_LENGTH, T5Tokenizer
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "if_tiny_a.npz"
 

@@ -4,14 +4,14 @@ random-access records, their `DataInfo`, and whole splits loaded into memory.
 Datasets
 --------
 * ``digits``: scikit-learn's bundled 8x8 digits (uint8 (8, 8, 1), 0..16 scaled to 0..255, labels
-  0..9; fixed stratified 80/20 split: train 1438 / test 359). See `jaxdiff.datasets.digits`.
+  0..9; fixed stratified 80/20 split: train 1438 / test 359). See `jaxdiff.data.datasets.digits`.
 * ``fashion_mnist``: built from the idx files of Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist``) or of a directory passed as ``manual_dir``; uint8
-  (28, 28, 1), labels 0..9, train 60000 / test 10000. See `jaxdiff.datasets.fashion_mnist`.
+  (28, 28, 1), labels 0..9, train 60000 / test 10000. See `jaxdiff.data.datasets.fashion_mnist`.
 * ``digits_text``, ``fashion_mnist_text``: the same images, labels and splits with captions
   built from measured attributes (``"a thick slanted seven"``), the attributes' bins and which
   ones the caption names; `Source.gather_text` reads them, ``DataInfo.captions`` holds the
-  scheme, vocabulary and thresholds (see `jaxdiff.captions`, `jaxdiff.datasets.captioned`).
+  scheme, vocabulary and thresholds (see `jaxdiff.data.captions`, `jaxdiff.data.datasets.captioned`).
 * any other tfds image dataset (``cifar10``, ...) already prepared in the tfds data_dir as
   array_record (``tfds build cifar10 --file_format=array_record`` on a machine with TensorFlow).
 

@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.config_util import did_you_mean, is_int
 from jaxdiff.models.layers import cast
+from jaxdiff.util.config import did_you_mean, is_int
 
 __all__ = ["ACTIVATIONS", "T5Config", "T5Encoder", "abstract_t5_params", "encode", "relative_position_buckets",
            "t5_config_from_json"]

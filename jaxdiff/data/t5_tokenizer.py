@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdiff.config_util import is_int
+from jaxdiff.util.config import is_int
 
 __all__ = ["IF_MAX_LENGTH", "T5Tokenizer"]
 
