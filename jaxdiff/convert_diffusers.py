@@ -7,7 +7,8 @@
 
 `config` is the config.json dict or the checked config (`models.unet2d_condition.UNet2DConditionConfig`
 for `UNet2DConditionModel`, `models.unet2d.UNet2DConfig` for `UNet2DModel`; a dict's `_class_name` picks
-the class, UNet2DConditionModel when absent). The config is checked first (ValueError naming the field
+the class; without it, a dict with UNet2DModel's own fields (add_attention, attn_norm_num_groups, ...) and
+no cross_attention_dim is a UNet2DModel, any other a UNet2DConditionModel). The config is checked first (ValueError naming the field
 outside the supported subset), then every state_dict key against the layout the module's parameters
 give: missing, unexpected and wrongly shaped keys are all listed in one ValueError, before anything is
 compiled.
@@ -41,6 +42,7 @@ _INDEXED = re.compile(rf"^({'|'.join(LIST_NAMES)})_(\d+)$")
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "positional_embedding": "positional_embedding"}
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 CLASSES = ("UNet2DConditionModel", "UNet2DModel")
+_UNET2D_ONLY = {"add_attention", "attn_norm_num_groups", "downsample_type", "upsample_type", "num_train_timesteps"}
 
 
 def torch_key(path: tuple) -> str:
@@ -87,30 +89,24 @@ def _to_torch(a: np.ndarray, transform: str) -> np.ndarray:
 # --- Configs and modules ------------------------------------------------------------------------------
 
 def unet2d_config(config):
-    """The checked config of a diffusers U-Net: a dict (config.json; `_class_name` picks the class) or an
-    already checked config, returned as is."""
+    """The checked config of a diffusers U-Net: a dict (config.json; `_class_name` picks the class, see the
+    module docstring) or an already checked config, returned as is."""
+    from jaxdiff.models.unet2d import UNet2DConfig, unet2d_model_config
     from jaxdiff.models.unet2d_condition import (
         UNet2DConditionConfig,
         unet2d_condition_config,
     )
 
-    if isinstance(config, UNet2DConditionConfig):
-        return config
-    try:
-        from jaxdiff.models.unet2d import UNet2DConfig, unet2d_model_config
-    except ImportError:  # pragma: no cover (UNet2DModel not available)
-        UNet2DConfig = unet2d_model_config = None
-    if UNet2DConfig is not None and isinstance(config, UNet2DConfig):
+    if isinstance(config, (UNet2DConditionConfig, UNet2DConfig)):
         return config
     if not isinstance(config, Mapping):
         raise TypeError(f"expected a diffusers config.json dict, got {type(config).__name__}")
-    cls = config.get("_class_name", "UNet2DConditionModel")
-    if cls == "UNet2DModel" and unet2d_model_config is not None:
-        return unet2d_model_config(config)
-    if cls != "UNet2DConditionModel":
-        allowed = CLASSES if unet2d_model_config is not None else CLASSES[:1]
-        raise ValueError(f"config.json field _class_name={cls!r} is not supported; allowed: {' / '.join(allowed)}")
-    return unet2d_condition_config(config)
+    cls = config.get("_class_name")
+    if cls is None:  # guess: UNet2DModel's own fields, and no cross-attention
+        cls = "UNet2DModel" if set(config) & _UNET2D_ONLY and "cross_attention_dim" not in config else CLASSES[0]
+    if cls not in CLASSES:
+        raise ValueError(f"config.json field _class_name={cls!r} is not supported; allowed: {' / '.join(CLASSES)}")
+    return unet2d_model_config(config) if cls == "UNet2DModel" else unet2d_condition_config(config)
 
 
 def unet2d_module(config, dtype: Any = None):
@@ -144,12 +140,10 @@ def _abstract_params(cfg):
     args, kw = (x, t), {}
     if isinstance(cfg, UNet2DConditionConfig):
         args += (jax.ShapeDtypeStruct((1, 1, cfg.context_dim), jnp.float32),)
-        if cfg.class_embed_type == "timestep":
-            kw["class_labels"] = t
-        elif cfg.class_embed_type == "identity":
-            kw["class_labels"] = jax.ShapeDtypeStruct((1, cfg.time_embed_dim), jnp.float32)
-    elif getattr(cfg, "class_embed_type", None) is not None or getattr(cfg, "num_class_embeds", None) is not None:
-        kw["class_labels"] = jax.ShapeDtypeStruct((1,), jnp.int32)
+    if cfg.class_embed_type == "timestep":
+        kw["class_labels"] = t
+    elif cfg.class_embed_type == "identity":
+        kw["class_labels"] = jax.ShapeDtypeStruct((1, cfg.time_embed_dim), jnp.float32)
     return jax.eval_shape(lambda a, k: module.init(jax.random.key(0), *a, **k), args, kw)["params"]
 
 

@@ -256,3 +256,30 @@ def test_input_errors(if_a):
         init(x, t, jax.ShapeDtypeStruct((2, 5, 31), jnp.float32), class_labels=t)
     with pytest.raises(ValueError, match="multiples of 2"):
         init(jax.ShapeDtypeStruct((2, 31, 32, 6), jnp.float32), t, ctx, class_labels=t)
+
+
+def test_other_supported_options_trace(if_a):
+    """Options outside the fixtures that the subset implements: the layout and a traced call (eval_shape,
+    nothing compiled) are consistent, and only_cross_attention drops to_k / to_v as diffusers does."""
+    cfg = unet2d_condition_config({
+        **config_of(if_a, "unet1"), "only_cross_attention": [False, True], "mid_block_only_cross_attention": True,
+        "flip_sin_to_cos": False, "freq_shift": 1, "time_embedding_act_fn": "silu", "timestep_post_act": "mish",
+        "center_input_sample": True, "act_fn": "silu", "resnet_time_scale_shift": "default", "dropout": 0.1,
+        "resnet_skip_time_act": True, "resnet_out_scale_factor": 2.0, "attention_head_dim": [16, 32],
+        "class_embed_type": "identity", "encoder_hid_dim": 48, "addition_embed_type_num_heads": 4})
+    shapes = expected_unet2d_shapes(cfg)
+    assert "down_blocks.1.attentions.0.to_k.weight" not in shapes and "mid_block.attentions.0.to_v.bias" not in shapes
+    # up block i takes the reversed list's entry i: up block 0 (the deepest level) is cross-attention only
+    assert "up_blocks.0.attentions.1.to_k.weight" not in shapes and "up_blocks.0.attentions.1.add_k_proj.weight" in shapes
+    assert shapes["up_blocks.0.attentions.0.to_q.weight"] == (64, 64)
+    assert shapes["encoder_hid_proj.weight"] == (32, 48) and shapes["add_embedding.norm1.weight"] == (48,)
+    module = UNet2DConditionModel(cfg)
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    ctx = jax.ShapeDtypeStruct((2, 5, 48), jnp.float32)
+    labels = jax.ShapeDtypeStruct((2, 128), jnp.float32)
+    mask = jax.ShapeDtypeStruct((2, 5), jnp.bool_)
+    args = (x, 3.0, ctx, labels, mask)
+    params = jax.eval_shape(lambda a: module.init(jax.random.key(0), *a), args)["params"]
+    out = jax.eval_shape(lambda p, a: module.apply({"params": p}, *a, train=True, rngs={"dropout": jax.random.key(1)}),
+                         params, args)
+    assert out.shape == (2, 8, 8, 6) and out.dtype == jnp.float32

@@ -76,8 +76,8 @@ from jaxdiff.models.layers import (
 
 __all__ = ["ACTIVATIONS", "AddedKVAttention", "AttentionOptions", "AttentionPooling", "DownBlock", "MidBlock",
            "ResnetBlock2D", "ResnetOptions", "TextTimeEmbedding", "TimestepEmbedding", "UNet2DConditionConfig",
-           "UNet2DConditionModel", "UpBlock", "activation", "attention_bias", "sinusoidal_embedding",
-           "unet2d_condition_config"]
+           "UNet2DConditionModel", "UpBlock", "activation", "attention_bias", "config_choice", "config_error",
+           "norm_act", "sinusoidal_embedding", "unet2d_condition_config"]
 
 Dtype = Any
 
@@ -122,8 +122,8 @@ def attention_bias(mask: jax.Array | None) -> jax.Array | None:
     return (1.0 - jnp.asarray(mask).astype(jnp.float32)) * -10000.0
 
 
-def _norm_act(x: jax.Array, act: str, groups: int, eps: float, name: str, scale=None, shift=None) -> jax.Array:
-    """GroupNorm (float32 statistics; optional scale-shift modulation) followed by the activation, SiLU fused."""
+def norm_act(x: jax.Array, act: str, groups: int, eps: float, name: str, scale=None, shift=None) -> jax.Array:
+    """GroupNorm `name` (float32 statistics; optional scale-shift modulation) then the activation, SiLU fused."""
     silu = act.lower() in _SILU
     h = GroupNorm32(groups, eps, silu=silu, name=name)(x, scale, shift)
     return h if silu else activation(act)(h)
@@ -211,7 +211,7 @@ class ResnetBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
         o, cout = self.opts, self.out_channels
-        h = _norm_act(x, o.act, o.groups, o.eps, "norm1")
+        h = norm_act(x, o.act, o.groups, o.eps, "norm1")
         if self.up:
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.down:
@@ -221,9 +221,9 @@ class ResnetBlock2D(nn.Module):
         t = Dense(2 * cout if o.scale_shift else cout, dtype=self.dtype, name="time_emb_proj")(t)
         if o.scale_shift:
             scale, shift = jnp.split(t, 2, axis=-1)
-            h = _norm_act(h, o.act, o.groups, o.eps, "norm2", scale, shift)
+            h = norm_act(h, o.act, o.groups, o.eps, "norm2", scale, shift)
         else:
-            h = _norm_act(h + cast(t, h.dtype)[:, None, None, :], o.act, o.groups, o.eps, "norm2")
+            h = norm_act(h + cast(t, h.dtype)[:, None, None, :], o.act, o.groups, o.eps, "norm2")
         if o.dropout > 0.0:
             h = nn.Dropout(rate=o.dropout)(h, deterministic=not train)
         h = Conv(cout, 3, dtype=self.dtype, name="conv2")(h)
@@ -255,7 +255,9 @@ def _biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array)
 class AddedKVAttention(nn.Module):
     """diffusers' Attention with added_kv_proj_dim and AttnAddedKVProcessor (the SimpleCrossAttn blocks).
 
-    x [B, H, W, C], context [B, S, E], bias [B, S] (`attention_bias`) or None -> [B, H, W, C]."""
+    x [B, H, W, C], context [B, S, E], bias [B, S] (`attention_bias`) or None -> [B, H, W, C]. With
+    only_cross (no image keys) the bias covers just the encoder tokens (diffusers' padded mask would not
+    fit its keys there)."""
 
     opts: AttentionOptions
     dtype: Dtype = jnp.float32
@@ -520,8 +522,9 @@ class UNet2DConditionConfig:
         return {"down": down, "mid": mid, "up": up}
 
 
-def _refuse(field: str, value: Any, allowed: str, note: str = "") -> ValueError:
-    return ValueError(f"config.json field {field}={value!r} is not supported by {_WHAT}; allowed: {allowed}"
+def config_error(field: str, value: Any, allowed: str, note: str = "", what: str = _WHAT) -> ValueError:
+    """The ValueError for a config.json field outside the subset: the field, its value, what is allowed."""
+    return ValueError(f"config.json field {field}={value!r} is not supported by {what}; allowed: {allowed}"
                       + (f" ({note})" if note else ""))
 
 
@@ -529,10 +532,10 @@ def _per_block(field: str, value: Any, n: int, check, allowed: str) -> tuple:
     """A field given as one value or a list of one value per down block -> tuple of n values."""
     values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
     if len(values) != n:
-        raise _refuse(field, value, f"{allowed}, or a list of {n} such values (one per down block)")
+        raise config_error(field, value, f"{allowed}, or a list of {n} such values (one per down block)")
     for v in values:
         if not check(v):
-            raise _refuse(field, value, allowed)
+            raise config_error(field, value, allowed)
     return values
 
 
@@ -544,12 +547,13 @@ def _number(v) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-def _choice(d: dict, field: str, choices: tuple, note: str = ""):
+def config_choice(d: dict, field: str, choices: tuple, note: str = "", what: str = _WHAT):
+    """d[field] (activation names lower-cased) if it is one of `choices`, else `config_error`."""
     v = d[field]
     if isinstance(v, str) and field.endswith(("act_fn", "_act")):
         v = v.lower()
     if v not in choices:
-        raise _refuse(field, d[field], " / ".join(repr(c) for c in choices), note + did_you_mean(v, choices))
+        raise config_error(field, d[field], " / ".join(repr(c) for c in choices), note + did_you_mean(v, choices), what)
     return v
 
 
@@ -577,22 +581,22 @@ def unet2d_condition_config(config: Mapping) -> UNet2DConditionConfig:
     for k, default in DEFAULT_ONLY_FIELDS.items():
         v = config.get(k, default)
         if v != default or (isinstance(v, bool) != isinstance(default, bool)):
-            raise _refuse(k, v, repr(default), "the feature it selects is not implemented")
+            raise config_error(k, v, repr(default), "the feature it selects is not implemented")
     d = {k: config.get(k, default) for k, default in SUPPORTED_DEFAULTS.items()}
 
     down = tuple(d["down_block_types"]) if isinstance(d["down_block_types"], (list, tuple)) else None
     up = tuple(d["up_block_types"]) if isinstance(d["up_block_types"], (list, tuple)) else None
     for field, types, allowed in (("down_block_types", down, DOWN_BLOCK_TYPES), ("up_block_types", up, UP_BLOCK_TYPES)):
         if not types:
-            raise _refuse(field, d[field], f"a non-empty list of {' / '.join(allowed)}")
+            raise config_error(field, d[field], f"a non-empty list of {' / '.join(allowed)}")
         for t in types:
             if t not in allowed:
-                raise _refuse(field, d[field], " / ".join(allowed), f"{t!r} is not in the subset"
+                raise config_error(field, d[field], " / ".join(allowed), f"{t!r} is not in the subset"
                               + did_you_mean(t, allowed))
-    mid = _choice(d, "mid_block_type", MID_BLOCK_TYPES)
+    mid = config_choice(d, "mid_block_type", MID_BLOCK_TYPES)
     boc = d["block_out_channels"]
     if not isinstance(boc, (list, tuple)) or not boc or not all(_pos_int(c) for c in boc):
-        raise _refuse("block_out_channels", boc, "a non-empty list of positive integers")
+        raise config_error("block_out_channels", boc, "a non-empty list of positive integers")
     boc = tuple(int(c) for c in boc)
     n = len(boc)
     if len(down) != n or len(up) != n:
@@ -601,37 +605,37 @@ def unet2d_condition_config(config: Mapping) -> UNet2DConditionConfig:
     for field in ("in_channels", "out_channels", "norm_num_groups", "cross_attention_dim",
                   "addition_embed_type_num_heads"):
         if not _pos_int(d[field]):
-            raise _refuse(field, d[field], "a positive integer")
+            raise config_error(field, d[field], "a positive integer")
     for field in ("conv_in_kernel", "conv_out_kernel"):
         if not _pos_int(d[field]) or d[field] % 2 == 0:
-            raise _refuse(field, d[field], "an odd positive integer")
+            raise config_error(field, d[field], "an odd positive integer")
     for field in ("time_embedding_dim", "encoder_hid_dim"):
         if d[field] is not None and not _pos_int(d[field]):
-            raise _refuse(field, d[field], "null or a positive integer")
+            raise config_error(field, d[field], "null or a positive integer")
     for field in ("center_input_sample", "flip_sin_to_cos", "resnet_skip_time_act"):
         if not isinstance(d[field], bool):
-            raise _refuse(field, d[field], "true / false")
+            raise config_error(field, d[field], "true / false")
     for field in ("freq_shift", "mid_block_scale_factor", "resnet_out_scale_factor", "norm_eps", "dropout"):
         if not _number(d[field]):
-            raise _refuse(field, d[field], "a number")
+            raise config_error(field, d[field], "a number")
     for field in ("mid_block_scale_factor", "resnet_out_scale_factor", "norm_eps"):
         if float(d[field]) <= 0:
-            raise _refuse(field, d[field], "a positive number")
+            raise config_error(field, d[field], "a positive number")
     if not 0.0 <= float(d["dropout"]) < 1.0:
-        raise _refuse("dropout", d["dropout"], "a probability in [0, 1)")
-    act = _choice(d, "act_fn", _ACT_NAMES)
-    time_act = None if d["time_embedding_act_fn"] is None else _choice(d, "time_embedding_act_fn", _ACT_NAMES)
-    post_act = None if d["timestep_post_act"] is None else _choice(d, "timestep_post_act", _ACT_NAMES)
-    scale_shift = _choice(d, "resnet_time_scale_shift", ("default", "scale_shift"))
-    class_type = _choice(d, "class_embed_type", (None, "timestep", "identity"))
-    add_type = _choice(d, "addition_embed_type", (None, "text"))
-    cross_norm = _choice(d, "cross_attention_norm", (None, "group_norm"))
-    hid_type = _choice(d, "encoder_hid_dim_type", (None, "text_proj"))
+        raise config_error("dropout", d["dropout"], "a probability in [0, 1)")
+    act = config_choice(d, "act_fn", _ACT_NAMES)
+    time_act = None if d["time_embedding_act_fn"] is None else config_choice(d, "time_embedding_act_fn", _ACT_NAMES)
+    post_act = None if d["timestep_post_act"] is None else config_choice(d, "timestep_post_act", _ACT_NAMES)
+    scale_shift = config_choice(d, "resnet_time_scale_shift", ("default", "scale_shift"))
+    class_type = config_choice(d, "class_embed_type", (None, "timestep", "identity"))
+    add_type = config_choice(d, "addition_embed_type", (None, "text"))
+    cross_norm = config_choice(d, "cross_attention_norm", (None, "group_norm"))
+    hid_type = config_choice(d, "encoder_hid_dim_type", (None, "text_proj"))
     hid_dim = d["encoder_hid_dim"]
     if hid_type is None and hid_dim is not None:
         hid_type = "text_proj"  # diffusers' default when encoder_hid_dim is set
     if hid_type is not None and hid_dim is None:
-        raise _refuse("encoder_hid_dim", None, "a positive integer",
+        raise config_error("encoder_hid_dim", None, "a positive integer",
                       f"encoder_hid_dim_type={hid_type!r} projects encoder_hid_dim channels")
     layers = _per_block("layers_per_block", d["layers_per_block"], n, _pos_int, "a positive integer")
     heads = _per_block("attention_head_dim", d["attention_head_dim"], n, _pos_int, "a positive integer")
@@ -641,7 +645,7 @@ def unet2d_condition_config(config: Mapping) -> UNet2DConditionConfig:
     if mid_only is None:
         mid_only = oca if isinstance(oca, bool) else False
     elif not isinstance(mid_only, bool):
-        raise _refuse("mid_block_only_cross_attention", mid_only, "null / true / false")
+        raise config_error("mid_block_only_cross_attention", mid_only, "null / true / false")
     cfg = UNet2DConditionConfig(
         in_channels=int(d["in_channels"]), out_channels=int(d["out_channels"]),
         center_input_sample=d["center_input_sample"], flip_sin_to_cos=d["flip_sin_to_cos"],
@@ -770,5 +774,5 @@ class UNet2DConditionModel(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             h = UpBlock(blk["out"], n, blk["resample"], res, blk["attention"], dtype,
                         name=f"up_blocks_{i}")(h, block_skips, emb, context, bias, train)
-        h = _norm_act(cast(h, jnp.float32), cfg.act_fn, cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out")
+        h = norm_act(cast(h, jnp.float32), cfg.act_fn, cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out")
         return Conv(cfg.out_channels, cfg.conv_out_kernel, dtype=jnp.float32, name="conv_out")(h)
