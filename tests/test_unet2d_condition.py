@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from jaxdiff.convert_diffusers import (
     expected_unet2d_shapes,
+    flax_path,
     load_diffusers_unet,
     unet2d_config,
     unet2d_params_from_state_dict,
@@ -129,7 +131,10 @@ def test_state_dict_round_trip(if_a):
     cfg = config_of(if_a, "unet2")
     sd = state_dict(if_a, "unet2")
     assert expected_unet2d_shapes(cfg) == {k: v.shape for k, v in sd.items()}
-    back = unet2d_state_dict_from_params(unet2d_params_from_state_dict(sd, cfg), cfg)
+    params = unet2d_params_from_state_dict(sd, cfg)
+    flat = flatten_dict(params)
+    assert {flax_path(k, v.ndim) for k, v in sd.items()} == set(flat)  # the documented key -> path rule
+    back = unet2d_state_dict_from_params(params, cfg)
     assert back.keys() == sd.keys()
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
