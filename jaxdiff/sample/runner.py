@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from ml_collections.config_dict import placeholder
 
-from jaxdiff.diffusion import guidance, samplers
+from jaxdiff.diffusion import guidance, guides, samplers
 from jaxdiff.sample.generation import generate, generate_batches
 from jaxdiff.sample.shards import merge, remove_shards, resume_plan, settings_manifest, write_shard
 from jaxdiff.util import config as config_util
@@ -140,7 +140,7 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
     for name in sorted(scale_keys) + ["cfg_rescale", "eta", "dynamic_threshold", "interval_lo", "interval_hi"]:
         v = config_util.get(s, name)
         if v is not None:
-            guidance.check_scale(f"sample.{name}", v)
+            guides.check_scale(f"sample.{name}", v)
     if float(s.eta) < 0:
         raise ValueError(f"sample.eta={s.eta} must be >= 0")
     if not 0.0 <= float(s.cfg_rescale) <= 1.0:
@@ -219,7 +219,7 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
                 raise ValueError(f"the super-resolution model is class-conditional (num_classes={num_classes}): "
                                  "config.low_res needs labels (arr_1)")
             labels = lr_labels[:n]
-        per_sample[guidance.LOW_RES_KEY] = images[:n]
+        per_sample[guides.LOW_RES_KEY] = images[:n]
     if captions:
         per_sample.update(caption_inputs(config, model_cfg, networks, names, captions, n))
     return dict(sampler=sampler, guides=names, sched=sched, respacing=respacing, num_classes=num_classes,
@@ -366,9 +366,9 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
         text = plan["text"]
         return guidance.build_guides(plan["guides"], guidance.unet_fn(module, p["model"]), fns=fns,
                                      null_label=plan["num_classes"] if plan["null"] else None,
-                                     uncond=guidance.caption_dropout if text else None, learned_sigma=ls,
+                                     uncond=guides.caption_dropout if text else None, learned_sigma=ls,
                                      cfg_rescale=rescale, interval=plan["interval"], sched=sched,
-                                     prepare=guidance.text_encoder(module, p["model"]) if text else None)
+                                     prepare=guides.text_encoder(module, p["model"]) if text else None)
 
     # The bar advances after each batch, from the host: no progress callback in the compiled loop, so
     # the program is the same with progress on or off, and JAX's persistent compilation cache keeps

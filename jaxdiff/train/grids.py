@@ -7,7 +7,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxdiff.diffusion import schedules
+from jaxdiff.data import captions
+from jaxdiff.diffusion import guidance, samplers, schedules
+from jaxdiff.sample import generation, runner
 from jaxdiff.util import config as config_util
 
 
@@ -26,9 +28,6 @@ def make_sample_fn(resolved, model) -> Callable:
     The sample count is padded to a multiple of the global device count (padding rows dropped);
     every process gets the whole grid. `params` must be replicated.
     """
-    from jaxdiff.diffusion import guidance, samplers
-    from jaxdiff.sample import generation
-
     scfg = resolved.sample
     dcfg = resolved.diffusion
     num_classes = int(resolved.data.num_classes)
@@ -44,8 +43,8 @@ def make_sample_fn(resolved, model) -> Callable:
 
     def build(params):
         if text:
-            return guidance.build_guides(guides, guidance.unet_fn(model, params), uncond=guidance.caption_dropout,
-                                         learned_sigma=learned_sigma, prepare=guidance.text_encoder(model, params))
+            return guidance.build_guides(guides, guidance.unet_fn(model, params), uncond=guides.caption_dropout,
+                                         learned_sigma=learned_sigma, prepare=guides.text_encoder(model, params))
         return guidance.build_guides(guides, guidance.unet_fn(model, params),
                                      null_label=num_classes if null else None, learned_sigma=learned_sigma)
 
@@ -60,11 +59,9 @@ def make_sample_fn(resolved, model) -> Callable:
     padded = np.concatenate([labels, np.full(total - n, labels[-1])])
     kwargs = dict(labels=padded)
     if text:
-        from jaxdiff.data import captions
-
         scheme = captions.scheme(resolved.data.name)
         words = [captions.class_caption(scheme, int(y)) for y in padded]
-        kwargs = dict(per_sample=generation.caption_inputs({}, resolved, {}, (), words, total))
+        kwargs = dict(per_sample=runner.caption_inputs({}, resolved, {}, (), words, total))
 
     def fn(params):
         images = generation.generate(run, params, sched, num_samples=total, scales=scales,
