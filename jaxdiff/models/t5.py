@@ -267,20 +267,28 @@ class Linear(nn.Module):
                                    precision=self.precision)
 
 
-class T5Attention(nn.Module):
-    """T5's self-attention (no 1/sqrt(d) scale). Block 0 holds the relative-position table and returns
-    the bias [H, L, L] that the later blocks receive as `position_bias`."""
+class _T5Layer(nn.Module):
+    """What every T5 layer takes: the config, the compute dtype, the stored weights' dtype, the matmul precision."""
     config: T5Config
-    has_relative_attention_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+
+    @property
+    def opts(self) -> dict:
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
+
+
+class T5Attention(_T5Layer):
+    """T5's self-attention (no 1/sqrt(d) scale). Block 0 holds the relative-position table and returns
+    the bias [H, L, L] that the later blocks receive as `position_bias`."""
+    has_relative_attention_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, key_bias: jax.Array, position_bias: jax.Array | None = None) -> tuple:
         cfg = self.config
         b, length, _ = x.shape
-        lin = {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
+        lin = self.opts
         q = Linear(cfg.inner_dim, name="q", **lin)(x).reshape(b, length, cfg.num_heads, cfg.d_kv)
         k = Linear(cfg.inner_dim, name="k", **lin)(x).reshape(b, length, cfg.num_heads, cfg.d_kv)
         v = Linear(cfg.inner_dim, name="v", **lin)(x).reshape(b, length, cfg.num_heads, cfg.d_kv)
@@ -301,89 +309,55 @@ class T5Attention(nn.Module):
         return out, position_bias
 
 
-class T5SelfAttentionLayer(nn.Module):
-    config: T5Config
+class T5SelfAttentionLayer(_T5Layer):
     has_relative_attention_bias: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_bias: jax.Array, position_bias: jax.Array | None) -> tuple:
         h = T5LayerNorm(self.config.d_model, self.config.layer_norm_epsilon, self.param_dtype, name="layer_norm")(x)
-        h, position_bias = T5Attention(self.config, self.has_relative_attention_bias, self.dtype, self.param_dtype,
-                                       self.precision, name="SelfAttention")(h, key_bias, position_bias)
+        h, position_bias = T5Attention(self.config, has_relative_attention_bias=self.has_relative_attention_bias, **self.opts,
+                                       name="SelfAttention")(h, key_bias, position_bias)
         return x + cast(h, jnp.float32), position_bias
 
 
-class T5FeedForwardLayer(nn.Module):
-    config: T5Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
+class T5FeedForwardLayer(_T5Layer):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         h = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, self.param_dtype, name="layer_norm")(x)
-        lin = {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
-        if cfg.is_gated_act:
-            ff = _FFGated(cfg, name="DenseReluDense", **lin)
-        else:
-            ff = _FF(cfg, name="DenseReluDense", **lin)
-        return x + cast(ff(h), jnp.float32)
+        lin = self.opts
+        return x + cast(_FeedForward(cfg, **lin, name="DenseReluDense")(h), jnp.float32)
 
 
-class _FFGated(nn.Module):
-    config: T5Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
+class _FeedForward(_T5Layer):
+    """wo(act(wi(x))), or wo(act(wi_0(x)) * wi_1(x)) for the gated variants (v1.1's gated-gelu)."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        lin = {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
-        h = _act(cfg.dense_act_fn, Linear(cfg.d_ff, name="wi_0", **lin)(x)) * Linear(cfg.d_ff, name="wi_1", **lin)(x)
+        lin = self.opts
+        if cfg.is_gated_act:
+            h = _act(cfg.dense_act_fn, Linear(cfg.d_ff, name="wi_0", **lin)(x)) * Linear(cfg.d_ff, name="wi_1", **lin)(x)
+        else:
+            h = _act(cfg.dense_act_fn, Linear(cfg.d_ff, name="wi", **lin)(x))
         return Linear(cfg.d_model, name="wo", **lin)(h)
 
 
-class _FF(nn.Module):
-    config: T5Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        lin = {"dtype": self.dtype, "param_dtype": self.param_dtype, "precision": self.precision}
-        return Linear(cfg.d_model, name="wo", **lin)(_act(cfg.dense_act_fn, Linear(cfg.d_ff, name="wi", **lin)(x)))
-
-
-class T5Block(nn.Module):
-    config: T5Config
+class T5Block(_T5Layer):
     has_relative_attention_bias: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_bias: jax.Array, position_bias: jax.Array | None) -> tuple:
-        x, position_bias = T5SelfAttentionLayer(self.config, self.has_relative_attention_bias, self.dtype,
-                                                self.param_dtype, self.precision, name="layer_0")(
-            x, key_bias, position_bias)
-        x = T5FeedForwardLayer(self.config, self.dtype, self.param_dtype, self.precision, name="layer_1")(x)
+        x, position_bias = T5SelfAttentionLayer(self.config, has_relative_attention_bias=self.has_relative_attention_bias, **self.opts,
+                                                name="layer_0")(x, key_bias, position_bias)
+        x = T5FeedForwardLayer(self.config, **self.opts, name="layer_1")(x)
         return x, position_bias
 
 
-class T5Encoder(nn.Module):
+class T5Encoder(_T5Layer):
     """(tokens int [B, L], mask bool [B, L] True on real tokens, or None: all real) -> float32 [B, L, d_model],
     transformers' T5EncoderModel(...).last_hidden_state at inference."""
-    config: T5Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -400,8 +374,7 @@ class T5Encoder(nn.Module):
         key_bias = jnp.where(mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
         position_bias = None
         for i in range(cfg.num_layers):
-            x, position_bias = T5Block(cfg, i == 0, self.dtype, self.param_dtype, self.precision,
-                                       name=f"block_{i}")(x, key_bias, position_bias)
+            x, position_bias = T5Block(cfg, has_relative_attention_bias=i == 0, **self.opts, name=f"block_{i}")(x, key_bias, position_bias)
         return T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, self.param_dtype, name="final_layer_norm")(x)
 
 

@@ -50,13 +50,14 @@ from jaxdiff.models.unet2d_condition import (
     ResnetOptions,
     TimestepEmbedding,
     UpBlock,
+    checked_fields,
     config_choice,
     config_error,
     norm_act,
     sinusoidal_embedding,
 )
 from jaxdiff.ops.attention import attention
-from jaxdiff.util.config import did_you_mean, is_int
+from jaxdiff.util.config import is_int
 
 __all__ = ["MidBlock2D", "SpatialSelfAttention", "UNet2DConfig", "UNet2DModel", "unet2d_model_config"]
 
@@ -179,20 +180,7 @@ def unet2d_model_config(config: Mapping) -> UNet2DConfig:
     present; absent fields take diffusers' defaults. ValueError names the field and the values allowed."""
     if isinstance(config, UNet2DConfig):
         return config
-    if not isinstance(config, Mapping):
-        raise TypeError(f"expected a config.json dict, got {type(config).__name__}")
-    cls = config.get("_class_name")
-    if cls is not None and cls != "UNet2DModel":
-        raise ValueError(f"config.json field _class_name={cls!r}: expected 'UNet2DModel'")
-    known = set(SUPPORTED_DEFAULTS) | set(IGNORED_FIELDS) | set(DEFAULT_ONLY_FIELDS)
-    for k in config:
-        if not str(k).startswith("_") and k not in known:
-            raise ValueError(f"config.json field {k!r} is not a UNet2DModel argument known to {_WHAT}"
-                             f"{did_you_mean(k, sorted(known))}")
-    for k, default in DEFAULT_ONLY_FIELDS.items():
-        if config.get(k, default) != default:
-            raise config_error(k, config[k], repr(default), "the feature it selects is not implemented", _WHAT)
-    d = {k: config.get(k, default) for k, default in SUPPORTED_DEFAULTS.items()}
+    d = checked_fields(config, "UNet2DModel", SUPPORTED_DEFAULTS, IGNORED_FIELDS, DEFAULT_ONLY_FIELDS, _WHAT)
     for field, allowed in (("down_block_types", "ResnetDownsampleBlock2D"), ("up_block_types", "ResnetUpsampleBlock2D")):
         v = d[field]
         if not isinstance(v, (list, tuple)) or not v or any(t != allowed for t in v):

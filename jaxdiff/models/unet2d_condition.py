@@ -290,16 +290,20 @@ class AddedKVAttention(nn.Module):
 
 # --- Blocks -------------------------------------------------------------------------------------------
 
-class DownBlock(nn.Module):
-    """ResnetDownsampleBlock2D (attention None) / SimpleCrossAttnDownBlock2D: num_layers x (resnet
-    [+ attention]), then a down-sampling ResNet block. Returns (h, the skip states)."""
+class _Block(nn.Module):
+    """A down or up block's fields: `resample` adds its down- / up-sampling ResNet block."""
 
     out_channels: int
     num_layers: int
-    add_downsample: bool
+    resample: bool
     resnet: ResnetOptions
     attention: AttentionOptions | None = None
     dtype: Dtype = jnp.float32
+
+
+class DownBlock(_Block):
+    """ResnetDownsampleBlock2D (attention None) / SimpleCrossAttnDownBlock2D: num_layers x (resnet
+    [+ attention]), then a down-sampling ResNet block. Returns (h, the skip states)."""
 
     @nn.compact
     def __call__(self, h, temb, context=None, bias=None, train: bool = False):
@@ -309,23 +313,16 @@ class DownBlock(nn.Module):
             if self.attention is not None:
                 h = AddedKVAttention(self.attention, self.dtype, name=f"attentions_{j}")(h, context, bias)
             states.append(h)
-        if self.add_downsample:
+        if self.resample:
             h = ResnetBlock2D(self.out_channels, self.resnet, down=True, dtype=self.dtype,
                               name="downsamplers_0")(h, temb, train)
             states.append(h)
         return h, tuple(states)
 
 
-class UpBlock(nn.Module):
+class UpBlock(_Block):
     """ResnetUpsampleBlock2D (attention None) / SimpleCrossAttnUpBlock2D: per layer, the last skip state
     is concatenated (channels last) before the resnet [+ attention]; then an up-sampling ResNet block."""
-
-    out_channels: int
-    num_layers: int
-    add_upsample: bool
-    resnet: ResnetOptions
-    attention: AttentionOptions | None = None
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, skips, temb, context=None, bias=None, train: bool = False):
@@ -335,7 +332,7 @@ class UpBlock(nn.Module):
             h = ResnetBlock2D(self.out_channels, self.resnet, dtype=self.dtype, name=f"resnets_{j}")(h, temb, train)
             if self.attention is not None:
                 h = AddedKVAttention(self.attention, self.dtype, name=f"attentions_{j}")(h, context, bias)
-        if self.add_upsample:
+        if self.resample:
             h = ResnetBlock2D(self.out_channels, self.resnet, up=True, dtype=self.dtype,
                               name="upsamplers_0")(h, temb, train)
         return h
@@ -528,6 +525,28 @@ def config_error(field: str, value: Any, allowed: str, note: str = "", what: str
                       + (f" ({note})" if note else ""))
 
 
+def checked_fields(config: Mapping, class_name: str, supported: Mapping, ignored, default_only: Mapping,
+                   what: str) -> dict:
+    """The `supported` fields of a diffusers config.json dict (absent ones at their defaults), once
+    `_class_name` (when present) is `class_name`, every field is known (keys starting with "_" aside) and
+    the `default_only` fields are at their defaults; else ValueError naming the field."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"expected a config.json dict, got {type(config).__name__}")
+    cls = config.get("_class_name")
+    if cls is not None and cls != class_name:
+        raise ValueError(f"config.json field _class_name={cls!r}: expected {class_name!r}")
+    known = set(supported) | set(ignored) | set(default_only)
+    for k in config:
+        if not str(k).startswith("_") and k not in known:
+            raise ValueError(f"config.json field {k!r} is not a {class_name} argument known to {what}"
+                             f"{did_you_mean(k, sorted(known))}")
+    for k, default in default_only.items():
+        v = config.get(k, default)
+        if v != default or (isinstance(v, bool) != isinstance(default, bool)):
+            raise config_error(k, v, repr(default), "the feature it selects is not implemented", what)
+    return {k: config.get(k, default) for k, default in supported.items()}
+
+
 def _per_block(field: str, value: Any, n: int, check, allowed: str) -> tuple:
     """A field given as one value or a list of one value per down block -> tuple of n values."""
     values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
@@ -568,21 +587,7 @@ def unet2d_condition_config(config: Mapping) -> UNet2DConditionConfig:
     """
     if isinstance(config, UNet2DConditionConfig):
         return config
-    if not isinstance(config, Mapping):
-        raise TypeError(f"expected a config.json dict, got {type(config).__name__}")
-    cls = config.get("_class_name")
-    if cls is not None and cls != "UNet2DConditionModel":
-        raise ValueError(f"config.json field _class_name={cls!r}: expected 'UNet2DConditionModel'")
-    known = set(SUPPORTED_DEFAULTS) | set(IGNORED_FIELDS) | set(DEFAULT_ONLY_FIELDS)
-    for k in config:
-        if not str(k).startswith("_") and k not in known:
-            raise ValueError(f"config.json field {k!r} is not a UNet2DConditionModel argument known to {_WHAT}"
-                             f"{did_you_mean(k, sorted(known))}")
-    for k, default in DEFAULT_ONLY_FIELDS.items():
-        v = config.get(k, default)
-        if v != default or (isinstance(v, bool) != isinstance(default, bool)):
-            raise config_error(k, v, repr(default), "the feature it selects is not implemented")
-    d = {k: config.get(k, default) for k, default in SUPPORTED_DEFAULTS.items()}
+    d = checked_fields(config, "UNet2DConditionModel", SUPPORTED_DEFAULTS, IGNORED_FIELDS, DEFAULT_ONLY_FIELDS, _WHAT)
 
     down = tuple(d["down_block_types"]) if isinstance(d["down_block_types"], (list, tuple)) else None
     up = tuple(d["up_block_types"]) if isinstance(d["up_block_types"], (list, tuple)) else None
