@@ -14,8 +14,8 @@ Conv (out, in, kh, kw); each model's config.json is stored as a JSON string `<na
 
 import dataclasses
 import json
-import pathlib
 
+import _cascade as C
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,49 +28,16 @@ from jaxdiff.convert.diffusers import (
     load_diffusers_unet,
     unet2d_config,
     unet2d_params_from_state_dict,
-    unet2d_state_dict_from_params,
 )
+from jaxdiff.models.unet2d import unet2d_model_config
 from jaxdiff.models.unet2d_condition import (
     UNet2DConditionModel,
     unet2d_condition_config,
 )
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-TOL = 1e-4  # max |ours - reference| / max |reference|
-
-
-def _load(name):
-    with np.load(FIXTURES / name) as f:
-        return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def if_a():
-    return _load("if_tiny_a.npz")
-
-
-@pytest.fixture(scope="module")
-def unclip_a():
-    return _load("unclip_tiny_a.npz")
-
-
-def state_dict(z, prefix):
-    return {k[len(prefix) + 1:]: v for k, v in z.items() if k.startswith(prefix + "/")}
-
-
-def config_of(z, prefix):
-    return json.loads(str(z[prefix + "_config"]))
-
 
 def write_folder(path, config, sd):
-    """A diffusers model folder: config.json + diffusion_pytorch_model.safetensors."""
-    from safetensors.numpy import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
-                                                  "_diffusers_version": "0.42.1", **config}))
-    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path / "diffusion_pytorch_model.safetensors"))
-    return path
+    return C.write_diffusers_folder(path, "UNet2DConditionModel", config, sd)
 
 
 def nhwc(a):
@@ -85,8 +52,8 @@ def rel_err(out_nhwc, ref_nchw):
 
 
 def run_folder(tmp_path, z, prefix, x, t, context, dtype=None, **kw):
-    module, params, _ = load_diffusers_unet(write_folder(tmp_path / prefix, config_of(z, prefix),
-                                                           state_dict(z, prefix)), dtype=dtype)
+    module, params, _ = load_diffusers_unet(write_folder(tmp_path / prefix, C.config_of(z, prefix + "_config"),
+                                                           C.state_dict(z, prefix)), dtype=dtype)
     assert isinstance(module, UNet2DConditionModel)
     fn = jax.jit(lambda p, x, t, c, kw: module.apply({"params": p}, x, t, c, **kw))
     return fn(params, nhwc(z[x]), jnp.asarray(z[t]), jnp.asarray(z[context]),
@@ -101,12 +68,12 @@ def run_folder(tmp_path, z, prefix, x, t, context, dtype=None, **kw):
 def test_if_stage1_parity(tmp_path, if_a):
     out = run_folder(tmp_path, if_a, "unet1", "unet1_x", "unet1_t", "t5_out")
     assert out.dtype == jnp.float32
-    assert rel_err(out, if_a["unet1_out"]) <= TOL
+    assert rel_err(out, if_a["unet1_out"]) <= C.TOL
 
 
 def test_if_stage2_parity(tmp_path, if_a):
     out = run_folder(tmp_path, if_a, "unet2", "unet2_x", "unet2_t", "t5_out", class_labels="unet2_noise_level")
-    assert rel_err(out, if_a["unet2_out"]) <= TOL
+    assert rel_err(out, if_a["unet2_out"]) <= C.TOL
 
 
 def test_unclip_decoder_parity(tmp_path, unclip_a):
@@ -114,7 +81,7 @@ def test_unclip_decoder_parity(tmp_path, unclip_a):
     assert not z["decoder_attention_mask"].all()  # the mask matters
     out = run_folder(tmp_path, z, "decoder", "decoder_x", "decoder_t", "text_proj_hidden_states",
                      class_labels="text_proj_time_embeddings", attention_mask="decoder_attention_mask")
-    assert rel_err(out, z["decoder_out"]) <= TOL
+    assert rel_err(out, z["decoder_out"]) <= C.TOL
 
 
 def test_unclip_decoder_bfloat16(tmp_path, unclip_a):
@@ -128,16 +95,12 @@ def test_unclip_decoder_bfloat16(tmp_path, unclip_a):
 
 def test_state_dict_round_trip(if_a):
     """The inverse mapping gives back the state_dict, key for key (no compile: shapes by eval_shape)."""
-    cfg = config_of(if_a, "unet2")
-    sd = state_dict(if_a, "unet2")
-    assert expected_unet2d_shapes(cfg) == {k: v.shape for k, v in sd.items()}
+    cfg = C.config_of(if_a, "unet2_config")
+    sd = C.state_dict(if_a, "unet2")
     params = unet2d_params_from_state_dict(sd, cfg)
     flat = flatten_dict(params)
     assert {flax_path(k, v.ndim) for k, v in sd.items()} == set(flat)  # the documented key -> path rule
-    back = unet2d_state_dict_from_params(params, cfg)
-    assert back.keys() == sd.keys()
-    for k in sd:
-        np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+    C.assert_round_trip(sd, cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +108,8 @@ def test_state_dict_round_trip(if_a):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value,words", [
+# UNet2DConditionModel's fields (IF's stage I config) and UNet2DModel's (unCLIP's upsampler config)
+REFUSED = [("unet1", e) for e in [
     ("down_block_types", ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
      ["down_block_types", "CrossAttnDownBlock2D", "ResnetDownsampleBlock2D / SimpleCrossAttnDownBlock2D"]),
     ("up_block_types", ["SimpleCrossAttnUpBlock2D", "UpBlock2D"], ["up_block_types", "ResnetUpsampleBlock2D"]),
@@ -167,19 +131,33 @@ def test_state_dict_round_trip(if_a):
     ("conv_in_kernel", 4, ["conv_in_kernel", "odd"]),
     ("cross_attention_dimm", 32, ["'cross_attention_dimm'", "did you mean 'cross_attention_dim'"]),
     ("_class_name", "UNet2DModel", ["_class_name", "UNet2DConditionModel"]),
-])
-def test_config_outside_subset(if_a, field, value, words):
-    cfg = {**config_of(if_a, "unet1"), field: value}
-    with pytest.raises(ValueError) as e:
-        unet2d_condition_config(cfg)
-    for w in words:
-        assert w in str(e.value), (w, str(e.value))
+]] + [("super_res", e) for e in [
+    ("down_block_types", ["ResnetDownsampleBlock2D", "AttnDownBlock2D"],
+     ["down_block_types", "'AttnDownBlock2D' is not in the subset", "ResnetDownsampleBlock2D"]),
+    ("up_block_types", ["UpBlock2D", "ResnetUpsampleBlock2D"], ["up_block_types", "ResnetUpsampleBlock2D"]),
+    ("mid_block_type", "UNetMidBlock2DCrossAttn", ["mid_block_type", "'UNetMidBlock2D'"]),
+    ("time_embedding_type", "fourier", ["time_embedding_type", "'positional'"]),
+    ("num_class_embeds", 10, ["num_class_embeds", "None"]),
+    ("class_embed_type", "projection", ["class_embed_type", "'timestep'"]),
+    ("resnet_time_scale_shift", "spatial", ["resnet_time_scale_shift", "'scale_shift'"]),
+    ("norm_num_groups", 24, ["norm_num_groups=24", "does not divide"]),
+    ("layers_per_block", [1, 1], ["layers_per_block", "a positive integer"]),
+    ("cross_attention_dim", 32, ["'cross_attention_dim' is not a UNet2DModel argument"]),
+]]
+
+
+@pytest.mark.parametrize("which,case", REFUSED, ids=[f"{w}-{c[0]}" for w, c in REFUSED])
+def test_config_outside_subset(if_a, unclip_a, which, case):
+    field, value, words = case
+    check, base = ((unet2d_condition_config, C.config_of(if_a, "unet1_config")) if which == "unet1"
+                   else (unet2d_model_config, C.config_of(unclip_a, "super_res_config")))
+    C.assert_refused(check, {**base, field: value}, words)
 
 
 def test_config_ignored_fields_and_defaults(if_a):
     """Fields without effect on the subset are accepted; an absent field takes diffusers' default (here
     down_block_types: CrossAttnDownBlock2D, refused, naming the field)."""
-    base = config_of(if_a, "unet1")
+    base = C.config_of(if_a, "unet1_config")
     cfg = unet2d_condition_config({**base, "upcast_attention": True, "use_linear_projection": True,
                                    "_name_or_path": "x", "sample_size": 64})
     assert dataclasses.replace(cfg, sample_size=None) == dataclasses.replace(unet2d_condition_config(base),
@@ -195,7 +173,7 @@ def test_config_ignored_fields_and_defaults(if_a):
 def test_bad_config_refused_before_weights_are_read(tmp_path, if_a):
     folder = tmp_path / "bad"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({**config_of(if_a, "unet1"), "class_embed_type": "projection"}))
+    (folder / "config.json").write_text(json.dumps({**C.config_of(if_a, "unet1_config"), "class_embed_type": "projection"}))
     with pytest.raises(ValueError, match="class_embed_type"):
         load_diffusers_unet(folder)  # no weights file: the config is refused first
 
@@ -206,7 +184,7 @@ def test_bad_config_refused_before_weights_are_read(tmp_path, if_a):
 
 
 def test_missing_unexpected_and_wrong_shape_keys(tmp_path, if_a):
-    cfg, sd = config_of(if_a, "unet1"), state_dict(if_a, "unet1")
+    cfg, sd = C.config_of(if_a, "unet1_config"), C.state_dict(if_a, "unet1")
     missing = "down_blocks.1.attentions.0.add_k_proj.weight"
     bad = dict(sd)
     del bad[missing]
@@ -224,7 +202,7 @@ def test_missing_unexpected_and_wrong_shape_keys(tmp_path, if_a):
 
     # stage II's weights under stage I's config: every problem listed in one error
     with pytest.raises(ValueError) as e:
-        unet2d_params_from_state_dict(state_dict(if_a, "unet2"), cfg)
+        unet2d_params_from_state_dict(C.state_dict(if_a, "unet2"), cfg)
     msg = str(e.value)
     assert "unexpected key 'class_embedding.linear_1.weight'" in msg and "wrongly shaped" in msg
 
@@ -236,7 +214,7 @@ def test_missing_unexpected_and_wrong_shape_keys(tmp_path, if_a):
 def test_weights_files(tmp_path, if_a):
     folder = tmp_path / "noweights"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config_of(if_a, "unet1")))
+    (folder / "config.json").write_text(json.dumps(C.config_of(if_a, "unet1_config")))
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
         load_diffusers_unet(folder)
     (folder / "diffusion_pytorch_model.bin").write_bytes(b"")
@@ -248,7 +226,7 @@ def test_weights_files(tmp_path, if_a):
 
 
 def test_input_errors(if_a):
-    cfg = unet2d_config(config_of(if_a, "unet2"))
+    cfg = unet2d_config(C.config_of(if_a, "unet2_config"))
     module = UNet2DConditionModel(cfg)
     x = jax.ShapeDtypeStruct((2, 32, 32, 6), jnp.float32)
     t = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -267,7 +245,7 @@ def test_other_supported_options_trace(if_a):
     """Options outside the fixtures that the subset implements: the layout and a traced call (eval_shape,
     nothing compiled) are consistent, and only_cross_attention drops to_k / to_v as diffusers does."""
     cfg = unet2d_condition_config({
-        **config_of(if_a, "unet1"), "only_cross_attention": [False, True], "mid_block_only_cross_attention": True,
+        **C.config_of(if_a, "unet1_config"), "only_cross_attention": [False, True], "mid_block_only_cross_attention": True,
         "flip_sin_to_cos": False, "freq_shift": 1, "time_embedding_act_fn": "silu", "timestep_post_act": "mish",
         "center_input_sample": True, "act_fn": "silu", "resnet_time_scale_shift": "default", "dropout": 0.1,
         "resnet_skip_time_act": True, "resnet_out_scale_factor": 2.0, "attention_head_dim": [16, 32],

@@ -7,7 +7,7 @@
 The forward pass is transformers' `T5EncoderModel` (`last_hidden_state`) at inference (dropout off):
 token embedding; per block a pre-norm self-attention and a pre-norm feed-forward, each added to the
 residual stream; a final norm. T5's details:
-- RMS norm (T5LayerNorm): x * rsqrt(mean(x^2) + eps) * scale, the mean square in float32, no mean
+- RMS norm (T5LayerNorm, here flax's `nn.RMSNorm`): x * rsqrt(mean(x^2) + eps) * scale, the mean square in float32, no mean
   subtraction, no bias.
 - Attention logits are q.k WITHOUT the 1/sqrt(d_kv) scale, plus a relative-position bias: a table
   [num_buckets, num_heads] that lives in block 0's self-attention and that every block reuses. Relative
@@ -238,18 +238,9 @@ def _act(name: str, x: jax.Array) -> jax.Array:
     return nn.gelu(x, approximate=True)  # gelu_new, gelu_pytorch_tanh, gelu_fast: the tanh approximation
 
 
-class T5LayerNorm(nn.Module):
-    """RMS norm: x * rsqrt(mean(x^2) + eps) * scale, in float32 (returns float32)."""
-    features: int
-    eps: float
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (self.features,), self.param_dtype)
-        x = cast(x, jnp.float32)
-        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        return x * jax.lax.rsqrt(var + jnp.float32(self.eps)) * cast(scale, jnp.float32)
+def t5_layer_norm(eps: float, param_dtype: Dtype, name: str) -> nn.RMSNorm:
+    """T5LayerNorm as flax's RMSNorm: x * rsqrt(mean(x^2) + eps) * scale, computed and returned in float32."""
+    return nn.RMSNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, name=name)
 
 
 class Linear(nn.Module):
@@ -314,7 +305,7 @@ class T5SelfAttentionLayer(_T5Layer):
 
     @nn.compact
     def __call__(self, x: jax.Array, key_bias: jax.Array, position_bias: jax.Array | None) -> tuple:
-        h = T5LayerNorm(self.config.d_model, self.config.layer_norm_epsilon, self.param_dtype, name="layer_norm")(x)
+        h = t5_layer_norm(self.config.layer_norm_epsilon, self.param_dtype, "layer_norm")(cast(x, jnp.float32))
         h, position_bias = T5Attention(self.config, has_relative_attention_bias=self.has_relative_attention_bias, **self.opts,
                                        name="SelfAttention")(h, key_bias, position_bias)
         return x + cast(h, jnp.float32), position_bias
@@ -325,7 +316,7 @@ class T5FeedForwardLayer(_T5Layer):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        h = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, self.param_dtype, name="layer_norm")(x)
+        h = t5_layer_norm(cfg.layer_norm_epsilon, self.param_dtype, "layer_norm")(cast(x, jnp.float32))
         lin = self.opts
         return x + cast(_FeedForward(cfg, **lin, name="DenseReluDense")(h), jnp.float32)
 
@@ -375,7 +366,7 @@ class T5Encoder(_T5Layer):
         position_bias = None
         for i in range(cfg.num_layers):
             x, position_bias = T5Block(cfg, has_relative_attention_bias=i == 0, **self.opts, name=f"block_{i}")(x, key_bias, position_bias)
-        return T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, self.param_dtype, name="final_layer_norm")(x)
+        return t5_layer_norm(cfg.layer_norm_epsilon, self.param_dtype, "final_layer_norm")(cast(x, jnp.float32))
 
 
 def abstract_t5_params(module: T5Encoder, length: int = 8):

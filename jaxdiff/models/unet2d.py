@@ -49,6 +49,7 @@ from jaxdiff.models.unet2d_condition import (
     ResnetBlock2D,
     ResnetOptions,
     TimestepEmbedding,
+    UNetLevels,
     UpBlock,
     checked_fields,
     config_choice,
@@ -99,7 +100,7 @@ SUPPORTED_DEFAULTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class UNet2DConfig:
+class UNet2DConfig(UNetLevels):
     """A checked UNet2DModel config.json (`unet2d_model_config` builds it)."""
 
     in_channels: int
@@ -124,14 +125,6 @@ class UNet2DConfig:
     add_attention: bool
     class_embed_type: str | None
     sample_size: Any = None
-
-    @property
-    def time_embed_dim(self) -> int:
-        return self.time_embedding_dim or 4 * self.block_out_channels[0]
-
-    @property
-    def levels(self) -> int:
-        return len(self.block_out_channels)
 
     def resnet_options(self, output_scale_factor: float = 1.0) -> ResnetOptions:
         return ResnetOptions(groups=self.norm_num_groups, eps=self.norm_eps, act=self.act_fn,

@@ -421,8 +421,20 @@ _ACT_NAMES = tuple(ACTIVATIONS)
 _WHAT = "jaxdiff's UNet2DConditionModel (the DeepFloyd IF / unCLIP subset of diffusers')"
 
 
+class UNetLevels:
+    """What both diffusers U-Nets derive from block_out_channels and time_embedding_dim."""
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    @property
+    def levels(self) -> int:
+        return len(self.block_out_channels)
+
+
 @dataclasses.dataclass(frozen=True)
-class UNet2DConditionConfig:
+class UNet2DConditionConfig(UNetLevels):
     """A checked UNet2DConditionModel config.json (per-block fields expanded to tuples, one entry per
     down block; `unet2d_condition_config` builds it)."""
 
@@ -462,17 +474,9 @@ class UNet2DConditionConfig:
     sample_size: Any = None
 
     @property
-    def time_embed_dim(self) -> int:
-        return self.time_embedding_dim or 4 * self.block_out_channels[0]
-
-    @property
     def context_dim(self) -> int:
         """Channels of the encoder_hidden_states given to the model (before encoder_hid_proj)."""
         return self.encoder_hid_dim if self.encoder_hid_dim_type == "text_proj" else self.cross_attention_dim
-
-    @property
-    def levels(self) -> int:
-        return len(self.block_out_channels)
 
     def resnet_options(self, output_scale_factor: float | None = None) -> ResnetOptions:
         return ResnetOptions(groups=self.norm_num_groups, eps=self.norm_eps, act=self.act_fn,
