@@ -8,7 +8,6 @@ upsampled low-resolution image) and `super_res_t`, outputs `super_res_first_out`
 """
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +23,7 @@ from jaxdiff.convert.diffusers import (
 )
 from jaxdiff.models.unet2d import UNet2DConfig, UNet2DModel, unet2d_model_config
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TOL = 1e-4  # max |ours - reference| / max |reference|
-
-
-@pytest.fixture(scope="module")
-def unclip_a():
-    with np.load(FIXTURES / "unclip_tiny_a.npz") as f:
-        return {k: f[k] for k in f.files}
 
 
 def state_dict(z, prefix):

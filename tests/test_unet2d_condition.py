@@ -14,7 +14,6 @@ Conv (out, in, kh, kw); each model's config.json is stored as a JSON string `<na
 
 import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -35,23 +34,7 @@ from jaxdiff.models.unet2d_condition import (
     unet2d_condition_config,
 )
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TOL = 1e-4  # max |ours - reference| / max |reference|
-
-
-def _load(name):
-    with np.load(FIXTURES / name) as f:
-        return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def if_a():
-    return _load("if_tiny_a.npz")
-
-
-@pytest.fixture(scope="module")
-def unclip_a():
-    return _load("unclip_tiny_a.npz")
 
 
 def state_dict(z, prefix):
