@@ -322,6 +322,8 @@ def test_load_state_dict_sources(tmp_path, cli_npz):
     _, from_st = from_guided_diffusion(st, "unet", **model_flags)
     _, from_npz = from_guided_diffusion(npz, "unet", **model_flags)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), from_st, from_npz)
+    assert main(["--safetensors", str(st), "--kind", "unet", "--flags", CLI_FLAGS, "--out", str(tmp_path / "o")]) == 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, load_converted(tmp_path / "o")[1], from_npz)
     pt = tmp_path / "model.pt"
     pt.write_bytes(b"not a real checkpoint")
     try:
