@@ -151,22 +151,28 @@ def read_config(directory: str) -> dict:
 
 def load_model(directory: str, *, step: int | None = None, ema: bool = True, dtype: str | None = None,
                kind: str | None = None):
-    """(module, params, config) of a trained workdir or of a converted guided-diffusion / GLIDE checkpoint.
+    """(module, params, config) of a trained workdir or of a converted checkpoint (guided-diffusion, GLIDE,
+    a diffusers U-Net or a transformers T5 encoder).
 
     Trained workdir: the EMA parameters (``ema=False``: the raw ones) of the latest checkpoint (or
     `step`), restored on the host; `config` is the resolved training config as a dict ("model": the
     `create_model` flags plus "kind"; "diffusion": schedule, num_timesteps, prediction,
     learned_sigma). A converted checkpoint ("source": "guided-diffusion" or "glide") is loaded by
-    `jaxdiff.convert.converted.load_converted`, its diffusion flags renamed to the same keys. `dtype`
+    `jaxdiff.convert.converted.load_converted`, its diffusion flags renamed to the same keys. A converted
+    diffusers / transformers model folder ("source": "diffusers" / "transformers"; kind "unet2d_condition",
+    "unet2d" or "t5_encoder") comes back as load_converted gives it: config {"kind", "model": the folder's
+    config.json, "source"}, float32 params, the module computing in `dtype` (default float32). `dtype`
     overrides the compute dtype (else a converted use_fp16 checkpoint computes in bfloat16). `kind`
     "clip-image" / "clip-text" picks that encoder of a trained CLIP (config["model"] = its kwargs +
     "kind"); otherwise it is ignored (callers check the kind).
     """
     cfg = read_config(directory)
     overrides = {"dtype": dtype} if dtype else {}
-    if cfg.get("source") in ("guided-diffusion", "glide"):
-        from jaxdiff.convert import converted
+    from jaxdiff.convert import converted
 
+    if cfg.get("source") in converted.FOLDER_SOURCES:  # a diffusers / transformers model folder, converted
+        return converted.load_converted(directory, **overrides)
+    if cfg.get("source") in converted.SOURCES:
         module, params, ccfg = converted.load_converted(directory, **overrides)
         ccfg = dict(ccfg)
         ccfg["model"] = {"kind": ccfg.get("kind"), **dict(ccfg.get("model", {}))}

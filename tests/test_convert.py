@@ -301,6 +301,29 @@ def test_load_state_dict_sources(tmp_path, cli_npz):
     npz, _ = cli_npz
     sd = load_state_dict(npz)
     assert load_state_dict(sd).keys() == sd.keys()
+    # safetensors (the safetensors library with numpy; no torch): equal to the .npz, read lazily, and as shards
+    import safetensors.numpy
+
+    st = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(sd, str(st))
+    lazy = load_state_dict(st)
+    assert sorted(lazy) == sorted(sd) and all(lazy.shape(k) == sd[k].shape for k in sd)
+    assert all(np.array_equal(lazy[k], sd[k]) and lazy[k].dtype == sd[k].dtype for k in sd)
+    keys = sorted(sd)
+    shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        safetensors.numpy.save_file({k: sd[k] for k in ks}, str(tmp_path / name))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    sharded = load_state_dict(index)
+    assert sorted(sharded) == keys and all(np.array_equal(sharded[k], sd[k]) for k in sd)
+    # the converter reads either the same
+    model_flags, _ = flags_from_args(CLI_FLAGS, "unet")
+    _, from_st = from_guided_diffusion(st, "unet", **model_flags)
+    _, from_npz = from_guided_diffusion(npz, "unet", **model_flags)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), from_st, from_npz)
+    assert main(["--safetensors", str(st), "--kind", "unet", "--flags", CLI_FLAGS, "--out", str(tmp_path / "o")]) == 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, load_converted(tmp_path / "o")[1], from_npz)
     pt = tmp_path / "model.pt"
     pt.write_bytes(b"not a real checkpoint")
     try:

@@ -91,3 +91,31 @@ def test_sharded_run_with_recorded_noises_matches_direct_loop():
     want = S.sample_loop(g.model_fn, sched, jnp.asarray(x_T), cond, sampler="ddpm", noises=jnp.asarray(noises),
                          clip_denoised=False, loop="python")
     np.testing.assert_allclose(out, np.asarray(want), atol=1e-5)
+
+
+def test_state_shardings_split_t5_xxl_over_fsdp_8():
+    """IF's text encoder (T5-v1.1-XXL, 4.76 B bfloat16 parameters, abstract: nothing allocated) over fsdp=8 with
+    the training default min_shard_size: every kernel and the embedding are split 8 ways, only the norm
+    scales and the small relative-position table stay whole, so a device holds total / 8 (bench_if_memory.py)."""
+    from flax.traverse_util import flatten_dict
+    from jax.sharding import AbstractMesh, AxisType
+
+    from jaxdiff.models import t5
+
+    config = t5.t5_config_from_json({"d_model": 4096, "num_layers": 24, "d_ff": 10240, "num_heads": 64, "d_kv": 64,
+                                     "vocab_size": 32128, "feed_forward_proj": "gated-gelu"})
+    tree = t5.abstract_t5_params(t5.T5Encoder(config, dtype=jax.numpy.bfloat16, param_dtype=jax.numpy.bfloat16))
+    mesh = AbstractMesh((1, 8), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+    shardings = parallel.state_shardings(tree, mesh)
+    leaves, specs = flatten_dict(tree), flatten_dict(shardings)
+    total = sum(x.size * x.dtype.itemsize for x in leaves.values())
+    assert sum(x.size for x in leaves.values()) == 4_762_310_656
+    for path, x in leaves.items():
+        large = path[-1] in ("kernel", "embedding") and x.size >= parallel.DEFAULT_MIN_SHARD_SIZE
+        if large:
+            assert int(np.prod(specs[path].shard_shape(x.shape))) * 8 == x.size, path
+        else:
+            assert specs[path].is_fully_replicated and x.size < parallel.DEFAULT_MIN_SHARD_SIZE, path
+    assert sum(p[-1] == "kernel" for p in leaves) == 24 * 7  # q, k, v, o, wi_0, wi_1, wo per layer: all split
+    per_device = parallel.bytes_per_device(tree, shardings)
+    assert total / 8 <= per_device <= total / 8 * 1.001

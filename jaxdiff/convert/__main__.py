@@ -1,13 +1,20 @@
-"""Loading openai/guided-diffusion and openai/glide-text2im (PyTorch) checkpoints into jaxdiff models.
+"""Loading openai/guided-diffusion and openai/glide-text2im (PyTorch) checkpoints, and diffusers /
+transformers model folders, into jaxdiff models.
 
-    python -m jaxdiff.convert (--pt FILE.pt | --npz FILE.npz) --kind unet|classifier|superres \\
+    python -m jaxdiff.convert (--pt FILE.pt | --npz FILE.npz | --safetensors FILE) --kind unet|classifier|superres \\
         --flags "<guided-diffusion command-line flags>" --out DIR [--force]
-    python -m jaxdiff.convert --source glide (--pt | --npz) FILE [--kind text2im|...|clip-image|clip-text] \\
-        [--flags "<GLIDE options or clip/config.yaml values>"] --out DIR [--force]
+    python -m jaxdiff.convert --source glide (--pt | --npz | --safetensors) FILE \\
+        [--kind text2im|...|clip-image|clip-text] [--flags "<GLIDE options or clip/config.yaml values>"] --out DIR
+    python -m jaxdiff.convert --source diffusers FOLDER --out DIR [--variant fp16] [--force]
+    python -m jaxdiff.convert --source transformers FOLDER --out DIR [--variant fp16] [--force]
 
 writes DIR/config.json ({"kind", "model", "diffusion", "source"}) and DIR/params (orbax), atomically;
 an existing non-empty DIR is only replaced with --force. GLIDE's options and kinds: `jaxdiff.convert.glide`,
-`jaxdiff.convert.clip`.
+`jaxdiff.convert.clip`. A diffusers folder (UNet2DConditionModel or UNet2DModel: kind "unet2d_condition" /
+"unet2d") or a transformers folder (T5EncoderModel: kind "t5_encoder") holds config.json and its weights
+(safetensors, sharded or not, read without torch; .bin with torch); DIR/config.json then records the
+folder's config.json as "model" (`jaxdiff.convert.converted.from_folder`). `jaxdiff.load_model(DIR)` reopens
+any of them.
 
 Layout mapping: Conv2d OIHW -> HWIO; Linear (out, in) -> (in, out); the token-wise conv1d layers (qkv,
 proj_out, qkv_proj, c_proj, encoder_kv; weight (O, I, 1)) -> Dense (I, O); GroupNorm weight -> scale;
@@ -25,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from jaxdiff.convert.converted import SOURCES, save_converted
+from jaxdiff.convert.converted import FOLDER_SOURCES, SOURCES, from_folder, save_converted
 from jaxdiff.convert.guided_diffusion import KINDS, flags_from_args, from_guided_diffusion, infer_kind, parse_given
 
 
@@ -37,15 +44,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m jaxdiff.convert",
         description="Convert an openai/guided-diffusion or openai/glide-text2im checkpoint (text U-Nets and "
-                    "the noised CLIP encoders) into a jaxdiff checkpoint directory.",
+                    "the noised CLIP encoders), or a diffusers U-Net / transformers T5 encoder folder, into a "
+                    "jaxdiff checkpoint directory.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("folder", nargs="?", default=None,
+                   help="--source diffusers / transformers: the model folder (config.json and the weights)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--pt", help="PyTorch .pt state_dict (needs torch)")
     src.add_argument("--npz", help="numpy .npz state_dict (keys as in the .pt file)")
+    src.add_argument("--safetensors", help="safetensors state_dict (keys as in the .pt file; read without torch)")
     glide_kinds = tuple(TEXT_KINDS) + tuple(CLIP_KINDS)
     p.add_argument("--source", choices=SOURCES, default=None,
                    help="the repository the checkpoint comes from (default: glide for a GLIDE --kind, else "
-                        "guided-diffusion)")
+                        "guided-diffusion); diffusers / transformers convert a model FOLDER")
     p.add_argument("--kind", choices=KINDS + glide_kinds, default=None,
                    help=f"guided-diffusion: {', '.join(KINDS)}; glide: {', '.join(glide_kinds)} (default: "
                         f"inferred from --flags)")
@@ -53,11 +64,36 @@ def main(argv=None) -> int:
                    help='guided-diffusion command-line flags, e.g. "--image_size 64 --num_channels 192 ...", '
                         'GLIDE\'s options, e.g. "--super_res True" (absent ones take GLIDE\'s defaults), or for '
                         'CLIP kinds clip/config.yaml values as "--n_embd 512 ..." (default: the released config)')
+    p.add_argument("--variant", default=None,
+                   help='diffusers / transformers folders: the weights variant, e.g. "fp16" '
+                        "(diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
     if args.source is None:
         args.source = "glide" if args.kind in glide_kinds else "guided-diffusion"
+    weights = args.pt or args.npz or args.safetensors
+    if args.source in FOLDER_SOURCES:
+        if args.folder is None or weights or args.kind or args.flags:
+            p.error(f"--source {args.source} takes a model FOLDER (config.json and the weights) and no --pt / "
+                    "--npz / --safetensors, --kind or --flags: the folder's config.json says what the model is")
+    else:
+        if args.folder is not None:
+            p.error(f"a FOLDER ({args.folder}) is read with --source diffusers or --source transformers; "
+                    f"--source {args.source} reads one file: --pt, --npz or --safetensors")
+        if weights is None:
+            p.error("one of --pt, --npz or --safetensors is required")
+        if args.variant:
+            p.error("--variant is for --source diffusers / transformers folders")
+
+    out = Path(args.out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
+        return 2
+    if args.source in FOLDER_SOURCES:
+        kind, params, model_config = from_folder(args.source, args.folder, args.variant)
+        save_converted(out, params, kind, model_config, None, force=args.force, source=args.source)
+        return _report(out, kind, params)
 
     save_kw = {"source": args.source}
     if args.source == "glide":
@@ -81,12 +117,12 @@ def main(argv=None) -> int:
         kind = args.kind or infer_kind(parse_given(args.flags))
         model_flags, diffusion_flags = flags_from_args(args.flags, kind)
         convert = from_guided_diffusion
-    out = Path(args.out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        print(f"error: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
-        return 2
-    _, params = convert(args.pt or args.npz, kind, **model_flags)
+    _, params = convert(weights, kind, **model_flags)
     save_converted(out, params, kind, model_flags, diffusion_flags, force=args.force, **save_kw)
+    return _report(out, kind, params)
+
+
+def _report(out: Path, kind: str, params) -> int:
     n = sum(int(np.prod(np.shape(v))) for v in flatten_dict(params).values())
     print(json.dumps({"out": str(out), "kind": kind, "parameters": n}))
     return 0

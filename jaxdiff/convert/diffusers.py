@@ -1,9 +1,14 @@
 """diffusers U-Net folders (config.json + diffusion_pytorch_model.safetensors / .bin) -> jaxdiff models.
 
-    load_diffusers_unet(folder, dtype=None) -> (module, params, config)
+    load_diffusers_unet(folder, dtype=None, variant=None) -> (module, params, config)
     unet2d_params_from_state_dict(state_dict, config) -> params        (strict; ValueError lists every problem)
     unet2d_state_dict_from_params(params, config) -> {key: np.ndarray}  (the inverse, torch layout)
     expected_unet2d_shapes(config) -> {key: torch shape}
+    abstract_unet2d_params(config) -> the params' shapes (jax.eval_shape: nothing allocated)
+
+The weights are read by `convert.common` (`find_weights`, `read_weights`): safetensors lazily, tensor
+by tensor, without torch; sharded *.index.json checkpoints and variants ("fp16") as diffusers names them;
+.bin files with torch (imported only then).
 
 `config` is the config.json dict or the checked config (`models.unet2d_condition.UNet2DConditionConfig`
 for `UNet2DConditionModel`, `models.unet2d.UNet2DConfig` for `UNet2DModel`; a dict's `_class_name` picks
@@ -22,18 +27,29 @@ kernel`; LIST_NAMES are the lists); the leaf `weight` is `kernel` for Linear (tr
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import functools
-import json
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["LIST_NAMES", "expected_unet2d_shapes", "flax_path", "load_diffusers_config",
+from jaxdiff.convert.common import (
+    as_numpy,
+    describe_key_problem,
+    find_weights,
+    is_floating,
+    key_problems,
+    make_layout,
+    read_config_json,
+    read_weights,
+    shapes_of,
+    to_flax,
+    to_torch,
+)
+
+__all__ = ["LIST_NAMES", "abstract_unet2d_params", "expected_unet2d_shapes", "flax_path", "load_diffusers_config",
            "load_diffusers_state_dict", "load_diffusers_unet", "torch_key", "unet2d_config",
            "unet2d_module", "unet2d_params_from_state_dict", "unet2d_state_dict_from_params"]
 
@@ -64,26 +80,6 @@ def flax_path(key: str, ndim: int) -> tuple:
     if leaf == "weight":
         leaf = "kernel" if ndim in (2, 4) else "scale"
     return tuple(out) + (leaf,)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    path: tuple  # Flax path
-    key: str  # state_dict key
-    shape: tuple  # torch shape
-    transform: str  # conv2d | dense | identity
-
-
-def _to_flax(a: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "conv2d":
-        return a.transpose(2, 3, 1, 0)
-    return a.T if transform == "dense" else a
-
-
-def _to_torch(a: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "conv2d":
-        return a.transpose(3, 2, 0, 1)
-    return a.T if transform == "dense" else a
 
 
 # --- Configs and modules ------------------------------------------------------------------------------
@@ -126,13 +122,15 @@ def unet2d_module(config, dtype: Any = None):
     return UNet2DModel(cfg, dtype=dt)
 
 
-def _abstract_params(cfg):
-    """Shapes of the module's params: jax.eval_shape of init on the smallest input (nothing computed)."""
+def abstract_unet2d_params(config):
+    """Shapes of the module's params (float32) for a raw or checked config: jax.eval_shape of init on the
+    smallest input (nothing allocated or computed)."""
     import jax
     import jax.numpy as jnp
 
     from jaxdiff.models.unet2d_condition import UNet2DConditionConfig
 
+    cfg = unet2d_config(config)
     module = unet2d_module(cfg)
     s = 2 ** (len(cfg.block_out_channels) - 1)
     x = jax.ShapeDtypeStruct((1, s, s, cfg.in_channels), jnp.float32)
@@ -147,17 +145,15 @@ def _abstract_params(cfg):
     return jax.eval_shape(lambda a, k: module.init(jax.random.key(0), *a, **k), args, kw)["params"]
 
 
+def _transform(path: tuple, shape: tuple) -> str:
+    if path[-1] != "kernel":
+        return "identity"
+    return "conv2d" if len(shape) == 4 else "dense"
+
+
 @functools.lru_cache(maxsize=16)
 def _layout(cfg) -> tuple:
-    from flax.traverse_util import flatten_dict
-
-    entries = []
-    for path, leaf in flatten_dict(_abstract_params(cfg)).items():
-        shape = tuple(leaf.shape)
-        tr = "conv2d" if path[-1] == "kernel" and len(shape) == 4 else "dense" if path[-1] == "kernel" else "identity"
-        torch_shape = _to_torch(np.broadcast_to(np.float32(0), shape), tr).shape
-        entries.append(_Entry(path, torch_key(path), tuple(torch_shape), tr))
-    return tuple(entries)
+    return make_layout(abstract_unet2d_params(cfg), torch_key, _transform)
 
 
 def expected_unet2d_shapes(config) -> dict:
@@ -167,27 +163,17 @@ def expected_unet2d_shapes(config) -> dict:
 
 # --- Conversion ---------------------------------------------------------------------------------------
 
-def _as_numpy(v) -> np.ndarray:
-    if hasattr(v, "detach"):  # a torch tensor
-        v = v.detach().cpu()
-        if v.is_floating_point():
-            v = v.float()
-        return v.numpy()
-    return np.asarray(v)
-
-
 def _mismatch(expected: dict, given: dict, cls: str, limit: int = 20) -> str | None:
     """None when `given` (key -> shape) is exactly `expected`; else the error text: counts, then up to
     `limit` lines for each kind of problem (wrong shape, unexpected, missing)."""
-    wrong = [f"  key {k!r} has shape {tuple(given[k])}, the model needs {tuple(expected[k])}"
-             for k in expected if k in given and tuple(given[k]) != tuple(expected[k])]
-    unexpected = [f"  unexpected key {k!r} {tuple(given[k])} (not in the model)" for k in given if k not in expected]
-    missing = [f"  missing key {k!r} {tuple(expected[k])} (the model needs it)" for k in expected if k not in given]
-    if not (wrong or unexpected or missing):
+    groups = collections.defaultdict(list)  # shape, unexpected, missing: in that order
+    for problem, key in key_problems(expected, given):
+        groups[problem].append(f"  {describe_key_problem(problem, key, expected, given)}")
+    if not groups:
         return None
-    lines = [(f"the state_dict does not fit the {cls} built from config.json ({len(missing)} missing, "
-              f"{len(unexpected)} unexpected, {len(wrong)} wrongly shaped keys):")]
-    for group in (wrong, unexpected, missing):
+    lines = [(f"the state_dict does not fit the {cls} built from config.json ({len(groups['missing'])} missing, "
+              f"{len(groups['unexpected'])} unexpected, {len(groups['shape'])} wrongly shaped keys):")]
+    for group in groups.values():
         lines += group[:limit] + ([f"  ... and {len(group) - limit} more"] if len(group) > limit else [])
     return "\n".join(lines)
 
@@ -196,22 +182,19 @@ def unet2d_params_from_state_dict(state_dict: Mapping, config) -> dict:
     """Flax params (float32 numpy arrays, nested dicts; use as {'params': params}) from a diffusers
     state_dict (numpy arrays or torch tensors) of the U-Net `config` describes. Strict: ValueError listing
     every missing, unexpected or wrongly shaped key, or a non-floating array."""
-    import jax.numpy as jnp
     from flax.traverse_util import unflatten_dict
 
     cfg = unet2d_config(config)
     layout = _layout(cfg)
-    sd = {str(k): v for k, v in state_dict.items()}
-    err = _mismatch({e.key: e.shape for e in layout}, {k: tuple(np.shape(v)) for k, v in sd.items()},
-                    type(unet2d_module(cfg)).__name__)
+    err = _mismatch({e.key: e.shape for e in layout}, shapes_of(state_dict), type(unet2d_module(cfg)).__name__)
     if err:
         raise ValueError(err)
     flat = {}
-    for e in layout:
-        a = _as_numpy(sd[e.key])
-        if not jnp.issubdtype(a.dtype, jnp.floating):
+    for e in layout:  # tensor by tensor: a SafetensorsDict reads each only now
+        a = as_numpy(state_dict[e.key])
+        if not is_floating(a.dtype):
             raise ValueError(f"key {e.key!r} has dtype {a.dtype}, expected floating point")
-        flat[e.path] = np.ascontiguousarray(_to_flax(a.astype(np.float32), e.transform))
+        flat[e.path] = np.ascontiguousarray(to_flax(a.astype(np.float32), e.transform))
     return unflatten_dict(flat)
 
 
@@ -225,7 +208,7 @@ def unet2d_state_dict_from_params(params: Mapping, config) -> dict:
     for e in _layout(cfg):
         if e.path not in flat:
             raise ValueError(f"params have no {'/'.join(e.path)} (state_dict key {e.key!r})")
-        out[e.key] = np.ascontiguousarray(_to_torch(np.asarray(flat[e.path], np.float32), e.transform))
+        out[e.key] = np.ascontiguousarray(to_torch(np.asarray(flat[e.path], np.float32), e.transform))
     return out
 
 
@@ -233,38 +216,18 @@ def unet2d_state_dict_from_params(params: Mapping, config) -> dict:
 
 def load_diffusers_config(folder) -> dict:
     """FOLDER/config.json as a dict."""
-    path = Path(os.fspath(folder)) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {path.parent}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return read_config_json(folder, "a diffusers model folder")
 
 
-def load_diffusers_state_dict(folder) -> dict:
-    """{key: np.ndarray} from FOLDER/diffusion_pytorch_model.safetensors (the safetensors library, numpy),
-    or else FOLDER/diffusion_pytorch_model.bin (needs PyTorch, imported only then)."""
-    folder = Path(os.fspath(folder))
-    st, pt = (folder / w for w in WEIGHTS)
-    if st.is_file():
-        from safetensors.numpy import load_file
-
-        return dict(load_file(str(st)))
-    if pt.is_file():
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(f"reading {pt} needs PyTorch (pip install torch), or save the weights as "
-                              f"{WEIGHTS[0]}") from None
-        sd = torch.load(str(pt), map_location="cpu", weights_only=True)
-        if not isinstance(sd, Mapping):
-            raise ValueError(f"{pt} does not hold a state_dict (got {type(sd).__name__})")
-        return {str(k): _as_numpy(v) for k, v in sd.items()}
-    raise FileNotFoundError(f"no weights in {folder}: expected {' or '.join(WEIGHTS)}")
+def load_diffusers_state_dict(folder, variant: str | None = None) -> Mapping:
+    """{key: np.ndarray} of a diffusers model folder's weights, found as diffusers looks for them:
+    diffusion_pytorch_model.safetensors (read lazily, tensor by tensor: a common.SafetensorsDict), its
+    sharded index, or else diffusion_pytorch_model.bin or its index (needs PyTorch, imported only then);
+    `variant="fp16"` reads diffusion_pytorch_model.fp16.safetensors etc."""
+    return read_weights(find_weights(folder, *WEIGHTS, variant=variant, what="diffusers weights"))
 
 
-def load_diffusers_unet(folder, dtype: Any = None):
+def load_diffusers_unet(folder, dtype: Any = None, variant: str | None = None):
     """A diffusers U-Net folder -> (module, params, config).
 
     config.json is checked (ValueError naming a field outside the subset) before the weights are read;
@@ -273,5 +236,5 @@ def load_diffusers_unet(folder, dtype: Any = None):
     dtype, "float32" (None) or "bfloat16"."""
     cfg = unet2d_config(load_diffusers_config(folder))
     module = unet2d_module(cfg, dtype)
-    params = unet2d_params_from_state_dict(load_diffusers_state_dict(folder), cfg)
+    params = unet2d_params_from_state_dict(load_diffusers_state_dict(folder, variant), cfg)
     return module, params, cfg

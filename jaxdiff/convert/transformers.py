@@ -26,15 +26,13 @@ with the shardings you want (T5-v1.1-XXL is 19 GB in float32, 9.5 GB in bfloat16
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from jaxdiff.convert.common import as_numpy, find_weights, is_floating, read_config_json, read_weights, shape_of
 from jaxdiff.models.layers import resolve_dtype
 from jaxdiff.models.t5 import (
     T5Config,
@@ -79,11 +77,6 @@ def expected_t5_shapes(config: T5Config) -> dict:
     return {k: (s[::-1] if t else s) for k, (_, s, t) in _layout(config).items()}
 
 
-def _shape(sd: Mapping, key: str) -> tuple:
-    shape = getattr(sd, "shape", None)
-    return tuple(shape(key)) if callable(shape) else tuple(np.shape(sd[key]))
-
-
 def _listed(keys: list) -> str:
     head = ", ".join(keys[:_MAX_LISTED])
     return head + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
@@ -105,7 +98,7 @@ def _checked_keys(state_dict: Mapping, config: T5Config, allow_decoder: bool) ->
     for k in [*embed, *(k for k in expected if k in given)]:
         _, shape, transpose = layout["shared.weight"] if k in EMBED_KEYS else layout[k]
         want = shape[::-1] if transpose else shape
-        got = _shape(state_dict, k)
+        got = shape_of(state_dict, k)
         if got != want:
             wrong.append(f"{k}: {got}, expected {want}")
     if missing or unexpected or wrong:
@@ -132,20 +125,18 @@ def t5_params_from_state_dict(state_dict: Mapping, config: T5Config, dtype: Any 
                               allow_decoder: bool = False) -> dict:
     """The T5Encoder's params (numpy arrays, float32 or `dtype`: "float32" / "bfloat16") from a transformers
     T5 state_dict ({key: numpy array or torch tensor}); strict: see the module doc."""
-    import ml_dtypes  # jax's own dependency: bfloat16 for numpy
-
     target = np.dtype(resolve_dtype(dtype))
     keys = _checked_keys(state_dict, config, allow_decoder)
     if all(k in state_dict for k in EMBED_KEYS):
-        a, b = (_as_numpy(state_dict[k]) for k in EMBED_KEYS)
+        a, b = (as_numpy(state_dict[k]) for k in EMBED_KEYS)
         if not np.array_equal(a, b):
             raise ValueError(f"T5 state_dict: {EMBED_KEYS[0]} and {EMBED_KEYS[1]} differ; a T5EncoderModel ties them "
                              "(give one of them)")
         del a, b
     params: dict = {}
     for path, (key, transpose) in keys.items():
-        a = _as_numpy(state_dict[key])
-        if not (np.issubdtype(a.dtype, np.floating) or a.dtype == np.dtype(ml_dtypes.bfloat16)):
+        a = as_numpy(state_dict[key])
+        if not is_floating(a.dtype):
             raise ValueError(f"T5 state_dict: {key} has dtype {a.dtype}; allowed: floating point (float32, float16, "
                              "bfloat16)")
         a = np.ascontiguousarray((a.T if transpose else a).astype(target, copy=False))
@@ -156,125 +147,28 @@ def t5_params_from_state_dict(state_dict: Mapping, config: T5Config, dtype: Any 
     return params
 
 
-def _as_numpy(v) -> np.ndarray:
-    if hasattr(v, "detach"):  # a torch tensor
-        import torch
+# --- reading folders (convert.common's readers) ------------------------------------------------------
 
-        v = v.detach().cpu()
-        if v.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return v.numpy()
-    return np.asarray(v)
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-# --- reading folders -------------------------------------------------------------------------------------
-
-
-class _SafetensorsDict(Mapping):
-    """A read-only {key: numpy array} over safetensors files; tensors are read when asked for."""
-
-    def __init__(self, files: list):
-        from safetensors import SafetensorError, safe_open
-
-        self._file: dict = {}
-        self._shapes: dict = {}
-        for f in files:
-            try:
-                with safe_open(str(f), framework="np") as h:
-                    for k in h.keys():  # noqa: SIM118 (a safe_open handle is not a Mapping)
-                        if k in self._file:
-                            raise ValueError(f"{f}: key {k} is also in {self._file[k]}")
-                        self._file[k] = f
-                        self._shapes[k] = tuple(h.get_slice(k).get_shape())
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"{f} is not a readable safetensors file: {e}") from None
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        with safe_open(str(self._file[key]), framework="np") as h:
-            return h.get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._file)
-
-    def __len__(self) -> int:
-        return len(self._file)
-
-    def shape(self, key: str) -> tuple:
-        return self._shapes[key]
-
-
-def _variant(name: str, variant: str | None) -> str:
-    """transformers' _add_variant: model.safetensors -> model.fp16.safetensors."""
-    if not variant:
-        return name
-    parts = name.split(".")
-    return ".".join(parts[:-1] + [variant] + parts[-1:])
-
-
-def _index_files(index: Path) -> list:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index} is not a weights index (a JSON object with a 'weight_map'): {e}") from None
-    paths = [index.parent / f for f in files]
-    absent = [str(p) for p in paths if not p.is_file()]
-    if absent:
-        raise FileNotFoundError(f"{index} lists weight files that are not there: {_listed(absent)}")
-    return paths
-
-
-def find_t5_weights(folder, variant: str | None = None) -> tuple:
-    """(format, [files]) of the weights in a transformers model folder: "safetensors" or "torch"."""
-    folder = Path(os.fspath(folder))
-    names = [("safetensors", "model.safetensors", False), ("safetensors", "model.safetensors.index.json", True),
-             ("torch", "pytorch_model.bin", False), ("torch", "pytorch_model.bin.index.json", True)]
-    for fmt, name, is_index in names:
-        p = folder / _variant(name, variant)
-        if p.is_file():
-            return fmt, (_index_files(p) if is_index else [p])
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise FileNotFoundError(f"no T5 weights in {folder}: looked for {', '.join(_variant(n, variant) for _, n, _ in names)}"
-                            f"; the folder holds {present if present else 'nothing'}")
-
-
-def _read_torch(files: list) -> dict:
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"reading {files[0]} needs PyTorch (pip install torch); or convert the weights to "
-                          "safetensors (model.safetensors), which is read without it") from None
-    sd: dict = {}
-    for f in files:
-        part = torch.load(str(f), map_location="cpu", weights_only=True)
-        if not isinstance(part, Mapping):
-            raise ValueError(f"{f} does not hold a state_dict (got {type(part).__name__})")  # noqa: TRY004
-        sd.update(part)
-    return sd
+def find_t5_weights(folder, variant: str | None = None) -> list:
+    """The weight files of a transformers model folder: model.safetensors, its sharded index, or (read with
+    torch) pytorch_model.bin or its index; `variant="fp16"` reads model.fp16.safetensors etc."""
+    return find_weights(folder, *WEIGHTS, variant=variant, what="T5 weights")
 
 
 def load_t5_state_dict(folder, variant: str | None = None) -> Mapping:
-    """The folder's state_dict: {key: array}, lazily read for safetensors, torch tensors for .bin."""
-    fmt, files = find_t5_weights(folder, variant)
-    return _SafetensorsDict(files) if fmt == "safetensors" else _read_torch(files)
+    """The folder's state_dict: {key: array}, lazily read for safetensors (a common.SafetensorsDict)."""
+    return read_weights(find_t5_weights(folder, variant))
 
 
 def read_t5_config(folder, *, strict: bool = True) -> T5Config:
-    path = Path(os.fspath(folder)) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {path.parent} (a transformers T5EncoderModel folder has one)")
-    try:
-        d = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not JSON: {e}") from None
+    d = read_config_json(folder, "a transformers T5EncoderModel folder")
     try:
         return t5_config_from_json(d, strict=strict)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{folder}/config.json: {e}") from None
 
 
 def load_t5_folder(path, dtype: Any = None, *, param_dtype: Any = None, variant: str | None = None,
