@@ -1,12 +1,15 @@
-"""Tokenization speed of GLIDE's GPT-2 BPE and CLIP BPE on 10,000 captions; prints JSON.
+"""Tokenization speed of GLIDE's GPT-2 BPE and CLIP BPE on 10,000 captions, or their agreement with
+GLIDE's own tokenizers on 3,023 strings; prints JSON.
 
     python bench/bench_tokenizers.py --glide PATH/glide-text2im [--captions 10000] [--repeats 5]
-                                     [--baseline OLD_TOKENIZERS.py]
+                                     [--baseline OLD_TOKENIZERS.py] [--agreement]
 
 PATH is an openai/glide-text2im checkout (or its tokenizer folder): the real BPE files, nothing is
-downloaded. The captions are seeded: a third are the captioned datasets' captions ("a thick
+downloaded. Two seeded sets of captions: a third are the captioned datasets' captions ("a thick
 slanted seven"), the rest GLIDE-style prompts of 3 to 150 words with punctuation, capitals and
-numbers (a few longer than text_ctx = 128 tokens, so truncation runs). Per tokenizer:
+numbers (a few longer than text_ctx = 128 tokens, so truncation runs), their words drawn from 150
+caption words (small_vocabulary: the caches are warm at once) or from GPT-2's whole-word tokens
+(24,071; large_vocabulary: most words are new to the caches in the first pass). Per tokenizer:
 - load_s: from_glide (reading and parsing the files, building the tokenizer);
 - first_pass_ms: `encode` of every caption on a fresh tokenizer (empty caches);
 - encode_ms: `encode` of every caption again, median of the repeats (warm caches);
@@ -15,13 +18,16 @@ numbers (a few longer than text_ctx = 128 tokens, so truncation runs). Per token
 - ids: how many ids the captions give, and a sha256 of all of them (equal digests: equal ids).
 With --baseline FILE (another version of jaxdiff/tokenizers.py, e.g. `git show REV:jaxdiff/tokenizers.py`)
 both versions are timed in one process, their calls alternated, and `same_ids` says whether every
-caption gives the same ids in both.
+caption gives the same ids in both. --agreement compares the ids of `agreement_strings()` between
+this checkout, --baseline and GLIDE's own bpe.py / simple_tokenizer.py from the checkout (these need
+`regex`, and `ftfy` for CLIP's; a tokenizer whose reference cannot be imported says why).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import importlib.util
 import json
 import random
@@ -48,12 +54,12 @@ _WORDS = _WORD_POOL.split()
 _PUNCT = (",", ",", ".", ";", ":", "!", "?", " -", " &", "'s", "...", " (", ")")
 
 
-def _prompt(rng: random.Random) -> str:
+def _prompt(rng: random.Random, pool: list[str]) -> str:
     n = rng.choice([rng.randint(3, 12), rng.randint(8, 30), rng.randint(20, 60), rng.randint(100, 150)]
                    if rng.random() < 0.03 else [rng.randint(3, 12), rng.randint(8, 30), rng.randint(20, 60)])
     words = []
     for _ in range(n):
-        w = rng.choice(_WORDS)
+        w = rng.choice(pool)
         r = rng.random()
         if r < 0.05:
             w = w.capitalize()
@@ -67,8 +73,9 @@ def _prompt(rng: random.Random) -> str:
     return " ".join(words)
 
 
-def bench_captions(n: int, seed: int = 0) -> list[str]:
-    """n seeded captions: a third from the captioned datasets' grammar, the rest GLIDE-style prompts."""
+def bench_captions(n: int, seed: int = 0, pool: list[str] | None = None) -> list[str]:
+    """n seeded captions: a third from the captioned datasets' grammar, the rest GLIDE-style prompts of
+    words from `pool` (default: a pool of 150 caption words)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -78,7 +85,7 @@ def bench_captions(n: int, seed: int = 0) -> list[str]:
             out.append(captions.caption(s, rng.randrange(s.num_classes), [rng.randrange(3) for _ in range(k)],
                                         [rng.random() < 0.5 for _ in range(k)]))
         else:
-            out.append(_prompt(rng))
+            out.append(_prompt(rng, pool or _WORDS))
     return out
 
 
@@ -91,8 +98,8 @@ def agreement_strings() -> list[str]:
     # 1. captions (GLIDE-style prompts and the datasets' grammar): 900
     out += bench_captions(900, seed=1)
     # 2. contractions and apostrophes: 200
-    parts = ["don't", "it's", "IT'out", "we're", "they've", "I'm", "you'll", "he'd", "O'Neil", "rock'n'roll", "'s", "'t",
-             "'re", "'ve", "'m", "'ll", "'d", "'out", "'LL", "''", "'", "'x", "'ss", "'lll", "'d've", "’s", "‘quoted’",
+    parts = ["don't", "it's", "IT'S", "we're", "they've", "I'm", "you'll", "he'd", "O'Neil", "rock'n'roll", "'s", "'t",
+             "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "''", "'", "'x", "'ss", "'lll", "'d've", "’s", "‘quoted’",
              "dogs'", "'90s", "y'all", "'em", "ma'am", "9's", "!'s", "'s'", " 's", "l'amour", "'ré"]
     for _ in range(200):
         out.append(rng.choice(["", " ", "  "]).join(rng.choice(parts + _WORDS) for _ in range(rng.randint(1, 8))))
@@ -176,6 +183,13 @@ def _ids_digest(rows: list) -> dict:
     return {"count": int(flat.size), "sha256": hashlib.sha256(flat.tobytes()).hexdigest()[:16]}
 
 
+def gpt2_words(glide: str) -> list[str]:
+    """The whole-word tokens of GPT-2's vocabulary ("Ġ" + 3 or more ASCII letters), lowercased: 24,071
+    words, for captions whose words are mostly new to the tokenizers' caches."""
+    encoder = json.loads(tokenizers._read_text(tokenizers._find(glide, ("encoder.json.gz", "encoder.json"), "")))
+    return sorted({w[1:].lower() for w in encoder if w[0] == "Ġ" and len(w) > 3 and w[1:].isascii() and w[1:].isalpha()})
+
+
 def run(mods: dict, glide: str, caps: list[str], repeats: int) -> dict:
     out = {}
     for kind, batch in (("GPT2Tokenizer", lambda t: t.tokens_and_mask(caps, 128)),
@@ -243,6 +257,7 @@ def agreement(mods: dict, glide: str) -> dict:
     strings = agreement_strings()
     refs = _reference(glide)
     out = {"strings": len(strings), "python_unicode": unicodedata.unidata_version, "ftfy": _has_ftfy(),
+           "tokenizers_library": importlib.import_module("tokenizers").__version__,
            "reference": {k: v if isinstance(v, str) else "the checkout's" for k, v in refs.items()}}
     for kind in ("GPT2Tokenizer", "ClipTokenizer"):
         ids = {name: _encode_all(getattr(mod, kind).from_glide(glide), strings) for name, mod in mods.items()}
@@ -281,15 +296,16 @@ def main() -> None:
         print(json.dumps({"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "baseline": args.baseline or None, **agreement(mods, args.glide)}, indent=1))
         return
-    caps = bench_captions(args.captions)
-    lengths = [len(c) for c in caps]
+    sets = {"small_vocabulary": bench_captions(args.captions),
+            "large_vocabulary": bench_captions(args.captions, pool=gpt2_words(args.glide))}
     print(json.dumps({
         "machine": common.machine(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "captions": {"n": len(caps), "chars_mean": round(float(np.mean(lengths)), 1), "chars_max": max(lengths),
-                     "examples": caps[:3]},
-        "repeats": args.repeats, "baseline": args.baseline or None,
-        "results": run(mods, args.glide, caps, args.repeats)}, indent=1))
-
+        "repeats": args.repeats, "baseline": args.baseline or None, "ftfy": _has_ftfy(),
+        "tokenizers_library": importlib.import_module("tokenizers").__version__,
+        "captions": {k: {"n": len(c), "chars_mean": round(float(np.mean([len(x) for x in c])), 1),
+                         "chars_max": max(len(x) for x in c), "distinct_words": len({w for x in c for w in x.split()}),
+                         "examples": c[1:3]} for k, c in sets.items()},
+        "results": {k: run(mods, args.glide, c, args.repeats) for k, c in sets.items()}}, indent=1))
 
 if __name__ == "__main__":
     main()
