@@ -100,6 +100,27 @@ def test_clip_tokenizer(glide_dir):
         tok.tokens_and_lengths(["hello"], 1)
 
 
+def test_clip_special_words_and_decode(glide_dir):
+    tok = ClipTokenizer.from_glide(glide_dir)
+    hello, world = tok.encoder["hello</w>"], tok.encoder["world</w>"]
+    # a special string is the special id where CLIP's regex makes it a word of its own, BPE where a
+    # run of punctuation takes it in ("!<|" is one piece)
+    assert tok.encode("hello<|endoftext|>world") == [hello, tok.end_token, world]
+    assert tok.encode("<|endoftext|> <|startoftext|>") == [tok.end_token, tok.start_token]
+    assert symbols(tok, tok.encode("!<|endoftext|>"))[:3] == ["!", "<", "|</w>"]
+    assert tok.decode(tok.encode("Hello  world")) == "hello world "
+
+
+def test_made_up_vocabularies_without_every_symbol():
+    """The library refuses a merge whose result is not in the vocabulary; the tokenizer, like GLIDE's,
+    refuses only a caption that needs the missing symbol."""
+    enc = {"a": 0, "ab": 1, "<|endoftext|>": 2}
+    tok = GPT2Tokenizer(enc, [("a", "b"), ("a", "a"), ("zz", "q")])
+    assert tok.encode("ab") == [1]
+    with pytest.raises(ValueError, match=r"BPE symbol 'aa' \(from 'abaa'\) is not in the vocabulary"):
+        tok.encode("abAA")
+
+
 def test_missing_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="encoder.json.gz"):
         GPT2Tokenizer.from_glide(tmp_path)

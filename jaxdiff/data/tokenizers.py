@@ -27,10 +27,10 @@ Conventions (GLIDE's):
   like GLIDE's: padding only, mask False, never appended. A word outside the vocabulary raises
   ValueError naming it and the vocabulary's file.
 
-The pre-tokenizers are GPT-2's and CLIP's regular expressions written as scanners over Unicode
-categories (letters: L*, numbers: N*, whitespace: the `regex` package's \s), so `regex` is not
-needed. Characters that Python's unicodedata does not know yet (newer Unicode than the `regex`
-package's) count as "other" here.
+The BPE itself (GPT-2's and CLIP's pre-tokenizing regular expressions, the byte-level mapping,
+merging, CLIP's "</w>" suffix, decoding) is the `tokenizers` library's; its letter, number and space
+classes follow the library's Unicode tables (16.0 in tokenizers 0.23), not the interpreter's. What
+stays here is GLIDE's convention around it: str.lower, CLIP's cleaning, its special words, padding.
 """
 
 from __future__ import annotations
@@ -42,22 +42,28 @@ import json
 import os
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from jaxdiff.util import files
 from jaxdiff.util.config import is_int
 
-__all__ = ["CLIP_MAX_TEXT_LEN", "ClipTokenizer", "GLIDE_TEXT_CTX", "GPT2Tokenizer", "WordTokenizer", "bytes_to_unicode",
+__all__ = ["CLIP_MAX_TEXT_LEN", "GLIDE_TEXT_CTX", "ClipTokenizer", "GPT2Tokenizer", "WordTokenizer", "bytes_to_unicode",
            "clean_clip_text", "split_words"]
 
 GLIDE_TEXT_CTX = 128
 CLIP_MAX_TEXT_LEN = 77
 _CLIP_N_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges: 512 byte symbols + merges + 2 = 49408 ids
-_CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")
 _CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+# GPT-2's pre-tokenizer, and CLIP's (findall: whitespace between the matches is dropped)
+_GPT2_SPLIT = pre_tokenizers.Split(
+    Regex(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""), "isolated")
+_CLIP_SPLIT = pre_tokenizers.Split(
+    Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+    "removed", invert=True)
 
 
 # --- Shared pieces -----------------------------------------------------------------------------------
@@ -65,7 +71,8 @@ _CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 def bytes_to_unicode() -> dict:
     """GPT-2's reversible byte -> character table: printable Latin-1 bytes map to themselves, the
-    other 68 bytes (in increasing order) to chr(256), chr(257), ... Insertion order: printable first."""
+    other 68 bytes (in increasing order) to chr(256), chr(257), ... Insertion order: printable first.
+    Kept here: the library gives only the alphabet as a set, and CLIP's ids 0-511 follow this order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
     for n, b in enumerate(b for b in range(256) if b not in table):
@@ -74,91 +81,31 @@ def bytes_to_unicode() -> dict:
 
 
 _BYTE_CHARS = bytes_to_unicode()
-_BYTE_OF = {c: b for b, c in _BYTE_CHARS.items()}
-
-
-_NOT_SPACE = "\x1c\x1d\x1e\x1f"  # str.isspace() says yes, the regexes' \s says no
-_SPACES = re.compile(r"[^\S\x1c-\x1f]+")
-
-
-def _cls(ch: str) -> str:
-    """'S' whitespace, 'L' letter, 'N' number, 'O' anything else (the classes of the BPE regexes)."""
-    if ch.isspace() and ch not in _NOT_SPACE:
-        return "S"
-    cat = unicodedata.category(ch)[0]
-    return cat if cat in "LN" else "O"
-
-
-def _contraction(text: str, i: int) -> Optional[str]:
-    """The contraction ('s, 't, 're, 've, 'm, 'll, 'd) starting at text[i], if any."""
-    if text[i] != "'":
-        return None
-    for c in _CONTRACTIONS:
-        if text.startswith(c, i + 1):
-            return "'" + c
-    return None
-
-
-def _run_end(text: str, i: int, kind: str) -> int:
-    while i < len(text) and _cls(text[i]) == kind:
-        i += 1
-    return i
+_SPACES = re.compile(r"[^\S\x1c-\x1f]+")  # str.isspace() but not \x1c-\x1f: the regexes' \s
 
 
 def _gpt2_pieces(text: str) -> list:
-    r"""GPT-2's pre-tokenizer: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    out, i, n = [], 0, len(text)
-    while i < n:
-        c = _contraction(text, i)
-        if c:
-            out.append(c)
-            i += len(c)
-            continue
-        j = i + 1 if text[i] == " " and i + 1 < n and _cls(text[i + 1]) != "S" else i
-        kind = _cls(text[j])
-        end = _run_end(text, j + 1, kind)
-        if kind == "S" and end < n and end - i > 1:
-            end -= 1  # a whitespace run followed by a word leaves its last space to that word
-        out.append(text[i:end])
-        i = end
-    return out
+    """GPT-2's pre-tokenization of text (the pieces BPE runs on, before the byte mapping)."""
+    return [piece for piece, _ in _GPT2_SPLIT.pre_tokenize_str(text)]
 
 
-def _clip_pieces(text: str) -> list:
-    r"""CLIP's pre-tokenizer (findall, so whitespace is dropped):
-    <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    out, i, n = [], 0, len(text)
-    while i < n:
-        piece = next((s for s in _CLIP_SPECIAL if text.startswith(s, i)), None) or _contraction(text, i)
-        if piece is None:
-            kind = _cls(text[i])
-            if kind == "S":
-                i += 1
-                continue
-            piece = text[i] if kind == "N" else text[i:_run_end(text, i + 1, kind)]
-        out.append(piece)
-        i += len(piece)
-    return out
+def _bpe_tokenizer(encoder: dict, merges: Sequence[tuple], split, suffix: str = "") -> tuple:
+    """(tokenizers.Tokenizer, {extra id: symbol}): byte-level BPE over `encoder` and `merges`, after `split`.
 
-
-def _merge(symbols: tuple, ranks: dict) -> tuple:
-    """Byte-pair merging: repeatedly join every occurrence (left to right) of the adjacent pair with
-    the lowest merge rank, until no adjacent pair has a rank."""
-    while len(symbols) > 1:
-        pairs = set(zip(symbols, symbols[1:]))
-        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                merged.append(symbols[i] + symbols[i + 1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = tuple(merged)
-    return symbols
+    GLIDE looks a symbol up only once merging is done, so a made-up vocabulary may lack a byte symbol
+    or a merge's result, which the library refuses: those get extra ids past the vocabulary (the
+    caller refuses them when they come out), and merges of a symbol nothing produces are dropped."""
+    vocab = dict(encoder)
+    first = max(vocab.values(), default=-1) + 1
+    for sym in [*_BYTE_CHARS.values(), *(c + suffix for c in _BYTE_CHARS.values() if suffix),
+                *("".join(m) for m in merges)]:
+        vocab.setdefault(sym, first + len(vocab) - len(encoder))
+    merges = [m for m in merges if m[0] in vocab and m[1] in vocab]
+    tok = Tokenizer(models.BPE(vocab, merges, **({"end_of_word_suffix": suffix} if suffix else {})))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                 use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok, {i: s for s, i in vocab.items() if s not in encoder}
 
 
 def _read_text(path) -> str:
@@ -227,6 +174,14 @@ def _as_list(captions, what: str) -> list:
     return captions
 
 
+def _known_ids(ids: Iterable[int], decoder: dict) -> list:
+    ids = [int(i) for i in ids]
+    bad = next((i for i in ids if i not in decoder), None)
+    if bad is not None:
+        raise KeyError(f"token id {bad} is not in the vocabulary ({len(decoder)} ids)")
+    return ids
+
+
 def _tokens_and_mask(tok, captions: Sequence[str], text_ctx: int, truncate: bool) -> tuple:
     """GLIDE's caption batch: ids truncated to text_ctx (ValueError with truncate=False), end-padded."""
     ctx = _check_ctx("text_ctx", text_ctx, 1)
@@ -248,18 +203,17 @@ class GPT2Tokenizer:
     def __init__(self, encoder: dict, merges: Sequence[tuple], source: str = "<given vocabulary>"):
         self.encoder = dict(encoder)
         self.decoder = {i: s for s, i in self.encoder.items()}
-        self.ranks = {tuple(m): r for r, m in enumerate(merges)}
         self.source = source
-        self._cache: dict = {}
+        self._tok, self._extra = _bpe_tokenizer(self.encoder, [tuple(m) for m in merges], _GPT2_SPLIT)
 
     @classmethod
-    def from_files(cls, encoder_json, vocab_bpe) -> "GPT2Tokenizer":
+    def from_files(cls, encoder_json, vocab_bpe) -> GPT2Tokenizer:
         """From encoder.json and vocab.bpe (each plain or gzipped)."""
         encoder = json.loads(_read_text(encoder_json))
         return cls(encoder, _parse_merges(_read_text(vocab_bpe), vocab_bpe, skip_first=False), source=str(encoder_json))
 
     @classmethod
-    def from_glide(cls, path) -> "GPT2Tokenizer":
+    def from_glide(cls, path) -> GPT2Tokenizer:
         """From an openai/glide-text2im checkout (or its glide_text2im/tokenizer folder)."""
         return cls.from_files(_find(path, ("encoder.json.gz", "encoder.json"), "GPT-2 encoder"),
                               _find(path, ("vocab.bpe.gz", "vocab.bpe"), "GPT-2 merges"))
@@ -273,23 +227,18 @@ class GPT2Tokenizer:
         """The padding id: the last id (50256, "<|endoftext|>", for GPT-2)."""
         return self.n_vocab - 1
 
-    def _bpe(self, piece: str) -> tuple:
-        if piece not in self._cache:
-            self._cache[piece] = _merge(tuple("".join(_BYTE_CHARS[b] for b in piece.encode("utf-8"))), self.ranks)
-        return self._cache[piece]
-
     def encode(self, text: str) -> list:
         """BPE ids of the lowercased text (no start or end token)."""
-        ids = []
-        for piece in _gpt2_pieces(text.lower()):
-            for sym in self._bpe(piece):
-                if sym not in self.encoder:
-                    raise ValueError(f"BPE symbol {sym!r} (from {piece!r}) is not in the vocabulary {self.source}")
-                ids.append(self.encoder[sym])
-        return ids
+        text = text.lower()  # Python's, as GLIDE's: the library's Lowercase follows Rust's Unicode tables
+        enc = self._tok.encode(text)
+        for n, i in enumerate(enc.ids if self._extra else ()):
+            if i in self._extra:  # a symbol a made-up vocabulary lacks (see _bpe_tokenizer)
+                raise ValueError(f"BPE symbol {self._extra[i]!r} (from {_gpt2_pieces(text)[enc.word_ids[n]]!r}) "
+                                 f"is not in the vocabulary {self.source}")
+        return enc.ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return bytes(_BYTE_OF[c] for i in ids for c in self.decoder[int(i)]).decode("utf-8", errors="replace")
+        return self._tok.decode(_known_ids(ids, self.decoder), skip_special_tokens=False)
 
     def tokens_and_mask(self, captions: Sequence[str], text_ctx: int = GLIDE_TEXT_CTX, *,
                         truncate: bool = True) -> tuple:
@@ -310,7 +259,8 @@ def _fix_text(text: str) -> str:
 
 
 def clean_clip_text(text: str) -> str:
-    """CLIP's text cleaning: fix (ftfy or NFC), unescape HTML twice, collapse whitespace, lowercase."""
+    """CLIP's text cleaning: fix (ftfy or NFC), unescape HTML twice, collapse whitespace, lowercase.
+    Kept here: the library's normalizers have neither ftfy's repairs nor HTML unescaping."""
     text = html.unescape(html.unescape(_fix_text(text))).strip()
     return _SPACES.sub(" ", text).strip().lower()
 
@@ -325,17 +275,16 @@ class ClipTokenizer:
         vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + list(_CLIP_SPECIAL)
         self.encoder = {s: i for i, s in enumerate(vocab)}
         self.decoder = dict(enumerate(vocab))
-        self.ranks = {m: r for r, m in enumerate(merges)}
         self.source = source
-        self._cache: dict = {}
+        self._tok, _ = _bpe_tokenizer(self.encoder, merges, _CLIP_SPLIT, suffix="</w>")
 
     @classmethod
-    def from_file(cls, bpe_path) -> "ClipTokenizer":
+    def from_file(cls, bpe_path) -> ClipTokenizer:
         """From bpe_simple_vocab_16e6.txt (plain or gzipped; its first line is a header)."""
         return cls(_parse_merges(_read_text(bpe_path), bpe_path, skip_first=True), source=str(bpe_path))
 
     @classmethod
-    def from_glide(cls, path) -> "ClipTokenizer":
+    def from_glide(cls, path) -> ClipTokenizer:
         """From an openai/glide-text2im checkout (or its glide_text2im/tokenizer folder)."""
         names = ("bpe_simple_vocab_16e6.txt.gz", "bpe_simple_vocab_16e6.txt")
         return cls.from_file(_find(path, names, "CLIP merges"))
@@ -352,21 +301,29 @@ class ClipTokenizer:
     def end_token(self) -> int:
         return self.encoder[_CLIP_SPECIAL[1]]
 
-    def _bpe(self, piece: str) -> tuple:
-        if piece in _CLIP_SPECIAL:
-            return (piece,)
-        if piece not in self._cache:
-            chars = "".join(_BYTE_CHARS[b] for b in piece.encode("utf-8"))
-            self._cache[piece] = _merge(tuple(chars[:-1]) + (chars[-1] + "</w>",), self.ranks)
-        return self._cache[piece]
+    def _ids(self, text: str, enc) -> list:
+        if "<|" not in text:
+            return enc.ids
+        # CLIP's regex makes <|startoftext|> and <|endoftext|> a word of their own only where no run of
+        # punctuation swallows them ("!<|endoftext|>" is BPE); such a word is one special id. The library's
+        # special tokens would match them anywhere, so the words are found here.
+        words = [w for w, _ in _CLIP_SPLIT.pre_tokenize_str(text)]
+        ids = []
+        for n, (i, w) in enumerate(zip(enc.ids, enc.word_ids)):
+            if words[w] not in _CLIP_SPECIAL:
+                ids.append(i)
+            elif n == 0 or enc.word_ids[n - 1] != w:
+                ids.append(self.encoder[words[w]])
+        return ids
 
     def encode(self, text: str) -> list:
         """BPE ids of the cleaned, lowercased text (without start and end tokens)."""
-        return [self.encoder[s] for piece in _clip_pieces(clean_clip_text(text)) for s in self._bpe(piece)]
+        text = clean_clip_text(text)
+        return self._ids(text, self._tok.encode(text))
 
     def decode(self, ids: Iterable[int]) -> str:
-        text = "".join(self.decoder[int(i)] for i in ids)
-        return bytes(_BYTE_OF[c] for c in text.replace("</w>", " ") if c in _BYTE_OF).decode("utf-8", errors="replace")
+        """The text of the ids, each word followed by a space (CLIP's decode)."""
+        return self._tok.decode(_known_ids(ids, self.decoder), skip_special_tokens=False).replace("</w>", " ")
 
     def tokens_and_lengths(self, prompts: Sequence[str], max_text_len: int = CLIP_MAX_TEXT_LEN) -> tuple:
         """(tokens int32 [B, max_text_len], text_len int32 [B]): [start] + the first max_text_len - 2
@@ -405,7 +362,7 @@ class WordTokenizer:
         self.source = source
 
     @classmethod
-    def from_captions(cls, captions: Iterable[str], min_count: int = 1) -> "WordTokenizer":
+    def from_captions(cls, captions: Iterable[str], min_count: int = 1) -> WordTokenizer:
         """The vocabulary of every word seen at least min_count times, sorted."""
         counts = collections.Counter(w for c in _as_list(captions, "from_captions") for w in split_words(c))
         return cls(sorted(w for w, n in counts.items() if n >= min_count))
@@ -452,7 +409,7 @@ class WordTokenizer:
         return path
 
     @classmethod
-    def load(cls, path) -> "WordTokenizer":
+    def load(cls, path) -> WordTokenizer:
         path = Path(os.fspath(path)).absolute()
         with open(path) as f:
             data = json.load(f)
