@@ -149,7 +149,6 @@ def session(tmp_path_factory) -> dict:
 # --- the test-hooked train.py ------------------------------------------------------------------
 
 def _install_hooks():
-    from jaxdiff.train import inputs as train_inputs
     from jaxdiff.train import loop as training
 
     delay = float(os.environ.get("JAXDIFF_TEST_STEP_DELAY", "0") or 0)
@@ -163,7 +162,7 @@ def _install_hooks():
 
         training.train = train
     if nan_at > 0:
-        orig_batches = train_inputs.train_batches
+        orig_batches = training.train_batches  # the loop's own name for it
 
         def train_batches(source, resolved, start, stop, *rest):
             for step, (images, labels) in enumerate(orig_batches(source, resolved, start, stop, *rest), start):
@@ -171,7 +170,7 @@ def _install_hooks():
                     images = np.full_like(images, np.nan)
                 yield images, labels
 
-        train_inputs.train_batches = train_batches
+        training.train_batches = train_batches
     if kill_in_save > 0:
         from orbax.checkpoint._src.path import atomicity
 

@@ -128,7 +128,7 @@ def test_registered_guide_and_sampler_are_accepted_by_name(tmp_path):
     converted.save_converted(tmp_path / "model", p, "unet", dict(_tiny.UNET_FLAGS),
                            dict(noise_schedule="cosine", diffusion_steps=100, learn_sigma=True))
     (tmp_path / "my_guides.py").write_text(
-        "from jaxdiff import guidance, samplers\n"
+        "from jaxdiff.diffusion import guidance, samplers\n"
         "guidance.register_log_density('bright', lambda x, t, cond: x.sum(axis=(1, 2, 3)))\n"
         "samplers.register_sampler(samplers.SAMPLERS['ddim']._replace(name='my_ddim'))\n")
     outs = {}
