@@ -309,7 +309,7 @@ def guide_scales(config, names) -> dict:
     s = config.sample
     scales = {guidance.GUIDES[n].scale_key: float(s[guidance.GUIDES[n].config_scale]) for n in names}
     if float(s.cfg_rescale) > 0 and any(guidance.GUIDES[n].wrap is not None for n in names):
-        scales[guidance.CFG_RESCALE] = float(s.cfg_rescale)
+        scales[guides.CFG_RESCALE] = float(s.cfg_rescale)
     return scales
 
 
@@ -364,7 +364,7 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
     def build(p):
         fns = {k: guidance.network_fn(nets[k][0], p[k], config_util.model_kind(nets[k][2])) for k in nets}
         text = plan["text"]
-        return guidance.build_guides(plan["guides"], guidance.unet_fn(module, p["model"]), fns=fns,
+        return guidance.build_guides(plan["guides"], guides.unet_fn(module, p["model"]), fns=fns,
                                      null_label=plan["num_classes"] if plan["null"] else None,
                                      uncond=guides.caption_dropout if text else None, learned_sigma=ls,
                                      cfg_rescale=rescale, interval=plan["interval"], sched=sched,

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from jaxdiff.data import captions
-from jaxdiff.diffusion import guidance, samplers, schedules
+from jaxdiff.diffusion import guidance, guides, samplers, schedules
 from jaxdiff.sample import generation, runner
 from jaxdiff.util import config as config_util
 
@@ -39,20 +39,20 @@ def make_sample_fn(resolved, model) -> Callable:
     text = resolved.task == "text2im"
     null = text or bool(resolved.model.null_label)
     learned_sigma = bool(dcfg.learned_sigma)
-    guides = ("cfg",) if null else ()
+    names = ("cfg",) if null else ()
 
     def build(params):
         if text:
-            return guidance.build_guides(guides, guidance.unet_fn(model, params), uncond=guides.caption_dropout,
+            return guidance.build_guides(names, guides.unet_fn(model, params), uncond=guides.caption_dropout,
                                          learned_sigma=learned_sigma, prepare=guides.text_encoder(model, params))
-        return guidance.build_guides(guides, guidance.unet_fn(model, params),
+        return guidance.build_guides(names, guides.unet_fn(model, params),
                                      null_label=num_classes if null else None, learned_sigma=learned_sigma)
 
     s = int(resolved.data.image_size)
     run = samplers.make_sampler(build, samplers.SamplerSpec(sampler=kind, prediction=dcfg.prediction,
                                                             learned_sigma=learned_sigma),
                                 (s, s, int(resolved.data.channels)))
-    scales = {guidance.CFG_SCALE: float(config_util.get(scfg, "guidance_scale", 3.0))} if null else {}
+    scales = {guides.CFG_SCALE: float(config_util.get(scfg, "guidance_scale", 3.0))} if null else {}
     labels = np.repeat(grid_classes(num_classes, int(config_util.get(scfg, "grid_classes", 16))), per_class)
     n = len(labels)
     total = -(-n // jax.device_count()) * jax.device_count()
