@@ -1,6 +1,7 @@
 """ADM networks (openai/guided-diffusion architectures) in Flax linen, NHWC.
 
-    create_model(kind, **flags) -> nn.Module      kind: "unet" | "classifier" | "superres" | "clip" | one of TEXT_KINDS
+    create_model(kind, **flags) -> nn.Module      kind: "unet" | "classifier" | "superres" | "clip" |
+                                                  "unet2d_condition" | one of TEXT_KINDS
     check_labels(y, num_classes, null_label=False) -> np.ndarray
     encode_text(module, params, tokens, mask) -> (xf_proj, xf_out)   (text-conditional kinds)
 
@@ -9,7 +10,9 @@ Flags are the keyword arguments of guided-diffusion's UNetModel / EncoderUNetMod
 The text-conditional kinds (GLIDE's Text2ImUNet "text2im", SuperResText2ImUNet "text2im_superres",
 and the inpainting "text2im_inpaint", "text2im_superres_inpaint") take GLIDE's constructor flags, see
 text_unet.py. "clip" is a noised CLIP's two encoders and logit scale (`clip.ClipModel`, glide's
-clip/config.yaml names). create_model validates every flag in Python, before anything is traced or compiled.
+clip/config.yaml names). "unet2d_condition" is diffusers' UNet2DConditionModel (the DeepFloyd IF / unCLIP
+subset, `unet2d_condition.py`): its flags are the fields of a diffusers config.json plus `dtype`.
+create_model validates every flag in Python, before anything is traced or compiled.
 """
 
 from __future__ import annotations
@@ -43,18 +46,20 @@ from jaxdiff.models.text_unet import (
     encode_text,
 )
 from jaxdiff.models.unet import SuperResModel, UNetModel, check_labels, upsample_bilinear
+from jaxdiff.models.unet2d_condition import SUPPORTED_DEFAULTS as _UNET2D_CONDITION_FIELDS
+from jaxdiff.models.unet2d_condition import UNet2DConditionModel, unet2d_condition_config
 from jaxdiff.util.config import did_you_mean
 
 __all__ = ["AttentionBlock", "AttentionPool2d", "ClipModel", "Conv", "Downsample", "EncoderUNetModel", "GroupNorm32",
            "InpaintText2ImUNet", "MODEL_KINDS", "ResBlock", "SuperResInpaintText2ImUNet", "SuperResModel",
-           "SuperResText2ImUNet", "TEXT_KINDS", "Text2ImUNet", "UNetModel", "Upsample", "check_architecture",
+           "SuperResText2ImUNet", "TEXT_KINDS", "Text2ImUNet", "UNet2DConditionModel", "UNetModel", "Upsample", "check_architecture",
            "check_labels", "create_model", "encode_text", "layers", "make_plan", "model_flag_names", "normalize_flags",
            "timestep_embedding", "upsample_bilinear"]
 
 TEXT_KINDS = {"text2im": Text2ImUNet, "text2im_superres": SuperResText2ImUNet, "text2im_inpaint": InpaintText2ImUNet,
               "text2im_superres_inpaint": SuperResInpaintText2ImUNet}
 MODEL_KINDS = {"unet": UNetModel, "classifier": EncoderUNetModel, "superres": SuperResModel, "clip": ClipModel,
-               **TEXT_KINDS}
+               "unet2d_condition": UNet2DConditionModel, **TEXT_KINDS}
 
 _REQUIRED = ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions")
 _TEXT_REQUIRED = ("text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln")
@@ -76,8 +81,11 @@ _SCRIPT_ALIASES = {
 
 
 def model_flag_names(kind: str) -> tuple:
-    """Constructor flags accepted for `kind`."""
+    """Constructor flags accepted for `kind` ("unet2d_condition": the supported diffusers config.json fields
+    and "dtype")."""
     cls = _kind_class(kind)
+    if kind == "unet2d_condition":
+        return tuple(_UNET2D_CONDITION_FIELDS) + ("dtype",)
     return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name"))
 
 
@@ -91,6 +99,8 @@ def _kind_class(kind: str):
 def normalize_flags(kind: str, **flags) -> dict:
     """Check flag names and values for `kind` and return them normalised (tuples, ints); raises
     ValueError naming the bad flag/value and what is allowed. Does not build anything."""
+    if kind == "unet2d_condition":
+        return _unet2d_condition_flags(flags)
     names = model_flag_names(kind)
     for k in flags:
         if k not in names:
@@ -132,9 +142,29 @@ def normalize_flags(kind: str, **flags) -> dict:
     return out
 
 
+def _unet2d_condition_flags(flags: dict) -> dict:
+    """A "unet2d_condition" model's flags: diffusers' config.json fields (checked by
+    `unet2d_condition_config`, which names the first field outside the subset) and the compute dtype."""
+    out = dict(flags)
+    dtype = out.pop("dtype", None) or "float32"
+    if not isinstance(dtype, str):
+        try:
+            dtype = np.dtype(dtype).name
+        except TypeError:
+            dtype = repr(dtype)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    unet2d_condition_config(out)
+    return {**out, "dtype": dtype}
+
+
 def create_model(kind: str, **flags) -> nn.Module:
     """Build a UNetModel ("unet"), EncoderUNetModel ("classifier"), SuperResModel ("superres"), a
-    text-conditional GLIDE U-Net (TEXT_KINDS) or a noised CLIP pair ("clip") from the constructor flags
-    (+ null_label, dtype), validating them first."""
+    text-conditional GLIDE U-Net (TEXT_KINDS), a noised CLIP pair ("clip") or diffusers' UNet2DConditionModel
+    ("unet2d_condition": its config.json fields plus dtype) from the constructor flags (+ null_label, dtype),
+    validating them first."""
     flags = normalize_flags(kind, **flags)  # checks the kind too
+    if kind == "unet2d_condition":
+        dtype = flags.pop("dtype")
+        return UNet2DConditionModel(unet2d_condition_config(flags), dtype=dtype)
     return MODEL_KINDS[kind](**flags)

@@ -97,13 +97,21 @@ class TransformerBlock(nn.Module):
 
 
 class _Head(nn.Module):
-    """Output LayerNorm + bias-free projection of one token per sample, [B, C] -> [B, n_embd]."""
+    """Output LayerNorm + bias-free projection of one token per sample, [B, C] -> [B, n_embd].
+
+    With `last` [B] (the text encoder), h is every token [B, T, C]: the LayerNorm is applied to all of
+    them (it acts per token) and the projection to token last[b] of row b; returns (the projection
+    [B, n_embd], the normalised tokens [B, T, C])."""
 
     n_embd: int
 
     @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
-        return Dense(self.n_embd, name="f", use_bias=False)(layer_norm("ln")(h))
+    def __call__(self, h: jax.Array, last: jax.Array | None = None):
+        x = layer_norm("ln")(h)
+        if last is None:
+            return Dense(self.n_embd, name="f", use_bias=False)(x)
+        pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+        return Dense(self.n_embd, name="f", use_bias=False)(pooled), x
 
 
 def _check_positive(owner: str, **values) -> None:
@@ -203,10 +211,14 @@ class _TextInput(nn.Module):
 class ClipTextEncoder(nn.Module):
     """GLIDE's CLIP text encoder (glide's TextEncoder).
 
-    __call__(tokens, text_len): tokens [B, max_text_len] int ([start] + BPE ids + [end], padded; see
-    `jaxdiff.data.tokenizers.ClipTokenizer`), text_len [B] the number of ids including start and end.
-    Causal attention; the output is read at position text_len - 1 (the end token), so ids after it
-    have no effect. Returns the unnormalised embedding [B, n_embd].
+    __call__(tokens, text_len, return_states=False): tokens [B, max_text_len] int ([start] + BPE ids + [end],
+    padded; see `jaxdiff.data.tokenizers.ClipTokenizer`), text_len [B] the number of ids including start
+    and end. Causal attention; the output is read at position text_len - 1 (the end token), so ids after it
+    have no effect. Returns the unnormalised embedding [B, n_embd]; with return_states=True, (embedding,
+    token states [B, max_text_len, n_head * n_head_state]): every position's output of the last block
+    after the output LayerNorm (the embedding is the projection of position text_len - 1's state, as
+    transformers' CLIPTextModel gives `last_hidden_state` and the pooled output). States after
+    text_len - 1 belong to padding (causal attention: they never influence the real ones).
     """
 
     n_bpe_vocab: int
@@ -223,7 +235,7 @@ class ClipTextEncoder(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, text_len: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, text_len: jax.Array, return_states: bool = False):
         n = self.max_text_len
         tokens, text_len = jnp.asarray(tokens), jnp.asarray(text_len)
         if tokens.ndim != 2 or tokens.shape[1] != n:
@@ -235,8 +247,8 @@ class ClipTextEncoder(nn.Module):
         for i in range(self.n_xf_blocks):
             h = TransformerBlock(self.n_head, causal=True, name=f"block_{i}")(h)
         last = jnp.clip(text_len.astype(jnp.int32) - 1, 0, n - 1)
-        h = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-        return _Head(self.n_embd, name="output")(h)
+        emb, states = _Head(self.n_embd, name="output")(h, last)
+        return (emb, states) if return_states else emb
 
 
 CLIP_KINDS = {"clip-image": ClipImageEncoder, "clip-text": ClipTextEncoder}
@@ -252,7 +264,9 @@ class ClipModel(nn.Module):
     parameters are this module's "image" and "text" subtrees.
 
     __call__(x, t, tokens, text_len) -> (image embeddings [B, n_embd], text embeddings [B, n_embd],
-    logit scale), unnormalised; methods "encode_image" (x, t) and "encode_text" (tokens, text_len). Logit scale, CLIP's convention: logits = scale * cosine similarity.
+    logit scale), unnormalised; methods "encode_image" (x, t), "encode_text" (tokens, text_len) and
+    "encode_text_states" (tokens, text_len: the per-token states a text-conditional U-Net attends to).
+    Logit scale, CLIP's convention: logits = scale * cosine similarity.
     learn_logit_scale=True (CLIP): a parameter "logit_scale" holds its log, initialised at
     log(logit_scale) (CLIP: 1 / 0.07), and scale = exp(min(log, log 100)); False: scale = logit_scale,
     fixed (glide's noised CLIP reports 100 in its config).
@@ -309,6 +323,10 @@ class ClipModel(nn.Module):
 
     def encode_text(self, tokens, text_len) -> jax.Array:
         return self.text(tokens, text_len)
+
+    def encode_text_states(self, tokens, text_len) -> jax.Array:
+        """The text encoder's token states [B, max_text_len, width] (`ClipTextEncoder`, return_states)."""
+        return self.text(tokens, text_len, return_states=True)[1]
 
     def __call__(self, x, t, tokens, text_len) -> tuple:
         return self.image(x, t), self.text(tokens, text_len), self.scale()

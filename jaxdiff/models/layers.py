@@ -153,6 +153,43 @@ def avg_pool2(x: jax.Array) -> jax.Array:
     return cast(y, x.dtype)
 
 
+def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of 1-D linear interpolation with align_corners=True: output i samples input
+    position i * (n_in - 1) / (n_out - 1) (both ends map to both ends; one output takes input 0)."""
+    w = np.zeros((n_out, n_in), np.float64)
+    if n_in == 1 or n_out == 1:
+        w[:, 0] = 1.0
+        return w.astype(np.float32)
+    src = np.arange(n_out, dtype=np.float64) * (n_in - 1) / (n_out - 1)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 2)
+    frac = src - lo
+    w[np.arange(n_out), lo] += 1.0 - frac
+    w[np.arange(n_out), lo + 1] += frac
+    return w.astype(np.float32)
+
+
+def resize_bilinear_align_corners(x: jax.Array, height: int, width: int) -> jax.Array:
+    """F.interpolate(x, (height, width), mode='bilinear', align_corners=True), NHWC, float32: how DeepFloyd
+    IF's stage II (diffusers' IFSuperResolutionPipeline) upscales the low-resolution image before noising
+    it. Two small interpolation matrices applied along H and W (exact for any sizes, up or down)."""
+    _, h, w, _ = x.shape
+    wh = jnp.asarray(_align_corners_matrix(h, int(height)))
+    ww = jnp.asarray(_align_corners_matrix(w, int(width)))
+    hi = jax.lax.Precision.HIGHEST
+    y = jnp.einsum("ih,bhwc->biwc", wh, cast(x, jnp.float32), precision=hi)
+    return jnp.einsum("jw,biwc->bijc", ww, y, precision=hi)
+
+
+def area_downsample(x: jax.Array, factor: int) -> jax.Array:
+    """Average pooling over factor x factor blocks (F.interpolate mode='area' for an integer factor), NHWC,
+    float32; H and W must be multiples of `factor`."""
+    b, h, w, c = x.shape
+    f = int(factor)
+    if h % f or w % f:
+        raise ValueError(f"area_downsample: {h}x{w} is not a multiple of the factor {f}")
+    return cast(x, jnp.float32).reshape(b, h // f, f, w // f, f, c).mean(axis=(2, 4))
+
+
 class Upsample(nn.Module):
     """Nearest x2, then (use_conv) a 3x3 conv named `conv`."""
 

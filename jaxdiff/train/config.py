@@ -1,8 +1,10 @@
 """The training config: defaults for every task, validation, and the values derived from the dataset
-(image size, channels, classes, the model's flags)."""
+(image size, channels, classes, the model's flags) and, for the IF tasks, from the frozen text encoder
+(its width and token count: `encoder_info`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,16 +22,26 @@ from jaxdiff.util import config as config_util
 log = logging.getLogger(__name__)
 
 
-TASKS = ("diffusion", "classifier", "text2im", "clip")
+IF_TASKS = ("if_text2im", "if_superres")  # DeepFloyd IF's stage I and stage II on frozen text-encoder states
 
 
-DIFFUSION_TASKS = ("diffusion", "text2im")
+TASKS = ("diffusion", "classifier", "text2im", "clip") + IF_TASKS
 
 
-TEXT_TASKS = ("text2im", "clip")
+DIFFUSION_TASKS = ("diffusion", "text2im") + IF_TASKS
 
 
-P_UNCOND = {"diffusion": 0.1, "text2im": 0.2}  # default probability of dropping the label / caption
+TEXT_TASKS = ("text2im", "clip")  # captions word-tokenized with the dataset's vocabulary
+
+
+# default probability of dropping the label / caption (IF: the empty caption's states, 10% as Imagen)
+P_UNCOND = {"diffusion": 0.1, "text2im": 0.2, "if_text2im": 0.1, "if_superres": 0.1}
+
+
+TEXT_ENCODERS = ("clip", "t5")  # config.text_encoder.kind of the IF tasks
+
+
+T5_MAX_LENGTH = 77  # IF's T5 token count (data.t5_tokenizer.IF_MAX_LENGTH)
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -49,6 +61,36 @@ CLIP_MODEL_DEFAULTS = dict(n_embd=64, patch_size=2, n_head_image=2, n_head_state
                            logit_scale=1 / 0.07, learn_logit_scale=True)
 
 
+# The IF tasks' model: diffusers UNet2DConditionModel config.json fields (models/unet2d_condition.py), small
+# enough for the 8x8 digits; IF's block types, GELU, scale-shift ResNets, group-normed cross-attention, the
+# text states projected (encoder_hid_proj) and attention-pooled into the time embedding. Derived (refused
+# if set): in_channels, out_channels, encoder_hid_dim, class_embed_type; cross_attention_dim None = the
+# text encoder's width.
+IF_MODEL_DEFAULTS = dict(
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=32,
+    norm_num_groups=32,
+    act_fn="gelu",
+    resnet_time_scale_shift="scale_shift",
+    mid_block_scale_factor=1.0,
+    cross_attention_norm="group_norm",
+    encoder_hid_dim_type="text_proj",
+    addition_embed_type="text",
+    addition_embed_type_num_heads=2,
+    dropout=0.0,
+)
+# stage II's extras (IF-II's config): the noise-augmentation level embedded like the timestep
+# (class_embed_type "timestep", derived), GELU after the summed embeddings, sqrt(2) mid-block scale.
+IF_SUPERRES_MODEL_DEFAULTS = dict(IF_MODEL_DEFAULTS, time_embedding_act_fn="gelu", mid_block_scale_factor=1.414)
+
+# config.model keys of the IF tasks that come from the data, the task and the text encoder
+IF_DERIVED_MODEL_KEYS = ("in_channels", "out_channels", "encoder_hid_dim", "class_embed_type", "sample_size")
+
+
 def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
     """Every key train.py reads, with defaults. Derived values (image size, channels, num_classes,
     out_channels, null_label) are deliberately absent: they come from the dataset and the task."""
@@ -66,6 +108,8 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
         image_size=placeholder(int),  # None = as stored; else resized/padded by jaxdiff.data
         workers=1,              # threads decoding each batch (batches identical for any number)
     ))
+    if task in IF_TASKS:
+        return _default_if_config(c, task)
     c.model = ml_collections.ConfigDict(CLIP_MODEL_DEFAULTS) if task == "clip" else ml_collections.ConfigDict(dict(
         model_channels=64,
         num_res_blocks=2,
@@ -84,6 +128,14 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
         c.model.pool = "attention"
     if task == "text2im":  # GLIDE's caption transformer (text_unet.py)
         c.model.update(text_ctx=8, xf_width=64, xf_layers=2, xf_heads=2, xf_final_ln=True, xf_padding=True)
+    _common_sections(c, task)
+    return c
+
+
+def _common_sections(c, task: str) -> None:
+    """config.diffusion, train, mesh, profile_steps and sample (every task has them)."""
+    from ml_collections.config_dict import placeholder
+
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="cosine",
         num_timesteps=1000,
@@ -126,6 +178,31 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
         seed=0,
         grid_classes=16,          # training grids show at most this many classes (evenly spaced)
     ))
+
+
+def _default_if_config(c, task: str) -> ml_collections.ConfigDict:
+    """The IF tasks: a UNet2DConditionModel (config.model: diffusers config.json fields plus dtype) on the
+    token states of a frozen text encoder (config.text_encoder); stage II also config.superres."""
+    from ml_collections.config_dict import placeholder
+
+    c.data.name = "digits_text"
+    defaults = IF_SUPERRES_MODEL_DEFAULTS if task == "if_superres" else IF_MODEL_DEFAULTS
+    c.model = ml_collections.ConfigDict(dict(defaults, cross_attention_dim=placeholder(int), dtype="float32"))
+    c.text_encoder = ml_collections.ConfigDict(dict(
+        kind="clip",              # "clip": a train.py "clip" workdir (its text tower); "t5": a transformers T5 folder
+        path="",                  # that workdir / folder (required)
+        tokenizer="",             # t5: spiece.model or its folder; "" = `path`, then IF's layout (../tokenizer)
+        max_length=placeholder(int),  # tokens per caption; t5: None = 77 (IF); clip: its max_text_len (derived)
+        cache_dir="",             # the token states of every caption, cached; "" = W/text_states
+        batch_size=256,           # captions per (jitted) encoder call while the states are computed
+        attention_mask=False,     # True: the U-Net's cross-attention skips padding tokens (IF passes no mask)
+    ))
+    if task == "if_superres":
+        c.superres = ml_collections.ConfigDict(dict(
+            low_res=placeholder(int),    # side of the low-resolution input (required; divides data.image_size)
+            max_level=placeholder(int),  # augmentation levels are uniform in [0, max_level); None = num_timesteps
+        ))
+    _common_sections(c, task)
     return c
 
 
@@ -175,11 +252,14 @@ def validate_config(config) -> None:
     _check(config_util.is_int(v) and v >= 0, f"config.train.sample_every={v!r}: expected an integer >= 0 (0 = never)")
     dtype = config_util.get(config.model, "dtype", "float32")
     _check(dtype in DTYPES, f"config.model.dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
-    for key in ("image_size", "in_channels", "out_channels", "num_classes", "null_label", "kind", "n_vocab",
-                "n_timesteps"):
+    derived = ("image_size", "in_channels", "out_channels", "num_classes", "null_label", "kind", "n_vocab",
+               "n_timesteps") + (IF_DERIVED_MODEL_KEYS if task in IF_TASKS else ())
+    for key in derived:
         _check(key not in config.model,
-               f"config.model.{key} is derived (from the dataset / task / diffusion settings); "
-               "remove it from the config")
+               f"config.model.{key} is derived (from the dataset / task / diffusion settings"
+               f"{' / text encoder' if task in IF_TASKS else ''}); remove it from the config")
+    if task in IF_TASKS:
+        _validate_if(config)
     n = jax.device_count()
     mesh = config_util.get(config, "mesh", {})
     try:
@@ -212,6 +292,140 @@ def validate_config(config) -> None:
                f"the default {data_lib.default_data_dir()!r})")
 
 
+def _validate_if(config) -> None:
+    """The IF tasks' own sections: text_encoder, superres (stage II), and what they do not support."""
+    te = config_util.get(config, "text_encoder")
+    _check(te is not None, f"config.task={config.task!r} needs config.text_encoder (start from "
+                           f"jaxdiff.train.config.default_config({config.task!r}))")
+    kind = config_util.get(te, "kind")
+    _check(kind in TEXT_ENCODERS, f"config.text_encoder.kind={kind!r}; allowed: {', '.join(TEXT_ENCODERS)} (clip: a "
+                                  "train.py workdir of the 'clip' task; t5: a transformers T5 encoder folder)")
+    path = config_util.get(te, "path", "")
+    _check(isinstance(path, str) and path != "",
+           f"config.text_encoder.path={path!r}: set it to the {'clip workdir' if kind == 'clip' else 'T5 folder'} "
+           "whose frozen text encoder gives the token states")
+    n = config_util.get(te, "max_length")
+    _check(n is None or (config_util.is_int(n) and n >= 2),
+           f"config.text_encoder.max_length={n!r}: expected None or an integer >= 2 (tokens per caption)")
+    b = config_util.get(te, "batch_size", 256)
+    _check(config_util.is_int(b) and b >= 1, f"config.text_encoder.batch_size={b!r}: expected a positive integer")
+    m = config_util.get(te, "attention_mask", False)
+    _check(isinstance(m, bool), f"config.text_encoder.attention_mask={m!r}: expected True or False")
+    _check(isinstance(config_util.get(te, "cache_dir", ""), str),
+           f"config.text_encoder.cache_dir={config_util.get(te, 'cache_dir')!r}: expected a path ('' = W/text_states)")
+    v = config_util.get(config.train, "sample_every", 0)
+    _check(v == 0, f"config.train.sample_every={v!r}: training grids are not drawn for the {config.task!r} task; "
+                   "set it to 0")
+    _check(config_util.get(config.train, "noised", True) is True,
+           f"config.train.noised={config.train.noised!r} is for the classifier and clip tasks; leave it True")
+    if config.task == "if_superres":
+        sr = config_util.get(config, "superres")
+        _check(sr is not None, "config.task='if_superres' needs config.superres (low_res, max_level)")
+        low = config_util.get(sr, "low_res")
+        _check(config_util.is_int(low) and low >= 1,
+               f"config.superres.low_res={low!r}: expected the positive side of the low-resolution images (e.g. 8)")
+        level = config_util.get(sr, "max_level")
+        steps = config.diffusion.num_timesteps
+        _check(level is None or (config_util.is_int(level) and 1 <= level <= steps),
+               f"config.superres.max_level={level!r}: expected None (= num_timesteps) or an integer in "
+               f"[1, config.diffusion.num_timesteps={steps}] (levels are q_sample steps of the schedule)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderInfo:
+    """What the IF tasks need to know of their frozen text encoder before anything is loaded: its kind and
+    path, the width E and the token count L of its states [L, E], its tokenizer (spiece.model for T5) and,
+    for a CLIP of this repository, the word vocabulary and the CLIP's model config."""
+
+    kind: str
+    path: str
+    width: int
+    length: int
+    tokenizer: str = ""
+    vocab: tuple = ()
+    model: dict = dataclasses.field(default_factory=dict, compare=False)
+
+
+def _t5_tokenizer_path(te, path: str) -> str:
+    """spiece.model: config.text_encoder.tokenizer (the file or its folder), else next to the T5 folder or in
+    IF's layout (<repo>/text_encoder with <repo>/tokenizer/spiece.model)."""
+    given = config_util.get(te, "tokenizer", "") or ""
+    candidates = [given] if given else [path, os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer")]
+    for c in candidates:
+        c = os.path.expanduser(c)
+        for f in (c, os.path.join(c, "spiece.model"), os.path.join(c, "tokenizer", "spiece.model")):
+            if os.path.isfile(f):
+                return f
+    raise ConfigError(f"config.text_encoder.tokenizer={given!r}: no spiece.model found in "
+                      f"{', '.join(repr(c) for c in candidates)}; pass T5's spiece.model (or its folder)")
+
+
+def encoder_info(config) -> EncoderInfo:
+    """The frozen text encoder of an IF task's config (only its config files are read; ConfigError when the
+    path is not such an encoder or a setting does not fit it)."""
+    te = config.text_encoder
+    kind, path = te.kind, os.path.expanduser(str(te.path))
+    n = config_util.get(te, "max_length")
+    if kind == "clip":
+        from jaxdiff import checkpoints
+
+        try:
+            cfg = checkpoints.read_config(path)
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise ConfigError(f"config.text_encoder.path={te.path!r} is not a workdir of the 'clip' task: {e}") from None
+        model = dict(cfg.get("model", {}))
+        vocab = (cfg.get("text") or {}).get("vocab")
+        if model.get("kind") != "clip" or not vocab:
+            raise ConfigError(f"config.text_encoder.path={te.path!r} is not a workdir of the 'clip' task (its "
+                              f"config.json has model kind {model.get('kind')!r}{'' if vocab else ' and no vocabulary'}); "
+                              "train one with configs/digits_clip.py, or use config.text_encoder.kind='t5'")
+        length = int(model["max_text_len"])
+        if n is not None and n != length:
+            raise ConfigError(f"config.text_encoder.max_length={n} differs from the CLIP's max_text_len={length} "
+                              "(derived for kind 'clip'; leave it None)")
+        width = int(model["n_head_text"]) * int(model.get("n_head_state_text", 64))
+        return EncoderInfo("clip", path, width, length, vocab=tuple(vocab), model=model)
+    from jaxdiff.convert.transformers import read_t5_config
+
+    try:
+        t5 = read_t5_config(path)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"config.text_encoder.path={te.path!r} is not a transformers T5 encoder folder: {e}") from None
+    return EncoderInfo("t5", path, int(t5.d_model), int(n or T5_MAX_LENGTH), tokenizer=_t5_tokenizer_path(te, path),
+                       model=t5.to_dict())
+
+
+def _if_model_flags(config, info, image_size: int, channels: int) -> dict:
+    """create_model flags of an IF task: config.model's diffusers fields with the derived ones filled in."""
+    enc = encoder_info(config)
+    flags = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.model.items()}
+    sr = config.task == "if_superres"
+    flags["in_channels"] = 2 * channels if sr else channels
+    flags["out_channels"] = channels * (2 if config.diffusion.learned_sigma else 1)
+    flags["class_embed_type"] = "timestep" if sr else None
+    flags["sample_size"] = image_size
+    if flags.get("cross_attention_dim") is None:
+        flags["cross_attention_dim"] = enc.width
+    if flags.get("encoder_hid_dim_type") is not None:
+        flags["encoder_hid_dim"] = enc.width
+    elif flags["cross_attention_dim"] != enc.width:
+        raise ConfigError(f"config.model.cross_attention_dim={flags['cross_attention_dim']} must equal the text "
+                          f"encoder's width {enc.width} when config.model.encoder_hid_dim_type is None (no projection)")
+    levels = len(flags.get("block_out_channels") or ())
+    f = 2 ** max(levels - 1, 0)
+    if image_size % f:
+        raise ConfigError(f"config.model.block_out_channels has {levels} levels: the image size must be a multiple "
+                          f"of {f}, and {info.name!r} gives {image_size} (set config.data.image_size)")
+    if sr:
+        low = int(config.superres.low_res)
+        if low >= image_size or image_size % low:
+            raise ConfigError(f"config.superres.low_res={low} must divide config.data.image_size={image_size} and be "
+                              "smaller (the low-resolution input is the image averaged over blocks of "
+                              "image_size / low_res pixels)")
+    flags["kind"] = "unet2d_condition"
+    return flags
+
+
 def open_dataset(config, split: Optional[str] = None):
     """(source, info) of config.data (split defaults to config.data.split)."""
     dcfg = config.data
@@ -241,6 +455,9 @@ def model_flags(config, info) -> dict:
         raise ConfigError(f"dataset {info.name!r} has images of varying size: set config.data.image_size")
     image_size = int(config_util.get(config.data, "image_size") or info.image_shape[0])
     channels = int(info.channels or 3)
+    if config.task in IF_TASKS:
+        vocabulary(config, info)  # a captioned dataset
+        return _if_model_flags(config, info, image_size, channels)
     if config.task == "clip":
         return dict(flags, kind="clip", image_size=image_size, n_vocab=len(vocabulary(config, info)) + 1,
                     n_timesteps=int(config.diffusion.num_timesteps))
@@ -279,11 +496,13 @@ def resolve_config(config, info=None) -> ml_collections.ConfigDict:
     try:
         flags = models.normalize_flags(kind, **flags)
     except (ValueError, TypeError) as e:
-        s = flags["image_size"]
+        s = flags.get("image_size", flags.get("sample_size"))
         raise ConfigError(f"config.model cannot build a {kind!r} for {info.name!r} images of size {s}x{s}x"
                           f"{int(info.channels or 3)}: {e}") from None
     out = ml_collections.ConfigDict(config.to_dict())
     out.model = ml_collections.ConfigDict({"kind": kind, **flags})
+    if config.task in IF_TASKS:
+        return _resolve_if(out, config, info, flags)
     out.data.image_size = flags["image_size"]
     out.data.channels = int(info.channels or 3)
     out.data.num_classes = int(info.num_classes)
@@ -292,6 +511,25 @@ def resolve_config(config, info=None) -> ml_collections.ConfigDict:
     if config.task in TEXT_TASKS:
         out.text = ml_collections.ConfigDict({"vocab": vocabulary(config, info)})
         _warn_truncation(out, info)
+    return out
+
+
+def _resolve_if(out, config, info, flags) -> ml_collections.ConfigDict:
+    """The IF tasks' derived values: data size and channels, the text encoder's width and token count,
+    stage II's max_level."""
+    out.data.image_size = int(flags["sample_size"])
+    out.data.channels = int(info.channels or 3)
+    out.data.num_classes = int(info.num_classes)
+    out.data.data_dir = info.data_dir
+    out.data.num_examples = int(info.num_examples)
+    enc = encoder_info(config)
+    out.text_encoder.path = enc.path
+    out.text_encoder.max_length = enc.length
+    out.text_encoder.width = enc.width
+    if enc.kind == "t5":
+        out.text_encoder.tokenizer = enc.tokenizer
+    if config.task == "if_superres" and config_util.get(config.superres, "max_level") is None:
+        out.superres.max_level = int(config.diffusion.num_timesteps)
     return out
 
 

@@ -1,4 +1,5 @@
-"""What a train step eats: this process's batches of images and labels or caption tokens."""
+"""What a train step eats: this process's batches of images and labels, caption tokens or (the IF tasks) the
+cached token states of the captions."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from jaxdiff.data import batching
 from jaxdiff.data.tokenizers import WordTokenizer
-from jaxdiff.train.config import TEXT_TASKS
+from jaxdiff.train.config import IF_TASKS, TEXT_TASKS
 from jaxdiff.util import config as config_util
 
 
@@ -22,16 +23,22 @@ def caption_tokens(resolved) -> Callable[[Any], dict]:
     return lambda captions: dict(zip(("tokens", "lengths"), tok.tokens_and_lengths(list(captions), n)))
 
 
-def train_batches(source, resolved, start: int, stop: int, position: Optional[int] = None) -> Iterator:
+def train_batches(source, resolved, start: int, stop: int, position: Optional[int] = None, *,
+                  text_states=None) -> Iterator:
     """This process's (images, cond) of steps [start, stop), prefetched (`jaxdiff.data.batching.batches`);
-    cond is the labels, or a text task's caption tokens (`caption_tokens`); step `start`'s batch
-    begins at stream `position` (default start * batch_size)."""
-    text = resolved.task in TEXT_TASKS
+    cond is the labels, a text task's caption tokens (`caption_tokens`), or for the IF tasks the rows of
+    `text_states` (`text_states.TextStates.gather`: each caption's frozen-encoder states and mask, gathered on
+    the host); step `start`'s batch begins at stream `position` (default start * batch_size)."""
+    if resolved.task in IF_TASKS and text_states is None:
+        raise ValueError(f"the {resolved.task!r} task's batches need text_states (jaxdiff.train.text_states.prepare)")
+    text = resolved.task in TEXT_TASKS or resolved.task in IF_TASKS
     it = batching.batches(source, global_batch_size=int(resolved.train.batch_size), seed=int(resolved.seed),
                           start_step=start, num_steps=stop - start, augment=config_util.get(resolved.data, "augment"),
                           image_size=int(resolved.data.image_size), start_position=position,
                           workers=int(config_util.get(resolved.data, "workers", 1)), text=text)
     if not text:
         return it
+    if resolved.task in IF_TASKS:
+        return ((images, text_states.gather(fields[source.info.caption_key])) for images, _, fields in it)
     tokens = caption_tokens(resolved)
     return ((images, tokens(fields[source.info.caption_key])) for images, _, fields in it)

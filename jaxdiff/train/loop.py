@@ -18,6 +18,14 @@ One entry point, `train(config, workdir)`, for every task (`config.task`):
   `model.logit_scale` fixed; `train.noised=False` trains the clean CLIP the text sweep scores with.
   The negatives are the rows of one micro-batch, so with `train.grad_accum_steps` > 1 the loss
   differs from one batch of B (the other tasks' updates do not depend on it).
+* "if_text2im", "if_superres": DeepFloyd IF's stage I and stage II, diffusers' UNet2DConditionModel
+  (`config.model`: config.json fields) on a captioned dataset, conditioned on the token states of a
+  frozen text encoder (`config.text_encoder`: a transformers T5 folder or a "clip" workdir of this
+  repository), computed once before training and cached (`text_states`); captions are dropped to the
+  empty caption's states with probability `diffusion.p_uncond` (0.1). Learned-range variance with the
+  hybrid loss, as "diffusion". Stage II sees the noisy high-resolution image concatenated with the
+  low-resolution image (`superres.low_res`) upscaled bilinearly (align_corners=True) and q_sample'd at a
+  random level per example (uniform in [0, `superres.max_level`)), the level being its class label.
 
 The text tasks write the dataset's vocabulary into W/config.json ({"text": {"vocab": [...]}}).
 All tasks use AdamW with linear warm-up (then constant, linear to 0 or cosine), global-norm
@@ -50,9 +58,10 @@ import numpy as np
 
 from jaxdiff import checkpoints, parallel
 from jaxdiff.diffusion import schedules
-from jaxdiff.train import monitor, preemption
+from jaxdiff.train import monitor, preemption, text_states
 from jaxdiff.train.config import (
     DIFFUSION_TASKS,
+    IF_TASKS,
     ConfigError,
     create_model,
     open_dataset,
@@ -189,6 +198,10 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     resolved = resolve_config(config, info)
     workdir = checkpoints.as_path(workdir)
     prepare_workdir(workdir, config_util.to_json(resolved) + "\n")
+    texts, loss_kwargs = None, None
+    if resolved.task in IF_TASKS:  # the frozen encoder's states of every caption, before anything is compiled
+        texts = text_states.prepare(resolved, source, workdir)
+        loss_kwargs = {"null_text": texts.null()}
 
     model = create_model(resolved)
     tx = make_optimizer(resolved.train)
@@ -223,7 +236,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     last_good = start if start else None
     total = int(tcfg.steps)
     names = metric_names(resolved)
-    step_fn, acc_sharding = jit_train_step(resolved, model, tx, sched, train_key, mesh, shardings)
+    step_fn, acc_sharding = jit_train_step(resolved, model, tx, sched, train_key, mesh, shardings, loss_kwargs)
     step_fn = step_fn.lower(abstract, *abstract_inputs(resolved, mesh, acc_sharding)).compile()
     if jax.process_index() == 0:
         files.write_json(str(workdir / MEMORY_FILE), memory_report(step_fn, state, mesh))
@@ -245,7 +258,9 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     step = start
     try:
         with preemption.StopRequest() as stop:
-            for images, cond in train_batches(source, resolved, start, total, position):
+            batches = (train_batches(source, resolved, start, total, position) if texts is None else
+                       train_batches(source, resolved, start, total, position, text_states=texts))
+            for images, cond in batches:
                 profile.before_step(step)
                 x = jax.make_array_from_process_local_data(batch_sh, images)
                 c = jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(batch_sh, a), cond)
@@ -299,7 +314,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
                                 "command to resume", step, manager.directory)
                     break
                 if at_sample:
-                    if resolved.task in DIFFUSION_TASKS:
+                    if resolved.task in DIFFUSION_TASKS and resolved.task not in IF_TASKS:
                         if sample_fn is None:
                             sample_fn = make_sample_fn(resolved, model)
                         grid, grid_labels = sample_fn(gather(state.ema_params))

@@ -1,4 +1,5 @@
-"""Each task's loss: per-example keys, condition dropout, the diffusion, classifier and CLIP losses."""
+"""Each task's loss: per-example keys, condition dropout, the diffusion, classifier and CLIP losses, and the
+IF tasks' diffusion losses on frozen text states (stage II with noise-conditioning augmentation)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def _apply(resolved, model, params, x, t, args: tuple, dropout_keys):
         return model.apply({"params": params}, x, t, *args, train=True)
 
     def one(x1, t1, a1, k1):
-        return model.apply({"params": params}, x1[None], t1[None], *(a[None] for a in a1), train=True,
-                           rngs={"dropout": k1})[0]
+        return model.apply({"params": params}, x1[None], t1[None], *(None if a is None else a[None] for a in a1),
+                           train=True, rngs={"dropout": k1})[0]
 
     return jax.vmap(one)(x, t, tuple(args), dropout_keys)
 
@@ -139,5 +140,71 @@ def clip_loss_fn(resolved, model, sched) -> Callable:
     return loss_fn
 
 
+def low_res_input(images: jax.Array, low_res: int) -> tuple:
+    """Stage II's conditioning image: (the low-resolution image [B, low_res, low_res, C], averaged over blocks
+    of image_size / low_res pixels, and it upscaled back to the images' size [B, H, W, C] bilinearly with
+    align_corners=True, as IF's stage-II pipeline upscales stage I's samples)."""
+    from jaxdiff.models.layers import area_downsample, resize_bilinear_align_corners
+
+    b, h, w, c = images.shape
+    low = area_downsample(images, h // int(low_res))
+    return low, resize_bilinear_align_corners(low, h, w)
+
+
+def if_diffusion_loss_fn(resolved, model, sched, *, null_text=None) -> Callable:
+    """The IF tasks' loss(params, images, cond, key, ids=None): the hybrid loss of the "diffusion" task
+    (`gaussian.training_losses`) of a UNet2DConditionModel on cond["states"] (the frozen encoder's token
+    states of each row's caption, `cond_spec`).
+
+    Example i draws from fold_in(key, ids[i]): its timestep, noise, caption drop (with probability
+    diffusion.p_uncond its states and mask become `null_text`'s, the empty caption's), dropout and, for
+    "if_superres", its augmentation level s uniform in [0, superres.max_level) and the noise of
+    x_low,s = q_sample(upscaled low-res image, s) (the same schedule). Stage II's network sees
+    concat(x_t, x_low,s) on the channels and s (the original timestep) as its class label.
+    """
+    dcfg = resolved.diffusion
+    p_uncond = float(dcfg.p_uncond)
+    prediction, learned_sigma = dcfg.prediction, bool(dcfg.learned_sigma)
+    vlb_weight = config_util.get(dcfg, "vlb_weight")
+    superres = resolved.task == "if_superres"
+    use_mask = bool(config_util.get(resolved.text_encoder, "attention_mask", False))
+    if p_uncond > 0:
+        if null_text is None:
+            raise ValueError("the IF tasks' loss needs null_text (the empty caption's states) when p_uncond > 0")
+        null_states = jnp.asarray(null_text["states"], jnp.float32)
+        null_mask = jnp.asarray(null_text["mask"], bool)
+    low_res = int(resolved.superres.low_res) if superres else 0
+    max_level = int(resolved.superres.max_level) if superres else 0
+
+    def loss_fn(params, images, cond, key, ids=None):
+        k_t, k_noise, k_drop, k_dropout, k_level, k_aug = example_keys(key, _ids(images, ids), 6)
+        t, noise = _t_and_noise(sched, images, k_t, k_noise)
+        states, mask = cond["states"], cond["mask"]
+        if p_uncond > 0:
+            dropped = jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(k_drop)
+            states = jnp.where(dropped[:, None, None], null_states[None], states)
+            mask = jnp.where(dropped[:, None], null_mask[None], mask)
+        cond = {"states": states, "mask": mask}
+        labels, x_low = None, None
+        if superres:
+            _, up = low_res_input(images, low_res)
+            level = jax.vmap(lambda k: jax.random.randint(k, (), 0, max_level))(k_level)
+            aug = jax.vmap(lambda k: jax.random.normal(k, up.shape[1:], up.dtype))(k_aug)
+            x_low = diffusion_lib.q_sample(sched, up, level, aug)
+            labels = sched.timestep_map[level]
+        args = model_args(resolved.task, cond, labels, use_mask)
+
+        def model_fn(xt, tt):
+            x = xt if x_low is None else jnp.concatenate([xt, x_low.astype(xt.dtype)], axis=-1)
+            return _apply(resolved, model, params, x, sched.timestep_map[tt], args, k_dropout).astype(jnp.float32)
+
+        losses = diffusion_lib.training_losses(sched, model_fn, images, t, noise, prediction=prediction,
+                                               learned_sigma=learned_sigma, vlb_weight=vlb_weight)
+        metrics = {k: jnp.mean(v) for k, v in losses.items()}
+        return metrics["loss"], metrics
+
+    return loss_fn
+
+
 LOSSES = {"diffusion": diffusion_loss_fn, "text2im": diffusion_loss_fn, "classifier": classifier_loss_fn,
-          "clip": clip_loss_fn}
+          "clip": clip_loss_fn, "if_text2im": if_diffusion_loss_fn, "if_superres": if_diffusion_loss_fn}

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdiff.train.config import IF_TASKS
 from jaxdiff.util import config as config_util
 
 
@@ -76,7 +77,12 @@ def root_keys(seed: int):
 def cond_spec(resolved, batch: int) -> Any:
     """Shapes and dtypes of a step's condition for `batch` rows: the labels (int32 [B]), or the
     caption tokens of a text task ({"tokens": int32 [B, L], "mask": bool [B, L]} for "text2im",
-    {"tokens", "lengths": int32 [B]} for "clip"), as `train_batches` yields them."""
+    {"tokens", "lengths": int32 [B]} for "clip"), or the frozen text encoder's token states of the IF tasks
+    ({"states": float32 [B, L, E], "mask": bool [B, L]}), as `train_batches` yields them."""
+    if resolved.task in IF_TASKS:
+        n, e = int(resolved.text_encoder.max_length), int(resolved.text_encoder.width)
+        return {"states": jax.ShapeDtypeStruct((batch, n, e), jnp.float32),
+                "mask": jax.ShapeDtypeStruct((batch, n), jnp.bool_)}
     if resolved.task == "text2im":
         ctx = int(resolved.model.text_ctx)
         return {"tokens": jax.ShapeDtypeStruct((batch, ctx), jnp.int32),
@@ -87,8 +93,12 @@ def cond_spec(resolved, batch: int) -> Any:
     return jax.ShapeDtypeStruct((batch,), jnp.int32)
 
 
-def model_args(task: str, cond) -> tuple:
-    """The network's arguments after (x, t) for a step's condition (see `cond_spec`)."""
+def model_args(task: str, cond, class_labels=None, attention_mask: bool = False) -> tuple:
+    """The network's arguments after (x, t) for a step's condition (see `cond_spec`); the IF tasks'
+    UNet2DConditionModel takes (encoder_hidden_states, class_labels (stage II's augmentation levels),
+    attention_mask (with config.text_encoder.attention_mask))."""
+    if task in IF_TASKS:
+        return cond["states"], class_labels, cond["mask"] if attention_mask else None
     if task == "classifier":
         return ()
     if task == "text2im":
@@ -101,9 +111,13 @@ def model_args(task: str, cond) -> tuple:
 def init_state(resolved, model, tx, init_key) -> TrainState:
     """A fresh TrainState (traceable: jit it with replicated out_shardings)."""
     s = int(resolved.data.image_size)
-    x = jnp.zeros((1, s, s, int(resolved.data.channels)), jnp.float32)
+    channels = int(resolved.model.in_channels) if resolved.task in IF_TASKS else int(resolved.data.channels)
+    x = jnp.zeros((1, s, s, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     cond = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), cond_spec(resolved, 1))
-    params = model.init(init_key, x, t, *model_args(resolved.task, cond))["params"]
+    labels = t if resolved.task == "if_superres" else None
+    args = model_args(resolved.task, cond, labels, bool(config_util.get(config_util.get(resolved, "text_encoder", {}),
+                                                                        "attention_mask", False)))
+    params = model.init(init_key, x, t, *args)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))

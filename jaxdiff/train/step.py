@@ -10,7 +10,7 @@ import optax
 
 from jaxdiff import parallel
 from jaxdiff.diffusion import schedules
-from jaxdiff.train.config import create_model
+from jaxdiff.train.config import IF_TASKS, create_model
 from jaxdiff.train.losses import LOSSES
 from jaxdiff.train.state import (
     TrainState,
@@ -33,16 +33,19 @@ def zero_accumulator(metric_names) -> dict:
             "first_nonfinite": jnp.full((), -1, jnp.int32)}
 
 
-def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_shardings=None) -> Callable:
+def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_shardings=None,
+                    loss_kwargs=None) -> Callable:
     """step(state, images, cond, acc) -> (state, acc): one AdamW update + EMA, metrics accumulated;
-    cond: the labels or caption tokens (`cond_spec`), split into micro-batches like the images.
+    cond: the labels, caption tokens or text states (`cond_spec`), split into micro-batches like the images.
+    `loss_kwargs`: extra arguments of the task's loss (the IF tasks: `null_text`, the empty caption's
+    states, constants of the compiled step).
 
     With `mesh` and `state_shardings` (`state_layout`) the parameters are gathered for the
     forward/backward pass when split over 'fsdp', and the gradients constrained to their layout.
     `train.grad_accum_steps = k` > 1 sums k micro-batches' gradients in a `lax.scan`; micro-batch m
     holds rows m*b'..(m+1)*b'-1 of every device's block of b = k*b' rows.
     """
-    loss_fn = LOSSES[resolved.task](resolved, model, sched)
+    loss_fn = LOSSES[resolved.task](resolved, model, sched, **(loss_kwargs or {}))
     lr_fn = learning_rate_fn(resolved.train)
     tcfg = resolved.train
     k = int(config_util.get(tcfg, "grad_accum_steps", 1))
@@ -123,12 +126,13 @@ def state_layout(resolved, model, tx, mesh) -> tuple:
     return abstract, shardings, cpu.jit(init, out_shardings=shardings)
 
 
-def jit_train_step(resolved, model, tx, sched, train_key, mesh, shardings) -> tuple:
+def jit_train_step(resolved, model, tx, sched, train_key, mesh, shardings, loss_kwargs=None) -> tuple:
     """(jitted step with explicit in/out shardings and donated state, accumulator sharding)."""
     repl = parallel.replicated_sharding(mesh)
     acc_sharding = jax.tree_util.tree_map(lambda _: repl, zero_accumulator(metric_names(resolved)))
     batch = parallel.batch_sharding(mesh)
-    step = cpu.jit(make_train_step(resolved, model, tx, sched, train_key, mesh=mesh, state_shardings=shardings),
+    step = cpu.jit(make_train_step(resolved, model, tx, sched, train_key, mesh=mesh, state_shardings=shardings,
+                                   loss_kwargs=loss_kwargs),
                    in_shardings=(shardings, batch, batch, acc_sharding),
                    out_shardings=(shardings, acc_sharding), donate_argnums=(0, 3))
     return step, acc_sharding
@@ -153,7 +157,12 @@ def lower_train_step(resolved, mesh=None):
     sched = schedules.make_schedule(resolved.diffusion.schedule, int(resolved.diffusion.num_timesteps))
     mesh = train_mesh(resolved) if mesh is None else mesh
     abstract, shardings, _ = state_layout(resolved, model, tx, mesh)
-    step, acc_sharding = jit_train_step(resolved, model, tx, sched, root_keys(resolved.seed)[1], mesh, shardings)
+    kwargs = None
+    if resolved.task in IF_TASKS:  # the empty caption's states are constants of the step: zeros cost the same
+        kwargs = {"null_text": jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape[1:], a.dtype),
+                                                      cond_spec(resolved, 1))}
+    step, acc_sharding = jit_train_step(resolved, model, tx, sched, root_keys(resolved.seed)[1], mesh, shardings,
+                                        kwargs)
     return step.lower(abstract, *abstract_inputs(resolved, mesh, acc_sharding))
 
 

@@ -1,0 +1,315 @@
+"""Frozen text-encoder token states for the IF tasks, computed once per caption set and cached on disk.
+
+    states = prepare(resolved, source, workdir)      # TextStates: one row per distinct caption, row 0 = ""
+    cond = states.gather(captions)                   # {"states": float32 [B, L, E], "mask": bool [B, L]}
+    states.null()                                    # the empty caption's row (caption dropout's target)
+
+The encoder (`config.text_encoder`, see `config.encoder_info`) is either
+  * "t5": a transformers T5 encoder folder (`convert.transformers.load_t5_folder`), tokenized as IF does
+    (`data.t5_tokenizer.T5Tokenizer`, max_length tokens, end token, padding); the states are T5's
+    last_hidden_state;
+  * "clip": a workdir of this repository's "clip" task (`checkpoints.load_model(kind="clip-text")`, its EMA
+    parameters), word-tokenized with the CLIP's own vocabulary; the states are every position's output of the
+    text tower after its final LayerNorm (`models.clip.ClipTextEncoder(return_states=True)`), mask True up to
+    and including the end token.
+
+Every distinct caption of the training split, and the empty caption (row 0), is encoded in batches of
+`text_encoder.batch_size` by one jitted program (the last batch padded), before the train step is compiled.
+The result lives in `text_encoder.cache_dir` (default W/text_states) under a key: sha256 of the encoder's
+`util.fingerprint.params_fingerprint` (its parameters and config), the tokenizer (the CLIP's vocabulary or
+the bytes of spiece.model), the token count, and the sorted caption set. A rerun, a resumed run, or another
+run with the same encoder and captions (stage I and stage II on one dataset) reads the cache and never loads
+the encoder's weights for encoding (it still reads them to fingerprint them). An entry is a directory
+<key[:32]>/ with captions.json, states.npy (float32 [N, L, E]), mask.npy (bool [N, L]) and meta.json, which
+is written last: an entry without it is incomplete and is recomputed.
+
+The train step never sees the encoder: the input pipeline gathers the rows of each batch's captions on the
+host (so the table need not fit on a device: IF's T5-XXL states are 77 x 4096 floats per caption), and the
+step replaces dropped rows with `null()`. With several processes, process 0 fingerprints, computes and
+writes; the others wait for it and read the entry (the workdir or cache_dir must be shared storage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import checkpoints, parallel
+from jaxdiff.train.config import ConfigError, EncoderInfo, encoder_info
+from jaxdiff.util import config as config_util
+from jaxdiff.util import cpu, files
+from jaxdiff.util.fingerprint import params_fingerprint
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "text_states"  # default location, under the workdir
+CACHE_VERSION = 1
+META_FILE = "meta.json"
+
+
+@dataclasses.dataclass
+class Encoder:
+    """A loaded frozen text encoder: `encode(captions) -> (states float32 [N, L, E], mask bool [N, L])`."""
+
+    info: EncoderInfo
+    fingerprint: str
+    tokenizer_id: str
+    encode: Callable[[Sequence[str]], tuple]
+
+
+@dataclasses.dataclass
+class TextStates:
+    """The token states of a caption set: row i is the encoding of captions[i]; captions[0] is ""."""
+
+    captions: tuple
+    states: np.ndarray  # float32 [N, L, E] (memory-mapped when read from a local cache)
+    mask: np.ndarray    # bool [N, L]
+    key: str
+    directory: str
+    computed: bool      # computed by this call (False: read from the cache, or written by process 0)
+
+    def __post_init__(self):
+        self.index = {c: i for i, c in enumerate(self.captions)}
+
+    @property
+    def length(self) -> int:
+        return int(self.states.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.states.shape[2])
+
+    def rows(self, captions) -> np.ndarray:
+        """int32 row of each caption (ValueError naming a caption the cache does not hold)."""
+        try:
+            return np.asarray([self.index[str(c)] for c in captions], np.int32)
+        except KeyError as e:
+            raise ValueError(f"caption {e.args[0]!r} has no cached text states in {self.directory} (the cache holds "
+                             f"the {len(self.captions) - 1} captions of the training split)") from None
+
+    def gather(self, captions) -> dict:
+        """{"states": float32 [B, L, E], "mask": bool [B, L]} of a batch's captions (`cond_spec`)."""
+        rows = self.rows(captions)
+        order = np.argsort(rows, kind="stable")  # sorted reads from a memory map, then back in batch order
+        out_s = np.empty((len(rows),) + self.states.shape[1:], np.float32)
+        out_m = np.empty((len(rows),) + self.mask.shape[1:], bool)
+        out_s[order] = self.states[rows[order]]
+        out_m[order] = self.mask[rows[order]]
+        return {"states": out_s, "mask": out_m}
+
+    def null(self) -> dict:
+        """The empty caption's {"states": [L, E], "mask": [L]}: what caption dropout puts in a row."""
+        return {"states": np.asarray(self.states[0], np.float32), "mask": np.asarray(self.mask[0], bool)}
+
+
+# --- the encoders ------------------------------------------------------------------------------------------
+
+def _sha(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _batched(fn: Callable, tokenize: Callable, batch_size: int) -> Callable:
+    """captions -> (states, mask), `fn` called on batches of exactly batch_size rows (padded with "")."""
+
+    def encode(captions):
+        captions = list(captions)
+        states, masks = [], []
+        for i in range(0, len(captions), batch_size):
+            chunk = captions[i:i + batch_size]
+            n = len(chunk)
+            tokens, aux = tokenize(chunk + [""] * (batch_size - n))
+            s, m = fn(tokens, aux)
+            states.append(np.asarray(jax.device_get(s), np.float32)[:n])
+            masks.append(np.asarray(jax.device_get(m), bool)[:n])
+        return np.concatenate(states), np.concatenate(masks)
+
+    return encode
+
+
+def _local_put(params):
+    """The encoder's parameters on this process's first device (only this process encodes)."""
+    return jax.device_put(params, jax.local_devices()[0])
+
+
+def load_encoder(info: EncoderInfo, batch_size: int = 256) -> Encoder:
+    """The frozen encoder of `info`, its fingerprint and a batched, jitted `encode`."""
+    if info.kind == "clip":
+        from jaxdiff.data.tokenizers import WordTokenizer
+
+        module, params, cfg = checkpoints.load_model(info.path, kind="clip-text")
+        tok = WordTokenizer(list(info.vocab), source=f"the vocabulary of the CLIP {info.path}")
+        n = info.length
+        dev_params = _local_put(params)
+
+        @cpu.jit
+        def apply(p, tokens, lengths):
+            states = module.apply({"params": p}, tokens, lengths, return_states=True)[1]
+            return states.astype(jnp.float32), jnp.arange(n)[None, :] < lengths[:, None]
+
+        def tokenize(captions):
+            try:
+                return tok.tokens_and_lengths(captions, n)
+            except ValueError as e:
+                raise ConfigError(f"config.text_encoder (the CLIP {info.path}) cannot tokenize the captions: {e}") from None
+
+        fingerprint = params_fingerprint(params, name="clip-text", config=cfg["model"])
+        tokenizer_id = _sha("word", json.dumps(list(info.vocab)), n)
+        return Encoder(info, fingerprint, tokenizer_id,
+                       _batched(lambda t, a: apply(dev_params, t, a), tokenize, batch_size))
+    from jaxdiff.convert.transformers import load_t5_folder
+    from jaxdiff.data.t5_tokenizer import T5Tokenizer
+
+    module, params, config = load_t5_folder(info.path)
+    try:
+        tok = T5Tokenizer(info.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config.text_encoder.tokenizer={info.tokenizer!r}: {e}") from None
+    if tok.vocab_size > config.vocab_size:
+        raise ConfigError(f"config.text_encoder.tokenizer={info.tokenizer!r} has {tok.vocab_size} pieces, more than "
+                          f"the T5 encoder's {config.vocab_size} token embeddings ({info.path}): not its tokenizer")
+    n = info.length
+    dev_params = _local_put(params)
+
+    @cpu.jit
+    def apply(p, tokens, mask):
+        return module.apply({"params": p}, tokens, mask).astype(jnp.float32), mask
+
+    fingerprint = params_fingerprint(params, name="t5", config=config.to_dict())
+    with open(info.tokenizer, "rb") as f:
+        tokenizer_id = _sha("t5", hashlib.sha256(f.read()).hexdigest(), n)
+    return Encoder(info, fingerprint, tokenizer_id,
+                   _batched(lambda t, m: apply(dev_params, t, m), lambda c: tok.tokens_and_mask(c, n), batch_size))
+
+
+# --- the caption set and the cache -------------------------------------------------------------------------
+
+def caption_set(source) -> list:
+    """"" then every distinct caption of the split, sorted."""
+    captions = source.gather_text(np.arange(len(source)))[source.info.caption_key]
+    return [""] + sorted({str(c) for c in captions} - {""})
+
+
+def cache_key(encoder: Encoder, captions: Sequence[str]) -> str:
+    return _sha(f"jaxdiff-text-states-v{CACHE_VERSION}", encoder.info.kind, encoder.fingerprint, encoder.tokenizer_id,
+                encoder.info.length, _sha(*captions))
+
+
+def cache_root(resolved, workdir) -> str:
+    d = config_util.get(resolved.text_encoder, "cache_dir", "") or ""
+    return os.path.expanduser(d) if d else os.path.join(os.fspath(workdir), CACHE_DIR)
+
+
+def _path(*parts):
+    return checkpoints.as_path(os.path.join(*[os.fspath(p) for p in parts]))
+
+
+def _load_npy(path, mmap: bool) -> np.ndarray:
+    p = os.fspath(path)
+    if "://" not in p:
+        return np.load(p, mmap_mode="r" if mmap else None)
+    return np.load(io.BytesIO(checkpoints.as_path(p).read_bytes()))
+
+
+def read_entry(directory, key: Optional[str] = None) -> Optional[TextStates]:
+    """The cached states in `directory` (None when absent or incomplete, or written under another key)."""
+    meta_path = _path(directory, META_FILE)
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if key is not None and meta.get("key") != key:
+        return None
+    captions = tuple(json.loads(_path(directory, "captions.json").read_text()))
+    states = _load_npy(_path(directory, "states.npy"), True)
+    mask = _load_npy(_path(directory, "mask.npy"), True)
+    if states.shape[0] != len(captions) or mask.shape != states.shape[:2]:
+        raise ValueError(f"the text-state cache in {directory} is inconsistent ({len(captions)} captions, states "
+                         f"{states.shape}, mask {mask.shape}); delete it to recompute")
+    return TextStates(captions, states, mask, meta["key"], os.fspath(directory), computed=False)
+
+
+def write_entry(directory, key: str, captions: Sequence[str], states: np.ndarray, mask: np.ndarray, meta: dict) -> None:
+    """The entry's files, each written atomically, meta.json last (the entry is complete once it exists)."""
+    d = os.fspath(directory)
+    files.atomic_write(os.path.join(d, "captions.json"), json.dumps(list(captions)))
+    files.atomic_write(os.path.join(d, "states.npy"), lambda f: np.save(f, np.ascontiguousarray(states, np.float32)))
+    files.atomic_write(os.path.join(d, "mask.npy"), lambda f: np.save(f, np.ascontiguousarray(mask, bool)))
+    files.write_json(os.path.join(d, META_FILE), dict(meta, key=key))
+
+
+def encode_all(encoder: Encoder, captions: Sequence[str]) -> tuple:
+    """(states, mask) of every caption (one jitted, batched pass)."""
+    return encoder.encode(captions)
+
+
+def text_states(resolved, captions: Sequence[str], cache: str, *, encoder: Optional[Encoder] = None) -> TextStates:
+    """The states of `captions` (captions[0] must be "") from the cache under `cache`, or computed now and
+    written there. Single-process: see `prepare` for the multi-process protocol."""
+    if not captions or captions[0] != "":
+        raise ValueError("captions[0] must be the empty caption")
+    te = resolved.text_encoder
+    info = encoder_info(resolved)
+    if encoder is None:
+        encoder = load_encoder(info, int(config_util.get(te, "batch_size", 256)))
+    key = cache_key(encoder, captions)
+    directory = os.path.join(cache, key[:32])
+    found = read_entry(directory, key)
+    if found is not None:
+        log.info("text states of %d captions read from the cache %s", len(captions), directory)
+        return found
+    t0 = time.time()
+    states, mask = encode_all(encoder, captions)
+    longest = int(mask.sum(axis=1).max())
+    if longest >= info.length:
+        log.warning("some captions fill all %d tokens of the text encoder: longer ones were truncated", info.length)
+    meta = {"version": CACHE_VERSION, "encoder": {"kind": info.kind, "path": info.path, "fingerprint": encoder.fingerprint,
+                                                  "width": info.width, "length": info.length},
+            "tokenizer": encoder.tokenizer_id, "captions": len(captions), "shape": list(states.shape),
+            "seconds": round(time.time() - t0, 3)}
+    write_entry(directory, key, captions, states, mask, meta)
+    log.info("text states of %d captions computed in %.1f s and cached in %s", len(captions), time.time() - t0, directory)
+    return TextStates(tuple(captions), states, mask, key, directory, computed=True)
+
+
+def prepare(resolved, source, workdir) -> TextStates:
+    """The token states of every caption of the training split (`source`), for an IF task's run; checked
+    against the model (width, token count). Every process calls it (a collective with several processes)."""
+    captions = caption_set(source)
+    cache = cache_root(resolved, workdir)
+    if jax.process_count() == 1:
+        out = text_states(resolved, captions, cache)
+    else:
+        key, error = "", None
+        if jax.process_index() == 0:
+            try:
+                key = text_states(resolved, captions, cache).key
+            except Exception as e:  # every process must reach the collective below, or the others hang
+                error, key = e, "!"
+        key = parallel.process_strings(key, max_len=80)[0]  # also a barrier: process 0 has written
+        if error is not None:
+            raise error
+        if key == "!":
+            raise ConfigError("process 0 failed to compute the text states (its error says why)")
+        out = read_entry(os.path.join(cache, key[:32]), key)
+        if out is None:
+            raise ConfigError(f"process {jax.process_index()} cannot read the text states process 0 wrote in "
+                              f"{cache}: config.text_encoder.cache_dir (default W/text_states) must be on storage "
+                              "every host reads")
+    L, E = int(resolved.text_encoder.max_length), int(resolved.text_encoder.width)
+    if out.states.shape[1:] != (L, E):
+        raise ConfigError(f"the cached text states in {out.directory} are {out.states.shape[1:]}, not ({L}, {E}) "
+                          "as config.text_encoder gives")
+    return out
