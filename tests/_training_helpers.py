@@ -62,6 +62,17 @@ def train_cmd(workdir, data_dir, *overrides) -> list:
             "--config.train.keep=3", *overrides]
 
 
+def captioned_data_dir(tmp_path_factory):
+    """The tfds data_dir the training tests share, with digits and digits_text prepared (idempotent)."""
+    from jaxdiff.data import sources
+
+    d = tmp_path_factory.getbasetemp() / "tfds"
+    d.mkdir(exist_ok=True)
+    for name in ("digits", "digits_text"):
+        sources.prepare(name, str(d))
+    return d
+
+
 def run(cmd, environ, timeout=300, check=True) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:

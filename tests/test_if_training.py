@@ -32,11 +32,7 @@ FIXTURE = H.REPO / "tests" / "fixtures" / "if_tiny_a.npz"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.getbasetemp() / "tfds"  # the other training tests' data_dir (prepare is idempotent)
-    d.mkdir(exist_ok=True)
-    for name in ("digits", "digits_text"):
-        data_sources.prepare(name, str(d))
-    return d
+    return H.captioned_data_dir(tmp_path_factory)
 
 
 def _write_t5(folder, data_dir):

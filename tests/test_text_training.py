@@ -29,11 +29,7 @@ VOCAB = list(captions.vocabulary("digits"))
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.getbasetemp() / "tfds"  # the other training tests' data_dir (prepare is idempotent)
-    d.mkdir(exist_ok=True)
-    for name in ("digits", "digits_text"):
-        data_sources.prepare(name, str(d))
-    return d
+    return H.captioned_data_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

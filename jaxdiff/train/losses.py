@@ -52,6 +52,14 @@ def condition_dropout(resolved) -> Callable:
     return lambda labels, dropped: jnp.where(dropped, num_classes, labels)
 
 
+def _diffusion_loss(sched, model_fn, images, t, noise, prediction, learned_sigma, vlb_weight) -> tuple:
+    """(loss, batch-mean metrics) of the diffusion training losses of model_fn(x_t, t)."""
+    losses = diffusion_lib.training_losses(sched, model_fn, images, t, noise, prediction=prediction,
+                                           learned_sigma=learned_sigma, vlb_weight=vlb_weight)
+    metrics = {k: jnp.mean(v) for k, v in losses.items()}
+    return metrics["loss"], metrics
+
+
 def diffusion_loss_fn(resolved, model, sched) -> Callable:
     """loss(params, images, cond, key, ids=None) -> (scalar loss, per-batch metrics); cond: the
     labels, or the caption tokens of "text2im" (`cond_spec`). Example i draws its timestep, noise,
@@ -72,10 +80,7 @@ def diffusion_loss_fn(resolved, model, sched) -> Callable:
         def model_fn(xt, tt):
             return _apply(resolved, model, params, xt, sched.timestep_map[tt], args, k_dropout).astype(jnp.float32)
 
-        losses = diffusion_lib.training_losses(sched, model_fn, images, t, noise, prediction=prediction,
-                                               learned_sigma=learned_sigma, vlb_weight=vlb_weight)
-        metrics = {k: jnp.mean(v) for k, v in losses.items()}
-        return metrics["loss"], metrics
+        return _diffusion_loss(sched, model_fn, images, t, noise, prediction, learned_sigma, vlb_weight)
 
     return loss_fn
 
@@ -198,10 +203,7 @@ def if_diffusion_loss_fn(resolved, model, sched, *, null_text=None) -> Callable:
             x = xt if x_low is None else jnp.concatenate([xt, x_low.astype(xt.dtype)], axis=-1)
             return _apply(resolved, model, params, x, sched.timestep_map[tt], args, k_dropout).astype(jnp.float32)
 
-        losses = diffusion_lib.training_losses(sched, model_fn, images, t, noise, prediction=prediction,
-                                               learned_sigma=learned_sigma, vlb_weight=vlb_weight)
-        metrics = {k: jnp.mean(v) for k, v in losses.items()}
-        return metrics["loss"], metrics
+        return _diffusion_loss(sched, model_fn, images, t, noise, prediction, learned_sigma, vlb_weight)
 
     return loss_fn
 
