@@ -50,6 +50,12 @@ def resolve_dtype(dtype: Any = None, use_fp16: bool = False) -> jnp.dtype:
     return d
 
 
+def abstract_params(module: nn.Module, *args, **kwargs):
+    """Shapes and dtypes of `module`'s params when initialised on these inputs (jax.ShapeDtypeStructs or
+    arrays): jax.eval_shape of init, so nothing is allocated or computed."""
+    return jax.eval_shape(lambda a, k: module.init(jax.random.key(0), *a, **k), args, kwargs)["params"]
+
+
 # --- Elementary layers -------------------------------------------------------------------------------
 
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
