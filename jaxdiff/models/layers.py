@@ -132,9 +132,9 @@ def Dense(features: int, *, name: str, dtype: Dtype = jnp.float32, zero_init: bo
                     kernel_init=zeros_init if zero_init else torch_default_init, bias_init=zeros_init, name=name)
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-    """torch.nn.LayerNorm(eps=1e-5) in float32 (two-pass variance, as torch)."""
-    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+def layer_norm(name: str, eps: float = 1e-5) -> nn.LayerNorm:
+    """torch.nn.LayerNorm(eps=eps) in float32 (two-pass variance, as torch)."""
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
                         name=name)
 
 
