@@ -21,16 +21,24 @@ its shape and nothing else (ValueError listing the missing, unexpected and wrong
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxdiff.convert.common import make_layout, mismatch_error, to_flax, to_torch
+from jaxdiff.convert.common import (
+    as_numpy,
+    find_weights,
+    layout_params,
+    make_layout,
+    mismatch_error,
+    read_checked_config,
+    read_weights,
+    shapes_of,
+    state_dict_from_layout,
+)
+from jaxdiff.convert.transformers import WEIGHTS
 from jaxdiff.models.clip_text import (
     CLIPTextConfig,
     CLIPTextEncoder,
@@ -64,15 +72,6 @@ def expected_clip_text_shapes(config: CLIPTextConfig) -> dict:
     return {e.key: e.shape for e in clip_text_layout(config)}
 
 
-def _as_numpy(v) -> np.ndarray:
-    if hasattr(v, "detach"):  # a torch tensor
-        v = v.detach().cpu()
-        if v.is_floating_point():
-            v = v.float()
-        return v.numpy()
-    return np.asarray(v)
-
-
 def _describe(config: CLIPTextConfig) -> str:
     kind = "CLIPTextModelWithProjection" if config.with_projection else "CLIPTextModel"
     return (f"the CLIP text state_dict does not fit the {kind} of config.json (hidden_size={config.hidden_size}, "
@@ -84,11 +83,9 @@ def _describe(config: CLIPTextConfig) -> str:
 def clip_text_params_from_state_dict(state_dict: Mapping, config: CLIPTextConfig, dtype: Any = None) -> dict:
     """The CLIPTextEncoder's params (nested dicts of numpy arrays, float32 or `dtype`) from a transformers
     state_dict ({key: numpy array or torch tensor}); strict: see the module doc."""
-    from flax.traverse_util import unflatten_dict
-
     target = np.dtype(resolve_dtype(dtype))
     layout = clip_text_layout(config)
-    given = {str(k): tuple(np.shape(v)) for k, v in state_dict.items()}
+    given = shapes_of(state_dict)
     position_ids = given.pop(POSITION_IDS_KEY, None)
     footer = None
     if config.with_projection and "text_projection.weight" not in given:
@@ -99,113 +96,38 @@ def clip_text_params_from_state_dict(state_dict: Mapping, config: CLIPTextConfig
     if err:
         raise ValueError(err)
     if position_ids is not None:
-        ids = _as_numpy(state_dict[POSITION_IDS_KEY])
+        ids = as_numpy(state_dict[POSITION_IDS_KEY])
         want = np.arange(config.max_position_embeddings)
         if ids.size != want.size or not np.array_equal(ids.reshape(-1), want):
             raise ValueError(f"key {POSITION_IDS_KEY!r} {tuple(ids.shape)} is not 0 .. "
                              f"{config.max_position_embeddings - 1} (transformers' buffer); remove it or fix it")
-    flat = {}
-    for e in layout:
-        a = _as_numpy(state_dict[e.key])
-        if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
-            raise ValueError(f"key {e.key!r} has dtype {a.dtype}, expected floating point")
-        flat[e.path] = np.ascontiguousarray(to_flax(a, e.transform).astype(target))
-    return unflatten_dict(flat)
+    return layout_params(layout, state_dict, target)
 
 
 def clip_text_state_dict_from_params(params: Mapping, config: CLIPTextConfig) -> dict:
     """The inverse: params -> {transformers state_dict key: float32 np.ndarray in torch layout}."""
-    from flax.traverse_util import flatten_dict
-
-    flat = flatten_dict(dict(params.get("params", params)))
-    out = {}
-    for e in clip_text_layout(config):
-        if e.path not in flat:
-            raise ValueError(f"params have no {'/'.join(e.path)} (state_dict key {e.key!r})")
-        out[e.key] = np.ascontiguousarray(to_torch(np.asarray(flat[e.path], np.float32), e.transform))
-    return out
+    return state_dict_from_layout(params.get("params", params), clip_text_layout(config))
 
 
-# --- folders ---------------------------------------------------------------------------------------------
-
-
-def _variant(name: str, variant: str | None) -> str:
-    """transformers' _add_variant: model.safetensors -> model.fp16.safetensors."""
-    if not variant:
-        return name
-    parts = name.split(".")
-    return ".".join(parts[:-1] + [variant] + parts[-1:])
-
-
-def _index_files(index: Path) -> list:
-    try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index} is not a weights index (a JSON object with a 'weight_map'): {e}") from None
-    paths = [index.parent / f for f in files]
-    absent = [str(p) for p in paths if not p.is_file()]
-    if absent:
-        raise FileNotFoundError(f"{index} lists weight files that are not there: {', '.join(absent)}")
-    return paths
+# --- folders (convert.common's readers) ------------------------------------------------------------------
 
 
 def find_clip_text_weights(folder, variant: str | None = None) -> tuple:
     """(format, [files]) of the weights in a transformers model folder: "safetensors" or "torch"."""
-    folder = Path(os.fspath(folder))
-    names = [("safetensors", "model.safetensors", False), ("safetensors", "model.safetensors.index.json", True),
-             ("torch", "pytorch_model.bin", False), ("torch", "pytorch_model.bin.index.json", True)]
-    for fmt, name, is_index in names:
-        p = folder / _variant(name, variant)
-        if p.is_file():
-            return fmt, (_index_files(p) if is_index else [p])
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise FileNotFoundError(f"no CLIP text weights in {folder}: looked for "
-                            f"{', '.join(_variant(n, variant) for _, n, _ in names)}; the folder holds "
-                            f"{present if present else 'nothing'}")
+    files = find_weights(folder, *WEIGHTS, variant=variant, what="CLIP text weights")
+    return ("safetensors" if files[0].suffix == ".safetensors" else "torch"), files
 
 
-def load_clip_text_state_dict(folder, variant: str | None = None) -> dict:
-    """{key: array} of the folder's weights (safetensors read with numpy; .bin files need torch)."""
-    fmt, files = find_clip_text_weights(folder, variant)
-    sd: dict = {}
-    for f in files:
-        if fmt == "safetensors":
-            from safetensors import SafetensorError
-            from safetensors.numpy import load_file
-
-            try:
-                part = load_file(str(f))
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"{f} is not a readable safetensors file: {e}") from None
-        else:
-            try:
-                import torch
-            except ImportError:
-                raise ImportError(f"reading {f} needs PyTorch (pip install torch); or convert the weights to "
-                                  "safetensors (model.safetensors), which is read without it") from None
-            part = torch.load(str(f), map_location="cpu", weights_only=True)
-            if not isinstance(part, Mapping):
-                raise ValueError(f"{f} does not hold a state_dict (got {type(part).__name__})")  # noqa: TRY004
-        dup = sorted(set(part) & set(sd))
-        if dup:
-            raise ValueError(f"{f}: key {dup[0]} is also in another weights file of {Path(f).parent}")
-        sd.update(part)
-    return sd
+def load_clip_text_state_dict(folder, variant: str | None = None) -> Mapping:
+    """{key: array} of the folder's weights (safetensors read lazily with numpy, a common.SafetensorsDict;
+    .bin files need torch)."""
+    return read_weights(find_clip_text_weights(folder, variant)[1])
 
 
 def read_clip_text_config(folder, *, strict: bool = True) -> CLIPTextConfig:
     """The checked CLIPTextConfig of FOLDER/config.json (ValueError naming the file and the field)."""
-    path = Path(os.fspath(folder)) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {path.parent} (a transformers CLIPTextModel folder has one)")
-    try:
-        d = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not JSON: {e}") from None
-    try:
-        return clip_text_config_from_json(d, strict=strict)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return read_checked_config(folder, functools.partial(clip_text_config_from_json, strict=strict),
+                               "a transformers CLIPTextModel folder")
 
 
 def load_clip_text_folder(path, dtype: Any = None, *, variant: str | None = None, strict: bool = True) -> tuple:

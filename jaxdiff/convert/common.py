@@ -283,27 +283,53 @@ def read_config_json(folder, what: str = "a model folder") -> dict:
     return d
 
 
-def checked_params(layout: tuple, sd: Mapping, what: str, **mismatch) -> dict:
-    """Flax params (float32) from a state_dict, once its keys and shapes match `layout` (else
-    ValueError: `mismatch_error(what, ..., **mismatch)`)."""
-    import jax
+def read_checked_config(folder, check: Callable, what: str = "a model folder"):
+    """`check(d)` of FOLDER/config.json's dict `d` (`read_config_json`): the checked config, or its ValueError
+    with the file's path in front."""
+    d = read_config_json(folder, what)
+    try:
+        return check(d)
+    except ValueError as e:
+        raise ValueError(f"{Path(os.fspath(folder)) / 'config.json'}: {e}") from None
 
+
+def check_state_dict(layout: tuple, sd: Mapping, what: str, **mismatch) -> None:
+    """ValueError (`mismatch_error(what, ..., **mismatch)`) unless the keys and shapes of `sd` are exactly
+    those of `layout`; no tensor is read from a SafetensorsDict."""
     err = mismatch_error(what, {e.key: e.shape for e in layout}, shapes_of(sd), **mismatch)
     if err:
         raise ValueError(err)
+
+
+def layout_params(layout: tuple, sd: Mapping, dtype=np.float32) -> dict:
+    """Flax params (nested dicts of numpy arrays in `dtype`) from a state_dict whose keys and shapes fit
+    `layout`, tensor by tensor (a SafetensorsDict reads each only now); ValueError for a tensor that is not
+    floating point."""
     flat = {}
     for e in layout:
         a = as_numpy(sd[e.key])
         if not is_floating(a.dtype):
             raise ValueError(f"key {e.key!r} has dtype {a.dtype}, expected floating point")
-        flat[e.path] = np.ascontiguousarray(to_flax(a.astype(np.float32), e.transform))
-    return jax.device_put(unflatten_dict(flat))  # one transfer of the whole tree (per leaf is ~10x slower)
+        flat[e.path] = np.ascontiguousarray(to_flax(a.astype(np.float32), e.transform).astype(dtype, copy=False))
+    return unflatten_dict(flat)
+
+
+def checked_params(layout: tuple, sd: Mapping, what: str, **mismatch) -> dict:
+    """Flax params (float32) from a state_dict, once its keys and shapes match `layout` (else
+    ValueError: `mismatch_error(what, ..., **mismatch)`)."""
+    import jax
+
+    check_state_dict(layout, sd, what, **mismatch)
+    return jax.device_put(layout_params(layout, sd))  # one transfer of the whole tree (per leaf is ~10x slower)
 
 
 def state_dict_from_layout(params, layout: tuple) -> dict:
-    """{state_dict key: np.ndarray} in torch layout and `layout` order, from Flax params."""
-    flat, out = flatten_dict(params), {}
+    """{state_dict key: float32 np.ndarray} in torch layout and `layout` order, from Flax params (ValueError
+    for a parameter that is missing or wrongly shaped)."""
+    flat, out = flatten_dict(dict(params)), {}
     for e in layout:
+        if e.path not in flat:
+            raise ValueError(f"params have no {'/'.join(e.path)} (state_dict key {e.key!r})")
         a = np.asarray(flat[e.path], dtype=np.float32)
         if tuple(a.shape) != e.flax_shape:
             raise ValueError(f"param {'/'.join(e.path)} has shape {a.shape}, expected {e.flax_shape}")

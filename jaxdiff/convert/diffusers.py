@@ -33,20 +33,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from jaxdiff.convert.common import (
-    as_numpy,
     describe_key_problem,
     find_weights,
-    is_floating,
     key_problems,
+    layout_params,
     make_layout,
     read_config_json,
     read_weights,
     shapes_of,
-    to_flax,
-    to_torch,
+    state_dict_from_layout,
 )
 
 __all__ = ["LIST_NAMES", "abstract_unet2d_params", "expected_unet2d_shapes", "flax_path", "load_diffusers_config",
@@ -128,6 +124,7 @@ def abstract_unet2d_params(config):
     import jax
     import jax.numpy as jnp
 
+    from jaxdiff.models.layers import abstract_params
     from jaxdiff.models.unet2d_condition import UNet2DConditionConfig
 
     cfg = unet2d_config(config)
@@ -142,7 +139,7 @@ def abstract_unet2d_params(config):
         kw["class_labels"] = t
     elif cfg.class_embed_type == "identity":
         kw["class_labels"] = jax.ShapeDtypeStruct((1, cfg.time_embed_dim), jnp.float32)
-    return jax.eval_shape(lambda a, k: module.init(jax.random.key(0), *a, **k), args, kw)["params"]
+    return abstract_params(module, *args, **kw)
 
 
 def _transform(path: tuple, shape: tuple) -> str:
@@ -182,34 +179,17 @@ def unet2d_params_from_state_dict(state_dict: Mapping, config) -> dict:
     """Flax params (float32 numpy arrays, nested dicts; use as {'params': params}) from a diffusers
     state_dict (numpy arrays or torch tensors) of the U-Net `config` describes. Strict: ValueError listing
     every missing, unexpected or wrongly shaped key, or a non-floating array."""
-    from flax.traverse_util import unflatten_dict
-
     cfg = unet2d_config(config)
     layout = _layout(cfg)
     err = _mismatch({e.key: e.shape for e in layout}, shapes_of(state_dict), type(unet2d_module(cfg)).__name__)
     if err:
         raise ValueError(err)
-    flat = {}
-    for e in layout:  # tensor by tensor: a SafetensorsDict reads each only now
-        a = as_numpy(state_dict[e.key])
-        if not is_floating(a.dtype):
-            raise ValueError(f"key {e.key!r} has dtype {a.dtype}, expected floating point")
-        flat[e.path] = np.ascontiguousarray(to_flax(a.astype(np.float32), e.transform))
-    return unflatten_dict(flat)
+    return layout_params(layout, state_dict)  # tensor by tensor: a SafetensorsDict reads each only now
 
 
 def unet2d_state_dict_from_params(params: Mapping, config) -> dict:
     """The inverse: jaxdiff params -> {diffusers state_dict key: float32 np.ndarray in torch layout}."""
-    from flax.traverse_util import flatten_dict
-
-    cfg = unet2d_config(config)
-    flat = flatten_dict(dict(params))
-    out = {}
-    for e in _layout(cfg):
-        if e.path not in flat:
-            raise ValueError(f"params have no {'/'.join(e.path)} (state_dict key {e.key!r})")
-        out[e.key] = np.ascontiguousarray(to_torch(np.asarray(flat[e.path], np.float32), e.transform))
-    return out
+    return state_dict_from_layout(params, _layout(unet2d_config(config)))
 
 
 # --- Folders ------------------------------------------------------------------------------------------

@@ -26,13 +26,14 @@ with the shardings you want (T5-v1.1-XXL is 19 GB in float32, 9.5 GB in bfloat16
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from jaxdiff.convert.common import as_numpy, find_weights, is_floating, read_config_json, read_weights, shape_of
+from jaxdiff.convert.common import as_numpy, find_weights, is_floating, read_checked_config, read_weights, shape_of
 from jaxdiff.models.layers import resolve_dtype
 from jaxdiff.models.t5 import (
     T5Config,
@@ -164,11 +165,8 @@ def load_t5_state_dict(folder, variant: str | None = None) -> Mapping:
 
 
 def read_t5_config(folder, *, strict: bool = True) -> T5Config:
-    d = read_config_json(folder, "a transformers T5EncoderModel folder")
-    try:
-        return t5_config_from_json(d, strict=strict)
-    except ValueError as e:
-        raise ValueError(f"{folder}/config.json: {e}") from None
+    return read_checked_config(folder, functools.partial(t5_config_from_json, strict=strict),
+                               "a transformers T5EncoderModel folder")
 
 
 def load_t5_folder(path, dtype: Any = None, *, param_dtype: Any = None, variant: str | None = None,

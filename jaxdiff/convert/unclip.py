@@ -24,10 +24,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
+import jax
+import jax.numpy as jnp
 
-from jaxdiff.convert.common import make_layout, mismatch_error, to_flax, to_torch
+from jaxdiff.convert.common import check_state_dict, layout_params, make_layout, state_dict_from_layout
 from jaxdiff.convert.diffusers import load_diffusers_config, load_diffusers_state_dict
+from jaxdiff.models.layers import abstract_params
 from jaxdiff.models.prior import PriorConfig, PriorTransformer, prior_config
 from jaxdiff.models.unclip_text_proj import TextProjConfig, UnCLIPTextProjModel, text_proj_config
 
@@ -48,31 +50,22 @@ def _transform(path: tuple, shape: tuple) -> str:
     return "dense" if path[-1] == "kernel" else "identity"
 
 
+def _layout(module, *input_shapes: tuple) -> tuple:
+    """The layout of `module`'s params, initialised (abstractly) on float32 inputs of these shapes."""
+    abstract = abstract_params(module, *(jax.ShapeDtypeStruct(s, jnp.float32) for s in input_shapes))
+    return make_layout(abstract, _torch_key, _transform)
+
+
 @functools.lru_cache(maxsize=16)
 def _prior_layout(cfg: PriorConfig) -> tuple:
-    import jax
-    import jax.numpy as jnp
-
-    module = PriorTransformer(cfg)
-    f32 = jnp.float32
-    args = (jax.ShapeDtypeStruct((1, cfg.embedding_dim), f32), jax.ShapeDtypeStruct((1,), f32),
-            jax.ShapeDtypeStruct((1, cfg.embedding_proj_dim), f32),
-            jax.ShapeDtypeStruct((1, cfg.num_embeddings, cfg.embedding_dim), f32))
-    abstract = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)["params"]
-    return make_layout(abstract, _torch_key, _transform)
+    return _layout(PriorTransformer(cfg), (1, cfg.embedding_dim), (1,), (1, cfg.embedding_proj_dim),
+                   (1, cfg.num_embeddings, cfg.embedding_dim))
 
 
 @functools.lru_cache(maxsize=16)
 def _text_proj_layout(cfg: TextProjConfig) -> tuple:
-    import jax
-    import jax.numpy as jnp
-
-    module = UnCLIPTextProjModel(cfg)
     c = cfg.clip_embeddings_dim
-    args = (jax.ShapeDtypeStruct((1, c), jnp.float32), jax.ShapeDtypeStruct((1, c), jnp.float32),
-            jax.ShapeDtypeStruct((1, 1, c), jnp.float32))
-    abstract = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)["params"]
-    return make_layout(abstract, _torch_key, _transform)
+    return _layout(UnCLIPTextProjModel(cfg), (1, c), (1, c), (1, 1, c))
 
 
 def expected_prior_shapes(config) -> dict:
@@ -85,42 +78,13 @@ def expected_text_proj_shapes(config) -> dict:
     return {e.key: e.shape for e in _text_proj_layout(text_proj_config(config))}
 
 
-def _as_numpy(v) -> np.ndarray:
-    if hasattr(v, "detach"):  # a torch tensor
-        v = v.detach().cpu()
-        if v.is_floating_point():
-            v = v.float()
-        return v.numpy()
-    return np.asarray(v)
-
-
 def _params(layout: tuple, state_dict: Mapping, what: str) -> dict:
-    from flax.traverse_util import unflatten_dict
-
-    sd = {str(k): v for k, v in state_dict.items()}
-    err = mismatch_error(f"the state_dict does not fit the {what} built from config.json",
-                         {e.key: e.shape for e in layout}, {k: tuple(np.shape(v)) for k, v in sd.items()}, limit=20)
-    if err:
-        raise ValueError(err)
-    flat = {}
-    for e in layout:
-        a = _as_numpy(sd[e.key])
-        if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
-            raise ValueError(f"key {e.key!r} has dtype {a.dtype}, expected floating point")
-        flat[e.path] = np.ascontiguousarray(to_flax(a.astype(np.float32), e.transform))
-    return unflatten_dict(flat)
+    check_state_dict(layout, state_dict, f"the state_dict does not fit the {what} built from config.json", limit=20)
+    return layout_params(layout, state_dict)
 
 
 def _state_dict(layout: tuple, params: Mapping) -> dict:
-    from flax.traverse_util import flatten_dict
-
-    flat = flatten_dict(dict(params.get("params", params)))
-    out = {}
-    for e in layout:
-        if e.path not in flat:
-            raise ValueError(f"params have no {'/'.join(e.path)} (state_dict key {e.key!r})")
-        out[e.key] = np.ascontiguousarray(to_torch(np.asarray(flat[e.path], np.float32), e.transform))
-    return out
+    return state_dict_from_layout(params.get("params", params), layout)
 
 
 def prior_params_from_state_dict(state_dict: Mapping, config) -> dict:

@@ -41,9 +41,17 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxdiff.models.layers import Dense, cast, merge_heads, resolve_dtype, split_heads
+from jaxdiff.models.layers import (
+    Dense,
+    abstract_params,
+    cast,
+    layer_norm,
+    merge_heads,
+    resolve_dtype,
+    split_heads,
+)
+from jaxdiff.models.text_encoders import PRETRAINED_CONFIG_FIELDS, apply_text_encoder, check_tokens
 from jaxdiff.util.config import did_you_mean, is_int
 
 __all__ = ["ACTIVATIONS", "CLIPTextConfig", "CLIPTextEncoder", "CLIPTextOutput", "abstract_clip_text_params",
@@ -66,27 +74,9 @@ MODEL_TYPES = ("clip_text_model",)
 ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
 LEGACY_EOS_TOKEN_ID = 2  # transformers pools at the largest id when the config says this
 
-# config.json fields that are read, with transformers' CLIPTextConfig defaults (used when absent).
-_FIELDS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "projection_dim": 512,
-           "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
-           "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 49406,
-           "eos_token_id": 49407}
-# Fields without effect on the encoder's inference output: metadata, training (dropout, init), run-time switches.
-_IGNORED = frozenset((
-    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "model_type", "torch_dtype", "dtype",
-    "use_bfloat16", "_attn_implementation_autoset", "attn_implementation", "_attn_implementation",
-    "attention_dropout", "dropout", "initializer_range", "initializer_factor", "gradient_checkpointing",
-    "use_cache", "output_hidden_states", "output_attentions", "return_dict", "torchscript",
-    "chunk_size_feed_forward", "tie_word_embeddings", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-    "cross_attention_hidden_size", "tie_encoder_decoder", "decoder_start_token_id", "sep_token_id",
-    "finetuning_task", "id2label", "label2id", "num_labels", "problem_type", "tokenizer_class", "prefix",
-    "task_specific_params", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
-    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens", "pruned_heads", "tf_legacy_loss",
-))
+# Fields without effect on the encoder's inference output: transformers' own (text_encoders), the training
+# settings (dropout, init), is_decoder and pruned_heads.
+_IGNORED = PRETRAINED_CONFIG_FIELDS | {"attention_dropout", "dropout", "initializer_range", "is_decoder", "pruned_heads"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +124,11 @@ class CLIPTextConfig:
     def pools_at_largest_id(self) -> bool:
         """transformers' legacy rule: eos_token_id 2 pools at the position of the largest id."""
         return self.eos_token_id == LEGACY_EOS_TOKEN_ID
+
+
+# config.json fields that are read, with transformers' CLIPTextConfig defaults (used when absent): the
+# config's fields except `with_projection`, which comes from `architectures`.
+_FIELDS = {f.name: f.default for f in dataclasses.fields(CLIPTextConfig) if f.name != "with_projection"}
 
 
 def clip_text_config_from_json(d: Mapping, *, strict: bool = True, with_projection: bool | None = None) -> CLIPTextConfig:
@@ -195,14 +190,14 @@ def pooled_positions(tokens: jax.Array, config: CLIPTextConfig) -> jax.Array:
     return jnp.argmax(tokens == config.eos_token_id, axis=-1).astype(jnp.int32)
 
 
-def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)
-
-
-class CLIPAttention(nn.Module):
-    """Multi-head self-attention (q_proj, k_proj, v_proj, out_proj) with a boolean mask [B, L, L]."""
+class _CLIPLayer(nn.Module):
+    """What the encoder and its layers take: the config and the compute dtype (float32 or bfloat16)."""
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
+
+
+class CLIPAttention(_CLIPLayer):
+    """Multi-head self-attention (q_proj, k_proj, v_proj, out_proj) with a boolean mask [B, L, L]."""
 
     @nn.compact
     def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -220,9 +215,7 @@ class CLIPAttention(nn.Module):
         return Dense(c, dtype=self.dtype, name="out_proj")(merge_heads(cast(out, self.dtype), b))
 
 
-class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
+class CLIPMLP(_CLIPLayer):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -231,22 +224,18 @@ class CLIPMLP(nn.Module):
         return Dense(cfg.hidden_size, dtype=self.dtype, name="fc2")(ACTIVATIONS[cfg.hidden_act](h))
 
 
-class CLIPEncoderLayer(nn.Module):
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
+class CLIPEncoderLayer(_CLIPLayer):
 
     @nn.compact
     def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
         eps = self.config.layer_norm_eps
-        h = CLIPAttention(self.config, self.dtype, name="self_attn")(_layer_norm(eps, "layer_norm1")(x), allowed)
+        h = CLIPAttention(self.config, self.dtype, name="self_attn")(layer_norm("layer_norm1", eps)(x), allowed)
         x = x + cast(h, jnp.float32)
-        h = CLIPMLP(self.config, self.dtype, name="mlp")(_layer_norm(eps, "layer_norm2")(x))
+        h = CLIPMLP(self.config, self.dtype, name="mlp")(layer_norm("layer_norm2", eps)(x))
         return x + cast(h, jnp.float32)
 
 
-class CLIPEncoder(nn.Module):
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
+class CLIPEncoder(_CLIPLayer):
 
     @nn.compact
     def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -269,9 +258,7 @@ class CLIPTextEmbeddings(nn.Module):
         return tok(tokens) + pos(jnp.arange(tokens.shape[1]))[None]
 
 
-class CLIPTextTransformer(nn.Module):
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
+class CLIPTextTransformer(_CLIPLayer):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> tuple:
@@ -280,16 +267,14 @@ class CLIPTextTransformer(nn.Module):
         x = CLIPTextEmbeddings(cfg, name="embeddings")(tokens)
         allowed = jnp.tril(jnp.ones((length, length), bool))[None] & mask[:, None, :]
         x = CLIPEncoder(cfg, self.dtype, name="encoder")(x, allowed)
-        x = _layer_norm(cfg.layer_norm_eps, "final_layer_norm")(x)
+        x = layer_norm("final_layer_norm", cfg.layer_norm_eps)(x)
         pooled = jnp.take_along_axis(x, pooled_positions(tokens, cfg)[:, None, None], axis=1)[:, 0]
         return x, pooled
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTextEncoder(_CLIPLayer):
     """(tokens int [B, L], mask bool [B, L] True on real tokens, or None: all real) -> CLIPTextOutput;
     transformers' CLIPTextModelWithProjection (or CLIPTextModel, config.with_projection False) at inference."""
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32  # compute dtype: float32 or bfloat16
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> CLIPTextOutput:
@@ -314,42 +299,13 @@ class CLIPTextEncoder(nn.Module):
 
 def abstract_clip_text_params(module: CLIPTextEncoder, length: int = 2):
     """Shapes and dtypes of the module's params (jax.eval_shape of init: nothing is allocated)."""
-    args = (jax.ShapeDtypeStruct((1, length), jnp.int32), jax.ShapeDtypeStruct((1, length), jnp.bool_))
-    return jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)["params"]
-
-
-def _check_inputs(config: CLIPTextConfig, tokens, mask) -> None:
-    """ValueError for token ids outside [0, vocab_size), too many tokens, or a mismatched mask (concrete only)."""
-    if isinstance(tokens, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
-        return
-    t = np.asarray(tokens)
-    if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(f"CLIP tokens: expected integer ids [batch, length], got {t.dtype} of shape {t.shape}")
-    if t.shape[1] > config.max_position_embeddings:
-        raise ValueError(f"CLIP tokens: {t.shape[1]} per row, but max_position_embeddings is "
-                         f"{config.max_position_embeddings}")
-    if t.size and (t.min() < 0 or t.max() >= config.vocab_size):
-        bad = int(t.min()) if t.min() < 0 else int(t.max())
-        raise ValueError(f"CLIP tokens: id {bad} is outside the vocabulary [0, {config.vocab_size})")
-    if mask is not None:
-        m = np.asarray(mask)
-        if m.shape != t.shape:
-            raise ValueError(f"CLIP mask: shape {m.shape} differs from the tokens' {t.shape}")
-        if m.dtype != bool and not np.isin(m, (0, 1)).all():
-            raise ValueError(f"CLIP mask: expected booleans (True on real tokens) or 0/1, got values {np.unique(m)[:5]}")
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_apply(module: CLIPTextEncoder):
-    return jax.jit(module.apply)
+    return abstract_params(module, jax.ShapeDtypeStruct((1, length), jnp.int32),
+                           jax.ShapeDtypeStruct((1, length), jnp.bool_))
 
 
 def encode_clip_text(module: CLIPTextEncoder, params, tokens, mask=None) -> CLIPTextOutput:
     """CLIPTextOutput (float32 arrays) for tokens [B, L] and mask [B, L] (True on real tokens; None: all real);
     `params` is the params tree (or {"params": tree}). Concrete inputs are checked first (ids within the
     vocabulary, the length, the mask's shape). Jitted: one compile per module and input shape."""
-    _check_inputs(module.config, tokens, mask)
-    variables = params if "params" in params else {"params": params}
-    tokens = jnp.asarray(tokens, jnp.int32)
-    mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
-    return _jitted_apply(module)(variables, tokens, mask)
+    check_tokens(tokens, mask, module.config.vocab_size, "CLIP", max_positions=module.config.max_position_embeddings)
+    return apply_text_encoder(module, params, tokens, mask)

@@ -50,6 +50,12 @@ def resolve_dtype(dtype: Any = None, use_fp16: bool = False) -> jnp.dtype:
     return d
 
 
+def abstract_params(module: nn.Module, *args, **kwargs):
+    """Shapes and dtypes of `module`'s params when initialised on these inputs (jax.ShapeDtypeStructs or
+    arrays): jax.eval_shape of init, so nothing is allocated or computed."""
+    return jax.eval_shape(lambda a, k: module.init(jax.random.key(0), *a, **k), args, kwargs)["params"]
+
+
 # --- Elementary layers -------------------------------------------------------------------------------
 
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -126,9 +132,9 @@ def Dense(features: int, *, name: str, dtype: Dtype = jnp.float32, zero_init: bo
                     kernel_init=zeros_init if zero_init else torch_default_init, bias_init=zeros_init, name=name)
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-    """torch.nn.LayerNorm(eps=1e-5) in float32 (two-pass variance, as torch)."""
-    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+def layer_norm(name: str, eps: float = 1e-5) -> nn.LayerNorm:
+    """torch.nn.LayerNorm(eps=eps) in float32 (two-pass variance, as torch)."""
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
                         name=name)
 
 

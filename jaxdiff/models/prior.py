@@ -42,19 +42,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import Dense, cast, merge_heads, resolve_dtype, split_heads
-from jaxdiff.models.unet2d_condition import ACTIVATIONS, activation, config_error, sinusoidal_embedding
+from jaxdiff.models.layers import Dense, Dtype, cast, layer_norm, merge_heads, resolve_dtype, split_heads
+from jaxdiff.models.unet2d_condition import (
+    ACTIVATIONS,
+    DiffusersModel,
+    TimestepEmbedding,
+    checked_fields,
+    config_error,
+    sinusoidal_embedding,
+)
 from jaxdiff.util.config import did_you_mean, is_int
 
 __all__ = ["PriorConfig", "PriorTransformer", "post_process_latents", "prior_attention_bias", "prior_config"]
 
-Dtype = Any
 _WHAT = "jaxdiff's PriorTransformer"
 MASK_VALUE = -10000.0
 
@@ -115,16 +120,7 @@ def prior_config(config: Mapping) -> PriorConfig:
     ValueError naming the first field outside the supported subset (see the module doc)."""
     if isinstance(config, PriorConfig):
         return config
-    if not isinstance(config, Mapping):
-        raise TypeError(f"expected a PriorTransformer config.json dict, got {type(config).__name__}")
-    cls = config.get("_class_name")
-    if cls is not None and cls != "PriorTransformer":
-        raise ValueError(f"config.json field _class_name={cls!r}: expected 'PriorTransformer'")
-    for k in config:
-        if not str(k).startswith("_") and k not in DEFAULTS:
-            raise ValueError(f"config.json field {k!r} is not a PriorTransformer argument known to {_WHAT}"
-                             f"{did_you_mean(k, sorted(DEFAULTS))}")
-    d = {k: config.get(k, v) for k, v in DEFAULTS.items()}
+    d = checked_fields(config, "PriorTransformer", DEFAULTS, (), {}, _WHAT)
     for f in ("num_attention_heads", "attention_head_dim", "num_layers", "embedding_dim", "num_embeddings"):
         if not _pos_int(d[f]):
             raise config_error(f, d[f], "a positive integer", what=_WHAT)
@@ -176,29 +172,16 @@ def prior_attention_bias(mask: jax.Array | None, additional_embeddings: int) -> 
     return m[:, None, :] + causal[None]
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)
-
-
-class PriorTimestepEmbedding(nn.Module):
-    """diffusers' TimestepEmbedding(in, time_embed_dim, out_dim=inner): linear_1 -> act -> linear_2, float32."""
-
-    hidden: int
-    features: int
-    act: str = "silu"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = Dense(self.hidden, name="linear_1")(x)
-        return Dense(self.features, name="linear_2")(activation(self.act)(x))
-
-
-class PriorAttention(nn.Module):
-    """diffusers' Attention (self-attention, biased to_q / to_k / to_v, to_out.0) with an additive bias."""
+class _Heads(nn.Module):
+    """What the attention and the transformer blocks take: `heads` of `dim_head` channels, the compute dtype."""
 
     heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
+
+
+class PriorAttention(_Heads):
+    """diffusers' Attention (self-attention, biased to_q / to_k / to_v, to_out.0) with an additive bias."""
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -238,18 +221,14 @@ class _Proj(nn.Module):
         return Dense(self.features, dtype=self.dtype, name="proj")(x)
 
 
-class BasicTransformerBlock(nn.Module):
+class BasicTransformerBlock(_Heads):
     """diffusers' BasicTransformerBlock as the prior builds it (layer_norm, self-attention only, GELU FF)."""
-
-    heads: int
-    dim_head: int
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
-        h = PriorAttention(self.heads, self.dim_head, self.dtype, name="attn1")(_layer_norm("norm1")(x), bias)
+        h = PriorAttention(self.heads, self.dim_head, self.dtype, name="attn1")(layer_norm("norm1")(x), bias)
         x = x + cast(h, jnp.float32)
-        h = FeedForward(self.dtype, name="ff")(_layer_norm("norm3")(x))
+        h = FeedForward(self.dtype, name="ff")(layer_norm("norm3")(x))
         return x + cast(h, jnp.float32)
 
 
@@ -268,11 +247,8 @@ def _check_inputs(cfg: PriorConfig, x, t, proj, states, mask) -> None:
         raise ValueError(f"PriorTransformer: attention_mask must be [{b}, {cfg.num_embeddings}], got {mask.shape}")
 
 
-class PriorTransformer(nn.Module):
-    """diffusers' PriorTransformer (see the module doc)."""
-
-    config: PriorConfig
-    dtype: Dtype = jnp.float32  # compute dtype: float32 or bfloat16
+class PriorTransformer(DiffusersModel):
+    """diffusers' PriorTransformer (see the module doc); config: a PriorConfig."""
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array, timestep: jax.Array, proj_embedding: jax.Array,
@@ -295,9 +271,10 @@ class PriorTransformer(nn.Module):
         self.param("clip_std", nn.initializers.zeros, (1, cfg.clip_embed_dim), jnp.float32)
 
         temb = sinusoidal_embedding(jnp.broadcast_to(t, (b,)), inner, True, 0.0)
-        temb = PriorTimestepEmbedding(cfg.time_embed_dim, inner, cfg.time_embed_act_fn, name="time_embedding")(temb)
+        temb = TimestepEmbedding(cfg.time_embed_dim, cfg.time_embed_act_fn, out_features=inner,
+                                 name="time_embedding")(temb)
         if cfg.embedding_proj_norm:
-            proj = _layer_norm("embedding_proj_norm")(proj)
+            proj = layer_norm("embedding_proj_norm")(proj)
         dense = lambda n, name: Dense(n, dtype=dtype, name=name)  # noqa: E731
         proj = cast(dense(inner, "embedding_proj")(cast(proj, dtype)), jnp.float32)
         states = cast(dense(inner, "encoder_hidden_states_proj")(cast(states, dtype)), jnp.float32)
@@ -308,11 +285,11 @@ class PriorTransformer(nn.Module):
         h = jnp.concatenate(tokens, axis=1) + pos
         bias = prior_attention_bias(mask, cfg.additional_embeddings)
         if cfg.norm_in:
-            h = _layer_norm("norm_in")(h)
+            h = layer_norm("norm_in")(h)
         for i in range(cfg.num_layers):
             h = BasicTransformerBlock(cfg.num_attention_heads, cfg.attention_head_dim, dtype,
                                       name=f"transformer_blocks_{i}")(h, bias)
-        h = _layer_norm("norm_out")(h)
+        h = layer_norm("norm_out")(h)
         # the prd token (the last), or without it the image-embedding token
         h = h[:, -1] if cfg.prd else h[:, cfg.num_embeddings + 2]
         return Dense(cfg.clip_embed_dim, name="proj_to_clip_embeddings")(h)

@@ -37,7 +37,6 @@ transformers' all-bfloat16 run, which has the residual stream in bfloat16).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models.layers import cast
+from jaxdiff.models.layers import abstract_params, cast
+from jaxdiff.models.text_encoders import PRETRAINED_CONFIG_FIELDS, apply_text_encoder, check_tokens
 from jaxdiff.util.config import did_you_mean, is_int
 
 __all__ = ["ACTIVATIONS", "T5Config", "T5Encoder", "abstract_t5_params", "encode", "relative_position_buckets",
@@ -66,24 +66,12 @@ _FIELDS = {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_l
 # transformers' attribute_map aliases
 _ALIASES = {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
             "head_dim": "d_kv"}
-# Fields that do not change the encoder's inference output: metadata, training (dropout, init), the
-# decoder's and generation's settings, transformers' run-time switches.
-_IGNORED = frozenset((
-    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures", "model_type",
-    "torch_dtype", "dtype", "use_bfloat16", "_attn_implementation_autoset", "attn_implementation",
-    "_attn_implementation", "dropout_rate", "classifier_dropout", "initializer_factor", "gradient_checkpointing",
-    "use_cache", "output_past", "num_decoder_layers", "is_encoder_decoder", "tie_word_embeddings",
-    "scale_decoder_outputs", "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
-    "decoder_start_token_id", "bos_token_id", "sep_token_id", "n_positions", "output_hidden_states",
-    "output_attentions", "return_dict", "torchscript", "chunk_size_feed_forward", "tf_legacy_loss",
-    "finetuning_task", "id2label", "label2id", "num_labels", "problem_type", "tokenizer_class", "prefix",
-    "task_specific_params", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
-    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "decoder_layerdrop", "tie_last_hidden_states",
-))
+# Fields that do not change the encoder's inference output: transformers' own (text_encoders), T5's
+# training settings (dropout), the decoder's, and T5's run-time switches.
+_IGNORED = PRETRAINED_CONFIG_FIELDS | {
+    "architectures", "dropout_rate", "classifier_dropout", "output_past", "num_decoder_layers", "scale_decoder_outputs",
+    "bos_token_id", "n_positions", "decoder_layerdrop", "tie_last_hidden_states",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,31 +359,8 @@ class T5Encoder(_T5Layer):
 
 def abstract_t5_params(module: T5Encoder, length: int = 8):
     """Shapes and dtypes of the module's params (jax.eval_shape of init: nothing is allocated)."""
-    args = (jax.ShapeDtypeStruct((1, length), jnp.int32), jax.ShapeDtypeStruct((1, length), jnp.bool_))
-    return jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)["params"]
-
-
-def _check_inputs(config: T5Config, tokens, mask) -> None:
-    """ValueError for token ids outside [0, vocab_size) or a mask that does not match (concrete arrays only)."""
-    if isinstance(tokens, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
-        return
-    t = np.asarray(tokens)
-    if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(f"T5 tokens: expected integer ids [batch, length], got {t.dtype} of shape {t.shape}")
-    if t.size and (t.min() < 0 or t.max() >= config.vocab_size):
-        bad = int(t.min()) if t.min() < 0 else int(t.max())
-        raise ValueError(f"T5 tokens: id {bad} is outside the vocabulary [0, {config.vocab_size})")
-    if mask is not None:
-        m = np.asarray(mask)
-        if m.shape != t.shape:
-            raise ValueError(f"T5 mask: shape {m.shape} differs from the tokens' {t.shape}")
-        if m.dtype != bool and not np.isin(m, (0, 1)).all():
-            raise ValueError(f"T5 mask: expected booleans (True on real tokens) or 0/1, got values {np.unique(m)[:5]}")
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_apply(module: T5Encoder):
-    return jax.jit(module.apply)
+    return abstract_params(module, jax.ShapeDtypeStruct((1, length), jnp.int32),
+                           jax.ShapeDtypeStruct((1, length), jnp.bool_))
 
 
 def encode(module: T5Encoder, params, tokens, mask=None) -> jax.Array:
@@ -403,8 +368,5 @@ def encode(module: T5Encoder, params, tokens, mask=None) -> jax.Array:
     None: all real); `params` is the params tree (or {"params": tree}), numpy or jax arrays, sharded or not.
     Concrete inputs are checked first (ids within the vocabulary, the mask's shape): a ValueError instead
     of NaN states. The forward pass is jitted (one compile per module and input shape)."""
-    _check_inputs(module.config, tokens, mask)
-    variables = params if "params" in params else {"params": params}
-    tokens = jnp.asarray(tokens, jnp.int32)
-    mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
-    return _jitted_apply(module)(variables, tokens, mask)
+    check_tokens(tokens, mask, module.config.vocab_size, "T5")
+    return apply_text_encoder(module, params, tokens, mask)

@@ -36,9 +36,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import Dense
-from jaxdiff.models.unet2d_condition import config_error
-from jaxdiff.util.config import did_you_mean, is_int
+from jaxdiff.models.layers import Dense, layer_norm
+from jaxdiff.models.unet2d_condition import checked_fields, config_error
+from jaxdiff.util.config import is_int
 
 __all__ = ["TextProjConfig", "UnCLIPTextProjModel", "decoder_attention_mask", "null_image_embedding",
            "text_proj_config"]
@@ -63,16 +63,7 @@ def text_proj_config(config: Mapping) -> TextProjConfig:
     required (diffusers has no default for them). ValueError naming the field."""
     if isinstance(config, TextProjConfig):
         return config
-    if not isinstance(config, Mapping):
-        raise TypeError(f"expected an UnCLIPTextProjModel config.json dict, got {type(config).__name__}")
-    cls = config.get("_class_name")
-    if cls is not None and cls != "UnCLIPTextProjModel":
-        raise ValueError(f"config.json field _class_name={cls!r}: expected 'UnCLIPTextProjModel'")
-    for k in config:
-        if not str(k).startswith("_") and k not in DEFAULTS:
-            raise ValueError(f"config.json field {k!r} is not an UnCLIPTextProjModel argument known to {_WHAT}"
-                             f"{did_you_mean(k, sorted(DEFAULTS))}")
-    d = {k: config.get(k, v) for k, v in DEFAULTS.items()}
+    d = checked_fields(config, "UnCLIPTextProjModel", DEFAULTS, (), {}, _WHAT)
     for k, v in d.items():
         if not (is_int(v) and v >= 1):
             raise config_error(k, v, "a positive integer" + (" (required)" if DEFAULTS[k] is None else ""), what=_WHAT)
@@ -108,8 +99,7 @@ class UnCLIPTextProjModel(nn.Module):
                 + Dense(cfg.time_embed_dim, name="clip_image_embeddings_project_to_time_embeddings")(image))
         extra = Dense(n * cross, name="clip_extra_context_tokens_proj")(image).reshape(b, cross, n)
         states = Dense(cross, name="encoder_hidden_states_proj")(states)
-        states = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
-                              name="text_encoder_hidden_states_norm")(states)
+        states = layer_norm("text_encoder_hidden_states_norm")(states)
         return jnp.concatenate([jnp.swapaxes(extra, 1, 2), states], axis=1), time
 
 

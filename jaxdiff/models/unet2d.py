@@ -45,6 +45,7 @@ from jaxdiff.models.layers import (
 )
 from jaxdiff.models.unet2d_condition import (
     ACTIVATIONS,
+    DiffusersModel,
     DownBlock,
     ResnetBlock2D,
     ResnetOptions,
@@ -282,11 +283,8 @@ class MidBlock2D(nn.Module):
         return ResnetBlock2D(c, o, dtype=self.dtype, name="resnets_1")(h, temb, train)
 
 
-class UNet2DModel(nn.Module):
-    """diffusers' UNet2DModel, unCLIP super-resolution subset (see the module docstring)."""
-
-    config: UNet2DConfig
-    dtype: Dtype = jnp.float32  # compute dtype: float32 or bfloat16
+class UNet2DModel(DiffusersModel):
+    """diffusers' UNet2DModel, unCLIP super-resolution subset (see the module docstring); config: a UNet2DConfig."""
 
     @nn.compact
     def __call__(self, x: jax.Array, timesteps: jax.Array, class_labels: jax.Array | None = None,

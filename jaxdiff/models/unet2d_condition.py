@@ -74,10 +74,10 @@ from jaxdiff.models.layers import (
 from jaxdiff.ops.attention import attention
 from jaxdiff.util.config import did_you_mean, is_int
 
-__all__ = ["ACTIVATIONS", "AddedKVAttention", "AttentionOptions", "AttentionPooling", "DownBlock", "MidBlock",
-           "ResnetBlock2D", "ResnetOptions", "TextTimeEmbedding", "TimestepEmbedding", "UNet2DConditionConfig",
-           "UNet2DConditionModel", "UpBlock", "activation", "attention_bias", "config_choice", "config_error",
-           "norm_act", "sinusoidal_embedding", "unet2d_condition_config"]
+__all__ = ["ACTIVATIONS", "AddedKVAttention", "AttentionOptions", "AttentionPooling", "DiffusersModel", "DownBlock",
+           "MidBlock", "ResnetBlock2D", "ResnetOptions", "TextTimeEmbedding", "TimestepEmbedding",
+           "UNet2DConditionConfig", "UNet2DConditionModel", "UpBlock", "activation", "attention_bias", "config_choice",
+           "config_error", "norm_act", "sinusoidal_embedding", "unet2d_condition_config"]
 
 Dtype = Any
 
@@ -132,16 +132,18 @@ def norm_act(x: jax.Array, act: str, groups: int, eps: float, name: str, scale=N
 # --- Embeddings ---------------------------------------------------------------------------------------
 
 class TimestepEmbedding(nn.Module):
-    """diffusers' TimestepEmbedding: linear_1 -> act -> linear_2 (-> post_act), float32."""
+    """diffusers' TimestepEmbedding: linear_1 -> act -> linear_2 (-> post_act), float32; linear_2 is
+    `out_features` wide (diffusers' out_dim; the prior's) when given, else `features`."""
 
     features: int
     act: str = "silu"
     post_act: str | None = None
+    out_features: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = Dense(self.features, name="linear_1")(cast(x, jnp.float32))
-        x = Dense(self.features, name="linear_2")(activation(self.act)(x))
+        x = Dense(self.out_features or self.features, name="linear_2")(activation(self.act)(x))
         return x if self.post_act is None else activation(self.post_act)(x)
 
 
@@ -702,6 +704,14 @@ def _check_channels(cfg: UNet2DConditionConfig) -> None:
 
 # --- The network --------------------------------------------------------------------------------------
 
+class DiffusersModel(nn.Module):
+    """What a diffusers network takes: `config`, the checked config of its config.json (a frozen dataclass),
+    and `dtype`, the compute dtype (float32 or bfloat16; the parameters are float32)."""
+
+    config: Any
+    dtype: Dtype = jnp.float32
+
+
 def check_inputs(cfg: UNet2DConditionConfig, x, context, class_labels, attention_mask) -> None:
     """ValueError for inputs the network cannot take (shapes only; raised while tracing)."""
     if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
@@ -728,11 +738,9 @@ def check_inputs(cfg: UNet2DConditionConfig, x, context, class_labels, attention
         raise ValueError(f"attention_mask must be [B, S] = {context.shape[:2]}, got {attention_mask.shape}")
 
 
-class UNet2DConditionModel(nn.Module):
-    """diffusers' UNet2DConditionModel, IF / unCLIP subset (see the module docstring)."""
-
-    config: UNet2DConditionConfig
-    dtype: Dtype = jnp.float32  # compute dtype: float32 or bfloat16
+class UNet2DConditionModel(DiffusersModel):
+    """diffusers' UNet2DConditionModel, IF / unCLIP subset (see the module docstring); config: a
+    UNet2DConditionConfig."""
 
     @nn.compact
     def __call__(self, x: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
