@@ -15,12 +15,6 @@ def get_config():
     c = default_config("diffusion")
     c.data.name = "fashion_mnist"
     c.data.image_size = 32  # padded 28 -> 32 (jaxdiff.data's default for MNIST-like sets)
-    c.model.update(model_channels=32, num_res_blocks=1, attention_resolutions=(4,), channel_mult=(1, 2, 2),
-                   num_head_channels=32, dropout=0.0, use_scale_shift_norm=True, resblock_updown=True)
-    c.diffusion.update(schedule="cosine", num_timesteps=1000, prediction="eps", learned_sigma=True,
-                       p_uncond=0.1)
-    c.train.update(batch_size=32, steps=400, lr=2e-3, warmup_steps=100, lr_schedule="constant",
-                   weight_decay=0.0, grad_clip=1.0, ema_decay=0.995, log_every=50, checkpoint_every=200,
-                   keep=3, sample_every=400)
-    c.sample.update(sampler="ddim", steps=50, guidance_scale=3.0, per_class=8)
+    c.model.update(model_channels=32, num_res_blocks=1, attention_resolutions=(4,), channel_mult=(1, 2, 2))
+    c.train.update(batch_size=32, steps=400, lr=2e-3, ema_decay=0.995, checkpoint_every=200, sample_every=400)
     return c

@@ -196,12 +196,16 @@ def area_downsample(x: jax.Array, factor: int) -> jax.Array:
     return cast(x, jnp.float32).reshape(b, h // f, f, w // f, f, c).mean(axis=(2, 4))
 
 
-class Upsample(nn.Module):
-    """Nearest x2, then (use_conv) a 3x3 conv named `conv`."""
+class _Resample(nn.Module):
+    """An up / down-sampling layer's fields: its output channels, whether it convolves, the compute dtype."""
 
     out_channels: int
     use_conv: bool = True
     dtype: Dtype = jnp.float32
+
+
+class Upsample(_Resample):
+    """Nearest x2, then (use_conv) a 3x3 conv named `conv`."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -211,12 +215,8 @@ class Upsample(nn.Module):
         return x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """Stride-2 3x3 conv named `op` (use_conv), or 2x2 average pooling."""
-
-    out_channels: int
-    use_conv: bool = True
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
