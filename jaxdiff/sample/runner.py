@@ -58,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
         interval_lo=placeholder(float),  # guidance interval in sigma = sqrt((1-abar)/abar); None = always
         interval_hi=placeholder(float),
         dynamic_threshold=0.0,   # Imagen dynamic thresholding percentile (e.g. 0.995), 0 = off
+        threshold_max=0.0,       # cap on dynamic thresholding's s (diffusers' sample_max_value), 0 = none
         clip_denoised=True,      # clip x0 to [-1, 1] (guided-diffusion's default)
         classes="all",           # "all" (balanced over every class) or a list "3,5"
         captions="",             # text models: captions separated by "|", cycled over the samples
@@ -137,7 +138,8 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
     sampler = samplers.check_sampler(str(s.sampler))
     names = guidance.parse_guidance(str(s.guidance))
     scale_keys = {g.config_scale for g in guidance.GUIDES.values()}
-    for name in sorted(scale_keys) + ["cfg_rescale", "eta", "dynamic_threshold", "interval_lo", "interval_hi"]:
+    for name in sorted(scale_keys) + ["cfg_rescale", "eta", "dynamic_threshold", "threshold_max", "interval_lo",
+                                      "interval_hi"]:
         v = config_util.get(s, name)
         if v is not None:
             guides.check_scale(f"sample.{name}", v)
@@ -147,6 +149,12 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
         raise ValueError(f"sample.cfg_rescale={s.cfg_rescale} must lie in [0, 1]")
     if not 0.0 <= float(s.dynamic_threshold) <= 1.0:
         raise ValueError(f"sample.dynamic_threshold={s.dynamic_threshold}: a percentile in (0, 1], or 0 = off")
+    tmax = float(config_util.get(s, "threshold_max", 0.0))
+    if tmax and not tmax >= 1.0:
+        raise ValueError(f"sample.threshold_max={tmax}: a cap >= 1 on dynamic thresholding's s, or 0 = none")
+    if tmax and not float(s.dynamic_threshold):
+        raise ValueError(f"sample.threshold_max={tmax} needs dynamic thresholding: set sample.dynamic_threshold "
+                         "(a percentile, e.g. 0.95)")
     lo, hi = config_util.get(s, "interval_lo"), config_util.get(s, "interval_hi")
     interval = None
     if lo is not None or hi is not None:
@@ -376,7 +384,8 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
     spec = samplers.SamplerSpec(
         sampler=plan["sampler"], prediction=str(config_util.get(dcfg, "prediction", "eps")), learned_sigma=ls,
         fixed_variance=str(s.fixed_variance), clip_denoised=bool(s.clip_denoised),
-        dynamic_threshold=float(s.dynamic_threshold) if float(s.dynamic_threshold) > 0 else None)
+        dynamic_threshold=float(s.dynamic_threshold) if float(s.dynamic_threshold) > 0 else None,
+        threshold_max=float(s.threshold_max) if float(s.dynamic_threshold) > 0 and float(s.threshold_max) > 0 else None)
     program = (plan["guides"], spec, plan["shape"], plan["respacing"], plan["interval"], rescale)
     sampler_fn = (compiled or {}).get(program)
     if sampler_fn is None:
