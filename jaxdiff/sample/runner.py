@@ -18,7 +18,7 @@ import numpy as np
 from ml_collections.config_dict import placeholder
 
 from jaxdiff.diffusion import guidance, guides, samplers
-from jaxdiff.sample.generation import generate, generate_batches
+from jaxdiff.sample.generation import check_process_split, generate, generate_batches
 from jaxdiff.sample.shards import merge, remove_shards, resume_plan, settings_manifest, write_shard
 from jaxdiff.util import config as config_util
 from jaxdiff.util import files
@@ -168,7 +168,7 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
         v = config_util.get(s, name)
         if not config_util.is_int(v) or v < 1:
             raise ValueError(f"sample.{name}={v!r} must be a positive integer")
-    _check_process_split(int(s.num_samples), int(s.batch_size))
+    check_process_split(int(s.num_samples), int(s.batch_size))
     dtype = str(config_util.get(config, "dtype", "") or "")
     if dtype and dtype not in DTYPES:
         raise ValueError(f"config.dtype={dtype!r}; allowed: '' (the checkpoint's), {', '.join(DTYPES)}")
@@ -283,17 +283,6 @@ def caption_inputs(config, model_cfg, networks: Mapping, names, captions: list, 
         tokens, lens = tok.tokens_and_lengths(captions, int(config_util.get(clip_cfg["model"], "max_text_len")))
         out.update(clip_tokens=tokens[rows], clip_len=lens[rows])
     return out
-
-
-def _check_process_split(num_samples: int, batch_size: int) -> None:
-    """Every global batch must give each process at least one row (an empty one cannot be sharded)."""
-    import jax
-
-    smallest = min(batch_size, num_samples - (num_samples - 1) // batch_size * batch_size)
-    if smallest < jax.process_count():
-        raise ValueError(f"sample.num_samples={num_samples} with sample.batch_size={batch_size} makes a global "
-                         f"batch of {smallest} samples, fewer than the {jax.process_count()} processes: every "
-                         "batch needs at least one sample per process")
 
 
 def _check_converted_flags(diffusion: Mapping, respacing: str) -> None:
