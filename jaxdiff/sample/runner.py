@@ -26,6 +26,12 @@ from jaxdiff.util import files
 DTYPES = ("float32", "bfloat16")
 
 
+PIPELINES = ("if",)                                # config.pipeline: jaxdiff.sample.cascade
+
+
+PIPELINE_KEYS = ("prompts", "stages", "text_encoder")  # config keys of pipelines only
+
+
 BASE_KINDS = ("unet", "text2im")                   # model kinds sample.py samples from noise
 
 
@@ -39,12 +45,14 @@ def default_config() -> ml_collections.ConfigDict:
     (and its networks' path keys) here.
     """
     c = ml_collections.ConfigDict()
-    c.model = ""             # workdir of train.py or a directory written by jaxdiff.convert (required)
+    c.pipeline = ""          # "" = sample config.model; "if" = DeepFloyd IF's cascade (the keys below; docs/cascade.md)
+    c.model = ""             # workdir of train.py or a directory written by jaxdiff.convert (required without pipeline)
     for g in guidance.GUIDES.values():
         for net in g.networks:
             c[net] = ""      # path of a network a guide needs (e.g. classifier, guide_model)
     c.low_res = ""           # super-resolution: samples.npz of low-resolution images (+ labels) to upsample
-    c.tokenizer = ""         # text models: "" = the model's own vocabulary, or a glide-text2im checkout (BPE files)
+    c.tokenizer = ""         # text models: "" = the model's own vocabulary, or a glide-text2im checkout (BPE files);
+                             # pipeline=if: T5's spiece.model (or its folder)
     c.dtype = ""             # compute dtype: "" = the checkpoint's (bfloat16 for use_fp16), float32, bfloat16
     c.out = "samples"        # OUT/samples.npz (arr_0 uint8 NHWC images, arr_1 labels) + OUT/grid.png
     sample = dict(
@@ -71,6 +79,22 @@ def default_config() -> ml_collections.ConfigDict:
     for g in guidance.GUIDES.values():
         sample.setdefault(g.config_scale, float(g.default))
     c.sample = ml_collections.ConfigDict(sample)
+    # pipeline=if (jaxdiff.sample.cascade): num_samples, batch_size, seed, progress and grid_max come from sample
+    c.prompts = ""           # a text file (one prompt a line) or prompts separated by "|", cycled over the samples
+    c.stages = ""            # the stages' diffusers folders, separated by "," (a pipeline folder or its unet/)
+    c.text_encoder = ""      # the T5 encoder's transformers folder (T5EncoderModel: config.json + safetensors)
+    c.cascade = ml_collections.ConfigDict(dict(
+        sampler="diffusers_ddpm",  # a name in samplers.SAMPLERS; diffusers_ddpm = IF's DDPMScheduler
+        steps="100,50",            # sampling steps of each stage ("," separated; one value = every stage)
+        scales="7,4",              # classifier-free guidance scale of each stage (Imagen convention; IF's 7 and 4)
+        noise_level=250,           # super-resolution stages: noise-augmentation level of the upsampled input (0..999)
+        dynamic_threshold=0.95,    # diffusers' dynamic_thresholding_ratio (percentile); 0 = clip x0 to [-1, 1]
+        threshold_max=1.5,         # diffusers' sample_max_value: cap on the threshold s; 0 = none
+        max_length=77,             # T5 tokens per prompt (IF: 77)
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        fsdp=1,                    # pipeline=if: split the parameters over this many devices (big models fit)
+    ))
     return c
 
 
@@ -322,7 +346,23 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
     "grid", "num_samples"}. `shards=True` (sample.py, module doc): "images" is None, and "batches" /
     "generated" count the run's global batches and those this call generated. "npz" and "grid" are
     the paths written, on process 0 (None elsewhere).
+
+    config.pipeline="if" runs DeepFloyd IF's cascade instead (`jaxdiff.sample.cascade.run`: always
+    sharded and resumable, one OUT/stageK per stage; the result is the last stage's, with "stages").
     """
+    pipeline = str(config_util.get(config, "pipeline", "") or "")
+    if pipeline:
+        if pipeline not in PIPELINES:
+            raise ValueError(f"config.pipeline={pipeline!r}; allowed: '' (sample config.model), "
+                             f"{', '.join(map(repr, PIPELINES))}")
+        from jaxdiff.sample import cascade
+
+        return cascade.run(config)
+    for key in PIPELINE_KEYS:
+        if config_util.get(config, key):
+            raise ValueError(f"config.{key} applies to config.pipeline=if only (DeepFloyd IF's cascade)")
+    if int(config_util.get(config_util.get(config, "mesh", {}), "fsdp", 1)) != 1:
+        raise ValueError("config.mesh.fsdp applies to config.pipeline=if only (one model samples data-parallel)")
     s = config.sample
     names = guidance.parse_guidance(str(s.guidance))
     dtype = str(config_util.get(config, "dtype", "") or "")
