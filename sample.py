@@ -11,6 +11,9 @@
         --config.sample.sampler=ddpm --config.sample.steps=250 --config.sample.num_samples=N
     python sample.py --config configs/sample.py --config.model=TEXT_MODEL --config.sample.captions='a thick seven|a thin one' \
         --config.sample.guidance=cfg,clip --config.clip_image=CLIP --config.clip_text=CLIP   # docs/text.md
+    python sample.py --config configs/sample.py --config.pipeline=if --config.prompts=PROMPTS.txt \
+        --config.stages=IF-I-XL-v1.0,IF-II-L-v1.0 --config.text_encoder=IF-I-XL-v1.0/text_encoder \
+        --config.tokenizer=IF-I-XL-v1.0/tokenizer/spiece.model --config.out=OUT   # docs/cascade.md: OUT/stage1, OUT/stage2
 
 Writes OUT/samples.npz (guided-diffusion's evaluator layout: arr_0 uint8 NHWC images, arr_1 int
 labels for class-conditional models), atomically, and a labelled PNG grid OUT/grid.png. Every
@@ -50,8 +53,7 @@ def main(argv):
     parallel.setup_from_flags()
     from jaxdiff.sample import runner
 
-    def run():
-        res = runner.run(flags.FLAGS.config, shards=True)
+    def report(res):
         if not res["npz"]:
             return
         if res["generated"] == 0:
@@ -61,6 +63,11 @@ def main(argv):
         print(f"wrote {res['npz']} ({res['num_samples']} images"
               + (f"; sampled {res['generated']} of {res['batches']} batches, {resumed} were already in its shards/"
                  if resumed else "") + ")" + (f" and {res['grid']}" if res["grid"] else ""))
+
+    def run():
+        res = runner.run(flags.FLAGS.config, shards=True)
+        for stage in res.get("stages", [res]):  # a cascade (config.pipeline) reports each stage
+            report(stage)
 
     sys.exit(cli.report_errors(run, "sample.py"))
 

@@ -4,6 +4,10 @@
         --config.sample.sampler=ddim --config.sample.steps=50 --config.sample.guidance=cfg \
         --config.sample.scale=3 --config.sample.classes=3,5 --config.sample.num_samples=64
 
+DeepFloyd IF's cascade (docs/cascade.md): `--config.pipeline=if --config.prompts=P.txt
+--config.stages=IF-I-XL-v1.0,IF-II-L-v1.0 --config.text_encoder=T5 --config.tokenizer=spiece.model`, with
+`config.cascade.*` (steps, scales, noise level, dynamic thresholding) and `--config.mesh.fsdp=N`.
+
 `--config configs/sample.py:pkg.my_guides,pkg.more` imports those modules first, so the guides and
 samplers they register (jaxdiff.diffusion.guidance.register_guide, jaxdiff.diffusion.samplers.register_sampler) have
 their keys here. Scale conventions (docs/guidance.md): `scale` is the classifier-free /

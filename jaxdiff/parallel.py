@@ -210,6 +210,20 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(put, tree)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """Put every leaf of `tree` with its sharding from `shardings` (a tree of the same structure, e.g.
+    `state_shardings(tree, mesh)`); works across hosts: each host passes the same values."""
+    def put(x, sh):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, x.ndim):
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, sh)
+        a = np.asarray(x)
+        return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
+
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
 def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
     """Global arrays from this process's rows of each leaf (split along `batch_axis` over 'data')."""
     sh = batch_sharding(mesh, batch_axis)
@@ -284,12 +298,13 @@ def _common_local_size(n: int, ndev: int) -> int:
 def sample_batch_sharded(run: Callable, params: Any, sched: Any, cond: Any, key: jax.Array,
                          sample_ids, *, mesh: Optional[Mesh] = None, eta=0.0,
                          x_T: Optional[np.ndarray] = None,
-                         noises: Optional[np.ndarray] = None) -> np.ndarray:
+                         noises: Optional[np.ndarray] = None, params_placed: bool = False) -> np.ndarray:
     """Run a sampler from `samplers.make_sampler` data-parallel over `mesh`; returns this process's samples.
 
     `cond`, `sample_ids` (and `x_T`, and `noises` on its axis 1) hold this process's rows; any
     batch size works (padded to the process's device count, trimmed back). `params`, `sched` and
-    `key` are replicated.
+    `key` are replicated, or, with `params_placed`, `params` are used as placed (e.g. split over the
+    mesh's 'fsdp' axis by `place(params, state_shardings(params, mesh))`).
     """
     mesh = data_mesh() if mesh is None else mesh
     ndev = local_device_count(mesh)
@@ -307,7 +322,9 @@ def sample_batch_sharded(run: Callable, params: Any, sched: Any, cond: Any, key:
         noises, _ = pad_batch(np.asarray(noises), size, batch_axis=1)
         noises = shard_batch(noises, mesh, batch_axis=1)
     g = shard_batch(padded, mesh)
-    params, sched, key = replicate((params, sched, key), mesh)
+    if not params_placed:
+        params = replicate(params, mesh)
+    sched, key = replicate((sched, key), mesh)
     out = run(params, sched, g["cond"], key, g["ids"], eta, g.get("x_T"), noises)
     bs = batch_sharding(mesh)
     if not out.sharding.is_equivalent_to(bs, out.ndim):
@@ -318,7 +335,7 @@ def sample_batch_sharded(run: Callable, params: Any, sched: Any, cond: Any, key:
 __all__ = [
     "DATA_AXIS", "FSDP_AXIS", "MESH_AXES", "addressable_bytes", "axis_size", "batch_axes", "batch_sharding",
     "broadcast_from_first", "bytes_per_device", "data_mesh", "fsdp_spec", "gather_rows", "initialize",
-    "local_device_count", "local_rows", "make_mesh", "mesh_shape", "pad_batch", "process_rows", "process_strings",
+    "local_device_count", "local_rows", "make_mesh", "mesh_shape", "pad_batch", "place", "process_rows", "process_strings",
     "process_values", "replicate", "replicated_sharding", "sample_batch_sharded", "shard_batch", "state_shardings",
 ]
 

@@ -354,21 +354,33 @@ def condition_eps(sched: Schedule, x: jax.Array, i: jax.Array, x0: jax.Array, gr
     return x0_from_eps(sched, x, i, eps), eps
 
 
-def dynamic_threshold(x0: jax.Array, percentile: float = 0.995) -> jax.Array:
-    """Imagen's dynamic thresholding: s = max(quantile(|x0|, p), 1) per sample; clip to [-s, s], / s."""
+def dynamic_threshold(x0: jax.Array, percentile: float = 0.995, max_value: Optional[float] = None) -> jax.Array:
+    """Imagen's dynamic thresholding: s = max(quantile(|x0|, p), 1) per sample (quantile over every
+    element of the sample, linear interpolation), capped at `max_value` when given (diffusers'
+    `sample_max_value`; DeepFloyd IF: p = 0.95, max 1.5); clip to [-s, s], then / s."""
     b = x0.shape[0]
     s = jnp.quantile(jnp.abs(x0).reshape(b, -1).astype(jnp.float32), percentile, axis=1)
-    s = _bcast(jnp.maximum(s, 1.0), x0.ndim).astype(x0.dtype)
+    s = jnp.maximum(s, 1.0)
+    if max_value is not None:
+        s = jnp.minimum(s, float(max_value))
+    s = _bcast(s, x0.ndim).astype(x0.dtype)
     return jnp.clip(x0, -s, s) / s
 
 
-def make_x0_fn(*, clip_denoised: bool = True, dynamic_threshold_percentile: Optional[float] = None):
-    """The x0 processing a sampler applies: dynamic thresholding, clip to [-1, 1], or nothing."""
+def make_x0_fn(*, clip_denoised: bool = True, dynamic_threshold_percentile: Optional[float] = None,
+               dynamic_threshold_max: Optional[float] = None):
+    """The x0 processing a sampler applies: dynamic thresholding (percentile, optional cap on s, see
+    `dynamic_threshold`), clip to [-1, 1], or nothing."""
+    if dynamic_threshold_max is not None and dynamic_threshold_percentile is None:
+        raise ValueError("a dynamic thresholding maximum needs dynamic thresholding (a percentile)")
     if dynamic_threshold_percentile is not None:
         p = float(dynamic_threshold_percentile)
         if not 0.0 < p <= 1.0:
             raise ValueError(f"dynamic threshold percentile {p} must lie in (0, 1]")
-        return lambda x0: dynamic_threshold(x0, p)
+        m = None if dynamic_threshold_max is None else float(dynamic_threshold_max)
+        if m is not None and not m >= 1.0:
+            raise ValueError(f"dynamic threshold maximum {m} must be >= 1 (s is never below 1)")
+        return lambda x0: dynamic_threshold(x0, p, m)
     if clip_denoised:
         return lambda x0: jnp.clip(x0, -1.0, 1.0)
     return None

@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral, DDIM (any eta) and DPM-Solver++(2M), each a `lax.scan` over a step.
+"""Samplers: DDPM ancestral (also over diffusers' "leading" spacing: `diffusers_ddpm`), DDIM (any eta) and
+DPM-Solver++(2M), each a `lax.scan` over a step.
 
 Small composable pieces, k-diffusion style:
 
@@ -267,6 +268,13 @@ register_sampler(Sampler(
     "dpmpp2m", lambda sched, x, i, d, noise, state, first, o: dpmpp_2m_step(sched, x, i, d, state, first),
     init=lambda x_T: DPMState(jnp.zeros_like(x_T), jnp.zeros((x_T.shape[0],) + (1,) * (x_T.ndim - 1), x_T.dtype)),
     stochastic=lambda eta: False, respacing=lambda steps: f"logsnr{steps}"))
+# diffusers' DDPMScheduler as DeepFloyd IF configures it: the same ancestral step (x0 from eps, then
+# thresholding or clipping, the posterior mean, learned-range variance interpolated between log beta and
+# log posterior variance of the respaced chain, no noise at the last step) over "leading" spacing.
+register_sampler(Sampler(
+    "diffusers_ddpm", lambda sched, x, i, d, noise, state, first, o: (
+        ddpm_step(sched, x, i, d, noise, fixed_variance=o.fixed_variance), state),
+    guide_eps=False, respacing=lambda steps: f"leading{steps}"))
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -351,23 +359,26 @@ class SamplerSpec(NamedTuple):
     clip_denoised: bool = True
     dynamic_threshold: Optional[float] = None  # percentile, e.g. 0.995 (replaces clipping)
     progress: bool = False
+    threshold_max: Optional[float] = None      # cap on dynamic thresholding's s (diffusers' sample_max_value)
 
 
 def make_sampler(build: Callable[[Any], tuple[ModelFn, Optional[GradFn]]], spec: SamplerSpec,
-                 shape: tuple) -> Callable:
+                 shape: tuple, compiler_options: Optional[dict] = None) -> Callable:
     """A jitted `run(params, sched, cond, key, sample_ids, eta=0.0, x_T=None, noises=None) -> x_0`.
 
     `build(params) -> (model_fn, cond_fn[, prepare])` (e.g. `guidance.build_guides`) makes the
     (guided) functions from a parameter pytree passed at call time, so parameters are arguments of
     the compiled loop, not constants; `prepare(cond) -> cond` runs once before the loop.
+    `compiler_options` override `util.cpu.jit`'s (e.g. `cpu.compiler_options(partitioned=True)` for
+    parameters split over devices).
     Everything numeric (scales in `cond`, eta, the schedule's arrays) is traced.
     """
     check_sampler(spec.sampler)
-    x0_fn = make_x0_fn(clip_denoised=spec.clip_denoised,
-                       dynamic_threshold_percentile=spec.dynamic_threshold)
+    x0_fn = make_x0_fn(clip_denoised=spec.clip_denoised, dynamic_threshold_percentile=spec.dynamic_threshold,
+                       dynamic_threshold_max=spec.threshold_max)
     shape = tuple(int(s) for s in shape)
 
-    @cpu.jit
+    @cpu.jit(compiler_options=compiler_options)
     def run(params, sched, cond, key, sample_ids, eta=0.0, x_T=None, noises=None):
         built = build(params)
         model_fn, cond_fn = built[0], built[1]

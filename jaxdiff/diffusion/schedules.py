@@ -194,23 +194,37 @@ def logsnr_timesteps(alphas_cumprod, num_steps: int, lambda_min: float = -5.0) -
     return sorted(chosen)
 
 
+def leading_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
+    """diffusers' "leading" timestep spacing (steps_offset 0): k * (T // N) for k = 0..N-1, sorted
+    ascending (T = 1000, N = 5: 0, 200, 400, 600, 800). What DeepFloyd IF's DDPMScheduler samples."""
+    T, n = int(num_timesteps), int(num_steps)
+    if not 1 <= n <= T:
+        raise ValueError(f"leading spacing asks for {num_steps} steps; allowed: 1..{T} (the schedule's steps)")
+    return [k * (T // n) for k in range(n)]
+
+
+def _steps_of(respacing: str, prefix: str) -> int:
+    try:
+        return int(respacing.strip()[len(prefix):])
+    except ValueError:
+        raise ValueError(f"bad respacing {respacing!r}: expected '{prefix}N' with integer N") from None
+
+
 def respaced_timesteps(betas: np.ndarray, respacing: str | int | Sequence[int]) -> list[int]:
-    """Timesteps kept by a respacing: guided-diffusion's strings ("250", "ddim25", "10,20,30") or
-    "logsnrN" (N steps uniform in log SNR, for DPM-Solver++)."""
+    """Timesteps kept by a respacing: guided-diffusion's strings ("250", "ddim25", "10,20,30"),
+    "logsnrN" (N steps uniform in log SNR, for DPM-Solver++) or "leadingN" (diffusers' "leading"
+    spacing, `leading_timesteps`)."""
+    if isinstance(respacing, str) and respacing.strip().startswith("leading"):
+        return leading_timesteps(len(betas), _steps_of(respacing, "leading"))
     if isinstance(respacing, str) and respacing.strip().startswith("logsnr"):
-        text = respacing.strip()[len("logsnr"):]
-        try:
-            n = int(text)
-        except ValueError:
-            raise ValueError(f"bad respacing {respacing!r}: expected 'logsnrN' with integer N") from None
-        return logsnr_timesteps(np.cumprod(1.0 - betas), n)
+        return logsnr_timesteps(np.cumprod(1.0 - betas), _steps_of(respacing, "logsnr"))
     return space_timesteps(len(betas), respacing)
 
 
 def make_schedule(name: str = "cosine", num_timesteps: int = 1000,
                   respacing: str | int | Sequence[int] | None = None) -> Schedule:
     """The schedule `name` over `num_timesteps`, optionally respaced ("250", "ddim25", "10,20",
-    "logsnr20")."""
+    "logsnr20", "leading50")."""
     betas = named_betas(name, num_timesteps)
     if respacing in (None, ""):
         return schedule_from_betas(betas, num_train_timesteps=num_timesteps)

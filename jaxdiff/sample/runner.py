@@ -18,12 +18,18 @@ import numpy as np
 from ml_collections.config_dict import placeholder
 
 from jaxdiff.diffusion import guidance, guides, samplers
-from jaxdiff.sample.generation import generate, generate_batches
+from jaxdiff.sample.generation import check_process_split, generate, generate_batches
 from jaxdiff.sample.shards import merge, remove_shards, resume_plan, settings_manifest, write_shard
 from jaxdiff.util import config as config_util
 from jaxdiff.util import files
 
 DTYPES = ("float32", "bfloat16")
+
+
+PIPELINES = ("if",)                                # config.pipeline: jaxdiff.sample.cascade
+
+
+PIPELINE_KEYS = ("prompts", "stages", "text_encoder")  # config keys of pipelines only
 
 
 BASE_KINDS = ("unet", "text2im")                   # model kinds sample.py samples from noise
@@ -39,12 +45,14 @@ def default_config() -> ml_collections.ConfigDict:
     (and its networks' path keys) here.
     """
     c = ml_collections.ConfigDict()
-    c.model = ""             # workdir of train.py or a directory written by jaxdiff.convert (required)
+    c.pipeline = ""          # "" = sample config.model; "if" = DeepFloyd IF's cascade (the keys below; docs/cascade.md)
+    c.model = ""             # workdir of train.py or a directory written by jaxdiff.convert (required without pipeline)
     for g in guidance.GUIDES.values():
         for net in g.networks:
             c[net] = ""      # path of a network a guide needs (e.g. classifier, guide_model)
     c.low_res = ""           # super-resolution: samples.npz of low-resolution images (+ labels) to upsample
-    c.tokenizer = ""         # text models: "" = the model's own vocabulary, or a glide-text2im checkout (BPE files)
+    c.tokenizer = ""         # text models: "" = the model's own vocabulary, or a glide-text2im checkout (BPE files);
+                             # pipeline=if: T5's spiece.model (or its folder)
     c.dtype = ""             # compute dtype: "" = the checkpoint's (bfloat16 for use_fp16), float32, bfloat16
     c.out = "samples"        # OUT/samples.npz (arr_0 uint8 NHWC images, arr_1 labels) + OUT/grid.png
     sample = dict(
@@ -58,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
         interval_lo=placeholder(float),  # guidance interval in sigma = sqrt((1-abar)/abar); None = always
         interval_hi=placeholder(float),
         dynamic_threshold=0.0,   # Imagen dynamic thresholding percentile (e.g. 0.995), 0 = off
+        threshold_max=0.0,       # cap on dynamic thresholding's s (diffusers' sample_max_value), 0 = none
         clip_denoised=True,      # clip x0 to [-1, 1] (guided-diffusion's default)
         classes="all",           # "all" (balanced over every class) or a list "3,5"
         captions="",             # text models: captions separated by "|", cycled over the samples
@@ -70,6 +79,22 @@ def default_config() -> ml_collections.ConfigDict:
     for g in guidance.GUIDES.values():
         sample.setdefault(g.config_scale, float(g.default))
     c.sample = ml_collections.ConfigDict(sample)
+    # pipeline=if (jaxdiff.sample.cascade): num_samples, batch_size, seed, progress and grid_max come from sample
+    c.prompts = ""           # a text file (one prompt a line) or prompts separated by "|", cycled over the samples
+    c.stages = ""            # the stages' diffusers folders, separated by "," (a pipeline folder or its unet/)
+    c.text_encoder = ""      # the T5 encoder's transformers folder (T5EncoderModel: config.json + safetensors)
+    c.cascade = ml_collections.ConfigDict(dict(
+        sampler="diffusers_ddpm",  # a name in samplers.SAMPLERS; diffusers_ddpm = IF's DDPMScheduler
+        steps="100,50",            # sampling steps of each stage ("," separated; one value = every stage)
+        scales="7,4",              # classifier-free guidance scale of each stage (Imagen convention; IF's 7 and 4)
+        noise_level=250,           # super-resolution stages: noise-augmentation level of the upsampled input (0..999)
+        dynamic_threshold=0.95,    # diffusers' dynamic_thresholding_ratio (percentile); 0 = clip x0 to [-1, 1]
+        threshold_max=1.5,         # diffusers' sample_max_value: cap on the threshold s; 0 = none
+        max_length=77,             # T5 tokens per prompt (IF: 77)
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        fsdp=1,                    # pipeline=if: split the parameters over this many devices (big models fit)
+    ))
     return c
 
 
@@ -137,7 +162,8 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
     sampler = samplers.check_sampler(str(s.sampler))
     names = guidance.parse_guidance(str(s.guidance))
     scale_keys = {g.config_scale for g in guidance.GUIDES.values()}
-    for name in sorted(scale_keys) + ["cfg_rescale", "eta", "dynamic_threshold", "interval_lo", "interval_hi"]:
+    for name in sorted(scale_keys) + ["cfg_rescale", "eta", "dynamic_threshold", "threshold_max", "interval_lo",
+                                      "interval_hi"]:
         v = config_util.get(s, name)
         if v is not None:
             guides.check_scale(f"sample.{name}", v)
@@ -147,6 +173,12 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
         raise ValueError(f"sample.cfg_rescale={s.cfg_rescale} must lie in [0, 1]")
     if not 0.0 <= float(s.dynamic_threshold) <= 1.0:
         raise ValueError(f"sample.dynamic_threshold={s.dynamic_threshold}: a percentile in (0, 1], or 0 = off")
+    tmax = float(config_util.get(s, "threshold_max", 0.0))
+    if tmax and not tmax >= 1.0:
+        raise ValueError(f"sample.threshold_max={tmax}: a cap >= 1 on dynamic thresholding's s, or 0 = none")
+    if tmax and not float(s.dynamic_threshold):
+        raise ValueError(f"sample.threshold_max={tmax} needs dynamic thresholding: set sample.dynamic_threshold "
+                         "(a percentile, e.g. 0.95)")
     lo, hi = config_util.get(s, "interval_lo"), config_util.get(s, "interval_hi")
     interval = None
     if lo is not None or hi is not None:
@@ -160,7 +192,7 @@ def validate(config, model_cfg, networks: Mapping[str, Optional[Mapping]] = (),
         v = config_util.get(s, name)
         if not config_util.is_int(v) or v < 1:
             raise ValueError(f"sample.{name}={v!r} must be a positive integer")
-    _check_process_split(int(s.num_samples), int(s.batch_size))
+    check_process_split(int(s.num_samples), int(s.batch_size))
     dtype = str(config_util.get(config, "dtype", "") or "")
     if dtype and dtype not in DTYPES:
         raise ValueError(f"config.dtype={dtype!r}; allowed: '' (the checkpoint's), {', '.join(DTYPES)}")
@@ -277,17 +309,6 @@ def caption_inputs(config, model_cfg, networks: Mapping, names, captions: list, 
     return out
 
 
-def _check_process_split(num_samples: int, batch_size: int) -> None:
-    """Every global batch must give each process at least one row (an empty one cannot be sharded)."""
-    import jax
-
-    smallest = min(batch_size, num_samples - (num_samples - 1) // batch_size * batch_size)
-    if smallest < jax.process_count():
-        raise ValueError(f"sample.num_samples={num_samples} with sample.batch_size={batch_size} makes a global "
-                         f"batch of {smallest} samples, fewer than the {jax.process_count()} processes: every "
-                         "batch needs at least one sample per process")
-
-
 def _check_converted_flags(diffusion: Mapping, respacing: str) -> None:
     """Refuse guided-diffusion flags stored with a converted checkpoint that sampling would otherwise
     ignore, changing the samples without a word."""
@@ -325,7 +346,23 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
     "grid", "num_samples"}. `shards=True` (sample.py, module doc): "images" is None, and "batches" /
     "generated" count the run's global batches and those this call generated. "npz" and "grid" are
     the paths written, on process 0 (None elsewhere).
+
+    config.pipeline="if" runs DeepFloyd IF's cascade instead (`jaxdiff.sample.cascade.run`: always
+    sharded and resumable, one OUT/stageK per stage; the result is the last stage's, with "stages").
     """
+    pipeline = str(config_util.get(config, "pipeline", "") or "")
+    if pipeline:
+        if pipeline not in PIPELINES:
+            raise ValueError(f"config.pipeline={pipeline!r}; allowed: '' (sample config.model), "
+                             f"{', '.join(map(repr, PIPELINES))}")
+        from jaxdiff.sample import cascade
+
+        return cascade.run(config)
+    for key in PIPELINE_KEYS:
+        if config_util.get(config, key):
+            raise ValueError(f"config.{key} applies to config.pipeline=if only (DeepFloyd IF's cascade)")
+    if int(config_util.get(config_util.get(config, "mesh", {}), "fsdp", 1)) != 1:
+        raise ValueError("config.mesh.fsdp applies to config.pipeline=if only (one model samples data-parallel)")
     s = config.sample
     names = guidance.parse_guidance(str(s.guidance))
     dtype = str(config_util.get(config, "dtype", "") or "")
@@ -376,7 +413,8 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
     spec = samplers.SamplerSpec(
         sampler=plan["sampler"], prediction=str(config_util.get(dcfg, "prediction", "eps")), learned_sigma=ls,
         fixed_variance=str(s.fixed_variance), clip_denoised=bool(s.clip_denoised),
-        dynamic_threshold=float(s.dynamic_threshold) if float(s.dynamic_threshold) > 0 else None)
+        dynamic_threshold=float(s.dynamic_threshold) if float(s.dynamic_threshold) > 0 else None,
+        threshold_max=float(s.threshold_max) if float(s.dynamic_threshold) > 0 and float(s.threshold_max) > 0 else None)
     program = (plan["guides"], spec, plan["shape"], plan["respacing"], plan["interval"], rescale)
     sampler_fn = (compiled or {}).get(program)
     if sampler_fn is None:

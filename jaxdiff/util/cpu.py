@@ -62,16 +62,20 @@ def _accepted(options: tuple) -> bool:
         return False
 
 
-def compiler_options(backend: Optional[str] = None) -> dict[str, Any]:
+def compiler_options(backend: Optional[str] = None, *, partitioned: bool = False) -> dict[str, Any]:
     """The XLA options jaxdiff compiles with on `backend` (default: JAX's default backend).
 
     {} except on the CPU, where YNNPACK is kept for products, reductions and element-wise
     fusions but not for convolutions (see the module doc for when it is left out).
+    `partitioned`: for programs whose parameters are split over devices (FSDP sampling), element-wise
+    fusions stay with XLA too: XLA's CPU backend fails at run time ("Instruction with unsupported layout
+    in YNN fusion") on YNNPACK element-wise fusions of the transposed layouts the partitioner picks.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu" or env_off(_ENV_OPTIONS) or YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
         return {}
-    options = ((YNN_OPTION, ",".join(YNN_TYPES)),)
+    types = tuple(t for t in YNN_TYPES if not (partitioned and t == "LIBRARY_FUSION_TYPE_ELTWISE"))
+    options = ((YNN_OPTION, ",".join(types)),)
     return dict(options) if _accepted(options) else {}
 
 
