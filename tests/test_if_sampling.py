@@ -172,10 +172,17 @@ def folders(ref, tmp_path_factory):
     from jaxdiff.data.t5_tokenizer import T5Tokenizer
 
     assert T5Tokenizer(spm_path).vocab_size <= t5_config["vocab_size"]
-    return dict(root=root, unet1=_write_unet(root / "IF-I" / "unet", json.loads(str(ref["unet1_config"])),
-                                             _state_dict(ref, "unet1")),
-                unet2=_write_unet(root / "IF-II", json.loads(str(ref["unet2_config"])), _state_dict(ref, "unet2")),
-                t5=_write_t5(root / "text_encoder", t5_config, _state_dict(ref, "t5")), spm=spm_path)
+    f = dict(root=root, unet1=_write_unet(root / "IF-I" / "unet", json.loads(str(ref["unet1_config"])),
+                                          _state_dict(ref, "unet1")),
+             unet2=_write_unet(root / "IF-II", json.loads(str(ref["unet2_config"])), _state_dict(ref, "unet2")),
+             t5=_write_t5(root / "text_encoder", t5_config, _state_dict(ref, "t5")), spm=spm_path)
+    # stage II and the text encoder as `python -m jaxdiff.convert` writes them: the pipeline reads both forms
+    from jaxdiff.convert.__main__ import main as convert
+
+    for key, source in (("unet2", "diffusers"), ("t5", "transformers")):
+        f[key + "_converted"] = root / f"{key}-converted"
+        assert convert(["--source", source, str(f[key]), "--out", str(f[key + "_converted"])]) == 0
+    return f
 
 
 def _start(f, name, devices, extra=(), kill=0, stages=None):
@@ -183,10 +190,10 @@ def _start(f, name, devices, extra=(), kill=0, stages=None):
     # programs rounds differently in a few places
     env = H.env(devices=devices, opt0=False, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAXDIFF_TEST_KILL_AFTER_SHARDS=str(kill))
-    stages = stages or f"{f['root'] / 'IF-I'},{f['unet2']}"
+    stages = stages or f"{f['root'] / 'IF-I'},{f['unet2_converted']}"
     cmd = [sys.executable, str(HERE / "_sample_worker.py"), "--config", str(ROOT / "configs" / "sample.py"),
            f"--jax_cache_dir={f['root'] / 'xla'}", "--config.pipeline=if", f"--config.prompts={PROMPTS}",
-           f"--config.stages={stages}", f"--config.text_encoder={f['t5']}", f"--config.tokenizer={f['spm']}",
+           f"--config.stages={stages}", f"--config.text_encoder={f['t5_converted']}", f"--config.tokenizer={f['spm']}",
            f"--config.out={f['root'] / name}", *SETTINGS, *extra]
     log = f["root"] / f"{name}.{kill}.log"
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log

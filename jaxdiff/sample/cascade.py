@@ -69,6 +69,16 @@ class Stage:
 
 # --- loading (thin: point them at converted checkpoints later) -----------------------------------------
 
+def converted(path) -> Optional[dict]:
+    """The config.json of a checkpoint `python -m jaxdiff.convert` wrote (its "kind" and the original
+    config.json as "model"), or None for a diffusers / transformers folder."""
+    p = Path(os.path.expanduser(str(path)))
+    if not (p / "params").is_dir() or not (p / "config.json").is_file():
+        return None
+    config = json.loads((p / "config.json").read_text())
+    return config if isinstance(config, dict) and "kind" in config and "model" in config else None
+
+
 def unet_folder(path: str) -> Path:
     """The U-Net folder of a stage: `path` itself when it holds a config.json, else `path`/unet (a diffusers
     pipeline folder such as IF-I-XL-v1.0)."""
@@ -87,9 +97,10 @@ def read_stage_config(path: str):
     from jaxdiff.convert.diffusers import load_diffusers_config, unet2d_config
     from jaxdiff.models.unet2d_condition import UNet2DConditionConfig
 
-    folder = unet_folder(path)
+    conv = converted(path)
+    folder = Path(os.path.expanduser(str(path))) if conv else unet_folder(path)
     try:
-        cfg = unet2d_config(load_diffusers_config(folder))
+        cfg = unet2d_config(conv["model"] if conv else load_diffusers_config(folder))
     except ValueError as e:
         raise ValueError(f"{folder / 'config.json'}: {e}") from None
     if not isinstance(cfg, UNet2DConditionConfig):
@@ -99,9 +110,15 @@ def read_stage_config(path: str):
 
 
 def load_stage(path: str, dtype: str = ""):
-    """(module, params, config) of a stage's U-Net (diffusers folder; params float32 numpy)."""
-    from jaxdiff.convert.diffusers import load_diffusers_unet
+    """(module, params, config) of a stage's U-Net: a diffusers folder or a converted checkpoint of kind
+    "unet2d_condition" (params float32 numpy)."""
+    from jaxdiff.convert.diffusers import load_diffusers_unet, unet2d_config
 
+    if converted(path):
+        from jaxdiff.convert.converted import load_converted
+
+        module, params, config = load_converted(os.path.expanduser(str(path)), **({"dtype": dtype} if dtype else {}))
+        return module, params, unet2d_config(config["model"])
     folder = unet_folder(path)
     try:
         return load_diffusers_unet(folder, dtype or None)
@@ -110,15 +127,26 @@ def load_stage(path: str, dtype: str = ""):
 
 
 def read_text_encoder_config(path: str):
+    """The T5Config of a transformers T5 folder or of a converted "t5_encoder" checkpoint (no weights read)."""
     from jaxdiff.convert.transformers import read_t5_config
+    from jaxdiff.models.t5 import t5_config_from_json
 
+    conv = converted(path)
+    if conv:
+        return t5_config_from_json(conv["model"], strict=False)
     return read_t5_config(_t5_folder(path), strict=False)
 
 
 def load_text_encoder(path: str, dtype: str = ""):
-    """(T5Encoder module, params, T5Config) of a transformers T5 folder."""
+    """(T5Encoder module, params, T5Config) of a transformers T5 folder or a converted "t5_encoder" checkpoint."""
     from jaxdiff.convert.transformers import load_t5_folder
 
+    conv = converted(path)
+    if conv:
+        from jaxdiff.convert.converted import load_converted
+
+        module, params, _ = load_converted(os.path.expanduser(str(path)), **({"dtype": dtype} if dtype else {}))
+        return module, params, read_text_encoder_config(path)
     return load_t5_folder(_t5_folder(path), dtype or None, strict=False)
 
 
