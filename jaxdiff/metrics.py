@@ -536,17 +536,22 @@ class _Points:
             for s, e in _chunks(be - b, chunk_size):
                 yield b + s, b + e
 
-    def block(self, s: int, e: int, other: "_Points", cs: int, ce: int) -> Array:
-        """Squared distances between rows s:e of self and rows cs:ce of other (for float16, chunks)."""
+    def block(self, s: int, e: int, other: "_Points", cs: int, ce: int, uv: Array | None = None) -> Array:
+        """Squared distances between rows s:e of self and rows cs:ce of other (for float16, chunks; uv:
+        their ``uv16`` if already computed)."""
         if self.distance != "float16":
             return _sq_dist_block(self.x[s:e], self.sq[s:e], other.x[cs:ce], other.sq[cs:ce])
         if self._falls_back(other, s // _TF_BATCH, cs // _TF_BATCH):
             return self._block32(s, e, other, cs, ce)
-        return np.maximum(self._block16(s, e, other, cs, ce), 0.0)
+        return np.maximum(self._block16(s, e, other, cs, ce, uv), 0.0)
 
-    def _block16(self, s: int, e: int, other: _Points, cs: int, ce: int) -> Array:
+    def uv16(self, s: int, e: int, other: _Points, cs: int, ce: int) -> Array:
+        """float16 u.v of rows s:e and other's cs:ce: float32 accumulation (here exact) rounded to float16."""
+        return _round16(_exact_dot(self.h[s:e], other.h[cs:ce]))
+
+    def _block16(self, s: int, e: int, other: _Points, cs: int, ce: int, uv: Array | None = None) -> Array:
         """The float16 distances of rows s:e and other's cs:ce before the clamp at 0."""
-        uv = _round16(_exact_dot(self.h[s:e], other.h[cs:ce]))
+        uv = self.uv16(s, e, other, cs, ce) if uv is None else uv
         return _tf16_distances(self.sq16[s:e], uv, other.sq16[cs:ce])
 
     def _block32(self, s: int, e: int, other: _Points, cs: int, ce: int) -> Array:
@@ -597,6 +602,8 @@ def _knn_sq_radii(x: _Points, k: int, chunk_size: int) -> Array:
 
     Blocks of chunk_size x chunk_size distances; each row keeps its k+1 smallest so far.
     """
+    if x.distance == "float16":
+        return _knn16_sq_radii(x, k, chunk_size)
     n = len(x)
     out = np.empty(n, np.float64)
     for s, e in x.chunks(chunk_size):
@@ -605,6 +612,29 @@ def _knn_sq_radii(x: _Points, k: int, chunk_size: int) -> Array:
             cand = np.concatenate([best, x.block(s, e, x, cs, ce)], axis=1)
             best = np.partition(cand, k, axis=1)[:, : k + 1] if cand.shape[1] > k + 1 else cand
         out[s:e] = np.partition(best, k, axis=1)[:, k]
+    return out
+
+
+def _knn16_sq_radii(x: _Points, k: int, chunk_size: int) -> Array:
+    """``_knn_sq_radii`` in float16 with each u.v block computed once for chunks (i, j) and (j, i): u.v
+    is symmetric, the distances ``(|u|^2 - 2 u.v) + |v|^2`` are not, so both are rounded from it."""
+    chunks = list(x.chunks(chunk_size))
+    best = [np.empty((e - s, 0), np.float64) for s, e in chunks]
+
+    def keep(i: int, d: Array) -> None:
+        cand = np.concatenate([best[i], d], axis=1)
+        best[i] = np.partition(cand, k, axis=1)[:, : k + 1] if cand.shape[1] > k + 1 else cand
+
+    for i, (s, e) in enumerate(chunks):
+        for j in range(i, len(chunks)):
+            cs, ce = chunks[j]
+            uv = x.uv16(s, e, x, cs, ce)
+            keep(i, x.block(s, e, x, cs, ce, uv))
+            if j > i:
+                keep(j, x.block(cs, ce, x, s, e, uv.T))
+    out = np.empty(len(x), np.float64)
+    for (s, e), b in zip(chunks, best):
+        out[s:e] = np.partition(b, k, axis=1)[:, k]
     return out
 
 
