@@ -623,7 +623,8 @@ def _knn16_sq_radii(x: _Points, k: int, chunk_size: int) -> Array:
 
     def keep(i: int, d: Array) -> None:
         cand = np.concatenate([best[i], d], axis=1)
-        best[i] = np.partition(cand, k, axis=1)[:, : k + 1] if cand.shape[1] > k + 1 else cand
+        # a copy: a view would keep every chunk's whole partitioned block alive until its turn
+        best[i] = np.partition(cand, k, axis=1)[:, : k + 1].copy() if cand.shape[1] > k + 1 else cand
 
     for i, (s, e) in enumerate(chunks):
         for j in range(i, len(chunks)):
