@@ -69,13 +69,93 @@ def test_inception_score_matches_the_evaluator(fx):
 
 def test_precision_recall_and_radii_match_the_evaluator(fx):
     p, r = M.precision_recall(fx["ref_pool"], fx["sample_pool"], k=3, distance="float16")
-    assert abs(p - fx["precision"]) <= 0.005 and abs(r - fx["recall"]) <= 0.005
-    radii = M.knn_radii(fx["ref_pool"], 3, distance="float16") ** 2
-    np.testing.assert_allclose(radii, fx["ref_radii_k3"], rtol=0.01)
+    assert (p, r) == (float(fx["precision"]), float(fx["recall"]))  # 0.0425, 0.670667
+    radii = M.knn_radii(fx["ref_pool"], 3, distance="float16")
+    np.testing.assert_array_equal(radii, np.sqrt(fx["ref_radii_k3"].astype(np.float64)))
     p32, r32 = M.precision_recall(fx["ref_pool"], fx["sample_pool"], k=3, distance="float32")
     assert abs(p32 - fx["precision"]) <= 0.005 and abs(r32 - fx["recall"]) <= 0.005
     with pytest.raises(ValueError, match="distance must be one of"):
         M.precision_recall(fx["ref_pool"], fx["sample_pool"], distance="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def pr_fx():
+    with np.load(HERE / "fixtures" / "adm_pr_a.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+# The evaluator's float16 distances that differ from ours, all by one u.v: the exact u.v lies within 2.4
+# float32 ulps of a float16 rounding midpoint and TensorFlow's float32 GEMM rounds to the other side
+# (its summation order depends on Eigen's blocking, i.e. on shapes, threads and cache sizes).
+_UV_NEAR_A_MIDPOINT = {"dist_ref_ref_64": [[23, 85]], "dist_sample_ref_64": [[11, 241], [57, 138]],
+                       "dist_ref_sample_64": [[6, 84]]}
+
+
+def test_float16_norms_equal_tensorflows(pr_fx):
+    for name in ("ref", "sample"):
+        got = M._Points(pr_fx[f"{name}_pool"], "float16").sq16
+        np.testing.assert_array_equal(got, pr_fx[f"tf16_norm_{name}"].astype(np.float32))
+
+
+def test_float16_distance_blocks_equal_the_evaluators(pr_fx):
+    ref, sample = (M._Points(pr_fx[f"{name}_pool"], "float16") for name in ("ref", "sample"))
+    tf_uv = pr_fx["tf16_uv_ref_ref_64"].astype(np.float32)
+    uv = M._round16(M._exact_dot(ref.h[:64], ref.h))
+    assert np.argwhere(uv != tf_uv).tolist() == [[23, 85]]  # of 19,200
+    # TensorFlow's own norms and u.v through our float16 operations: every element
+    d = np.maximum(M._tf16_distances(pr_fx["tf16_norm_ref"][:64].astype(np.float32), tf_uv,
+                                     pr_fx["tf16_norm_ref"].astype(np.float32)), 0)
+    np.testing.assert_array_equal(d, pr_fx["dist_ref_ref_64"])
+    for name, u, v in (("dist_ref_ref_64", ref, ref), ("dist_sample_ref_64", sample, ref),
+                       ("dist_ref_sample_64", ref, sample)):
+        got, want = u.block(0, 64, v, 0, len(v)), pr_fx[name]
+        assert np.argwhere(got != want).tolist() == _UV_NEAR_A_MIDPOINT[name], name
+        assert np.abs(got - want).max() <= 2.0  # one float16 step of 2 u.v
+
+
+def test_precision_recall_and_radii_match_the_evaluator_on_inception_features(pr_fx):
+    ref, sample = pr_fx["ref_pool"], pr_fx["sample_pool"]
+    for chunk_size in (1024, 37):
+        p, r = M.precision_recall(ref, sample, k=3, distance="float16", chunk_size=chunk_size)
+        assert (p, r) == (float(pr_fx["precision"]), float(pr_fx["recall"]))  # 0.664, 0.340
+    for name in ("ref", "sample"):
+        radii = M.knn_radii(pr_fx[f"{name}_pool"], 3, distance="float16")
+        np.testing.assert_array_equal(radii, np.sqrt(pr_fx[f"{name}_radii_k3"].astype(np.float64)))
+    assert M.precision_recall(ref, sample, k=3) == pytest.approx((0.528, 0.1633), abs=5e-5)  # exact arithmetic
+
+
+def _eigen_sum_reference(vals: np.ndarray, first: int, lanes: int = 8, leaf: int = 200) -> np.float16:
+    """Eigen's InnerMostDimReducer of float16 vals written out packet by packet (TensorFlow's AVX build)."""
+    num = len(vals)
+    if num > lanes * leaf:  # tree: split at a packet boundary of the flat index
+        left = min(lanes * -(-(first + -(-num // 2)) // lanes) - first, num)
+        acc = _eigen_sum_reference(vals[:left], first)
+        return acc + _eigen_sum_reference(vals[left:], first + left) if left < num else acc
+    accs, j = [np.zeros(lanes, np.float16) for _ in range(4)], 0
+    while num >= 4 * lanes and j + 4 * lanes <= num:
+        accs = [accs[q] + vals[j + q * lanes:j + (q + 1) * lanes] for q in range(4)]
+        j += 4 * lanes
+    acc = ((accs[0] + accs[1]) + accs[2]) + accs[3]
+    while j + lanes <= num:
+        acc = acc + vals[j:j + lanes]
+        j += lanes
+    tail = np.float16(0)
+    for x in vals[j:]:
+        tail = np.float16(tail + x)
+    s = acc.astype(np.float32)
+    s = s[:4] + s[4:]
+    s = s[:2] + s[2:]
+    return np.float16(tail + np.float16(s[0] + s[1]))
+
+
+@pytest.mark.parametrize("dim", [3, 8, 33, 200, 1601, 1700, 2023, 3203])
+def test_float16_norms_follow_eigens_reduction_at_any_dimension(dim):
+    rng = np.random.default_rng(dim)
+    x = rng.uniform(0, 1.5, (9, dim)).astype(np.float32)  # rows 0-8: every offset of a row modulo 8
+    got = M._tf_sq_norms(x, np.float16)
+    squares = x.astype(np.float16) ** 2
+    want = [_eigen_sum_reference(squares[i], i * dim) for i in range(9)]
+    np.testing.assert_array_equal(got, np.asarray(want, np.float32))
 
 
 def test_float16_rounding_equals_numpy_casts():
@@ -98,6 +178,33 @@ def test_float16_distances_fall_back_to_float32_where_they_overflow():
     np.testing.assert_allclose(M.knn_radii(big, 3, distance="float16"), M.knn_radii(big, 3, distance="float32"),
                                rtol=1e-5)
     assert M.precision_recall(big, big[::-1], distance="float16") == (1.0, 1.0)
+
+
+def test_float16_falls_back_to_float32_for_the_evaluators_whole_block(monkeypatch):
+    monkeypatch.setattr(M, "_TF_BATCH", 8)  # the evaluator's 10,000-row batches, scaled down
+    rng = np.random.default_rng(3)
+    x = rng.uniform(1.0, 1.3, (24, 5)).astype(np.float32)
+    x[0] = 300.0  # its squares overflow float16: every block of row batch 0 or column batch 0 falls back
+    pts = M._Points(x, "float16")
+    dense = np.empty((24, 24))
+    for s in range(0, 24, 8):
+        for cs in range(0, 24, 8):
+            d16 = np.maximum(pts._block16(s, s + 8, pts, cs, cs + 8), 0)
+            d32 = pts._block32(s, s + 8, pts, cs, cs + 8)
+            assert (d16 != d32)[np.isfinite(d16)].any()  # float16 and float32 disagree in every block
+            dense[s:s + 8, cs:cs + 8] = d32 if 0 in (s, cs) else d16
+            np.testing.assert_array_equal(pts.block(s, s + 8, pts, cs, cs + 8), dense[s:s + 8, cs:cs + 8])
+    want = np.sqrt(np.partition(dense, 3, axis=1)[:, 3])
+    for chunk_size in (3, 8, 100):  # chunks never straddle a batch
+        np.testing.assert_array_equal(M.knn_radii(x, 3, distance="float16", chunk_size=chunk_size), want)
+
+
+def test_float16_2uv_overflow_clamps_to_zero_or_falls_back():
+    u = np.full(4, 100.0, np.float32)  # |u|^2 = 40000 fits float16; 2 u.u = 80000 overflows to inf
+    same = M._Points(np.stack([u, u]), "float16")  # |u|^2 - inf = -inf, clamped to 0: finite, no fallback
+    np.testing.assert_array_equal(same.block(0, 2, same, 0, 2), np.zeros((2, 2)))
+    opposite = M._Points(np.stack([u, -u]), "float16")  # |u|^2 + inf = inf: the block is float32
+    np.testing.assert_array_equal(opposite.block(0, 2, opposite, 0, 2), [[0, 160000], [160000, 0]])
 
 
 # ----------------------------------------------------------------------------------------------------

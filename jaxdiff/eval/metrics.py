@@ -335,6 +335,14 @@ def _sq_dist_block(a: Array, a2: Array, b: Array, b2: Array) -> Array:
 
 _F16_MAX = np.float32(65504.0)
 
+# guided-diffusion's evaluator (ManifoldEstimator) computes distances in blocks of 10,000 x 10,000 rows;
+# TensorFlow falls back to float32 for a whole block, and Eigen's sums depend on a row's offset in it.
+_TF_BATCH = 10_000
+# TensorFlow's x86 build vectorises Eigen with AVX: 8 lanes of float16 (Packet8h) or float32 (Packet8f).
+_EIGEN_LANES = 8
+# Eigen's LeafSize<T>(): a sum of more than lanes x leaf values is split in two, recursively.
+_EIGEN_LEAF = {np.dtype(np.float16): 200, np.dtype(np.float32): 1024}
+
 
 def _round16(x: Array) -> Array:
     """float32 x rounded to the nearest float16 (ties to even), kept in float32 (every float16 is one).
@@ -359,13 +367,102 @@ def _round16(x: Array) -> Array:
     return y
 
 
+def _lanes_sum(acc: Array, dtype: np.dtype) -> Array:
+    """Eigen's predux of [n, 8] packets: lanes 0-3 + 4-7, then 0-1 + 2-3, then 0 + 1, in float32."""
+    a = acc.astype(np.float32)
+    while a.shape[1] > 1:
+        h = a.shape[1] // 2
+        a = a[:, :h] + a[:, h:]
+    return a[:, 0].astype(dtype)
+
+
+def _eigen_leaf_sum(v: Array, start: int, num: int) -> Array:
+    """Eigen's vectorised InnerMostDimReducer of columns start:start+num of v, per row, in v's dtype.
+
+    Four packet accumulators take interleaved packets, are added in order (0 + 1, + 2, + 3), take the
+    remaining whole packets; the last values go to a scalar accumulator, added to the lanes' sum.
+    """
+    n, p = v.shape[0], _EIGEN_LANES
+    acc, done = np.zeros((n, p), v.dtype), 0
+    if num >= 4 * p:
+        done = num // (4 * p) * 4 * p
+        quads = v[:, start:start + done].reshape(n, -1, 4, p)
+        accs = np.zeros((n, 4, p), v.dtype)
+        for j in range(quads.shape[1]):
+            accs += quads[:, j]
+        acc = ((accs[:, 0] + accs[:, 1]) + accs[:, 2]) + accs[:, 3]
+    for j in range(done, num - p + 1, p):
+        acc = acc + v[:, start + j:start + j + p]
+        done = j + p
+    tail = np.zeros(n, v.dtype)
+    for j in range(done, num):
+        tail = tail + v[:, start + j]
+    return tail + _lanes_sum(acc, v.dtype)
+
+
+def _eigen_row_sums(v: Array, offset: int, start: int = 0, num: int | None = None) -> Array:
+    """Eigen's tree reduction (InnerMostDimReducer) of each row of v in v's dtype, each addition rounded.
+
+    Above lanes x leaf values the range splits at a packet boundary of the flat index, which is why the
+    row's flat offset (its index in TensorFlow's batch x the feature dimension) matters.
+    """
+    num = v.shape[1] if num is None else num
+    p = _EIGEN_LANES
+    if num <= p * _EIGEN_LEAF[v.dtype]:
+        return _eigen_leaf_sum(v, start, num)
+    first = offset + start
+    left = min(p * -(-(first + -(-num // 2)) // p) - first, num)
+    acc = _eigen_row_sums(v, offset, start, left)
+    if left < num:
+        acc = acc + _eigen_row_sums(v, offset, start + left, num - left)
+    return acc
+
+
+def _tf_sq_norms(x: Array, dtype: Any, rows: int = 4096) -> Array:
+    """TensorFlow's ``reduce_sum(square(x), 1)`` in dtype (float16 or float32) on CPU, as float32.
+
+    Squares rounded to dtype, summed as Eigen does (``_eigen_row_sums``) at each row's offset in the
+    evaluator's batch of ``_TF_BATCH`` rows; rows go through in chunks to bound the temporaries.
+    """
+    dtype = np.dtype(dtype)
+    n, dim = x.shape
+    out = np.empty(n, np.float32)
+    offsets = (np.arange(n) % _TF_BATCH) * dim % _EIGEN_LANES
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s, e in _chunks(n, rows):
+            v = x[s:e].astype(dtype)
+            v = v * v
+            for off in np.unique(offsets[s:e]):
+                sel = offsets[s:e] == off
+                out[s:e][sel] = _eigen_row_sums(v[sel], int(off))
+    return out
+
+
+def _exact_dot(a: Array, b: Array) -> Array:
+    """a @ b.T of float16-valued rows, rounded once to float32: float64 holds each product exactly."""
+    return (a.astype(np.float64) @ b.astype(np.float64).T).astype(np.float32)
+
+
+def _tf16_distances(nu: Array, uv: Array, nv: Array) -> Array:
+    """The DistanceBlock's float16 ``(|u|^2 - 2 u.v) + |v|^2`` from float16 norms [m], [n] and u.v [m, n]
+    (float16 values in float32 arrays), each operation rounded to float16; inf and NaN where they arise."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        two_uv = 2.0 * uv
+        if (np.abs(uv) > _F16_MAX / 2).any():
+            two_uv = _round16(two_uv)  # 2 u.v overflows float16 to inf
+        return _round16(_round16(nu[:, None] - two_uv) + nv[None, :])
+
+
 class _Points:
     """Feature rows prepared for squared euclidean distances in one arithmetic (``DISTANCES``).
 
     float64 / float32: ``|u|^2 + |v|^2 - 2 u.v`` in that dtype, clamped at 0. float16 is guided-diffusion's
-    evaluator's DistanceBlock: float16 features, squares and u.v rounded to float16 (sums accumulated in
-    float32), then ``(|u|^2 - 2 u.v) + |v|^2`` rounded to float16, clamped at 0, the float32 value where
-    that overflows. float16 values are held in float32 arrays (float32 BLAS, exact radius comparisons).
+    evaluator's DistanceBlock on TensorFlow's CPU: float16 features; squared norms summed in float16 as
+    Eigen does (``_tf_sq_norms``); u.v accumulated in float32 (TensorFlow casts float16 matmuls to
+    float32) and rounded to float16, here from its exact value; then ``max((|u|^2 - 2 u.v) + |v|^2, 0)``
+    with every operation rounded to float16. Where any element of one of the evaluator's 10,000 x 10,000
+    blocks is not finite, the whole block is the float32 DistanceBlock instead. float16 values are held
+    in float32 arrays (exact radius comparisons).
     """
 
     def __init__(self, x: Array, distance: str):
@@ -373,29 +470,76 @@ class _Points:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         self.distance = distance
         self.x = np.asarray(x, np.float64 if distance == "float64" else np.float32)
-        self.sq = _sq_norms(self.x)
-        if distance == "float16":
-            with np.errstate(over="ignore", invalid="ignore"):
-                self.h = self.x.astype(np.float16)  # half the memory of the float32 features
-                self.sq16 = np.empty(len(self), np.float32)
-                for s, e in _chunks(len(self), DEFAULT_CHUNK_SIZE):
-                    h32 = self.h[s:e].astype(np.float32)
-                    self.sq16[s:e] = _round16(_round16(h32 * h32).sum(axis=1))
+        if distance != "float16":
+            self.sq = _sq_norms(self.x)
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.h = self.x.astype(np.float16)  # half the memory of the float32 features
+        self.sq16 = _tf_sq_norms(self.h, np.float16)
+        self.abs16 = np.empty(len(self))  # |u| of the float16 features, for the overflow bound
+        for s, e in _chunks(len(self), DEFAULT_CHUNK_SIZE):
+            h = self.h[s:e].astype(np.float64)
+            self.abs16[s:e] = np.sqrt(np.einsum("ij,ij->i", h, h))
+        self.sq32: Array | None = None  # float32 norms, computed for the first float32 block
+        self.fallback_blocks: dict = {}  # (id(other), row batch, column batch) -> bool
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def block(self, s: int, e: int, other: "_Points", cs: int, ce: int) -> Array:
-        """Squared distances between rows s:e of self and rows cs:ce of other."""
+    def chunks(self, chunk_size: int):
+        """Row chunks of at most chunk_size; for float16 none straddles one of the evaluator's batches."""
+        if self.distance != "float16":
+            yield from _chunks(len(self), chunk_size)
+            return
+        for b, be in _chunks(len(self), _TF_BATCH):
+            for s, e in _chunks(be - b, chunk_size):
+                yield b + s, b + e
+
+    def block(self, s: int, e: int, other: "_Points", cs: int, ce: int, uv: Array | None = None) -> Array:
+        """Squared distances between rows s:e of self and rows cs:ce of other (for float16, chunks; uv:
+        their ``uv16`` if already computed)."""
         if self.distance != "float16":
             return _sq_dist_block(self.x[s:e], self.sq[s:e], other.x[cs:ce], other.sq[cs:ce])
+        if self._falls_back(other, s // _TF_BATCH, cs // _TF_BATCH):
+            return self._block32(s, e, other, cs, ce)
+        return np.maximum(self._block16(s, e, other, cs, ce, uv), 0.0)
+
+    def uv16(self, s: int, e: int, other: _Points, cs: int, ce: int) -> Array:
+        """float16 u.v of rows s:e and other's cs:ce: float32 accumulation (here exact) rounded to float16."""
+        return _round16(_exact_dot(self.h[s:e], other.h[cs:ce]))
+
+    def _block16(self, s: int, e: int, other: _Points, cs: int, ce: int, uv: Array | None = None) -> Array:
+        """The float16 distances of rows s:e and other's cs:ce before the clamp at 0."""
+        uv = self.uv16(s, e, other, cs, ce) if uv is None else uv
+        return _tf16_distances(self.sq16[s:e], uv, other.sq16[cs:ce])
+
+    def _block32(self, s: int, e: int, other: _Points, cs: int, ce: int) -> Array:
+        """The evaluator's float32 DistanceBlock: ``max((|u|^2 - 2 u.v) + |v|^2, 0)`` in float32."""
+        for p in (self, other):
+            if p.sq32 is None:
+                p.sq32 = _tf_sq_norms(p.x, np.float32)
         with np.errstate(over="ignore", invalid="ignore"):
-            uv = _round16(self.h[s:e].astype(np.float32) @ other.h[cs:ce].astype(np.float32).T)
-            d = _round16(_round16(self.sq16[s:e, None] - 2.0 * uv) + other.sq16[None, cs:ce])
-        bad = ~np.isfinite(d)
-        if bad.any():
-            d[bad] = _sq_dist_block(self.x[s:e], self.sq[s:e], other.x[cs:ce], other.sq[cs:ce])[bad]
+            uv = (self.x[s:e].astype(np.float64) @ other.x[cs:ce].astype(np.float64).T).astype(np.float32)
+            d = (self.sq32[s:e, None] - 2.0 * uv) + other.sq32[None, cs:ce]
         return np.maximum(d, 0.0, out=d)
+
+    def _falls_back(self, other: _Points, rb: int, cb: int) -> bool:
+        """Whether the evaluator's block (row batch rb of self, column batch cb of other) has a float16
+        element that is not finite (then TensorFlow recomputes the whole block in float32)."""
+        key = (id(other), rb, cb)
+        if key not in self.fallback_blocks:
+            rows = slice(rb * _TF_BATCH, min((rb + 1) * _TF_BATCH, len(self)))
+            cols = slice(cb * _TF_BATCH, min((cb + 1) * _TF_BATCH, len(other)))
+            nu, nv = self.sq16[rows], other.sq16[cols]
+            if not (np.isfinite(nu).all() and np.isfinite(nv).all()):
+                self.fallback_blocks[key] = True
+            else:
+                # |u.v| <= |u||v|, so no intermediate can reach float16's overflow below this bound.
+                bound = float(nu.max()) + float(nv.max()) + 2.002 * self.abs16[rows].max() * other.abs16[cols].max()
+                self.fallback_blocks[key] = bound * 1.002 >= _F16_MAX and any(
+                    not np.isfinite(np.maximum(self._block16(s, e, other, cs, ce), 0.0)).all()
+                    for s, e in _chunks_in(rows, DEFAULT_CHUNK_SIZE) for cs, ce in _chunks_in(cols, DEFAULT_CHUNK_SIZE))
+        return self.fallback_blocks[key]
 
 
 def _chunks(n: int, chunk_size: int):
@@ -406,19 +550,51 @@ def _chunks(n: int, chunk_size: int):
         yield start, min(start + chunk_size, n)
 
 
+def _chunks_in(rows: slice, chunk_size: int):
+    """_chunks of the rows rows.start:rows.stop, as absolute (start, stop) pairs."""
+    for s, e in _chunks(rows.stop - rows.start, chunk_size):
+        yield rows.start + s, rows.start + e
+
+
 def _knn_sq_radii(x: _Points, k: int, chunk_size: int) -> Array:
     """Squared distance of each row of x to its k-th nearest neighbour in x ((k+1)-th incl. itself).
 
     Blocks of chunk_size x chunk_size distances; each row keeps its k+1 smallest so far.
     """
+    if x.distance == "float16":
+        return _knn16_sq_radii(x, k, chunk_size)
     n = len(x)
     out = np.empty(n, np.float64)
-    for s, e in _chunks(n, chunk_size):
+    for s, e in x.chunks(chunk_size):
         best = np.empty((e - s, 0), np.float64)
-        for cs, ce in _chunks(n, chunk_size):
+        for cs, ce in x.chunks(chunk_size):
             cand = np.concatenate([best, x.block(s, e, x, cs, ce)], axis=1)
             best = np.partition(cand, k, axis=1)[:, : k + 1] if cand.shape[1] > k + 1 else cand
         out[s:e] = np.partition(best, k, axis=1)[:, k]
+    return out
+
+
+def _knn16_sq_radii(x: _Points, k: int, chunk_size: int) -> Array:
+    """``_knn_sq_radii`` in float16 with each u.v block computed once for chunks (i, j) and (j, i): u.v
+    is symmetric, the distances ``(|u|^2 - 2 u.v) + |v|^2`` are not, so both are rounded from it."""
+    chunks = list(x.chunks(chunk_size))
+    best = [np.empty((e - s, 0), np.float64) for s, e in chunks]
+
+    def keep(i: int, d: Array) -> None:
+        cand = np.concatenate([best[i], d], axis=1)
+        # a copy: a view would keep every chunk's whole partitioned block alive until its turn
+        best[i] = np.partition(cand, k, axis=1)[:, : k + 1].copy() if cand.shape[1] > k + 1 else cand
+
+    for i, (s, e) in enumerate(chunks):
+        for j in range(i, len(chunks)):
+            cs, ce = chunks[j]
+            uv = x.uv16(s, e, x, cs, ce)
+            keep(i, x.block(s, e, x, cs, ce, uv))
+            if j > i:
+                keep(j, x.block(cs, ce, x, s, e, uv.T))
+    out = np.empty(len(x), np.float64)
+    for (s, e), b in zip(chunks, best):
+        out[s:e] = np.partition(b, k, axis=1)[:, k]
     return out
 
 
@@ -451,9 +627,9 @@ def _manifold_pass(real_features: Any, fake_features: Any, k: int, chunk_size: i
     real_in_fake = np.zeros(m, bool)  # recall
     density_counts = np.zeros(n, np.int64)
     covered = np.zeros(m, bool)  # min distance < radius <=> some distance < radius
-    for s, e in _chunks(m, chunk_size):
+    for s, e in real.chunks(chunk_size):
         rr = r_rad[s:e, None]
-        for cs, ce in _chunks(n, chunk_size):
+        for cs, ce in fake.chunks(chunk_size):
             d = real.block(s, e, fake, cs, ce)  # [real chunk, fake chunk]
             if want_pr:
                 fake_in_real[cs:ce] |= np.any(d <= rr, axis=0)
