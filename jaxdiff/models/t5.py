@@ -300,9 +300,11 @@ class T5Attention(_T5Layer):
         q, k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=self.precision, preferred_element_type=jnp.float32)
         logits = logits + position_bias
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bhkd->bhqd", cast(weights, self.dtype), v, precision=self.precision)
-        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, length, cfg.inner_dim)
+        # softmax(logits) v with the division after the product, on [.., L, d] rather than [.., L, L]
+        e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        out = jnp.einsum("bhqk,bhkd->bhqd", cast(e, self.dtype), v, precision=self.precision,
+                         preferred_element_type=jnp.float32) / jnp.sum(e, axis=-1, keepdims=True)
+        out = jnp.transpose(cast(out, self.dtype), (0, 2, 1, 3)).reshape(b, length, cfg.inner_dim)
         out = Linear(cfg.d_model, name="o", **lin)(out)
         return out, position_bias
 
