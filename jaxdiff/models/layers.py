@@ -74,14 +74,13 @@ class GroupNorm32(nn.Module):
     """torch.nn.GroupNorm(32, C, eps=1e-5), computed in float32, returned in the input dtype.
 
     Works on [B, ..., C]; statistics over every non-batch axis of a group. `silu=True` applies SiLU
-    (`gelu=True` the exact GELU) to the result, and `scale`/`shift` ([B, C]) the ResBlock's scale-shift modulation
+    to the result, and `scale`/`shift` ([B, C]) the ResBlock's scale-shift modulation
     `norm(x) * (1 + scale) + shift`; all of it is one `jaxdiff.ops.norm.group_norm` call.
     """
 
     num_groups: int = 32
     epsilon: float = 1e-5
     silu: bool = False
-    gelu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, scale: Optional[jax.Array] = None, shift: Optional[jax.Array] = None) -> jax.Array:
@@ -94,7 +93,7 @@ class GroupNorm32(nn.Module):
             p, q = p * (1 + cast(scale, jnp.float32)), q * (1 + cast(scale, jnp.float32))
         if shift is not None:
             q = q + cast(shift, jnp.float32)
-        return group_norm(x, p, q, groups=self.num_groups, eps=self.epsilon, silu=self.silu, gelu=self.gelu)
+        return group_norm(x, p, q, groups=self.num_groups, eps=self.epsilon, silu=self.silu)
 
 
 class Conv(nn.Module):
