@@ -1,0 +1,406 @@
+"""DeepFloyd IF on the CPU, jaxdiff against diffusers / transformers (PyTorch), alternated in one process.
+
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/bench_if_step.py [--refstack /opt/refstack] \
+        [--batch 16] [--captions 64] [--repeats 15] [--warmup 3] [--threads 2] [--wait-idle 85] [--check] \
+        [--markdown]
+
+The models are tests/fixtures/if_tiny_a.npz's (/work/shared/fixtures/cascade/README.md): the stage-I U-Net
+(`unet1_config`, `unet1/<key>`) and the T5 v1.1 encoder (`t5_config`, `t5/<key>`), built on each side from
+the stored config.json and loaded with the same weights: diffusers' `UNet2DConditionModel.from_config` and
+transformers' `T5EncoderModel(T5Config(...))` with load_state_dict(strict=True); jaxdiff's
+`jaxdiff.convert.diffusers.unet2d_params_from_state_dict` and `jaxdiff.convert.transformers.
+t5_params_from_state_dict`. float32 on both sides.
+
+Timed, each as jaxdiff and as PyTorch, called in turn (jaxdiff, PyTorch, jaxdiff, ...) so both meet the same
+machine state (this VM's speed drifts +-30 % within minutes):
+  cfg_step   one step of IFPipeline's denoising loop at `--batch` images (16x16x3): the U-Net on the 2B rows
+             [uncond; cond] with 77-token T5 states (the B captions' and B copies of the empty caption's),
+             CFG eps = eps_u + s (eps_c - eps_u), s = 7, the variance channels from the conditional half,
+             then DDPMScheduler.step with the fixture's scheduler_config (learned-range variance, dynamic
+             thresholding at 0.95 clamped to [1, 1.5]) at t = 500 of IF's 100-step "leading" schedule,
+             noise drawn inside the step. PyTorch: IFPipeline's loop body verbatim under torch.no_grad;
+             jaxdiff: one `jaxdiff.util.cpu.jit` function (U-Net through `guides.classifier_free`, the
+             update from `jaxdiff.diffusion.gaussian`'s posterior, noise from jax.random).
+  t5_encode  `--captions` captions of 77 tokens (random ids within the vocabulary, an end token, then
+             padding; 5-40 real tokens each): `jaxdiff.models.t5.encode` (host checks + jitted forward)
+             vs `T5EncoderModel(input_ids, attention_mask).last_hidden_state` under torch.no_grad.
+
+Gate (always first; `--check` runs only it): PyTorch's models reproduce the fixture (U-Net output, T5 states),
+and jaxdiff agrees with PyTorch on the benchmarked inputs: the 2B-row U-Net output, the step's result (with
+the same noise) and the T5 states, relative error max|a - b| / max|b| < 1e-4. Nothing is timed if it fails
+(exit status 1).
+
+Reported per quantity: both medians (ms), jaxdiff / PyTorch, the quartiles and extremes of the per-round
+ratios, every round's times. One process means one malloc for both sides: run once with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 and once without (docs/benchmarks.md).
+
+Load: on a machine shared with other jobs PyTorch's two OpenMP threads lose far more than jaxdiff does (a
+step of ~45 ms took 1-7 s per round at load 4-14 while jaxdiff's took 0.07-1.6 s), so alternating does
+not make the ratio fair under load. `--wait-idle P` first waits (up to --wait-max seconds) until the CPUs
+are at least P % idle over 3 s; the idle share found and the load averages are in the JSON.
+
+The reference stack lives outside the repository (`pip install --target /opt/refstack torch==2.13.0
+diffusers==0.42.1 transformers==5.23.0`, or `pip install .[reference]`); `--refstack` is APPENDED to sys.path,
+so the environment's numpy / jax stay the ones imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import common  # first: puts this checkout's jaxdiff on sys.path
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FIXTURE = common.ROOT / "tests" / "fixtures" / "if_tiny_a.npz"
+TOLERANCE = 1e-4
+LENGTH = 77            # IF's tokenizer pads / truncates to 77 tokens
+GUIDANCE_SCALE = 7.0   # IFPipeline's default
+INFERENCE_STEPS = 100  # IFPipeline's default num_inference_steps
+TIMESTEP = 500         # the timed step: t = 500 of the 100-step "leading" schedule (990, 980, ..., 0)
+NOISE_SEED = 1234
+
+
+def load_fixture() -> dict:
+    with np.load(FIXTURE) as f:
+        return {k: f[k] for k in f.files}
+
+
+def state_dict(fx: dict, prefix: str) -> dict:
+    return {k[len(prefix) + 1:]: v for k, v in fx.items() if k.startswith(prefix + "/")}
+
+
+def config_of(fx: dict, key: str) -> dict:
+    return json.loads(str(fx[key]))
+
+
+def rel(a, b) -> float:
+    """max |a - b| / max |b| (the cascade tests' measure)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def nchw(a) -> np.ndarray:
+    return np.moveaxis(np.asarray(a), -1, 1)
+
+
+def nhwc(a) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(np.asarray(a), 1, -1))
+
+
+def captions(n: int, vocab: int, seed: int = 0, lo: int = 5, hi: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """n token rows of LENGTH: `lo`..`hi` real tokens (random ids in [2, vocab), the last one the end id 1),
+    then padding id 0; mask True on the real tokens. Plus, as row n, the empty caption (only the end id)."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((n + 1, LENGTH), np.int64)
+    for r, k in enumerate(rng.integers(lo, hi + 1, size=n)):
+        tokens[r, :k - 1] = rng.integers(2, vocab, size=k - 1)
+        tokens[r, k - 1] = 1
+    tokens[n, 0] = 1
+    return tokens, tokens > 0
+
+
+def import_reference(refstack: str | None):
+    """(torch, diffusers, transformers), `refstack` appended to sys.path (after site-packages)."""
+    path = str(pathlib.Path(refstack).expanduser().resolve()) if refstack else None
+    if path and path not in sys.path:
+        sys.path.append(path)
+    try:
+        import diffusers
+        import torch
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"{e}; the reference stack is needed: pip install --target /opt/refstack torch==2.13.0 "
+                         "diffusers==0.42.1 transformers==5.23.0 (then --refstack /opt/refstack)") from None
+    if path and np.__file__.startswith(path + "/"):
+        raise SystemExit(f"numpy was imported from {np.__file__}: the reference stack shadows the environment")
+    return torch, diffusers, transformers
+
+
+# --- PyTorch: diffusers' U-Net and scheduler, transformers' T5 --------------------------------------------
+
+class Reference:
+    def __init__(self, th, diffusers, transformers, fx: dict):
+        self.th = th
+        self.unet = diffusers.UNet2DConditionModel.from_config(config_of(fx, "unet1_config"))
+        self.unet.load_state_dict({k: th.from_numpy(v) for k, v in state_dict(fx, "unet1").items()}, strict=True)
+        self.unet.eval()
+        t5_cfg = transformers.T5Config(**config_of(fx, "t5_config"))
+        self.t5 = transformers.T5EncoderModel(t5_cfg)
+        sd = {k: th.from_numpy(v) for k, v in state_dict(fx, "t5").items()}
+        missing, unexpected = self.t5.load_state_dict(sd, strict=False)
+        # a T5EncoderModel ties encoder.embed_tokens to shared: either key alone is the whole state_dict
+        if unexpected or any(k not in ("shared.weight", "encoder.embed_tokens.weight") for k in missing):
+            raise SystemExit(f"T5 state_dict does not fit: missing {missing}, unexpected {unexpected}")
+        self.t5.eval()
+        self.scheduler = diffusers.DDPMScheduler.from_config(config_of(fx, "scheduler_config"))
+        self.scheduler.set_timesteps(INFERENCE_STEPS)
+        self.fx = fx
+
+    def gate_fixture(self) -> dict:
+        """The reference models against the fixture's own outputs."""
+        th, fx = self.th, self.fx
+        with th.no_grad():
+            t5_out = self.t5(input_ids=th.from_numpy(fx["t5_tokens"]),
+                             attention_mask=th.from_numpy(fx["t5_mask"]).long()).last_hidden_state
+            u = self.unet(th.from_numpy(fx["unet1_x"]), th.from_numpy(fx["unet1_t"]),
+                          encoder_hidden_states=th.from_numpy(fx["t5_out"]), return_dict=False)[0]
+        return {"torch_t5_vs_fixture": rel(t5_out, fx["t5_out"]), "torch_unet_vs_fixture": rel(u, fx["unet1_out"])}
+
+    def encode(self, tokens, mask):
+        th = self.th
+        ids, am = th.from_numpy(tokens), th.from_numpy(mask.astype(np.int64))
+
+        def run():
+            with th.no_grad():
+                return self.t5(input_ids=ids, attention_mask=am).last_hidden_state
+        return run
+
+    def step_fn(self, x: np.ndarray, prompt_embeds: np.ndarray, seed: int):
+        """IFPipeline's loop body at t = TIMESTEP (`prompt_embeds` = [negative; positive]); returns
+        (run, unet_only): run() -> the next sample, with the scheduler's noise drawn from a generator
+        seeded once with `seed`."""
+        th = self.th
+        xt, emb = th.from_numpy(x), th.from_numpy(prompt_embeds)
+        t = self.scheduler.timesteps[int(np.nonzero(self.scheduler.timesteps.numpy() == TIMESTEP)[0][0])]
+        gen = th.Generator().manual_seed(seed)
+
+        def run():
+            with th.no_grad():
+                intermediate_images = xt
+                model_input = th.cat([intermediate_images] * 2)
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=emb, cross_attention_kwargs=None,
+                                       return_dict=False)[0]
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred_uncond, _ = noise_pred_uncond.split(model_input.shape[1], dim=1)
+                noise_pred_text, predicted_variance = noise_pred_text.split(model_input.shape[1], dim=1)
+                noise_pred = noise_pred_uncond + GUIDANCE_SCALE * (noise_pred_text - noise_pred_uncond)
+                noise_pred = th.cat([noise_pred, predicted_variance], dim=1)
+                return self.scheduler.step(noise_pred, t, intermediate_images, generator=gen, return_dict=False)[0]
+
+        def unet_only():
+            with th.no_grad():
+                return self.unet(th.cat([xt] * 2), t, encoder_hidden_states=emb, return_dict=False)[0]
+        return run, unet_only
+
+
+# --- jaxdiff ----------------------------------------------------------------------------------------------
+
+def if_schedule(sched_cfg: dict):
+    """jaxdiff's Schedule of IF's DDPMScheduler after set_timesteps(INFERENCE_STEPS) with "leading" spacing:
+    the chain visits t = 0, 10, ..., 990; index i is t = 10 i (its betas are 1 - abar_t / abar_prev_t,
+    what DDPMScheduler.step computes from prev_t)."""
+    from jaxdiff.diffusion import schedules
+
+    assert sched_cfg["beta_schedule"] == "squaredcos_cap_v2" and sched_cfg["timestep_spacing"] == "leading"
+    assert sched_cfg["steps_offset"] == 0 and sched_cfg["prediction_type"] == "epsilon"
+    n = sched_cfg["num_train_timesteps"]
+    betas = schedules.named_betas("cosine", n)  # diffusers' squaredcos_cap_v2 (max beta 0.999)
+    use = range(0, n, n // INFERENCE_STEPS)
+    new_betas, tmap = schedules.respace_betas(betas, use)
+    return schedules.schedule_from_betas(new_betas, tmap, num_train_timesteps=n)
+
+
+def if_ddpm_update(sched, x, i, model_out, noise, *, ratio: float, max_value: float):
+    """DDPMScheduler.step (epsilon, "learned_range", dynamic thresholding) on channels-last arrays, at index i
+    of `sched` (a scalar int). A local stand-in: IF's scheduler is being added to jaxdiff's sampler registry
+    separately; this is the same arithmetic from jaxdiff.diffusion.gaussian's pieces.
+
+    x0 = (x - sqrt(1 - abar) eps) / sqrt(abar); thresholded per sample to s = clip(quantile(|x0|, ratio), 1,
+    max_value): clip(x0, -s, s) / s; mean = the q posterior of (x0, x); log variance = frac log(beta) +
+    (1 - frac) log(posterior variance), frac = (v + 1) / 2; x_prev = mean + exp(log var / 2) noise (no noise
+    at i = 0)."""
+    from jaxdiff.diffusion import gaussian
+
+    eps, var_values = gaussian.split_output(model_out, learned_sigma=True)
+    x0 = gaussian.x0_from_eps(sched, x, i, eps)
+    b = x0.shape[0]
+    s = jnp.quantile(jnp.abs(x0).reshape(b, -1), ratio, axis=1)
+    s = jnp.clip(s, 1.0, max_value).reshape((b,) + (1,) * (x0.ndim - 1))
+    x0 = jnp.clip(x0, -s, s) / s
+    mean, _, _ = gaussian.q_posterior(sched, x0, x, i)
+    log_var = gaussian.model_log_variance(sched, i, var_values, x.ndim)
+    return mean + jnp.where(i > 0, jnp.exp(0.5 * log_var) * noise, 0.0)
+
+
+class Jaxdiff:
+    def __init__(self, fx: dict):
+        from jaxdiff.convert.diffusers import unet2d_module, unet2d_params_from_state_dict
+        from jaxdiff.convert.transformers import t5_params_from_state_dict
+        from jaxdiff.diffusion import guides
+        from jaxdiff.models import t5
+        from jaxdiff.util import cpu
+
+        unet_cfg = config_of(fx, "unet1_config")
+        self.unet = unet2d_module(unet_cfg)
+        self.unet_params = jax.device_put(unet2d_params_from_state_dict(state_dict(fx, "unet1"), unet_cfg))
+        self.t5_config = t5.t5_config_from_json(config_of(fx, "t5_config"))
+        self.t5 = t5.T5Encoder(self.t5_config)
+        self.t5_params = jax.device_put(t5_params_from_state_dict(state_dict(fx, "t5"), self.t5_config))
+        self.encode_fn = t5.encode
+        sched_cfg = config_of(fx, "scheduler_config")
+        self.sched = if_schedule(sched_cfg)
+        ratio, max_value = float(sched_cfg["dynamic_thresholding_ratio"]), float(sched_cfg["sample_max_value"])
+        unet = self.unet
+
+        def model_fn(params):
+            return lambda x, t, cond: unet.apply({"params": params}, x, t, cond["context"])
+
+        def uncond(cond):  # the empty caption's states in place of the captions' (IF's negative prompt)
+            return {**cond, "context": cond["null_context"]}
+
+        def step(params, x, i, cond, noise):
+            guided = guides.classifier_free(model_fn(params), uncond=uncond, learned_sigma=True)
+            t = jnp.broadcast_to(self.sched.timestep_map[i], (x.shape[0],))
+            out = guided(x, t, cond)
+            return if_ddpm_update(self.sched, x, i, out, noise, ratio=ratio, max_value=max_value)
+
+        self.step_with_noise = cpu.jit(step)
+        self.step = cpu.jit(lambda p, x, i, cond, key: step(p, x, i, cond, jax.random.normal(key, x.shape)))
+        self.unet_fn = cpu.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
+
+    def encode(self, tokens, mask):
+        return lambda: jax.block_until_ready(self.encode_fn(self.t5, self.t5_params, tokens, mask))
+
+
+# --- timing -----------------------------------------------------------------------------------------------
+
+def cpu_idle_percent(seconds: float = 3.0) -> float:
+    """The whole machine's idle share of CPU time over `seconds` (/proc/stat; -1 where unreadable)."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(a) for a in f.readline().split()[1:]]
+        return sum(v[:8]), v[3] + v[4]
+    try:
+        t0, i0 = read()
+        time.sleep(seconds)
+        t1, i1 = read()
+    except OSError:
+        return -1.0
+    return round(100.0 * (i1 - i0) / max(t1 - t0, 1), 1)
+
+
+def wait_idle(percent: float, max_seconds: float) -> dict:
+    """Wait until cpu_idle_percent() >= percent or max_seconds pass; what was found."""
+    start = time.monotonic()
+    while True:
+        idle = cpu_idle_percent()
+        waited = time.monotonic() - start
+        if idle >= percent or idle < 0 or waited >= max_seconds:
+            return {"wanted_percent": percent, "idle_percent": idle, "waited_s": round(waited, 1),
+                    "reached": idle >= percent}
+
+
+def duel(jax_fn, torch_fn, repeats: int, warmup: int) -> dict:
+    """The two calls alternated: medians, their ratio, the quartiles and extremes of the per-round ratios."""
+    times = common.interleaved({"jaxdiff": jax_fn, "torch": torch_fn}, repeats, warmup)
+    pairs = [j / t for j, t in zip(times["jaxdiff"], times["torch"])]
+    mj, mt = common.median(times["jaxdiff"]), common.median(times["torch"])
+    q = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else pairs * 3
+    return {"jaxdiff_ms": mj, "torch_ms": mt, "ratio": round(mj / mt, 3),
+            "round_ratio_min_q1_median_q3_max": [round(min(pairs), 3), round(q[0], 3), round(statistics.median(pairs), 3),
+                                                 round(q[-1], 3), round(max(pairs), 3)],
+            "jaxdiff_min_max_ms": [round(min(times["jaxdiff"]), 2), round(max(times["jaxdiff"]), 2)],
+            "torch_min_max_ms": [round(min(times["torch"]), 2), round(max(times["torch"]), 2)],
+            "jaxdiff_all_ms": [round(v, 2) for v in times["jaxdiff"]],
+            "torch_all_ms": [round(v, 2) for v in times["torch"]]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--refstack", default="/opt/refstack", help="pip --target folder of torch / diffusers / "
+                   "transformers, appended to sys.path ('' : use the environment's)")
+    p.add_argument("--batch", type=int, default=16, help="images per CFG step (the U-Net sees twice as many rows)")
+    p.add_argument("--captions", type=int, default=64, help="captions per T5 encoding")
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds (one call per side each)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (>= 1: jaxdiff's first call compiles)")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch's torch.set_num_threads")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="P",
+                   help="before timing, wait until the CPUs are >= P %% idle over 3 s (0: do not wait)")
+    p.add_argument("--wait-max", type=float, default=1800.0, help="longest wait for --wait-idle, seconds")
+    p.add_argument("--check", action="store_true", help="only the gate")
+    p.add_argument("--markdown", action="store_true", help="also print the table as markdown (stderr)")
+    args = p.parse_args(argv)
+    if min(args.batch, args.captions, args.repeats, args.warmup, args.threads) < 1 or args.captions < args.batch:
+        p.error("need --batch, --repeats, --warmup, --threads >= 1 and --captions >= --batch")
+    th, diffusers, transformers = import_reference(args.refstack)
+    th.set_num_threads(args.threads)
+    th.manual_seed(0)
+    fx = load_fixture()
+    ref, ours = Reference(th, diffusers, transformers, fx), Jaxdiff(fx)
+    from jaxdiff.util import cpu
+
+    # inputs: captions (+ the empty one), their T5 states (PyTorch's: both U-Nets see the same arrays), x_t
+    tokens, mask = captions(args.captions, ours.t5_config.vocab_size)
+    states = ref.encode(tokens, mask)().numpy()
+    b = args.batch
+    cond_states, null_states = states[:b], np.repeat(states[-1:], b, axis=0)
+    x = np.random.default_rng(1).standard_normal((b, 3, 16, 16)).astype(np.float32)
+    i = np.int32(TIMESTEP // (1000 // INFERENCE_STEPS))
+    cond = {"context": jnp.asarray(cond_states), "null_context": jnp.asarray(null_states),
+            "cfg_scale": jnp.full((b,), GUIDANCE_SCALE, jnp.float32)}
+    torch_step, torch_unet = ref.step_fn(x, np.concatenate([null_states, cond_states]), NOISE_SEED)
+
+    # gate
+    errs = ref.gate_fixture()
+    enc = t5_tokens, t5_mask = tokens[:args.captions], mask[:args.captions]
+    errs["t5_states"] = rel(ours.encode_fn(ours.t5, ours.t5_params, *enc), states[:args.captions])
+    errs["empty_caption_states"] = rel(ours.encode_fn(ours.t5, ours.t5_params, tokens[-1:], mask[-1:]), states[-1:])
+    rows = np.concatenate([null_states, cond_states])
+    t_rows = jnp.full((2 * b,), TIMESTEP, jnp.int32)
+    u = ours.unet_fn(ours.unet_params, jnp.asarray(nhwc(np.concatenate([x, x]))), t_rows, jnp.asarray(rows))
+    errs["unet_2b_rows"] = rel(nchw(u), torch_unet().numpy())
+    noise = th.randn(x.shape, generator=th.Generator().manual_seed(NOISE_SEED)).numpy()
+    mine = ours.step_with_noise(ours.unet_params, jnp.asarray(nhwc(x)), i, cond, jnp.asarray(nhwc(noise)))
+    errs["cfg_step"] = rel(nchw(mine), torch_step().numpy())  # the first draw of the seeded generator = noise
+    gate = {"rel_errors": errs, "tolerance": TOLERANCE, "passed": all(v < TOLERANCE for v in errs.values())}
+    out = {"benchmark": "DeepFloyd IF (if_tiny_a): CFG step and T5 encoding, jaxdiff vs diffusers/transformers "
+                        "(PyTorch), alternated in one process",
+           "torch": th.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+           "torch_threads": th.get_num_threads(), "refstack": args.refstack,
+           "t5_attn_implementation": getattr(ref.t5.config, "_attn_implementation", None),
+           "jaxdiff_compiled_with": f"jaxdiff.util.cpu.jit {cpu.compiler_options()}",
+           "inputs": {"batch": b, "unet_rows": 2 * b, "image": [16, 16, 3], "context": [2 * b, LENGTH, 32],
+                      "timestep": TIMESTEP, "inference_steps": INFERENCE_STEPS, "guidance_scale": GUIDANCE_SCALE,
+                      "captions": args.captions, "tokens_per_caption": LENGTH,
+                      "real_tokens_min_mean_max": [int(mask[:-1].sum(1).min()), float(mask[:-1].sum(1).mean()),
+                                                   int(mask[:-1].sum(1).max())]},
+           "gate": gate}
+    if args.check or not gate["passed"]:
+        print(json.dumps(out, indent=1))
+        return 0 if gate["passed"] else 1
+
+    if args.wait_idle > 0:
+        out["wait_idle"] = wait_idle(args.wait_idle, args.wait_max)
+    out["machine_at_start"] = {**common.machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    key = jax.random.key(NOISE_SEED)
+    xj = jnp.asarray(nhwc(x))
+    jax_step = common.blocking(ours.step, ours.unet_params, xj, i, cond, key)
+    table = {"cfg_step": duel(jax_step, torch_step, args.repeats, args.warmup),
+             "t5_encode": duel(ours.encode(t5_tokens, t5_mask), ref.encode(t5_tokens, t5_mask), args.repeats,
+                               args.warmup)}
+    out["table"] = table
+    out["machine_at_end"] = {**common.machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    for q, r in table.items():
+        print(json.dumps({"quantity": q, **{k: v for k, v in r.items() if not k.endswith("all_ms")}}),
+              file=sys.stderr, flush=True)
+    print(json.dumps(out, indent=1))
+    if args.markdown:
+        lines = ["| ms | jaxdiff | PyTorch | ratio | per-round ratios (min, q1, median, q3, max) |", "|---|---|---|---|---|"]
+        for q, r in table.items():
+            lines.append(f"| {q} | {r['jaxdiff_ms']:.1f} | {r['torch_ms']:.1f} | **{r['ratio']:.2f}** | "
+                         + ", ".join(f"{v:.2f}" for v in r["round_ratio_min_q1_median_q3_max"]) + " |")
+        print("\n".join(lines), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
