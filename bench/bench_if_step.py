@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
 import time
 
@@ -299,21 +298,6 @@ def wait_idle(percent: float, max_seconds: float) -> dict:
                     "reached": idle >= percent}
 
 
-def duel(jax_fn, torch_fn, repeats: int, warmup: int) -> dict:
-    """The two calls alternated: medians, their ratio, the quartiles and extremes of the per-round ratios."""
-    times = common.interleaved({"jaxdiff": jax_fn, "torch": torch_fn}, repeats, warmup)
-    pairs = [j / t for j, t in zip(times["jaxdiff"], times["torch"])]
-    mj, mt = common.median(times["jaxdiff"]), common.median(times["torch"])
-    q = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else pairs * 3
-    return {"jaxdiff_ms": mj, "torch_ms": mt, "ratio": round(mj / mt, 3),
-            "round_ratio_min_q1_median_q3_max": [round(min(pairs), 3), round(q[0], 3), round(statistics.median(pairs), 3),
-                                                 round(q[-1], 3), round(max(pairs), 3)],
-            "jaxdiff_min_max_ms": [round(min(times["jaxdiff"]), 2), round(max(times["jaxdiff"]), 2)],
-            "torch_min_max_ms": [round(min(times["torch"]), 2), round(max(times["torch"]), 2)],
-            "jaxdiff_all_ms": [round(v, 2) for v in times["jaxdiff"]],
-            "torch_all_ms": [round(v, 2) for v in times["torch"]]}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--refstack", default="/opt/refstack", help="pip --target folder of torch / diffusers / "
@@ -384,8 +368,8 @@ def main(argv=None) -> int:
     key = jax.random.key(NOISE_SEED)
     xj = jnp.asarray(nhwc(x))
     jax_step = common.blocking(ours.step, ours.unet_params, xj, i, cond, key)
-    table = {"cfg_step": duel(jax_step, torch_step, args.repeats, args.warmup),
-             "t5_encode": duel(ours.encode(t5_tokens, t5_mask), ref.encode(t5_tokens, t5_mask), args.repeats,
+    table = {"cfg_step": common.duel(jax_step, torch_step, args.repeats, args.warmup),
+             "t5_encode": common.duel(ours.encode(t5_tokens, t5_mask), ref.encode(t5_tokens, t5_mask), args.repeats,
                                args.warmup)}
     out["table"] = table
     out["machine_at_end"] = {**common.machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}

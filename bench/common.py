@@ -139,3 +139,20 @@ def count_flops(fn, *args) -> float:
     scans counted `length` times, the costlier branch of a cond; element-wise work not counted.
     A jitted `fn` is traced through its body (a jit with compiler options cannot be nested)."""
     return _jaxpr_flops(jax.make_jaxpr(getattr(fn, "__wrapped__", fn))(*args).jaxpr)
+
+
+def duel(jax_fn, torch_fn, repeats: int, warmup: int) -> dict:
+    """jax_fn and torch_fn alternated: medians, their ratio, the quartiles and extremes of the per-round ratios,
+    and every round's times."""
+    times = interleaved({"jaxdiff": jax_fn, "torch": torch_fn}, repeats, warmup)
+    pairs = [j / t for j, t in zip(times["jaxdiff"], times["torch"])]
+    mj, mt = median(times["jaxdiff"]), median(times["torch"])
+    q = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else pairs * 3
+    return {"jaxdiff_ms": mj, "torch_ms": mt, "ratio": round(mj / mt, 3),
+            "pair_ratio_q1_median_q3": [round(q[0], 3), round(statistics.median(pairs), 3), round(q[-1], 3)],
+            "round_ratio_min_q1_median_q3_max": [round(min(pairs), 3), round(q[0], 3), round(statistics.median(pairs), 3),
+                                                 round(q[-1], 3), round(max(pairs), 3)],
+            "jaxdiff_min_max_ms": [round(min(times["jaxdiff"]), 2), round(max(times["jaxdiff"]), 2)],
+            "torch_min_max_ms": [round(min(times["torch"]), 2), round(max(times["torch"]), 2)],
+            "jaxdiff_all_ms": [round(v, 2) for v in times["jaxdiff"]],
+            "torch_all_ms": [round(v, 2) for v in times["torch"]]}

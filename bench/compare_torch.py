@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
 
 import bench_sampling
@@ -174,25 +173,13 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def duel(jax_fn, torch_fn, repeats: int, warmup: int) -> dict:
-    """The two calls alternated: medians, their ratio and the quartiles of the per-pair ratios."""
-    times = common.interleaved({"jaxdiff": jax_fn, "torch": torch_fn}, repeats, warmup)
-    pairs = [j / t for j, t in zip(times["jaxdiff"], times["torch"])]
-    mj, mt = common.median(times["jaxdiff"]), common.median(times["torch"])
-    q = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else pairs * 3
-    return {"jaxdiff_ms": mj, "torch_ms": mt, "ratio": round(mj / mt, 3),
-            "pair_ratio_q1_median_q3": [round(q[0], 3), round(statistics.median(pairs), 3), round(q[-1], 3)],
-            "jaxdiff_all_ms": [round(v, 1) for v in times["jaxdiff"]],
-            "torch_all_ms": [round(v, 1) for v in times["torch"]]}
-
-
 def compare_batch(ref: Reference, train_ref: Reference, batch: int, repeats: int, warmup: int) -> dict:
     jax_fns = bench_sampling.build(batch, steps=10, weights="fixture")
     torch_fns = ref.sampling_fns(batch)
-    rows = {q: duel(common.blocking(jax_fns[name][0], *jax_fns[name][1]), torch_fns[q], repeats, warmup)
+    rows = {q: common.duel(common.blocking(jax_fns[name][0], *jax_fns[name][1]), torch_fns[q], repeats, warmup)
             for q, name in SAMPLING.items()}
     built = bench_training.build_step(*bench_training.fixture_a_config("diffusion", batch, "float32"))
-    rows["train_step"] = duel(built["run"], train_ref.train_step(batch), repeats, warmup)
+    rows["train_step"] = common.duel(built["run"], train_ref.train_step(batch), repeats, warmup)
     for q, row in rows.items():
         issue = ISSUE_FIGURES.get(batch, {}).get(q)
         row["torch_issue_ms"] = issue
