@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 
+import _cascade as C
 import _training_helpers as H
 import jax
 import jax.numpy as jnp
@@ -28,18 +29,12 @@ import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-FIXTURE = HERE / "fixtures" / "if_tiny_a.npz"
 TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def ref():
-    with np.load(FIXTURE) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _state_dict(z, prefix):
-    return {k[len(prefix) + 1:]: v for k, v in z.items() if k.startswith(prefix + "/")}
+def ref(if_a):
+    return if_a
 
 
 def _nhwc(a):
@@ -59,7 +54,7 @@ def _stage(ref, index):
     cfg = unet2d_config(json.loads(str(ref[prefix + "_config"])))
     steps = int(ref[f"stage{index + 1}/steps"])
     stage = Stage(index, "", cfg, cfg.sample_size, 3, True, steps, float(ref["stage1/guidance_scale"]))
-    return stage, unet2d_module(cfg), unet2d_params_from_state_dict(_state_dict(ref, prefix), cfg)
+    return stage, unet2d_module(cfg), unet2d_params_from_state_dict(C.state_dict(ref, prefix), cfg)
 
 
 def _trajectory(ref, index):
@@ -173,9 +168,9 @@ def folders(ref, tmp_path_factory):
 
     assert T5Tokenizer(spm_path).vocab_size <= t5_config["vocab_size"]
     f = dict(root=root, unet1=_write_unet(root / "IF-I" / "unet", json.loads(str(ref["unet1_config"])),
-                                          _state_dict(ref, "unet1")),
-             unet2=_write_unet(root / "IF-II", json.loads(str(ref["unet2_config"])), _state_dict(ref, "unet2")),
-             t5=_write_t5(root / "text_encoder", t5_config, _state_dict(ref, "t5")), spm=spm_path)
+                                          C.state_dict(ref, "unet1")),
+             unet2=_write_unet(root / "IF-II", json.loads(str(ref["unet2_config"])), C.state_dict(ref, "unet2")),
+             t5=_write_t5(root / "text_encoder", t5_config, C.state_dict(ref, "t5")), spm=spm_path)
     # stage II and the text encoder as `python -m jaxdiff.convert` writes them: the pipeline reads both forms
     from jaxdiff.convert.__main__ import main as convert
 

@@ -11,8 +11,8 @@ decoder get. One compile per model.
 """
 
 import json
-import pathlib
 
+import _cascade as C
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,21 +43,18 @@ from jaxdiff.models.unclip_text_proj import (
     text_proj_config,
 )
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "unclip_tiny_a.npz"
-
 
 @pytest.fixture(scope="module")
-def z():
-    with np.load(FIXTURE) as f:
-        return {k: f[k] for k in f.files}
+def z(unclip_a):
+    return unclip_a
 
 
 def state_dict(z, prefix):
-    return {k[len(prefix) + 1:]: v for k, v in z.items() if k.startswith(prefix + "/")}
+    return C.state_dict(z, prefix)
 
 
 def config_of(z, prefix):
-    return json.loads(str(z[prefix + "_config"]))
+    return C.config_of(z, prefix + "_config")
 
 
 def rel_err(out, ref):
