@@ -50,6 +50,26 @@ def test_chunks_divide_the_heads():
     for n, t in [(64, 256), (60, 256), (7, 1024), (1, 4096), (64, 64)]:
         c = A._chunks(n, t, t)
         assert n % c == 0 and c >= 1
+        c = A._inference_chunks(n, t, t)
+        assert n % c == 0 and c >= 1
+
+
+def test_inference_chunks_bound_the_scores():
+    # forward-only calls write all heads' scores at once up to INFERENCE_SCORES_BYTES, then chunk
+    assert A._inference_chunks(256, 64, 141) == 1  # IF stage I's 8x8 attention at 2 x 16 rows
+    assert A._inference_chunks(256, 256, 256) == 1  # 64 MiB exactly
+    assert A._inference_chunks(512, 256, 256) == 2
+    n, t = 32 * 44, 1024 + 77  # IF-I-XL-like 32x32 attention: 6 GB of scores in one piece otherwise
+    c = A._inference_chunks(n, t, t)
+    assert n % c == 0 and (n // c) * t * t * 4 <= A.INFERENCE_SCORES_BYTES
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_inference_path_in_chunks(case, monkeypatch):
+    monkeypatch.setattr(A, "INFERENCE_SCORES_BYTES", 4 * case[1] * case[2])  # one head per chunk: lax.map
+    q, k, v, _ = inputs(*case, seed=2)
+    assert A._inference_chunks(*case[:3]) == case[0]
+    np.testing.assert_allclose(np.asarray(jax.jit(A._fast)(q, k, v)), numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_shapes_are_refused():

@@ -1,5 +1,7 @@
-"""jaxdiff.ops.norm.group_norm: values against torch's GroupNorm formula, and the custom CPU gradient
-against XLA's gradient of the plain formula (JAXDIFF_PLAIN_OPS switch included)."""
+"""jaxdiff.ops.norm.group_norm: values against torch's GroupNorm formula (then SiLU or the exact GELU), and
+the custom CPU gradient against XLA's gradient of the plain formula (JAXDIFF_PLAIN_OPS switch included)."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,8 @@ from jaxdiff.ops import norm
 
 
 def numpy_reference(x, p, q, groups, eps, silu):
-    """torch.nn.GroupNorm in float64, then * p + q per (sample, channel), then SiLU."""
+    """torch.nn.GroupNorm in float64, then * p + q per (sample, channel), then SiLU (silu True / "silu") or
+    the exact GELU (silu "gelu")."""
     x = np.asarray(x, np.float64)
     b, c = x.shape[0], x.shape[-1]
     g = x.reshape(b, -1, groups, c // groups)
@@ -19,6 +22,8 @@ def numpy_reference(x, p, q, groups, eps, silu):
     xhat = ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
     bc = (b,) + (1,) * (x.ndim - 2) + (c,)
     z = xhat * np.asarray(p, np.float64).reshape(bc) + np.asarray(q, np.float64).reshape(bc)
+    if silu == "gelu":
+        return z * 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
     return z / (1 + np.exp(-z)) if silu else z
 
 
@@ -37,16 +42,16 @@ SHAPES = [(2, 6, 5, 64), (3, 16, 32), (2, 4, 4, 96), (1, 8, 8, 32)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("silu", [False, True, "gelu"])
 def test_values_match_torch_formula(shape, silu):
     x, p, q, _ = inputs(shape)
-    y = norm.group_norm(x, p, q, groups=32, silu=silu)
+    y = norm.group_norm(x, p, q, groups=32, silu=silu is True, gelu=silu == "gelu")
     ref = numpy_reference(x, p, q, 32, 1e-5, silu)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("silu", [False, True, "gelu"])
 def test_custom_gradient_matches_autodiff(shape, silu):
     x, p, q, w = inputs(shape, seed=1)
 
@@ -78,6 +83,17 @@ def test_bfloat16_input_keeps_dtype_and_float32_statistics():
     np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=2e-2)
     g = jax.grad(lambda x: jnp.sum(norm.group_norm(x, p, q)).astype(jnp.float32))(x.astype(jnp.bfloat16))
     assert g.dtype == jnp.bfloat16
+
+
+def test_gelu_is_the_exact_gelu_of_the_plain_norm():
+    # the fused GELU (z/2 + z/2 erf(z/sqrt 2), both affine in x) equals jax.nn.gelu of the normalised
+    # tensor to float32 round-off
+    x, p, q, _ = inputs((4, 8, 8, 64), seed=3)
+    y = norm.group_norm(x, p, q, gelu=True)
+    ref = jax.nn.gelu(norm.group_norm(x, p, q), approximate=False)
+    assert float(jnp.max(jnp.abs(y - ref))) <= 1e-5 * float(jnp.max(jnp.abs(ref)))
+    with pytest.raises(ValueError, match="exclusive"):
+        norm.group_norm(x, p, q, silu=True, gelu=True)
 
 
 def test_bad_channel_count_is_refused():

@@ -74,13 +74,14 @@ class GroupNorm32(nn.Module):
     """torch.nn.GroupNorm(32, C, eps=1e-5), computed in float32, returned in the input dtype.
 
     Works on [B, ..., C]; statistics over every non-batch axis of a group. `silu=True` applies SiLU
-    to the result, and `scale`/`shift` ([B, C]) the ResBlock's scale-shift modulation
+    (`gelu=True` the exact GELU) to the result, and `scale`/`shift` ([B, C]) the ResBlock's scale-shift modulation
     `norm(x) * (1 + scale) + shift`; all of it is one `jaxdiff.ops.norm.group_norm` call.
     """
 
     num_groups: int = 32
     epsilon: float = 1e-5
     silu: bool = False
+    gelu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, scale: Optional[jax.Array] = None, shift: Optional[jax.Array] = None) -> jax.Array:
@@ -93,7 +94,7 @@ class GroupNorm32(nn.Module):
             p, q = p * (1 + cast(scale, jnp.float32)), q * (1 + cast(scale, jnp.float32))
         if shift is not None:
             q = q + cast(shift, jnp.float32)
-        return group_norm(x, p, q, groups=self.num_groups, eps=self.epsilon, silu=self.silu)
+        return group_norm(x, p, q, groups=self.num_groups, eps=self.epsilon, silu=self.silu, gelu=self.gelu)
 
 
 class Conv(nn.Module):

@@ -260,7 +260,8 @@ class _T5Layer(nn.Module):
 
 class T5Attention(_T5Layer):
     """T5's self-attention (no 1/sqrt(d) scale). Block 0 holds the relative-position table and returns
-    the bias [H, L, L] that the later blocks receive as `position_bias`."""
+    the additive bias [B, H, L, L] (relative positions plus `key_bias` [B, L] of the padding keys) that the
+    later blocks receive as `position_bias` (and then add as it is: their `key_bias` is already in it)."""
     has_relative_attention_bias: bool = False
 
     @nn.compact
@@ -278,13 +279,21 @@ class T5Attention(_T5Layer):
             buckets = relative_position_buckets(length, length, cfg.relative_attention_num_buckets,
                                                 cfg.relative_attention_max_distance)
             position_bias = jnp.transpose(cast(table(jnp.asarray(buckets)), jnp.float32), (2, 0, 1))  # [H, Lq, Lk]
+            # the padding keys' bias joined once, here: every block adds the same [B, H, Lq, Lk] sum
+            position_bias = position_bias[None] + key_bias[:, None, None, :]
         elif position_bias is None:
             raise ValueError("T5Attention: blocks after the first need block 0's position_bias")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision, preferred_element_type=jnp.float32)
-        logits = logits + position_bias[None] + key_bias[:, None, None, :]
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", cast(weights, self.dtype), v, precision=self.precision)
-        out = Linear(cfg.d_model, name="o", **lin)(out.reshape(b, length, cfg.inner_dim))
+        # heads moved before the tokens first ([B, H, L, d]): products batched over (b, h) with tokens and
+        # channels minor run ~3x faster on the CPU than the same einsums over [B, L, H, d] (same results)
+        q, k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=self.precision, preferred_element_type=jnp.float32)
+        logits = logits + position_bias
+        # softmax(logits) v with the division after the product, on [.., L, d] rather than [.., L, L]
+        e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        out = jnp.einsum("bhqk,bhkd->bhqd", cast(e, self.dtype), v, precision=self.precision,
+                         preferred_element_type=jnp.float32) / jnp.sum(e, axis=-1, keepdims=True)
+        out = jnp.transpose(cast(out, self.dtype), (0, 2, 1, 3)).reshape(b, length, cfg.inner_dim)
+        out = Linear(cfg.d_model, name="o", **lin)(out)
         return out, position_bias
 
 

@@ -71,6 +71,7 @@ from jaxdiff.models.layers import (
     timestep_embedding,
     upsample_nearest,
 )
+from jaxdiff.ops.activation import gelu
 from jaxdiff.ops.attention import attention
 from jaxdiff.util.config import did_you_mean, is_int
 
@@ -81,11 +82,12 @@ __all__ = ["ACTIVATIONS", "AddedKVAttention", "AttentionOptions", "AttentionPool
 
 Dtype = Any
 
-# diffusers' get_activation (names lower-cased first, as diffusers does). GELU is the exact (erf) one.
+# diffusers' get_activation (names lower-cased first, as diffusers does). GELU is the exact (erf) one,
+# written as PyTorch does (jaxdiff.ops.activation: the form XLA's CPU backend fuses).
 ACTIVATIONS = {
     "silu": nn.silu,
     "swish": nn.silu,
-    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu": gelu,
     "mish": jax.nn.mish,
     "relu": nn.relu,
 }
@@ -123,10 +125,11 @@ def attention_bias(mask: jax.Array | None) -> jax.Array | None:
 
 
 def norm_act(x: jax.Array, act: str, groups: int, eps: float, name: str, scale=None, shift=None) -> jax.Array:
-    """GroupNorm `name` (float32 statistics; optional scale-shift modulation) then the activation, SiLU fused."""
-    silu = act.lower() in _SILU
-    h = GroupNorm32(groups, eps, silu=silu, name=name)(x, scale, shift)
-    return h if silu else activation(act)(h)
+    """GroupNorm `name` (float32 statistics; optional scale-shift modulation) then the activation, SiLU and
+    GELU fused (jaxdiff.ops.norm)."""
+    silu, gelu = act.lower() in _SILU, act.lower() == "gelu"
+    h = GroupNorm32(groups, eps, silu=silu, gelu=gelu, name=name)(x, scale, shift)
+    return h if silu or gelu else activation(act)(h)
 
 
 # --- Embeddings ---------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ So on the CPU (`cpu.custom_gradients_active()`; `JAXDIFF_PLAIN_OPS=1` turns it o
 * forward: one product, exp, a row sum, one product, then the division on the small [T, C] result;
   only the output and each row's log-sum-exp are kept for the backward pass (no [N, T, S] residual:
   storing the probabilities cost more in memory traffic than recomputing them);
+* a forward pass that is not differentiated (sampling) is the same computation over all heads at once,
+  chunked only to bound the scores' memory (`INFERENCE_SCORES_BYTES`): there the L2-sized chunks,
+  a `lax.map` loop, cost more than they saved (IF's 256 x 64 x 141 attention 3.0 -> 2.1 ms, ADM's
+  64 x 256 x 256 at 16x16 3.1 -> 2.5 ms, 256 x 256 x 256 11.9 -> 8.9 ms; docs/benchmarks.md);
 * backward: the probabilities recomputed per chunk from the log-sum-exp, then the standard softmax
   gradient, with the row term sum(dP * P) taken as sum(dO * O) over [T, C], and both products that
   contract over tokens written as plain products of explicitly transposed small operands.
@@ -53,9 +57,12 @@ def _plain(q, k, v):
     return _mm(w.astype(v.dtype), v).astype(v.dtype)
 
 
-def _chunks(n: int, t: int, s: int) -> int:
-    """Number of chunks of the N axis: each chunk's [n, T, S] float32 scores about 2 L2 caches."""
-    per = max(1, (2 * l2_cache_bytes() // 4) // (t * s))
+# The most score bytes ([N, T, S] float32) a forward pass that is not differentiated writes at once.
+INFERENCE_SCORES_BYTES = 64 << 20
+
+
+def _chunks_of(n: int, per: int) -> int:
+    """Number of equal chunks of n with at most `per` (>= 1) in each."""
     if per >= n:
         return 1
     while n % per:
@@ -63,10 +70,21 @@ def _chunks(n: int, t: int, s: int) -> int:
     return n // per
 
 
-def _over_chunks(fn, *arrays):
-    """fn applied to matching chunks of the leading axis of `arrays` (lax.map), results concatenated."""
+def _chunks(n: int, t: int, s: int) -> int:
+    """Number of chunks of the N axis: each chunk's [n, T, S] float32 scores about 2 L2 caches."""
+    return _chunks_of(n, max(1, (2 * l2_cache_bytes() // 4) // (t * s)))
+
+
+def _inference_chunks(n: int, t: int, s: int) -> int:
+    """Number of chunks of the N axis without a gradient: scores of at most INFERENCE_SCORES_BYTES each."""
+    return _chunks_of(n, max(1, (INFERENCE_SCORES_BYTES // 4) // (t * s)))
+
+
+def _over_chunks(fn, *arrays, chunks=None):
+    """fn applied to matching chunks of the leading axis of `arrays` (lax.map), results concatenated;
+    `chunks` (default: `_chunks`, L2-sized) of them."""
     n = arrays[0].shape[0]
-    c = _chunks(n, arrays[0].shape[1], arrays[1].shape[1])
+    c = _chunks(n, arrays[0].shape[1], arrays[1].shape[1]) if chunks is None else chunks
     if c == 1:
         return fn(*arrays)
     out = lax.map(lambda a: fn(*a), tuple(z.reshape((c, n // c) + z.shape[1:]) for z in arrays))
@@ -94,7 +112,7 @@ def _bwd_chunk(q, k, v, lse, delta, do):
 
 
 def _fast_impl(q, k, v):
-    return _over_chunks(_fwd_chunk, q, k, v)[0]
+    return _over_chunks(_fwd_chunk, q, k, v, chunks=_inference_chunks(q.shape[0], q.shape[1], k.shape[1]))[0]
 
 
 def _fast_fwd(q, k, v):
