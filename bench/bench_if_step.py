@@ -19,8 +19,8 @@ machine state (this VM's speed drifts +-30 % within minutes):
              then DDPMScheduler.step with the fixture's scheduler_config (learned-range variance, dynamic
              thresholding at 0.95 clamped to [1, 1.5]) at t = 500 of IF's 100-step "leading" schedule,
              noise drawn inside the step. PyTorch: IFPipeline's loop body verbatim under torch.no_grad;
-             jaxdiff: one `jaxdiff.util.cpu.jit` function (U-Net through `guides.classifier_free`, the
-             update from `jaxdiff.diffusion.gaussian`'s posterior, noise from jax.random).
+             jaxdiff: one `jaxdiff.util.cpu.jit` function, the "diffusers_ddpm" sampler's loop body (U-Net
+             through `guides.classifier_free`, `samplers.denoise` with dynamic thresholding, `samplers.ddpm_step`).
   t5_encode  `--captions` captions of 77 tokens (random ids within the vocabulary, an end token, then
              padding; 5-40 real tokens each): `jaxdiff.models.t5.encode` (host checks + jitted forward)
              vs `T5EncoderModel(input_ids, attention_mask).last_hidden_state` under torch.no_grad.
@@ -194,47 +194,22 @@ class Reference:
 # --- jaxdiff ----------------------------------------------------------------------------------------------
 
 def if_schedule(sched_cfg: dict):
-    """jaxdiff's Schedule of IF's DDPMScheduler after set_timesteps(INFERENCE_STEPS) with "leading" spacing:
-    the chain visits t = 0, 10, ..., 990; index i is t = 10 i (its betas are 1 - abar_t / abar_prev_t,
-    what DDPMScheduler.step computes from prev_t)."""
-    from jaxdiff.diffusion import schedules
+    """jaxdiff's Schedule of IF's DDPMScheduler after set_timesteps(INFERENCE_STEPS): the "diffusers_ddpm"
+    sampler's respacing ("leading", t = 0, 10, ..., 990) of the cosine schedule."""
+    from jaxdiff.diffusion import samplers
+    from jaxdiff.diffusion.schedules import make_schedule
 
     assert sched_cfg["beta_schedule"] == "squaredcos_cap_v2" and sched_cfg["timestep_spacing"] == "leading"
     assert sched_cfg["steps_offset"] == 0 and sched_cfg["prediction_type"] == "epsilon"
     n = sched_cfg["num_train_timesteps"]
-    betas = schedules.named_betas("cosine", n)  # diffusers' squaredcos_cap_v2 (max beta 0.999)
-    use = range(0, n, n // INFERENCE_STEPS)
-    new_betas, tmap = schedules.respace_betas(betas, use)
-    return schedules.schedule_from_betas(new_betas, tmap, num_train_timesteps=n)
-
-
-def if_ddpm_update(sched, x, i, model_out, noise, *, ratio: float, max_value: float):
-    """DDPMScheduler.step (epsilon, "learned_range", dynamic thresholding) on channels-last arrays, at index i
-    of `sched` (a scalar int). A local stand-in: IF's scheduler is being added to jaxdiff's sampler registry
-    separately; this is the same arithmetic from jaxdiff.diffusion.gaussian's pieces.
-
-    x0 = (x - sqrt(1 - abar) eps) / sqrt(abar); thresholded per sample to s = clip(quantile(|x0|, ratio), 1,
-    max_value): clip(x0, -s, s) / s; mean = the q posterior of (x0, x); log variance = frac log(beta) +
-    (1 - frac) log(posterior variance), frac = (v + 1) / 2; x_prev = mean + exp(log var / 2) noise (no noise
-    at i = 0)."""
-    from jaxdiff.diffusion import gaussian
-
-    eps, var_values = gaussian.split_output(model_out, learned_sigma=True)
-    x0 = gaussian.x0_from_eps(sched, x, i, eps)
-    b = x0.shape[0]
-    s = jnp.quantile(jnp.abs(x0).reshape(b, -1), ratio, axis=1)
-    s = jnp.clip(s, 1.0, max_value).reshape((b,) + (1,) * (x0.ndim - 1))
-    x0 = jnp.clip(x0, -s, s) / s
-    mean, _, _ = gaussian.q_posterior(sched, x0, x, i)
-    log_var = gaussian.model_log_variance(sched, i, var_values, x.ndim)
-    return mean + jnp.where(i > 0, jnp.exp(0.5 * log_var) * noise, 0.0)
+    return make_schedule("cosine", n, samplers.SAMPLERS["diffusers_ddpm"].respacing(INFERENCE_STEPS))
 
 
 class Jaxdiff:
     def __init__(self, fx: dict):
         from jaxdiff.convert.diffusers import unet2d_module, unet2d_params_from_state_dict
         from jaxdiff.convert.transformers import t5_params_from_state_dict
-        from jaxdiff.diffusion import guides
+        from jaxdiff.diffusion import guides, samplers
         from jaxdiff.models import t5
         from jaxdiff.util import cpu
 
@@ -256,11 +231,13 @@ class Jaxdiff:
         def uncond(cond):  # the empty caption's states in place of the captions' (IF's negative prompt)
             return {**cond, "context": cond["null_context"]}
 
-        def step(params, x, i, cond, noise):
+        x0_fn = guides.make_x0_fn(dynamic_threshold_percentile=ratio, dynamic_threshold_max=max_value)
+
+        def step(params, x, i, cond, noise):  # the "diffusers_ddpm" sampler's loop body
             guided = guides.classifier_free(model_fn(params), uncond=uncond, learned_sigma=True)
-            t = jnp.broadcast_to(self.sched.timestep_map[i], (x.shape[0],))
-            out = guided(x, t, cond)
-            return if_ddpm_update(self.sched, x, i, out, noise, ratio=ratio, max_value=max_value)
+            i = jnp.broadcast_to(i, (x.shape[0],))
+            d = samplers.denoise(guided, self.sched, x, i, cond, learned_sigma=True, x0_fn=x0_fn, guide_eps=False)
+            return samplers.ddpm_step(self.sched, x, i, d, noise)
 
         self.step_with_noise = cpu.jit(step)
         self.step = cpu.jit(lambda p, x, i, cond, key: step(p, x, i, cond, jax.random.normal(key, x.shape)))

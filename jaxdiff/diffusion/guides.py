@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxdiff.diffusion.gaussian import eps_from_x0, extract, x0_from_eps
 from jaxdiff.diffusion.schedules import Schedule
+from jaxdiff.ops.quantile import quantile_nonnegative
 
 Cond = Mapping[str, jax.Array]
 
@@ -356,10 +357,10 @@ def condition_eps(sched: Schedule, x: jax.Array, i: jax.Array, x0: jax.Array, gr
 
 def dynamic_threshold(x0: jax.Array, percentile: float = 0.995, max_value: Optional[float] = None) -> jax.Array:
     """Imagen's dynamic thresholding: s = max(quantile(|x0|, p), 1) per sample (quantile over every
-    element of the sample, linear interpolation), capped at `max_value` when given (diffusers'
+    element of the sample, linear interpolation as torch.quantile, `ops.quantile`), capped at `max_value` when given (diffusers'
     `sample_max_value`; DeepFloyd IF: p = 0.95, max 1.5); clip to [-s, s], then / s."""
     b = x0.shape[0]
-    s = jnp.quantile(jnp.abs(x0).reshape(b, -1).astype(jnp.float32), percentile, axis=1)
+    s = quantile_nonnegative(jnp.abs(x0).reshape(b, -1).astype(jnp.float32), percentile)
     s = jnp.maximum(s, 1.0)
     if max_value is not None:
         s = jnp.minimum(s, float(max_value))
