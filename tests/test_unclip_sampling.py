@@ -16,9 +16,15 @@ the image test bounds the bulk (mean and 99th percentile) tightly and the worst 
 embeddings (no such step: the prior predicts x0) meet 1e-4.
 """
 
+import json
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import _cascade as C
+import _training_helpers as H
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +147,156 @@ def test_unclip_spacing_and_last_step():
     sched = make_schedule("cosine", 1000, "unclip5")
     assert float(sched.posterior_mean_coef1[0]) == float(coef) != 1.0
     assert float(sched.posterior_mean_coef2[0]) == 0.0
+
+
+# --- sample.py --config.pipeline=unclip ------------------------------------------------------------------
+
+N = 16
+PROMPTS = "a red cube|the dark sky|"  # three prompts cycled over the samples; the last is the empty caption
+SETTINGS = [f"--config.sample.num_samples={N}", "--config.sample.grid_max=4", "--config.unclip.steps=3,3,2",
+            "--config.unclip.scales=4,6", "--config.sample.progress=False"]
+KILL_AFTER = 3  # on 8 devices (batches of 8) the prior writes 2 shards; the killed run dies after the decoder's first
+
+
+def _start(k, name, devices, extra=(), kill=0):
+    # XLA's default optimisation, as tests/test_if_sampling.py (the 1- and 8-device programs must round alike)
+    env = H.env(devices=devices, opt0=False, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAXDIFF_TEST_KILL_AFTER_SHARDS=str(kill))
+    cmd = [sys.executable, str(HERE / "_sample_worker.py"), "--config", str(ROOT / "configs" / "sample.py"),
+           f"--jax_cache_dir={k['root'] / 'xla'}", "--config.pipeline=unclip", f"--config.unclip.folder={k['folder']}",
+           f"--config.unclip.super_res_last={k['converted'] / 'super_res_last'}",
+           f"--config.text_encoder={k['converted'] / 'text_encoder'}", f"--config.out={k['root'] / name}",
+           *SETTINGS, *extra]
+    log = k["root"] / f"{name}.{kill}.log"
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log
+
+
+def _wait(proc, timeout=400):
+    p, log = proc
+    try:
+        p.wait(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def runs(karlo):
+    """1 device (batches of 1); 8 devices (batches of 8), killed (-9) in the decoder stage, then rerun; image
+    variations from three of the 1-device run's embeddings (batches of 4)."""
+    k = karlo
+    one = _start(k, "one", 1, [f"--config.prompts={PROMPTS}", "--config.sample.batch_size=1"])
+    killed = _start(k, "eight", 8, [f"--config.prompts={PROMPTS}", "--config.sample.batch_size=8"], kill=KILL_AFTER)
+    logs = {"one": _wait(one), "killed": _wait(killed)}
+    k["after_kill"] = {s: sorted(os.listdir(k["root"] / "eight" / s)) for s in ("prior", "decoder")}
+    resumed = _start(k, "eight", 8, [f"--config.prompts={PROMPTS}", "--config.sample.batch_size=8"])
+    assert logs["one"][0] == 0, logs["one"][1][-4000:]
+    with np.load(k["root"] / "one" / "prior" / "embeddings.npz") as f:
+        np.savez(k["root"] / "embeds.npz", image_embeds=f["arr_0"][:3])
+    variations = _start(k, "variations", 1, [f"--config.unclip.image_embeddings={k['root'] / 'embeds.npz'}",
+                                             "--config.sample.batch_size=4"])
+    logs.update(resumed=_wait(resumed), variations=_wait(variations))
+    for name in ("resumed", "variations"):
+        rc, log = logs[name]
+        assert rc == 0, f"{name}: exit {rc}\n{log[-4000:]}"
+    k["logs"] = logs
+    return k
+
+
+def _load(path):
+    with np.load(path) as f:
+        return f["arr_0"], f["captions"]
+
+
+def test_pipeline_writes_each_stage(runs):
+    captions = np.array(["a red cube", "the dark sky", ""] * N)[:N]
+    out = runs["root"] / "one"
+    embeds, caps = _load(out / "prior" / "embeddings.npz")
+    assert embeds.shape == (N, 32) and embeds.dtype == np.float32 and sorted(os.listdir(out / "prior")) == [
+        "embeddings.npz"]
+    np.testing.assert_array_equal(caps, captions)
+    assert not np.array_equal(embeds[0], embeds[3])
+    for stage, size in (("decoder", 16), ("super_res", 64)):
+        assert sorted(os.listdir(out / stage)) == ["grid.png", "samples.npz"]  # shards merged, then deleted
+        images, caps = _load(out / stage / "samples.npz")
+        assert images.shape == (N, size, size, 3) and images.dtype == np.uint8 and images.std() > 5
+        np.testing.assert_array_equal(caps, captions)
+        assert f"wrote {out / stage / 'samples.npz'} ({N} images) and {out / stage / 'grid.png'}" in \
+            runs["logs"]["one"][1]
+
+
+def test_same_bytes_on_1_and_8_devices_and_after_kill_9(runs):
+    rc, log = runs["logs"]["killed"]
+    assert rc == -9, log[-3000:]
+    assert runs["after_kill"] == {"prior": ["embeddings.npz"], "decoder": ["shards"]}  # killed in the decoder
+    resumed = runs["logs"]["resumed"][1]
+    assert f"prior/embeddings.npz already holds these settings' {N} samples: nothing to do" in resumed, resumed[-3000:]
+    assert "sampled 1 of 2 batches, 1 were already in its shards/" in resumed, resumed[-3000:]
+    for stage, name in (("prior", "embeddings.npz"), ("decoder", "samples.npz"), ("super_res", "samples.npz")):
+        one, eight = (_load(runs["root"] / run / stage / name) for run in ("one", "eight"))
+        assert one[0].tobytes() == eight[0].tobytes() and np.array_equal(one[1], eight[1]), stage
+
+
+def test_image_variations(runs):
+    out = runs["root"] / "variations"
+    assert sorted(os.listdir(out)) == ["decoder", "super_res"]  # no prior
+    images, caps = _load(out / "super_res" / "samples.npz")
+    assert images.shape == (N, 64, 64, 3) and images.std() > 5 and set(caps) == {""}
+    small, _ = _load(out / "decoder" / "samples.npz")
+    assert not np.array_equal(small[0], small[3])  # the same embedding (row 0), other noise
+
+
+# --- bad input: one error line, nothing loaded or compiled ----------------------------------------------
+
+def _changed_copy(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_bad_input_one_error_line_before_anything_compiles(karlo, tmp_path, monkeypatch, capsys):
+    from jaxdiff.diffusion import samplers
+    from jaxdiff.sample import runner, unclip_run
+    from jaxdiff.util import cli
+
+    def never(*a, **k):
+        raise AssertionError("weights were loaded or a program was built")
+
+    for name in ("load_part", "encode_text"):
+        monkeypatch.setattr(unclip_run, name, never)
+    monkeypatch.setattr(samplers, "make_sampler", never)
+    folder = karlo["folder"]
+    no_text = tmp_path / "no-text-encoder"
+    shutil.copytree(folder, no_text, ignore=shutil.ignore_patterns("text_encoder"))
+    wide_prior = _changed_copy(folder / "prior", tmp_path / "wide-prior", clip_embed_dim=48)
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.zeros((2, 48), np.float32))
+    base = dict(pipeline="unclip", prompts=PROMPTS)
+    cases = [
+        (dict(folder=str(no_text)), "config.prompts needs a CLIP text encoder"),
+        (dict(prompts="", image_embeddings=str(wide)),
+         f"config.unclip.image_embeddings='{wide}' holds embeddings of width 48; the decoder "
+         f"({folder / 'text_proj'}) takes CLIP image embeddings of width 32"),
+        (dict(prior=str(wide_prior)),
+         f"the prior ({wide_prior}) makes CLIP image embeddings of width 48 (clip_embed_dim), but the text_proj "
+         f"({folder / 'text_proj'}) takes clip_embeddings_dim=32"),
+        (dict(image_embeddings=str(wide)), "give config.prompts (text to image) or config.unclip.image_embeddings"),
+        (dict(steps="1,3,2"), "config.unclip.steps: the prior has 1 steps; allowed: 2..1000"),
+        (dict(pipeline=""), "config.prompts applies to config.pipeline=if only"),
+    ]
+    for keys, message in cases:
+        cfg = runner.default_config()
+        cfg.unclip.folder, cfg.out = str(folder), str(tmp_path / "out")
+        for k, v in {**base, **keys}.items():
+            if k in ("pipeline", "prompts"):
+                setattr(cfg, k, v)
+            else:
+                setattr(cfg.unclip, k, v)
+        assert cli.report_errors(lambda cfg=cfg: runner.run(cfg, shards=True), "sample.py") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sample.py: error: ") and message in err[0], (message, err)
+    assert not (tmp_path / "out").exists()
