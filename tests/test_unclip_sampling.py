@@ -151,11 +151,12 @@ def test_unclip_spacing_and_last_step():
 
 # --- sample.py --config.pipeline=unclip ------------------------------------------------------------------
 
-N = 16
+N = 8
 PROMPTS = "a red cube|the dark sky|"  # three prompts cycled over the samples; the last is the empty caption
 SETTINGS = [f"--config.sample.num_samples={N}", "--config.sample.grid_max=4", "--config.unclip.steps=3,3,2",
             "--config.unclip.scales=4,6", "--config.sample.progress=False"]
-KILL_AFTER = 3  # on 8 devices (batches of 8) the prior writes 2 shards; the killed run dies after the decoder's first
+KILL_AFTER = 5  # on 8 devices (batches of 4) the prior and the decoder write 2 shards each; the killed run dies after
+# the super-resolution's first (having compiled every stage: the rerun finds them in the compilation cache)
 
 
 def _start(k, name, devices, extra=(), kill=0):
@@ -184,19 +185,19 @@ def _wait(proc, timeout=400):
 
 @pytest.fixture(scope="module")
 def runs(karlo):
-    """1 device (batches of 1); 8 devices (batches of 8), killed (-9) in the decoder stage, then rerun; image
-    variations from three of the 1-device run's embeddings (batches of 4)."""
+    """1 device (batches of 1); 8 devices (batches of 4, padded: one sample a device, as on 1 device), killed (-9)
+    in the super-resolution stage, then rerun; image variations from three of the 1-device run's embeddings."""
     k = karlo
     one = _start(k, "one", 1, [f"--config.prompts={PROMPTS}", "--config.sample.batch_size=1"])
-    killed = _start(k, "eight", 8, [f"--config.prompts={PROMPTS}", "--config.sample.batch_size=8"], kill=KILL_AFTER)
+    killed = _start(k, "eight", 8, [f"--config.prompts={PROMPTS}", "--config.sample.batch_size=4"], kill=KILL_AFTER)
     logs = {"one": _wait(one), "killed": _wait(killed)}
-    k["after_kill"] = {s: sorted(os.listdir(k["root"] / "eight" / s)) for s in ("prior", "decoder")}
-    resumed = _start(k, "eight", 8, [f"--config.prompts={PROMPTS}", "--config.sample.batch_size=8"])
+    k["after_kill"] = {s: sorted(os.listdir(k["root"] / "eight" / s)) for s in ("prior", "decoder", "super_res")}
+    resumed = _start(k, "eight", 8, [f"--config.prompts={PROMPTS}", "--config.sample.batch_size=4"])
     assert logs["one"][0] == 0, logs["one"][1][-4000:]
     with np.load(k["root"] / "one" / "prior" / "embeddings.npz") as f:
         np.savez(k["root"] / "embeds.npz", image_embeds=f["arr_0"][:3])
     variations = _start(k, "variations", 1, [f"--config.unclip.image_embeddings={k['root'] / 'embeds.npz'}",
-                                             "--config.sample.batch_size=4"])
+                                             "--config.sample.batch_size=1"])
     logs.update(resumed=_wait(resumed), variations=_wait(variations))
     for name in ("resumed", "variations"):
         rc, log = logs[name]
@@ -230,9 +231,11 @@ def test_pipeline_writes_each_stage(runs):
 def test_same_bytes_on_1_and_8_devices_and_after_kill_9(runs):
     rc, log = runs["logs"]["killed"]
     assert rc == -9, log[-3000:]
-    assert runs["after_kill"] == {"prior": ["embeddings.npz"], "decoder": ["shards"]}  # killed in the decoder
+    assert runs["after_kill"] == {"prior": ["embeddings.npz"], "decoder": ["grid.png", "samples.npz"],
+                                  "super_res": ["shards"]}  # killed in the last stage
     resumed = runs["logs"]["resumed"][1]
-    assert f"prior/embeddings.npz already holds these settings' {N} samples: nothing to do" in resumed, resumed[-3000:]
+    for stage, name in (("prior", "embeddings.npz"), ("decoder", "samples.npz")):
+        assert f"{stage}/{name} already holds these settings' {N} samples: nothing to do" in resumed, resumed[-3000:]
     assert "sampled 1 of 2 batches, 1 were already in its shards/" in resumed, resumed[-3000:]
     for stage, name in (("prior", "embeddings.npz"), ("decoder", "samples.npz"), ("super_res", "samples.npz")):
         one, eight = (_load(runs["root"] / run / stage / name) for run in ("one", "eight"))
