@@ -149,6 +149,20 @@ def test_unclip_spacing_and_last_step():
     assert float(sched.posterior_mean_coef2[0]) == 0.0
 
 
+def test_bicubic_antialias_upsample():
+    """torch's F.interpolate(mode="bicubic", align_corners=False, antialias=True), 3x3 -> 5x5 (values recorded
+    from torch 2.13): a = -0.5 and the weights renormalised at the borders, unlike plain bicubic."""
+    from jaxdiff.sample.unclip import upsample_bicubic
+
+    x = jnp.asarray([[0.0, 1.0, 0.5], [2.0, 3.0, -1.0], [0.25, -0.5, 1.0]]).reshape(1, 3, 3, 1)
+    ref = [[-0.226415, 0.210363, 0.849057, 0.740707, 0.595408],
+           [0.698465, 1.246464, 1.858209, 0.624944, -0.264644],
+           [1.924528, 2.529851, 3.0, 0.447761, -1.301887],
+           [0.963637, 0.931819, 0.817164, 0.430719, 0.187131],
+           [0.184496, -0.277211, -0.764151, 0.439736, 1.295479]]
+    np.testing.assert_allclose(np.asarray(upsample_bicubic(x, (5, 5)))[0, ..., 0], ref, atol=2e-6)
+
+
 # --- sample.py --config.pipeline=unclip ------------------------------------------------------------------
 
 N = 8
