@@ -14,6 +14,8 @@
     python sample.py --config configs/sample.py --config.pipeline=if --config.prompts=PROMPTS.txt \
         --config.stages=IF-I-XL-v1.0,IF-II-L-v1.0 --config.text_encoder=IF-I-XL-v1.0/text_encoder \
         --config.tokenizer=IF-I-XL-v1.0/tokenizer/spiece.model --config.out=OUT   # docs/cascade.md: OUT/stage1, OUT/stage2
+    python sample.py --config configs/sample.py --config.pipeline=unclip --config.prompts=PROMPTS.txt \
+        --config.unclip.folder=karlo-v1-alpha --config.out=OUT   # docs/unclip.md: OUT/prior, OUT/decoder, OUT/super_res
 
 Writes OUT/samples.npz (guided-diffusion's evaluator layout: arr_0 uint8 NHWC images, arr_1 int
 labels for class-conditional models), atomically, and a labelled PNG grid OUT/grid.png. Every

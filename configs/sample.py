@@ -7,6 +7,8 @@
 DeepFloyd IF's cascade (docs/cascade.md): `--config.pipeline=if --config.prompts=P.txt
 --config.stages=IF-I-XL-v1.0,IF-II-L-v1.0 --config.text_encoder=T5 --config.tokenizer=spiece.model`, with
 `config.cascade.*` (steps, scales, noise level, dynamic thresholding) and `--config.mesh.fsdp=N`.
+Karlo's unCLIP (docs/unclip.md): `--config.pipeline=unclip --config.prompts=P.txt --config.unclip.folder=KARLO`,
+with `config.unclip.*` (each part's folder, steps, scales, image_embeddings for image variations).
 
 `--config configs/sample.py:pkg.my_guides,pkg.more` imports those modules first, so the guides and
 samplers they register (jaxdiff.diffusion.guidance.register_guide, jaxdiff.diffusion.samplers.register_sampler) have

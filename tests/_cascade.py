@@ -49,3 +49,55 @@ def assert_refused(check, config, words):
         check(config)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+KARLO_PARTS = {  # subfolder: (fixture prefix, diffusers class, config key)
+    "prior": ("prior", "PriorTransformer", "prior_config"),
+    "text_proj": ("text_proj", "UnCLIPTextProjModel", "text_proj_config"),
+    "decoder": ("decoder", "UNet2DConditionModel", "decoder_config"),
+    "super_res_first": ("super_res_first", "UNet2DModel", "super_res_config"),
+    "super_res_last": ("super_res_last", "UNet2DModel", "super_res_config"),
+}
+TINY_WORDS = ("a", "red", "cube", "the", "dark", "sky", "photo", "of", "cat")
+
+
+def write_clip_text_folder(path, z, **changes):
+    """The fixture's CLIPTextModelWithProjection as a transformers folder (config.json + model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["CLIPTextModelWithProjection"], **config_of(z, "clip_text_config"), **changes}
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict(z, "clip_text").items()},
+              str(path / "model.safetensors"))
+    return path
+
+
+def write_clip_tokenizer(path, words=TINY_WORDS):
+    """A tiny CLIP BPE tokenizer folder (merges.txt with its #version header, vocab.json): byte symbols, the
+    merges spelling `words`, the two special tokens; ids < 600 (the fixture's CLIP has 1000)."""
+    from jaxdiff.data.tokenizers import ClipTokenizer
+
+    merges = []
+    for w in words:
+        syms = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(syms) > 1:
+            pair = (syms[0], syms[1])
+            if pair not in merges:
+                merges.append(pair)
+            syms = ["".join(pair)] + syms[2:]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    tok = ClipTokenizer(merges)
+    (path / "vocab.json").write_text(json.dumps(tok.encoder))
+    return path
+
+
+def write_karlo_folder(root, z):
+    """The fixture's unCLIP models as a Karlo pipeline folder: prior/, text_proj/, decoder/, super_res_first/,
+    super_res_last/ (diffusers folders), text_encoder/ (transformers), tokenizer/ (a tiny CLIP BPE)."""
+    for sub, (prefix, cls, key) in KARLO_PARTS.items():
+        write_diffusers_folder(root / sub, cls, config_of(z, key), state_dict(z, prefix))
+    write_clip_text_folder(root / "text_encoder", z)
+    write_clip_tokenizer(root / "tokenizer")
+    return root

@@ -11,7 +11,8 @@ transformers model folders, into jaxdiff models.
 writes DIR/config.json ({"kind", "model", "diffusion", "source"}) and DIR/params (orbax), atomically;
 an existing non-empty DIR is only replaced with --force. GLIDE's options and kinds: `jaxdiff.convert.glide`,
 `jaxdiff.convert.clip`. A diffusers folder (UNet2DConditionModel or UNet2DModel: kind "unet2d_condition" /
-"unet2d") or a transformers folder (T5EncoderModel: kind "t5_encoder") holds config.json and its weights
+"unet2d"; unCLIP's PriorTransformer / UnCLIPTextProjModel: "prior" / "unclip_text_proj") or a transformers
+folder (T5EncoderModel: kind "t5_encoder"; CLIPTextModelWithProjection: "clip_text") holds config.json and its weights
 (safetensors, sharded or not, read without torch; .bin with torch); DIR/config.json then records the
 folder's config.json as "model" (`jaxdiff.convert.converted.from_folder`). `jaxdiff.load_model(DIR)` reopens
 any of them.

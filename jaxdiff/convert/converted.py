@@ -3,7 +3,8 @@
 
 Model folders (`from_folder`): a diffusers UNet2DConditionModel / UNet2DModel folder (source "diffusers",
 kind "unet2d_condition" / "unet2d") or a transformers T5EncoderModel folder (source "transformers", kind
-"t5_encoder"); their config.json is {"kind", "model": the folder's config.json as it was, "source"} (no
+"t5_encoder"), and unCLIP's PriorTransformer / UnCLIPTextProjModel (kinds "prior", "unclip_text_proj") and
+CLIPTextModel[WithProjection] (kind "clip_text"); their config.json is {"kind", "model": the folder's config.json as it was, "source"} (no
 "diffusion": a U-Net folder holds no schedule) and their params are float32."""
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from jaxdiff.util import config as config_util
 
 SOURCES = ("guided-diffusion", "glide", "diffusers", "transformers")
 FOLDER_SOURCES = ("diffusers", "transformers")  # a model folder (config.json + weights), not one file
-FOLDER_KINDS = {"unet2d_condition": "diffusers", "unet2d": "diffusers", "t5_encoder": "transformers"}
+FOLDER_KINDS = {"unet2d_condition": "diffusers", "unet2d": "diffusers", "prior": "diffusers",
+                "unclip_text_proj": "diffusers", "t5_encoder": "transformers", "clip_text": "transformers"}
+DIFFUSERS_CLASSES = {"PriorTransformer": "prior", "UnCLIPTextProjModel": "unclip_text_proj"}  # besides the U-Nets
 
 
 def save_converted(directory, params, kind: str, model_flags: dict, diffusion_flags: Optional[dict] = None,
@@ -75,7 +78,20 @@ def from_folder(source: str, folder, variant: Optional[str] = None) -> tuple:
 
     if source not in FOLDER_SOURCES:
         raise ValueError(f"source={source!r} is not a model-folder source; those are {', '.join(FOLDER_SOURCES)}")
-    if source == "diffusers":
+    config = read_config_json(folder)
+    if source == "diffusers" and config.get("_class_name") in DIFFUSERS_CLASSES:
+        from jaxdiff.convert import unclip
+
+        kind = DIFFUSERS_CLASSES[config["_class_name"]]
+        loader = unclip.load_prior_folder if kind == "prior" else unclip.load_text_proj_folder
+        _, params, _ = loader(folder)
+    elif source == "transformers" and (config.get("model_type") == "clip_text_model"
+                                       or any(str(a).startswith("CLIPText") for a in config.get("architectures") or ())):
+        from jaxdiff.convert.clip_text import load_clip_text_folder
+
+        _, params, _ = load_clip_text_folder(folder, variant=variant)
+        kind = "clip_text"
+    elif source == "diffusers":
         from jaxdiff.convert.diffusers import load_diffusers_unet
         from jaxdiff.models.unet2d import UNet2DConfig
 
@@ -86,7 +102,7 @@ def from_folder(source: str, folder, variant: Optional[str] = None) -> tuple:
 
         _, params, _ = load_t5_folder(folder, variant=variant)
         kind = "t5_encoder"
-    return kind, params, read_config_json(folder)
+    return kind, params, config
 
 
 def _folder_module(kind: str, model_config: dict, dtype=None) -> tuple:
@@ -97,6 +113,16 @@ def _folder_module(kind: str, model_config: dict, dtype=None) -> tuple:
 
         module = T5Encoder(t5_config_from_json(model_config), dtype=resolve_dtype(dtype))
         return module, abstract_t5_params(module)
+    if kind == "clip_text":
+        from jaxdiff.models.clip_text import CLIPTextEncoder, abstract_clip_text_params, clip_text_config_from_json
+        from jaxdiff.models.layers import resolve_dtype
+
+        module = CLIPTextEncoder(clip_text_config_from_json(model_config), dtype=resolve_dtype(dtype))
+        return module, abstract_clip_text_params(module)
+    if kind in ("prior", "unclip_text_proj"):
+        from jaxdiff.convert import unclip
+
+        return unclip.folder_module(kind, model_config, dtype)
     from jaxdiff.convert.diffusers import abstract_unet2d_params, unet2d_module
     from jaxdiff.models.unet2d import unet2d_model_config
     from jaxdiff.models.unet2d_condition import unet2d_condition_config

@@ -33,7 +33,7 @@ from jaxdiff.models.layers import abstract_params
 from jaxdiff.models.prior import PriorConfig, PriorTransformer, prior_config
 from jaxdiff.models.unclip_text_proj import TextProjConfig, UnCLIPTextProjModel, text_proj_config
 
-__all__ = ["LIST_NAMES", "expected_prior_shapes", "expected_text_proj_shapes", "load_prior_folder",
+__all__ = ["LIST_NAMES", "folder_module", "expected_prior_shapes", "expected_text_proj_shapes", "load_prior_folder",
            "load_text_proj_folder", "prior_params_from_state_dict", "prior_state_dict_from_params",
            "text_proj_params_from_state_dict", "text_proj_state_dict_from_params"]
 
@@ -122,3 +122,23 @@ def load_text_proj_folder(folder) -> tuple:
     cfg = text_proj_config(load_diffusers_config(folder))
     params = text_proj_params_from_state_dict(load_diffusers_state_dict(folder), cfg)
     return UnCLIPTextProjModel(cfg), params, cfg
+
+
+def folder_module(kind: str, model_config: Mapping, dtype: Any = None) -> tuple:
+    """(module, abstract float32 params) of a converted "prior" / "unclip_text_proj" from its config.json."""
+    from jaxdiff.models.layers import resolve_dtype
+
+    if kind == "prior":
+        cfg = prior_config(model_config)
+        module = PriorTransformer(cfg, dtype=resolve_dtype(dtype))
+    else:
+        cfg = text_proj_config(model_config)
+        module = UnCLIPTextProjModel(cfg)
+    return module, _abstract(kind, cfg)
+
+
+def _abstract(kind: str, cfg) -> dict:
+    from flax.traverse_util import unflatten_dict
+
+    layout = _prior_layout(cfg) if kind == "prior" else _text_proj_layout(cfg)
+    return unflatten_dict({e.path: jax.ShapeDtypeStruct(e.flax_shape, jnp.float32) for e in layout})

@@ -369,9 +369,9 @@ def dynamic_threshold(x0: jax.Array, percentile: float = 0.995, max_value: Optio
 
 
 def make_x0_fn(*, clip_denoised: bool = True, dynamic_threshold_percentile: Optional[float] = None,
-               dynamic_threshold_max: Optional[float] = None):
+               dynamic_threshold_max: Optional[float] = None, clip_range: float = 1.0):
     """The x0 processing a sampler applies: dynamic thresholding (percentile, optional cap on s, see
-    `dynamic_threshold`), clip to [-1, 1], or nothing."""
+    `dynamic_threshold`), clip to [-clip_range, clip_range] (default [-1, 1]), or nothing."""
     if dynamic_threshold_max is not None and dynamic_threshold_percentile is None:
         raise ValueError("a dynamic thresholding maximum needs dynamic thresholding (a percentile)")
     if dynamic_threshold_percentile is not None:
@@ -383,5 +383,8 @@ def make_x0_fn(*, clip_denoised: bool = True, dynamic_threshold_percentile: Opti
             raise ValueError(f"dynamic threshold maximum {m} must be >= 1 (s is never below 1)")
         return lambda x0: dynamic_threshold(x0, p, m)
     if clip_denoised:
-        return lambda x0: jnp.clip(x0, -1.0, 1.0)
+        r = float(clip_range)
+        if not r > 0:
+            raise ValueError(f"clip range {clip_range!r} must be > 0")
+        return lambda x0: jnp.clip(x0, -r, r)
     return None

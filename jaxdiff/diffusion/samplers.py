@@ -275,6 +275,13 @@ register_sampler(Sampler(
     "diffusers_ddpm", lambda sched, x, i, d, noise, state, first, o: (
         ddpm_step(sched, x, i, d, noise, fixed_variance=o.fixed_variance), state),
     guide_eps=False, respacing=lambda steps: f"leading{steps}"))
+# diffusers' UnCLIPScheduler (Karlo): the same ancestral step over its own spacing ("unclipN": T - 1 down to 0);
+# its beta of a skipped step, 1 - abar_t / abar_prev, is the respaced chain's, and its variances ("fixed_small_log":
+# the posterior's, "learned_range": between it and that beta) are fixed_variance "small" and learned sigma.
+register_sampler(Sampler(
+    "unclip", lambda sched, x, i, d, noise, state, first, o: (
+        ddpm_step(sched, x, i, d, noise, fixed_variance=o.fixed_variance), state),
+    guide_eps=False, respacing=lambda steps: f"unclip{steps}"))
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -360,6 +367,7 @@ class SamplerSpec(NamedTuple):
     dynamic_threshold: Optional[float] = None  # percentile, e.g. 0.995 (replaces clipping)
     progress: bool = False
     threshold_max: Optional[float] = None      # cap on dynamic thresholding's s (diffusers' sample_max_value)
+    clip_range: float = 1.0                    # clip_denoised clips x0 to [-clip_range, clip_range]
 
 
 def make_sampler(build: Callable[[Any], tuple[ModelFn, Optional[GradFn]]], spec: SamplerSpec,
@@ -375,7 +383,7 @@ def make_sampler(build: Callable[[Any], tuple[ModelFn, Optional[GradFn]]], spec:
     """
     check_sampler(spec.sampler)
     x0_fn = make_x0_fn(clip_denoised=spec.clip_denoised, dynamic_threshold_percentile=spec.dynamic_threshold,
-                       dynamic_threshold_max=spec.threshold_max)
+                       dynamic_threshold_max=spec.threshold_max, clip_range=spec.clip_range)
     shape = tuple(int(s) for s in shape)
 
     @cpu.jit(compiler_options=compiler_options)

@@ -203,6 +203,15 @@ def leading_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
     return [k * (T // n) for k in range(n)]
 
 
+def unclip_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
+    """diffusers' UnCLIPScheduler spacing (Karlo's): round(k * (T - 1) / (N - 1)) for k = 0..N-1, sorted
+    ascending, so the chain runs from T - 1 to 0 (T = 1000, N = 5: 0, 250, 500, 749, 999; numpy's rounding)."""
+    T, n = int(num_timesteps), int(num_steps)
+    if not 2 <= n <= T:
+        raise ValueError(f"unCLIP spacing asks for {num_steps} steps; allowed: 2..{T} (it runs from T - 1 to 0)")
+    return [int(t) for t in np.round(np.arange(n) * ((T - 1) / (n - 1))).astype(np.int64)]
+
+
 def _steps_of(respacing: str, prefix: str) -> int:
     try:
         return int(respacing.strip()[len(prefix):])
@@ -212,8 +221,10 @@ def _steps_of(respacing: str, prefix: str) -> int:
 
 def respaced_timesteps(betas: np.ndarray, respacing: str | int | Sequence[int]) -> list[int]:
     """Timesteps kept by a respacing: guided-diffusion's strings ("250", "ddim25", "10,20,30"),
-    "logsnrN" (N steps uniform in log SNR, for DPM-Solver++) or "leadingN" (diffusers' "leading"
-    spacing, `leading_timesteps`)."""
+    "logsnrN" (N steps uniform in log SNR, for DPM-Solver++), "leadingN" (diffusers' "leading"
+    spacing, `leading_timesteps`) or "unclipN" (`unclip_timesteps`)."""
+    if isinstance(respacing, str) and respacing.strip().startswith("unclip"):
+        return unclip_timesteps(len(betas), _steps_of(respacing, "unclip"))
     if isinstance(respacing, str) and respacing.strip().startswith("leading"):
         return leading_timesteps(len(betas), _steps_of(respacing, "leading"))
     if isinstance(respacing, str) and respacing.strip().startswith("logsnr"):
@@ -221,11 +232,53 @@ def respaced_timesteps(betas: np.ndarray, respacing: str | int | Sequence[int]) 
     return space_timesteps(len(betas), respacing)
 
 
+def unclip_schedule(betas: np.ndarray, num_steps: int) -> Schedule:
+    """The respaced chain of diffusers' UnCLIPScheduler over `unclip_timesteps`, its coefficients in float32
+    as that scheduler computes them: betas cast to float32, alphas = 1 - betas in float32, their cumulative
+    product in float64 cast to float32 (torch's), then per step beta = 1 - abar_t / abar_prev (the original
+    beta when no step is skipped), the posterior's coefficients and variance from those float32 values.
+    (The float64 `schedule_from_betas` differs from it by up to 5e-4 relative at the last step, where
+    diffusers' 1 - abar_0 and beta_0 differ by float32 rounding.)"""
+    f = np.float32
+    b32 = np.asarray(betas, np.float64).astype(f)
+    ac = np.cumprod((f(1) - b32).astype(np.float64)).astype(f)
+    ts = unclip_timesteps(len(b32), num_steps)
+    one = f(1)
+    cols = {k: [] for k in ("beta", "ac", "ac_prev", "coef1", "coef2", "var")}
+    for i, t in enumerate(ts):
+        prev = ts[i - 1] if i else -1
+        a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else one)
+        bp_t, bp_prev = one - a_t, one - a_prev
+        beta = b32[t] if prev == t - 1 else one - a_t / a_prev
+        cols["beta"].append(beta)
+        cols["ac"].append(a_t)
+        cols["ac_prev"].append(a_prev)
+        cols["coef1"].append(np.sqrt(a_prev) * beta / bp_t)
+        cols["coef2"].append(np.sqrt(one - beta) * bp_prev / bp_t)
+        cols["var"].append(bp_prev / bp_t * beta)
+    c = {k: np.asarray(v, f) for k, v in cols.items()}
+    var = c["var"]
+    log_var = np.log(np.maximum(np.append(var[1] if len(var) > 1 else c["beta"][0], var[1:]), f(1e-20)))
+    sqrt_ac = np.sqrt(c["ac"])
+    j = lambda a: jnp.asarray(np.asarray(a, f))  # noqa: E731
+    return Schedule(
+        betas=j(c["beta"]), alphas_cumprod=j(c["ac"]), alphas_cumprod_prev=j(c["ac_prev"]),
+        sqrt_alphas_cumprod=j(sqrt_ac), sqrt_one_minus_alphas_cumprod=j(np.sqrt(one - c["ac"])),
+        sqrt_recip_alphas_cumprod=j(one / sqrt_ac), sqrt_recipm1_alphas_cumprod=j(np.sqrt(one - c["ac"]) / sqrt_ac),
+        log_betas=j(np.log(c["beta"])), posterior_variance=j(var), posterior_log_variance_clipped=j(log_var),
+        posterior_mean_coef1=j(c["coef1"]), posterior_mean_coef2=j(c["coef2"]),
+        fixed_large_log_variance=j(np.log(c["beta"])),
+        log_snr=j(np.log(c["ac"].astype(np.float64)) - np.log1p(-c["ac"].astype(np.float64))),
+        timestep_map=jnp.asarray(np.asarray(ts), dtype=jnp.int32), num_train_timesteps=len(b32))
+
+
 def make_schedule(name: str = "cosine", num_timesteps: int = 1000,
                   respacing: str | int | Sequence[int] | None = None) -> Schedule:
     """The schedule `name` over `num_timesteps`, optionally respaced ("250", "ddim25", "10,20",
-    "logsnr20", "leading50")."""
+    "logsnr20", "leading50", "unclip25")."""
     betas = named_betas(name, num_timesteps)
+    if isinstance(respacing, str) and respacing.strip().startswith("unclip"):
+        return unclip_schedule(betas, _steps_of(respacing, "unclip"))
     if respacing in (None, ""):
         return schedule_from_betas(betas, num_train_timesteps=num_timesteps)
     new_betas, tmap = respace_betas(betas, respaced_timesteps(betas, respacing))

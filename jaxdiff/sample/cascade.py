@@ -41,6 +41,7 @@ from jaxdiff.diffusion import conditioning, guidance, guides, samplers
 from jaxdiff.diffusion.schedules import make_schedule, named_betas
 from jaxdiff.sample import shards
 from jaxdiff.sample.generation import check_process_split, generate_batches
+from jaxdiff.sample.pipelines import converted, fingerprint, mesh, parse_prompts, run_stage, sha256_file
 from jaxdiff.util import config as config_util
 
 NUM_TIMESTEPS = 1000     # IF's schedules: cosine ("squaredcos_cap_v2") over 1000 steps, for sampling and noising
@@ -68,16 +69,6 @@ class Stage:
 
 
 # --- loading (thin: point them at converted checkpoints later) -----------------------------------------
-
-def converted(path) -> Optional[dict]:
-    """The config.json of a checkpoint `python -m jaxdiff.convert` wrote (its "kind" and the original
-    config.json as "model"), or None for a diffusers / transformers folder."""
-    p = Path(os.path.expanduser(str(path)))
-    if not (p / "params").is_dir() or not (p / "config.json").is_file():
-        return None
-    config = json.loads((p / "config.json").read_text())
-    return config if isinstance(config, dict) and "kind" in config and "model" in config else None
-
 
 def unet_folder(path: str) -> Path:
     """The U-Net folder of a stage: `path` itself when it holds a config.json, else `path`/unet (a diffusers
@@ -161,22 +152,6 @@ def _t5_folder(path: str) -> Path:
 
 
 # --- validation ----------------------------------------------------------------------------------------
-
-def parse_prompts(text) -> tuple[list, str]:
-    """(prompts, where they came from): a text file's non-empty lines, or the text split at "|"."""
-    text = str(text or "")
-    path = Path(os.path.expanduser(text.strip())) if text.strip() else None
-    if path is not None and path.is_file():
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        prompts = [line for line in lines if line]
-        if not prompts:
-            raise ValueError(f"config.prompts={text!r} is an empty file: expected one prompt a line")
-        return prompts, str(path)
-    if not text.strip():
-        raise ValueError("config.prompts is required with config.pipeline=if: a text file (one prompt a line) or "
-                         "prompts separated by '|'")
-    return [c.strip() for c in text.split("|")], "config.prompts"
-
 
 def _per_stage(name: str, text, n: int, kind):
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
@@ -331,17 +306,6 @@ def _check_scheduler(folder: str, k: int) -> None:
 
 # --- the run -------------------------------------------------------------------------------------------
 
-def _sha256_file(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _fingerprint(params, config) -> str:
-    from jaxdiff.util.fingerprint import params_fingerprint
-
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
-    return params_fingerprint(params, name="jaxdiff-cascade-network", config=cfg)
-
-
 def stage_manifest(plan: dict, stage: Stage, config, fingerprints: dict, low_res: Optional[str]) -> dict:
     """What determines a stage's images (JSON values; stored with its shards and in its samples.npz)."""
     s = config.sample
@@ -360,12 +324,6 @@ def stage_manifest(plan: dict, stage: Stage, config, fingerprints: dict, low_res
         m["cascade"]["noise_level"] = plan["noise_level"]
         m["previous_stage"] = file_fingerprint(low_res)
     return json.loads(json.dumps(m, sort_keys=True))
-
-
-def _mesh(fsdp: int):
-    from jaxdiff import parallel
-
-    return parallel.data_mesh() if fsdp == 1 else parallel.make_mesh(-1, fsdp)
 
 
 def encode_prompts(t5, tokenizer, prompts: list, max_length: int, mesh, fsdp: int) -> np.ndarray:
@@ -390,8 +348,6 @@ def run(config) -> dict:
     """Run the cascade as `config` says (module docstring). Returns the last stage's result as
     `runner.run(shards=True)` does ("npz", "grid", "num_samples", "batches", "generated"), with
     "stages": every stage's."""
-    import jax
-
     plan = validate(config)
     s = config.sample
     n, bs = int(s.num_samples), int(s.batch_size)
@@ -399,11 +355,11 @@ def run(config) -> dict:
     # the weights: every key and shape checked before anything compiles
     nets = {st.index: load_stage(st.folder, plan["dtype"]) for st in stages}
     t5 = load_text_encoder(config.text_encoder, plan["dtype"])
-    fingerprints = {st.index: _fingerprint(nets[st.index][1], st.config) for st in stages}
-    fingerprints["t5"] = _fingerprint(t5[1], t5[2])
-    fingerprints["tokenizer"] = _sha256_file(plan["tokenizer"].path)
+    fingerprints = {st.index: fingerprint(nets[st.index][1], st.config) for st in stages}
+    fingerprints["t5"] = fingerprint(t5[1], t5[2])
+    fingerprints["tokenizer"] = sha256_file(plan["tokenizer"].path)
 
-    mesh = _mesh(plan["fsdp"])
+    mesh_ = mesh(plan["fsdp"])
     states = None  # T5's states, encoded once, when the first stage with work to do needs them
     num_prompts = len(plan["prompts"])
     rows = (np.arange(n) % num_prompts).astype(np.int32)
@@ -413,12 +369,11 @@ def run(config) -> dict:
     for st in stages:
         out = os.path.join(out_root, st.name)
         manifest = stage_manifest(plan, st, config, fingerprints, low_res_path)
-        todo = shards.resume_plan(out, manifest, n, bs)
-        result = {"stage": st.name, "npz": None, "grid": None, "num_samples": n, "batches": -(-n // bs),
-                  "generated": 0}
-        if todo is not None:
+
+        def sample(todo, st=st, out=out, low_res_path=low_res_path):
+            nonlocal states, t5
             if states is None:
-                states = encode_prompts(t5, plan["tokenizer"], plan["prompts"], plan["max_length"], mesh,
+                states = encode_prompts(t5, plan["tokenizer"], plan["prompts"], plan["max_length"], mesh_,
                                         plan["fsdp"])
                 t5 = None  # its memory back before the stages sample
             per_sample = {conditioning.PROMPT_KEY: rows}
@@ -426,25 +381,11 @@ def run(config) -> dict:
                 with np.load(low_res_path) as z:
                     per_sample[guides.LOW_RES_KEY] = z["arr_0"][:n]
                 per_sample[conditioning.NOISE_LEVEL_KEY] = np.full((n,), plan["noise_level"], np.int32)
-            _sample_stage(plan, st, nets[st.index], states, num_prompts, per_sample, out, todo, mesh, config,
+            _sample_stage(plan, st, nets[st.index], states, num_prompts, per_sample, out, todo, mesh_, config,
                           captions)
-            result["generated"] = len(todo)
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
 
-                multihost_utils.sync_global_devices(f"jaxdiff.cascade.{st.name}.shards")
-            if jax.process_index() == 0:
-                result.update(shards.merge(out, grid_max=int(config_util.get(s, "grid_max", 64))))
-        elif jax.process_index() == 0:
-            result["npz"] = os.path.join(out, "samples.npz")
-            grid = os.path.join(out, "grid.png")
-            result["grid"] = grid if os.path.isfile(grid) else None
-            shards.remove_shards(out)
-        if jax.process_count() > 1:  # the next stage reads this one's samples.npz on every process
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"jaxdiff.cascade.{st.name}.merged")
-        results.append(result)
+        results.append(run_stage(st.name, out, manifest, n, bs, sample,
+                                 grid_max=int(config_util.get(s, "grid_max", 64))))
         low_res_path = os.path.join(out, "samples.npz")
         nets.pop(st.index)
     final = dict(results[-1])

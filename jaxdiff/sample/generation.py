@@ -20,7 +20,8 @@ def generate_batches(sampler_fn, params, sched, *, num_samples: int, labels: Opt
                      per_sample: Optional[Mapping[str, np.ndarray]] = None, seed: int = 0,
                      batch_size: int = 16, eta: float = 0.0, mesh=None, progress: bool = False,
                      desc: str = "sampling", batches: Optional[Sequence[int]] = None,
-                     key=None, param_shardings=None, batch_inputs=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     key=None, param_shardings=None, batch_inputs=None,
+                     convert=to_uint8) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields (sample ids, uint8 images) of THIS process's rows, batch by batch.
 
     `sampler_fn` comes from `samplers.make_sampler`; samples 0..num_samples-1 are drawn in global
@@ -30,7 +31,7 @@ def generate_batches(sampler_fn, params, sched, *, num_samples: int, labels: Opt
     keys -> float) go into each batch's cond, and so do `batch_inputs(ids)`'s arrays (per-sample inputs made
     for the batch's ids, e.g. noise drawn sample by sample). `param_shardings` (a tree like `params`, e.g.
     `parallel.state_shardings(params, mesh)` on a ('data', 'fsdp') mesh) places the parameters split
-    over devices instead of replicated.
+    over devices instead of replicated. `convert` maps each batch's output (default `to_uint8`).
     """
     import contextlib
 
@@ -64,7 +65,7 @@ def generate_batches(sampler_fn, params, sched, *, num_samples: int, labels: Opt
                                                 params_placed=True)
             if show:
                 advance(sched.num_steps)
-            yield ids, to_uint8(out)
+            yield ids, convert(out)
 
 
 def check_process_split(num_samples: int, batch_size: int) -> None:

@@ -26,7 +26,7 @@ from jaxdiff.util import files
 DTYPES = ("float32", "bfloat16")
 
 
-PIPELINES = ("if",)                                # config.pipeline: jaxdiff.sample.cascade
+PIPELINES = ("if", "unclip")                       # config.pipeline: jaxdiff.sample.cascade, jaxdiff.sample.unclip_run
 
 
 PIPELINE_KEYS = ("prompts", "stages", "text_encoder")  # config keys of pipelines only
@@ -45,14 +45,15 @@ def default_config() -> ml_collections.ConfigDict:
     (and its networks' path keys) here.
     """
     c = ml_collections.ConfigDict()
-    c.pipeline = ""          # "" = sample config.model; "if" = DeepFloyd IF's cascade (the keys below; docs/cascade.md)
+    c.pipeline = ""          # "" = sample config.model; "if" = DeepFloyd IF's cascade (the keys below; docs/cascade.md);
+                             # "unclip" = Karlo's unCLIP (config.unclip; docs/unclip.md)
     c.model = ""             # workdir of train.py or a directory written by jaxdiff.convert (required without pipeline)
     for g in guidance.GUIDES.values():
         for net in g.networks:
             c[net] = ""      # path of a network a guide needs (e.g. classifier, guide_model)
     c.low_res = ""           # super-resolution: samples.npz of low-resolution images (+ labels) to upsample
     c.tokenizer = ""         # text models: "" = the model's own vocabulary, or a glide-text2im checkout (BPE files);
-                             # pipeline=if: T5's spiece.model (or its folder)
+                             # pipeline=if: T5's spiece.model (or its folder); unclip: CLIP's merges.txt folder
     c.dtype = ""             # compute dtype: "" = the checkpoint's (bfloat16 for use_fp16), float32, bfloat16
     c.out = "samples"        # OUT/samples.npz (arr_0 uint8 NHWC images, arr_1 labels) + OUT/grid.png
     sample = dict(
@@ -82,7 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
     # pipeline=if (jaxdiff.sample.cascade): num_samples, batch_size, seed, progress and grid_max come from sample
     c.prompts = ""           # a text file (one prompt a line) or prompts separated by "|", cycled over the samples
     c.stages = ""            # the stages' diffusers folders, separated by "," (a pipeline folder or its unet/)
-    c.text_encoder = ""      # the T5 encoder's transformers folder (T5EncoderModel: config.json + safetensors)
+    c.text_encoder = ""      # the T5 encoder's transformers folder (T5EncoderModel: config.json + safetensors);
+                             # unclip: CLIPTextModelWithProjection's (default: unclip.folder/text_encoder)
     c.cascade = ml_collections.ConfigDict(dict(
         sampler="diffusers_ddpm",  # a name in samplers.SAMPLERS; diffusers_ddpm = IF's DDPMScheduler
         steps="100,50",            # sampling steps of each stage ("," separated; one value = every stage)
@@ -92,8 +94,19 @@ def default_config() -> ml_collections.ConfigDict:
         threshold_max=1.5,         # diffusers' sample_max_value: cap on the threshold s; 0 = none
         max_length=77,             # T5 tokens per prompt (IF: 77)
     ))
+    c.unclip = ml_collections.ConfigDict(dict(  # pipeline=unclip (jaxdiff.sample.unclip_run, docs/unclip.md)
+        folder="",                 # a Karlo pipeline folder (prior/, text_proj/, decoder/, super_res_first/, ...)
+        prior="",                  # each part's diffusers folder or converted checkpoint ("" = folder/<part>)
+        text_proj="",
+        decoder="",
+        super_res_first="",
+        super_res_last="",
+        image_embeddings="",       # image variations: a .npy / .npz of CLIP image embeddings [M, D] instead of prompts
+        steps="25,25,7",           # prior, decoder and super-resolution steps (UnCLIPPipeline's defaults)
+        scales="4,8",              # prior and decoder classifier-free guidance scales (Imagen convention)
+    ))
     c.mesh = ml_collections.ConfigDict(dict(
-        fsdp=1,                    # pipeline=if: split the parameters over this many devices (big models fit)
+        fsdp=1,                    # pipeline=if / unclip: split the parameters over this many devices (big models fit)
     ))
     return c
 
@@ -355,14 +368,26 @@ def run(config, *, model=None, networks: Optional[Mapping[str, Any]] = None,
         if pipeline not in PIPELINES:
             raise ValueError(f"config.pipeline={pipeline!r}; allowed: '' (sample config.model), "
                              f"{', '.join(map(repr, PIPELINES))}")
+        if pipeline == "unclip":
+            from jaxdiff.sample import unclip_run
+
+            return unclip_run.run(config)
+        for key, value in config_util.get(config, "unclip", {}).items():
+            if key not in ("steps", "scales") and value:
+                raise ValueError(f"config.unclip.{key} applies to config.pipeline=unclip only (Karlo's unCLIP)")
         from jaxdiff.sample import cascade
 
         return cascade.run(config)
     for key in PIPELINE_KEYS:
         if config_util.get(config, key):
-            raise ValueError(f"config.{key} applies to config.pipeline=if only (DeepFloyd IF's cascade)")
+            raise ValueError(f"config.{key} applies to config.pipeline=if only (DeepFloyd IF's cascade) and "
+                             "config.pipeline=unclip")
+    for key, value in config_util.get(config, "unclip", {}).items():
+        if key not in ("steps", "scales") and value:
+            raise ValueError(f"config.unclip.{key} applies to config.pipeline=unclip only (Karlo's unCLIP)")
     if int(config_util.get(config_util.get(config, "mesh", {}), "fsdp", 1)) != 1:
-        raise ValueError("config.mesh.fsdp applies to config.pipeline=if only (one model samples data-parallel)")
+        raise ValueError("config.mesh.fsdp applies to config.pipeline=if / unclip only (one model samples "
+                         "data-parallel)")
     s = config.sample
     names = guidance.parse_guidance(str(s.guidance))
     dtype = str(config_util.get(config, "dtype", "") or "")

@@ -82,15 +82,15 @@ def list_shards(out: str) -> list[tuple[int, int, str]]:
 
 
 def write_shard(out: str, ids: np.ndarray, images: np.ndarray, labels: Optional[np.ndarray] = None,
-                captions: Optional[Sequence[str]] = None) -> Optional[str]:
+                captions: Optional[Sequence[str]] = None, dtype=np.uint8) -> Optional[str]:
     """This process's rows of one global batch (contiguous ids) as one shard file, atomically
-    (`labels`, `captions`: every sample's, or None)."""
+    (`labels`, `captions`: every sample's, or None; `dtype`: of the rows, e.g. float32 for embeddings)."""
     ids = np.asarray(ids, np.int64)
     if len(ids) == 0:
         return None
     if not np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
         raise ValueError(f"a shard holds contiguous sample ids; got {ids[:4]}...")
-    arrays = {"ids": ids, "images": np.asarray(images, np.uint8)}
+    arrays = {"ids": ids, "images": np.asarray(images, dtype)}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, np.int64)[ids]
     if captions is not None:
@@ -150,9 +150,9 @@ def _differences(here: Mapping, there: Mapping, prefix: str = "") -> list[str]:
     return out
 
 
-def _settings_conflict(out: str, manifest: dict) -> str:
+def _settings_conflict(out: str, manifest: dict, filename: str = "samples.npz") -> str:
     """Why this run must not write into `out` ("" when it may: nothing there, or the same run)."""
-    npz = os.path.join(out, "samples.npz")
+    npz = os.path.join(out, filename)
     tail = ("; use another config.out, or the same settings to resume or reuse it (nothing was changed)")
     if os.path.exists(npz):
         recorded = recorded_settings(npz)
@@ -184,9 +184,10 @@ def _all_gather(local: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(local)))
 
 
-def resume_plan(out: str, manifest: dict, num_samples: int, batch_size: int) -> Optional[list[int]]:
-    """The global batches a sharded run into `out` still has to generate; None when OUT/samples.npz
-    already holds it. Raises ValueError when `out` holds another run's samples.
+def resume_plan(out: str, manifest: dict, num_samples: int, batch_size: int,
+                filename: str = "samples.npz") -> Optional[list[int]]:
+    """The global batches a sharded run into `out` still has to generate; None when OUT/`filename`
+    (samples.npz) already holds it. Raises ValueError when `out` holds another run's samples.
 
     A collective with one answer: each process reports whether it refuses, whether OUT/samples.npz
     holds this run (process 0's report decides) and which global batches have all of ITS rows in
@@ -196,8 +197,8 @@ def resume_plan(out: str, manifest: dict, num_samples: int, batch_size: int) -> 
     from jaxdiff import parallel
 
     n, bs = int(num_samples), int(batch_size)
-    conflict = _settings_conflict(out, manifest)
-    complete = not conflict and os.path.exists(os.path.join(out, "samples.npz"))
+    conflict = _settings_conflict(out, manifest, filename)
+    complete = not conflict and os.path.exists(os.path.join(out, filename))
     have = [] if conflict or complete else list_shards(out)
     mine = []
     for b0 in range(0, n, bs):
@@ -231,9 +232,9 @@ def _images(plan) -> Iterator[np.ndarray]:
             yield z["images"][lo - a: hi - a]
 
 
-def merge(out: str, *, grid_max: int = 64) -> dict:
-    """OUT/shards -> OUT/grid.png (the first `grid_max` images) and OUT/samples.npz (arr_0 uint8
-    images in sample-id order, streamed one shard at a time; arr_1 labels and `captions` when the
+def merge(out: str, *, grid_max: int = 64, filename: str = "samples.npz") -> dict:
+    """OUT/shards -> OUT/grid.png (the first `grid_max` images) and OUT/`filename` (arr_0: the uint8
+    images, or the rows of another dtype `write_shard` wrote, in sample-id order, streamed one shard at a time; arr_1 labels and `captions` when the
     shards have them, as `files.save_npz`; the manifest in the zip comment), then the shards are
     deleted. Raises ValueError naming missing ids."""
     shards = os.path.join(out, SHARDS_DIR)
@@ -251,7 +252,7 @@ def merge(out: str, *, grid_max: int = 64) -> dict:
             f"make them; if the processes wrote to per-host disks, first copy every host's {shards}/*.npz into "
             f"this one, then run `python -m jaxdiff.sample merge {out}`")
     plan = _merge_plan(ranges, n)
-    per_sample, shape = {"labels": [], "captions": []}, None  # small: read whole, before the images
+    per_sample, shape, dtype = {"labels": [], "captions": []}, None, np.uint8  # small: read whole, before the images
     for path, a, lo, hi in plan:
         with np.load(path) as z:
             if not np.array_equal(z["ids"], np.arange(a, a + len(z["ids"]))) or a + len(z["ids"]) < hi:
@@ -260,13 +261,13 @@ def merge(out: str, *, grid_max: int = 64) -> dict:
                 if key in z.files:
                     rows.append(z[key][lo - a: hi - a])
             if shape is None:
-                shape = z["images"].shape[1:]
+                shape, dtype = z["images"].shape[1:], z["images"].dtype
     for key, rows in per_sample.items():
         if rows and len(rows) != len(plan):
             raise ValueError(f"{shards}: some shards have {key} and others not")
         per_sample[key] = np.concatenate(rows) if rows else None
     labels, captions = per_sample["labels"], per_sample["captions"]
-    result = {"npz": os.path.join(out, "samples.npz"), "grid": None, "num_samples": n}
+    result = {"npz": os.path.join(out, filename), "grid": None, "num_samples": n}
     k = min(n, int(grid_max))
     if k > 0:
         first = []
@@ -276,7 +277,7 @@ def merge(out: str, *, grid_max: int = 64) -> dict:
                 break
         result["grid"] = files.save_grid(os.path.join(out, "grid.png"), np.concatenate(first)[:k],
                                          None if labels is None else labels[:k])
-    arrays = {"arr_0": files.Rows((n,) + tuple(shape), np.uint8, _images(plan))}
+    arrays = {"arr_0": files.Rows((n,) + tuple(shape), dtype, _images(plan))}
     if labels is not None:
         arrays["arr_1"] = labels.astype(np.int64)
     if captions is not None:
