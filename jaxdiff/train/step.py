@@ -10,13 +10,14 @@ import optax
 
 from jaxdiff import parallel
 from jaxdiff.diffusion import schedules
-from jaxdiff.train.config import IF_TASKS, create_model
+from jaxdiff.train.config import FROZEN_TEXT_TASKS, create_model
 from jaxdiff.train.losses import LOSSES
 from jaxdiff.train.state import (
     TrainState,
     cond_spec,
     ema_decay_at,
     ema_update,
+    frozen_params,
     init_state,
     learning_rate_fn,
     make_optimizer,
@@ -111,11 +112,11 @@ def train_mesh(resolved):
     return parallel.make_mesh(config_util.get(m, "data", -1), config_util.get(m, "fsdp", 1))
 
 
-def state_layout(resolved, model, tx, mesh) -> tuple:
+def state_layout(resolved, model, tx, mesh, param_overrides=None) -> tuple:
     """(abstract TrainState with shardings, TrainState of NamedShardings, jitted init_fn(key)) on
-    `mesh` (`parallel.state_shardings` with config.mesh.min_shard_size)."""
+    `mesh` (`parallel.state_shardings` with config.mesh.min_shard_size); `param_overrides`: see `init_state`."""
     def init(key):
-        return init_state(resolved, model, tx, key)
+        return init_state(resolved, model, tx, key, param_overrides)
 
     shapes = jax.eval_shape(init, jax.random.key(0))
     min_size = int(config_util.get(config_util.get(resolved, "mesh", {}), "min_shard_size",
@@ -153,14 +154,15 @@ def lower_train_step(resolved, mesh=None):
     """The train step of `resolved` lowered for `mesh` (default config.mesh) on abstract inputs, for
     `.compile().memory_analysis()` / `.cost_analysis()` without data or a workdir."""
     model = create_model(resolved)
-    tx = make_optimizer(resolved.train)
+    tx = make_optimizer(resolved.train, frozen_params(resolved))
     sched = schedules.make_schedule(resolved.diffusion.schedule, int(resolved.diffusion.num_timesteps))
     mesh = train_mesh(resolved) if mesh is None else mesh
     abstract, shardings, _ = state_layout(resolved, model, tx, mesh)
     kwargs = None
-    if resolved.task in IF_TASKS:  # the empty caption's states are constants of the step: zeros cost the same
-        kwargs = {"null_text": jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape[1:], a.dtype),
-                                                      cond_spec(resolved, 1))}
+    if resolved.task in FROZEN_TEXT_TASKS:  # the empty caption's states are constants of the step: zeros cost the same
+        spec = cond_spec(resolved, 1)
+        spec.pop("image_emb", None)
+        kwargs = {"null_text": jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape[1:], a.dtype), spec)}
     step, acc_sharding = jit_train_step(resolved, model, tx, sched, root_keys(resolved.seed)[1], mesh, shardings,
                                         kwargs)
     return step.lower(abstract, *abstract_inputs(resolved, mesh, acc_sharding))
