@@ -409,6 +409,9 @@ def _validate_unclip(config) -> None:
                                      "clean image embedding; allowed: x0 (diffusers' prediction_type 'sample')")
         _check(d.learned_sigma is False, f"config.diffusion.learned_sigma={d.learned_sigma!r}: the prior has a "
                                          "fixed variance (diffusers' fixed_small_log); allowed: False")
+        drop = config_util.get(config.model, "dropout", 0.0)
+        _check(drop in (0, 0.0) and not isinstance(drop, bool),
+               f"config.model.dropout={drop!r}: jaxdiff's PriorTransformer has no dropout (inference only); allowed: 0")
         return
     p = config_util.get(d, "p_uncond_image", P_UNCOND_IMAGE)
     _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0,

@@ -99,6 +99,11 @@ def _encoder(path: str, batch_size: int):
     return params_fingerprint(params, name="clip-image", config=cfg["model"]), encode
 
 
+def encode_all(encode, images: np.ndarray) -> np.ndarray:
+    """float32 [N, D]: the image tower's embeddings of every image (one jitted, batched pass)."""
+    return encode(images)
+
+
 def image_embeddings(resolved, source, cache: str) -> ImageEmbeddings:
     """The embeddings of every example of `source` from the cache under `cache`, or computed and written there
     (single-process; `prepare` runs it on process 0 only)."""
@@ -115,7 +120,7 @@ def image_embeddings(resolved, source, cache: str) -> ImageEmbeddings:
         log.info("CLIP image embeddings of %d examples read from the cache %s", len(images), directory)
         return found
     t0 = time.time()
-    table = encode(images)
+    table = encode_all(encode, images)
     files.atomic_write(os.path.join(directory, "embeddings.npy"), lambda f: np.save(f, np.ascontiguousarray(table)))
     files.write_json(os.path.join(directory, META_FILE), {
         "version": CACHE_VERSION, "key": key, "encoder": {"path": str(te.path), "fingerprint": fingerprint},
