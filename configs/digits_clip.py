@@ -33,5 +33,5 @@ def get_config(variant: str = "noised"):
         c.train.update(noised=False, steps=400, checkpoint_every=200)
     if variant == "unclip":
         c.seed = 2
-        c.train.update(noised=False, steps=400, checkpoint_every=200)
+        c.train.update(noised=False, steps=250, checkpoint_every=250)
     return c

@@ -31,5 +31,5 @@ def get_config():
     c.model.decoder.update(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32,
                            cross_attention_dim=64)
     c.model.text_proj.update(clip_extra_context_tokens=4)
-    c.train.update(steps=1500, lr=2e-3, checkpoint_every=500, keep=2)
+    c.train.update(steps=800, lr=2e-3, checkpoint_every=400, keep=2)
     return c
