@@ -41,14 +41,16 @@ def clip_config(data_dir: str):
 
 
 def unclip_config(task: str, data_dir: str, clip: str, cache_dir: str = ""):
-    """The tiny unCLIP runs: a 1-layer prior of width 32; a decoder of two 32-channel levels."""
+    """The tiny unCLIP runs: a 1-layer prior of width 32; a decoder of one 32-channel level with cross-attention."""
     c = train_config.default_config(task)
     c.data.update(name="digits_text", data_dir=str(data_dir))
     c.text_encoder.update(kind="clip", path=str(clip), cache_dir=str(cache_dir))
     if task == "unclip_prior":
         c.model.update(num_attention_heads=1, attention_head_dim=32, num_layers=1)
     else:
-        c.model.decoder.update(block_out_channels=(32, 32), attention_head_dim=32, cross_attention_dim=32)
+        c.model.decoder.update(block_out_channels=(32,), down_block_types=("SimpleCrossAttnDownBlock2D",),
+                               up_block_types=("SimpleCrossAttnUpBlock2D",), attention_head_dim=32,
+                               cross_attention_dim=32)
     c.diffusion.num_timesteps = 100
     c.train.update(batch_size=16, steps=STEPS, lr=3e-3, warmup_steps=1, log_every=2,
                    checkpoint_every=CHECKPOINT_EVERY, keep=3)

@@ -116,13 +116,15 @@ def test_clip_embeddings_computed_once_and_reused(runs):
     # the IF tasks' entries (no text embeddings) have other keys: one encoder, two entries
     assert json.loads((txt_dir / text_states.META_FILE).read_text())["embeddings"] is True
     # the prior normalises with the split's statistics, frozen parameters of the prior
-    _, params, _ = checkpoints.load_model(str(root / "prior"), ema=False)
     mean, std = images.stats()
-    np.testing.assert_array_equal(params["clip_mean"][0], mean)
-    np.testing.assert_array_equal(params["clip_std"][0], std)
+    for ema in (False, True):
+        _, params, _ = checkpoints.load_model(str(root / "prior"), ema=ema)
+        np.testing.assert_array_equal(params["clip_mean"][0], mean)
+        np.testing.assert_array_equal(params["clip_std"][0], std)
 
 
 def test_workdirs_load_per_network(runs):
+    import jax
     import jax.numpy as jnp
 
     from jaxdiff.models.prior import PriorTransformer, post_process_latents
@@ -136,9 +138,10 @@ def test_workdirs_load_per_network(runs):
     assert cfg["scheduler"]["prediction_type"] == "sample" and cfg["scheduler"]["beta_schedule"] == "squaredcos_cap_v2"
     on_disk = json.loads((root / "prior" / "prior" / "config.json").read_text())
     assert on_disk["_class_name"] == "PriorTransformer" and (on_disk["embedding_dim"], on_disk["num_embeddings"]) == (32, 6)
-    x = module.apply({"params": params}, jnp.zeros((2, 32)), jnp.array([5, 7]), jnp.zeros((2, 32)),
-                     jnp.zeros((2, 6, 32)), jnp.ones((2, 6), bool))
-    assert post_process_latents(params, x).shape == (2, 32)
+    x = jax.eval_shape(lambda p: post_process_latents(p, module.apply(
+        {"params": p}, jnp.zeros((2, 32)), jnp.array([5, 7]), jnp.zeros((2, 32)), jnp.zeros((2, 6, 32)),
+        jnp.ones((2, 6), bool))), params)
+    assert x.shape == (2, 32)
     dec = checkpoints.load_unclip(str(root / "decoder"))
     (tp_mod, tp_params, tp_cfg), (dec_mod, dec_params, dec_cfg) = dec["text_proj"], dec["decoder"]
     assert isinstance(tp_mod, UnCLIPTextProjModel) and isinstance(dec_mod, UNet2DConditionModel)
@@ -148,10 +151,13 @@ def test_workdirs_load_per_network(runs):
     for folder, cls in (("text_proj", "UnCLIPTextProjModel"), ("decoder", "UNet2DConditionModel"),
                         ("decoder_scheduler", "UnCLIPScheduler")):
         assert json.loads((root / "decoder" / folder / "config.json").read_text())["_class_name"] == cls
-    hidden, temb = tp_mod.apply({"params": tp_params}, jnp.zeros((2, 32)), jnp.zeros((2, 32)), jnp.zeros((2, 6, 32)))
-    out = dec_mod.apply({"params": dec_params}, jnp.zeros((2, 8, 8, 1)), jnp.array([3, 9]), hidden, class_labels=temb,
-                        attention_mask=decoder_attention_mask(jnp.ones((2, 6), bool), 4))
-    assert out.shape == (2, 8, 8, 2)
+
+    def sample_step(tp, dp):  # as diffusers' UnCLIPPipeline calls them (traced only: shapes)
+        hidden, temb = tp_mod.apply({"params": tp}, jnp.zeros((2, 32)), jnp.zeros((2, 32)), jnp.zeros((2, 6, 32)))
+        return dec_mod.apply({"params": dp}, jnp.zeros((2, 8, 8, 1)), jnp.array([3, 9]), hidden, class_labels=temb,
+                             attention_mask=decoder_attention_mask(jnp.ones((2, 6), bool), 4))
+
+    assert jax.eval_shape(sample_step, tp_params, dec_params).shape == (2, 8, 8, 2)
 
 
 @pytest.mark.parametrize("name", ["digits_unclip_prior", "digits_unclip_decoder"])

@@ -56,6 +56,7 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     loss_metrics = [n for n in metric_names(resolved) if n not in ("grad_norm", "lr")]
+    frozen = frozen_params(resolved)
 
     def constrain(tree, sharding):
         return tree if sharding is None else jax.lax.with_sharding_constraint(tree, sharding)
@@ -95,6 +96,8 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_params, params, ema_decay_at(tcfg, state.step))
+        if frozen:  # fixed parameters (the prior's clip_mean / clip_std): the EMA keeps them bit for bit
+            ema = {**ema, **{name: params[name] for name in frozen}}
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         metrics = dict(metrics, grad_norm=grad_norm, lr=lr_fn(state.step))
         bad = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
