@@ -2,7 +2,8 @@
 
     python train.py --config configs/digits.py --workdir W [--config.train.steps=100]
 
-`config.task` picks the task ("diffusion", "classifier", "text2im" or "clip"); see jaxdiff/train/. Rerunning the
+`config.task` picks the task ("diffusion", "classifier", "text2im", "clip", "if_text2im", "if_superres",
+"unclip_prior", "unclip_decoder"); see jaxdiff/train/. Rerunning the
 same command resumes from the latest complete checkpoint in W/checkpoints; SIGTERM / Ctrl-C saves
 the current step and exits 0. Multi-host: start one process per host with the same workdir (shared
 storage or gs://); TPU pods, SLURM, Open MPI and Kubernetes are detected (--distributed=auto),

@@ -6,6 +6,7 @@ A workdir written by `train.py` looks like::
     W/checkpoints/<step>/ one orbax checkpoint per kept step (a `TrainState`)
     W/metrics.jsonl      one JSON line per log interval
     W/samples/           PNG grids
+    W/<network>/config.json  the unCLIP tasks: each network's diffusers config.json (`write_unclip_configs`)
 
 W may be a local directory or a URL etils.epath understands (gs://bucket/run): paths go through
 `as_path`, never os.path.abspath, which would mangle a URL.
@@ -164,7 +165,9 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True, dty
     config.json, "source"}, float32 params, the module computing in `dtype` (default float32). `dtype`
     overrides the compute dtype (else a converted use_fp16 checkpoint computes in bfloat16). `kind`
     "clip-image" / "clip-text" picks that encoder of a trained CLIP (config["model"] = its kwargs +
-    "kind"); otherwise it is ignored (callers check the kind).
+    "kind"); "text_proj" / "unet2d_condition" picks that network of an "unclip_decoder" workdir (its parameter
+    subtree "text_proj" / "decoder"; config["model"] = its config.json fields + "kind" (+ "dtype")); otherwise
+    it is ignored (callers check the kind).
     """
     cfg = read_config(directory)
     overrides = {"dtype": dtype} if dtype else {}
@@ -215,7 +218,85 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = True, dty
         params = params[part]
         out["model"] = {"kind": kind, **{f: getattr(module, f) for f in module.__dataclass_fields__
                                          if f not in ("parent", "name")}}
+    if kind in UNCLIP_DECODER_PARTS and out["model"]["kind"] == "unclip_decoder":
+        part = UNCLIP_DECODER_PARTS[kind]
+        module = getattr(module, part)(parent=None)
+        params = params[part]
+        fields = dict(cfg["model"][part])
+        out["model"] = {"kind": kind, **fields, **({"dtype": cfg["model"].get("dtype", "float32")}
+                                                   if kind == "unet2d_condition" else {})}
     return module, params, out
+
+
+# --- unCLIP workdirs ------------------------------------------------------------------------------------------
+
+UNCLIP_DECODER_PARTS = {"text_proj": "text_proj", "unet2d_condition": "decoder"}  # load_model kind -> subtree
+_CLASS_NAMES = {"prior": "PriorTransformer", "text_proj": "UnCLIPTextProjModel", "decoder": "UNet2DConditionModel"}
+
+
+def unclip_scheduler_config(diffusion: Mapping[str, Any], prior: bool) -> dict:
+    """diffusers' UnCLIPScheduler config.json of a workdir's diffusion settings (the prior: x_0 ("sample"),
+    fixed_small_log, clip_sample_range 5 as Karlo's; the decoder: epsilon, learned_range)."""
+    beta = {"cosine": "squaredcos_cap_v2"}.get(diffusion["schedule"], diffusion["schedule"])
+    pred = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[diffusion["prediction"]]
+    return {"_class_name": "UnCLIPScheduler", "num_train_timesteps": int(diffusion["num_timesteps"]),
+            "variance_type": "learned_range" if diffusion.get("learned_sigma") else "fixed_small_log",
+            "clip_sample": True, "clip_sample_range": 5.0 if prior else 1.0, "prediction_type": pred,
+            "beta_schedule": beta}
+
+
+def unclip_network_configs(cfg: Mapping[str, Any]) -> dict:
+    """{folder: config.json dict} of an unCLIP workdir's resolved config: "prior" and "prior_scheduler" (task
+    unclip_prior) or "text_proj", "decoder" and "decoder_scheduler" (unclip_decoder), as diffusers' unCLIP
+    pipeline folder names them."""
+    model = dict(cfg["model"])
+    if model["kind"] == "prior":
+        fields = {k: v for k, v in model.items() if k not in ("kind", "dtype")}
+        return {"prior": {"_class_name": _CLASS_NAMES["prior"], **fields},
+                "prior_scheduler": unclip_scheduler_config(cfg["diffusion"], prior=True)}
+    if model["kind"] == "unclip_decoder":
+        return {"text_proj": {"_class_name": _CLASS_NAMES["text_proj"], **dict(model["text_proj"])},
+                "decoder": {"_class_name": _CLASS_NAMES["decoder"], **dict(model["decoder"])},
+                "decoder_scheduler": unclip_scheduler_config(cfg["diffusion"], prior=False)}
+    raise ValueError(f"model kind {model['kind']!r} is not an unCLIP network (prior, unclip_decoder)")
+
+
+def write_unclip_configs(directory, cfg: Mapping[str, Any]) -> None:
+    """W/<folder>/config.json for every network (and scheduler) of an unCLIP workdir (`unclip_network_configs`)."""
+    from jaxdiff.util import files
+
+    for folder, content in unclip_network_configs(cfg).items():
+        files.atomic_write(str(as_path(directory) / folder / CONFIG_FILE),
+                           json.dumps(_jsonable(content), indent=2, sort_keys=True) + "\n")
+
+
+def _jsonable(x):
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def load_unclip(directory: str, *, step: int | None = None, ema: bool = True) -> dict:
+    """The networks of an unCLIP workdir: {"prior": (module, params, config)} for an "unclip_prior" workdir,
+    {"text_proj": ..., "decoder": ...} for an "unclip_decoder" one (each `load_model`'s triple: the standalone
+    PriorTransformer / UnCLIPTextProjModel / UNet2DConditionModel and its parameters; the decoder's params are
+    the "decoder" subtree of the trained {"text_proj", "decoder"} tree). config["scheduler"] is the network's
+    UnCLIPScheduler config.json (`unclip_scheduler_config`)."""
+    kind = read_config(directory)["model"]["kind"]
+    kw = dict(step=step, ema=ema)
+    if kind == "prior":
+        module, params, cfg = load_model(directory, **kw)
+        return {"prior": (module, params, dict(cfg, scheduler=unclip_scheduler_config(cfg["diffusion"], True)))}
+    if kind == "unclip_decoder":
+        out = {}
+        for name, k in (("text_proj", "text_proj"), ("decoder", "unet2d_condition")):
+            module, params, cfg = load_model(directory, kind=k, **kw)
+            out[name] = (module, params, dict(cfg, scheduler=unclip_scheduler_config(cfg["diffusion"], False)))
+        return out
+    raise ValueError(f"{directory} is not an unCLIP workdir: its model kind is {kind!r} (allowed: prior, "
+                     "unclip_decoder: workdirs of the unclip_prior / unclip_decoder tasks)")
 
 
 def _tuples(flags: Mapping[str, Any]) -> dict:

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The main job: install, train the diffusion model, the noisy classifier and the evaluation
 # classifier, run the guidance sweep and leave a report folder.
-#   bash scripts/main.sh [digits|fashion_mnist|digits_text|fashion_mnist_text] [RUNS_DIR] [REPORT_DIR]
+#   bash scripts/main.sh [digits|fashion_mnist|digits_text|fashion_mnist_text|digits_unclip] [RUNS_DIR] [REPORT_DIR]
 # The captioned datasets (*_text) train the text-conditional model, the noised CLIP, the clean
 # evaluation CLIP and the evaluation classifier (of the base dataset), then sweep CFG over text and
 # CLIP guidance. Re-running resumes: train.py continues from the latest checkpoint (or does nothing
-# when done).
+# when done). digits_unclip trains unCLIP (DALL-E 2) on the captioned digits: its clean CLIP pair
+# (configs/digits_clip.py:unclip), the prior and the decoder (docs/unclip_training.md), and the evaluation CLIP
+# of digits_text (runs/digits_text/eval_clip: nothing to do when the digits_text job has trained it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dataset="${1:-digits}"
 case "$dataset" in
-  digits|fashion_mnist|digits_text|fashion_mnist_text) ;;
+  digits|fashion_mnist|digits_text|fashion_mnist_text|digits_unclip) ;;
   *) echo "scripts/main.sh: unknown dataset '$dataset'; allowed: digits, fashion_mnist, digits_text," \
-       "fashion_mnist_text" >&2; exit 2 ;;
+       "fashion_mnist_text, digits_unclip" >&2; exit 2 ;;
 esac
 runs="${2:-runs/$dataset}"
 out="${3:-reports/$dataset}"
@@ -28,8 +30,18 @@ case "${GLIBC_TUNABLES:-}" in
   *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
 esac
 
-# train STAGE CONFIG WORKDIR: one model (train.py resumes from WORKDIR, or does nothing when done)
-train() { stamp "training the $1"; python3 train.py --config "$2" --workdir "$3"; }
+# train STAGE CONFIG WORKDIR [FLAGS...]: one model (train.py resumes from WORKDIR, or does nothing when done)
+train() { stamp "training the $1"; python3 train.py --config "$2" --workdir "$3" "${@:4}"; }
+
+if [ "$dataset" = digits_unclip ]; then
+  clip=(--config.text_encoder.path="$runs/clip" --config.text_encoder.cache_dir="$runs/text_states")
+  train "unCLIP's clean CLIP pair" "configs/digits_clip.py:unclip" "$runs/clip"
+  train "unCLIP prior" "configs/digits_unclip_prior.py" "$runs/prior" "${clip[@]}"
+  train "unCLIP decoder" "configs/digits_unclip_decoder.py" "$runs/decoder" "${clip[@]}"
+  train "evaluation CLIP (digits_text's)" "configs/digits_clip.py:eval" "runs/digits_text/eval_clip"
+  stamp "done: the prior in $runs/prior, the decoder in $runs/decoder (jaxdiff.checkpoints.load_unclip)"
+  exit 0
+fi
 
 if [ "${dataset%_text}" != "$dataset" ]; then
   base="${dataset%_text}"

@@ -11,7 +11,10 @@ The text-conditional kinds (GLIDE's Text2ImUNet "text2im", SuperResText2ImUNet "
 and the inpainting "text2im_inpaint", "text2im_superres_inpaint") take GLIDE's constructor flags, see
 text_unet.py. "clip" is a noised CLIP's two encoders and logit scale (`clip.ClipModel`, glide's
 clip/config.yaml names). "unet2d_condition" is diffusers' UNet2DConditionModel (the DeepFloyd IF / unCLIP
-subset, `unet2d_condition.py`): its flags are the fields of a diffusers config.json plus `dtype`.
+subset, `unet2d_condition.py`): its flags are the fields of a diffusers config.json plus `dtype`; "prior" is
+diffusers' PriorTransformer (`prior.py`, config.json fields plus `dtype`); "unclip_decoder" is unCLIP's
+text_proj + decoder U-Net trained together (`unclip_decoder.py`; flags text_proj, decoder: the two
+config.json dicts, and `dtype`).
 create_model validates every flag in Python, before anything is traced or compiled.
 """
 
@@ -37,6 +40,7 @@ from jaxdiff.models.layers import (
     make_plan,
     timestep_embedding,
 )
+from jaxdiff.models.prior import PriorTransformer, prior_config
 from jaxdiff.models.text import check_text_flags
 from jaxdiff.models.text_unet import (
     InpaintText2ImUNet,
@@ -45,21 +49,24 @@ from jaxdiff.models.text_unet import (
     Text2ImUNet,
     encode_text,
 )
+from jaxdiff.models.unclip_decoder import UnCLIPDecoder
+from jaxdiff.models.unclip_text_proj import text_proj_config
 from jaxdiff.models.unet import SuperResModel, UNetModel, check_labels, upsample_bilinear
 from jaxdiff.models.unet2d_condition import SUPPORTED_DEFAULTS as _UNET2D_CONDITION_FIELDS
 from jaxdiff.models.unet2d_condition import UNet2DConditionModel, unet2d_condition_config
 from jaxdiff.util.config import did_you_mean
 
 __all__ = ["AttentionBlock", "AttentionPool2d", "ClipModel", "Conv", "Downsample", "EncoderUNetModel", "GroupNorm32",
-           "InpaintText2ImUNet", "MODEL_KINDS", "ResBlock", "SuperResInpaintText2ImUNet", "SuperResModel",
-           "SuperResText2ImUNet", "TEXT_KINDS", "Text2ImUNet", "UNet2DConditionModel", "UNetModel", "Upsample", "check_architecture",
+           "InpaintText2ImUNet", "MODEL_KINDS", "PriorTransformer", "ResBlock", "SuperResInpaintText2ImUNet", "SuperResModel",
+           "SuperResText2ImUNet", "TEXT_KINDS", "Text2ImUNet", "UNet2DConditionModel", "UnCLIPDecoder", "UNetModel", "Upsample", "check_architecture",
            "check_labels", "create_model", "encode_text", "layers", "make_plan", "model_flag_names", "normalize_flags",
            "timestep_embedding", "upsample_bilinear"]
 
 TEXT_KINDS = {"text2im": Text2ImUNet, "text2im_superres": SuperResText2ImUNet, "text2im_inpaint": InpaintText2ImUNet,
               "text2im_superres_inpaint": SuperResInpaintText2ImUNet}
 MODEL_KINDS = {"unet": UNetModel, "classifier": EncoderUNetModel, "superres": SuperResModel, "clip": ClipModel,
-               "unet2d_condition": UNet2DConditionModel, **TEXT_KINDS}
+               "unet2d_condition": UNet2DConditionModel, "prior": PriorTransformer, "unclip_decoder": UnCLIPDecoder,
+               **TEXT_KINDS}
 
 _REQUIRED = ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions")
 _TEXT_REQUIRED = ("text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln")
@@ -86,6 +93,12 @@ def model_flag_names(kind: str) -> tuple:
     cls = _kind_class(kind)
     if kind == "unet2d_condition":
         return tuple(_UNET2D_CONDITION_FIELDS) + ("dtype",)
+    if kind == "prior":
+        from jaxdiff.models.prior import DEFAULTS
+
+        return tuple(DEFAULTS) + ("dtype",)
+    if kind == "unclip_decoder":
+        return ("text_proj", "decoder", "dtype")
     return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name"))
 
 
@@ -101,6 +114,13 @@ def normalize_flags(kind: str, **flags) -> dict:
     ValueError naming the bad flag/value and what is allowed. Does not build anything."""
     if kind == "unet2d_condition":
         return _unet2d_condition_flags(flags)
+    if kind == "prior":
+        out = dict(flags)
+        dtype = _dtype_flag(out.pop("dtype", None))
+        prior_config(out)
+        return {**out, "dtype": dtype}
+    if kind == "unclip_decoder":
+        return _unclip_decoder_flags(flags)
     names = model_flag_names(kind)
     for k in flags:
         if k not in names:
@@ -142,11 +162,9 @@ def normalize_flags(kind: str, **flags) -> dict:
     return out
 
 
-def _unet2d_condition_flags(flags: dict) -> dict:
-    """A "unet2d_condition" model's flags: diffusers' config.json fields (checked by
-    `unet2d_condition_config`, which names the first field outside the subset) and the compute dtype."""
-    out = dict(flags)
-    dtype = out.pop("dtype", None) or "float32"
+def _dtype_flag(dtype) -> str:
+    """The compute dtype flag as a name: "float32" (default) or "bfloat16" (else ValueError)."""
+    dtype = dtype or "float32"
     if not isinstance(dtype, str):
         try:
             dtype = np.dtype(dtype).name
@@ -154,8 +172,30 @@ def _unet2d_condition_flags(flags: dict) -> dict:
             dtype = repr(dtype)
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    return dtype
+
+
+def _unet2d_condition_flags(flags: dict) -> dict:
+    """A "unet2d_condition" model's flags: diffusers' config.json fields (checked by
+    `unet2d_condition_config`, which names the first field outside the subset) and the compute dtype."""
+    out = dict(flags)
+    dtype = _dtype_flag(out.pop("dtype", None))
     unet2d_condition_config(out)
     return {**out, "dtype": dtype}
+
+
+def _unclip_decoder_flags(flags: dict) -> dict:
+    """An "unclip_decoder" model's flags: text_proj and decoder (config.json dicts, each checked, then checked
+    to fit each other) and the decoder's compute dtype."""
+    from jaxdiff.models.unclip_decoder import check_unclip_decoder
+
+    bad = sorted(set(flags) - {"text_proj", "decoder", "dtype"})
+    if bad or "text_proj" not in flags or "decoder" not in flags:
+        raise ValueError(f"an 'unclip_decoder' model takes the flags text_proj and decoder (config.json dicts) and "
+                         f"dtype; got {sorted(flags)}")
+    tp, dec = dict(flags["text_proj"]), dict(flags["decoder"])
+    check_unclip_decoder(text_proj_config(tp), unet2d_condition_config(dec))
+    return {"text_proj": tp, "decoder": dec, "dtype": _dtype_flag(flags.get("dtype"))}
 
 
 def create_model(kind: str, **flags) -> nn.Module:
@@ -167,4 +207,10 @@ def create_model(kind: str, **flags) -> nn.Module:
     if kind == "unet2d_condition":
         dtype = flags.pop("dtype")
         return UNet2DConditionModel(unet2d_condition_config(flags), dtype=dtype)
+    if kind == "prior":
+        dtype = flags.pop("dtype")
+        return PriorTransformer(prior_config(flags), dtype=dtype)
+    if kind == "unclip_decoder":
+        return UnCLIPDecoder(text_proj_config(flags["text_proj"]), unet2d_condition_config(flags["decoder"]),
+                             dtype=flags["dtype"])
     return MODEL_KINDS[kind](**flags)

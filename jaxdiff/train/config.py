@@ -1,6 +1,6 @@
 """The training config: defaults for every task, validation, and the values derived from the dataset
 (image size, channels, classes, the model's flags) and, for the IF tasks, from the frozen text encoder
-(its width and token count: `encoder_info`)."""
+(its width and token count: `encoder_info`); for the unCLIP tasks also from the frozen CLIP pair."""
 
 from __future__ import annotations
 
@@ -25,17 +25,26 @@ log = logging.getLogger(__name__)
 IF_TASKS = ("if_text2im", "if_superres")  # DeepFloyd IF's stage I and stage II on frozen text-encoder states
 
 
-TASKS = ("diffusion", "classifier", "text2im", "clip") + IF_TASKS
+UNCLIP_TASKS = ("unclip_prior", "unclip_decoder")  # DALL-E 2 (unCLIP) on a frozen CLIP pair's embeddings
 
 
-DIFFUSION_TASKS = ("diffusion", "text2im") + IF_TASKS
+TASKS = ("diffusion", "classifier", "text2im", "clip") + IF_TASKS + UNCLIP_TASKS
+
+
+DIFFUSION_TASKS = ("diffusion", "text2im") + IF_TASKS + UNCLIP_TASKS
+
+
+FROZEN_TEXT_TASKS = IF_TASKS + UNCLIP_TASKS  # conditioned on a frozen encoder's cached outputs (config.text_encoder)
 
 
 TEXT_TASKS = ("text2im", "clip")  # captions word-tokenized with the dataset's vocabulary
 
 
 # default probability of dropping the label / caption (IF: the empty caption's states, 10% as Imagen)
-P_UNCOND = {"diffusion": 0.1, "text2im": 0.2, "if_text2im": 0.1, "if_superres": 0.1}
+# (unCLIP: the prior drops 10 % of the captions, the decoder 50 %, as DALL-E 2)
+P_UNCOND = {"diffusion": 0.1, "text2im": 0.2, "if_text2im": 0.1, "if_superres": 0.1, "unclip_prior": 0.1,
+            "unclip_decoder": 0.5}
+P_UNCOND_IMAGE = 0.1  # unclip_decoder: the CLIP image embedding dropped to text_proj's learned null embedding
 
 
 TEXT_ENCODERS = ("clip", "t5")  # config.text_encoder.kind of the IF tasks
@@ -90,6 +99,36 @@ IF_SUPERRES_MODEL_DEFAULTS = dict(IF_MODEL_DEFAULTS, time_embedding_act_fn="gelu
 # config.model keys of the IF tasks that come from the data, the task and the text encoder
 IF_DERIVED_MODEL_KEYS = ("in_channels", "out_channels", "encoder_hid_dim", "class_embed_type", "sample_size")
 
+# unclip_prior's model: diffusers PriorTransformer config.json fields (Karlo's layout: prd token, SiLU time
+# MLP), small. Derived from the CLIP (refused if set): embedding_dim, num_embeddings (its token count),
+# embedding_proj_dim, clip_embed_dim, additional_embeddings.
+UNCLIP_PRIOR_MODEL_DEFAULTS = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2,
+                                   time_embed_act_fn="silu", norm_in_type=None, embedding_proj_norm_type=None,
+                                   added_emb_type="prd", time_embed_dim=None, dropout=0.0)
+UNCLIP_PRIOR_DERIVED_KEYS = ("embedding_dim", "num_embeddings", "embedding_proj_dim", "clip_embed_dim",
+                             "additional_embeddings")
+# unclip_decoder's U-Net (config.model.decoder): Karlo's decoder blocks at digits size, IF-like: no
+# encoder_hid_proj, no pooled-text embedding (text_proj's time embedding is the class label, "identity").
+# Derived (refused if set): in_channels, out_channels, class_embed_type, sample_size, encoder_hid_dim.
+UNCLIP_DECODER_MODEL_DEFAULTS = dict(
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=32,
+    norm_num_groups=32,
+    act_fn="silu",
+    resnet_time_scale_shift="scale_shift",
+    cross_attention_dim=64,
+    encoder_hid_dim_type=None,
+    addition_embed_type=None,
+    dropout=0.0,
+)
+# config.model.text_proj: UnCLIPTextProjModel's one free field (the others: the CLIP's width, the decoder's)
+UNCLIP_TEXT_PROJ_DEFAULTS = dict(clip_extra_context_tokens=4)
+UNCLIP_TEXT_PROJ_DERIVED_KEYS = ("clip_embeddings_dim", "time_embed_dim", "cross_attention_dim")
+
 
 def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
     """Every key train.py reads, with defaults. Derived values (image size, channels, num_classes,
@@ -110,6 +149,8 @@ def default_config(task: str = "diffusion") -> ml_collections.ConfigDict:
     ))
     if task in IF_TASKS:
         return _default_if_config(c, task)
+    if task in UNCLIP_TASKS:
+        return _default_unclip_config(c, task)
     c.model = ml_collections.ConfigDict(CLIP_MODEL_DEFAULTS) if task == "clip" else ml_collections.ConfigDict(dict(
         model_channels=64,
         num_res_blocks=2,
@@ -188,21 +229,49 @@ def _default_if_config(c, task: str) -> ml_collections.ConfigDict:
     c.data.name = "digits_text"
     defaults = IF_SUPERRES_MODEL_DEFAULTS if task == "if_superres" else IF_MODEL_DEFAULTS
     c.model = ml_collections.ConfigDict(dict(defaults, cross_attention_dim=placeholder(int), dtype="float32"))
-    c.text_encoder = ml_collections.ConfigDict(dict(
-        kind="clip",              # "clip": a train.py "clip" workdir (its text tower); "t5": a transformers T5 folder
-        path="",                  # that workdir / folder (required)
-        tokenizer="",             # t5: spiece.model or its folder; "" = `path`, then IF's layout (../tokenizer)
-        max_length=placeholder(int),  # tokens per caption; t5: None = 77 (IF); clip: its max_text_len (derived)
-        cache_dir="",             # the token states of every caption, cached; "" = W/text_states
-        batch_size=256,           # captions per (jitted) encoder call while the states are computed
-        attention_mask=False,     # True: the U-Net's cross-attention skips padding tokens (IF passes no mask)
-    ))
+    c.text_encoder = _text_encoder_section()
     if task == "if_superres":
         c.superres = ml_collections.ConfigDict(dict(
             low_res=placeholder(int),    # side of the low-resolution input (required; divides data.image_size)
             max_level=placeholder(int),  # augmentation levels are uniform in [0, max_level); None = num_timesteps
         ))
     _common_sections(c, task)
+    return c
+
+
+def _text_encoder_section() -> ml_collections.ConfigDict:
+    """config.text_encoder of the tasks on a frozen encoder (IF, unCLIP)."""
+    from ml_collections.config_dict import placeholder
+
+    return ml_collections.ConfigDict(dict(
+        kind="clip",              # "clip": a train.py "clip" workdir (its text tower); "t5": a transformers T5 folder
+        path="",                  # that workdir / folder (required)
+        tokenizer="",             # t5: spiece.model or its folder; "" = `path`, then IF's layout (../tokenizer)
+        max_length=placeholder(int),  # tokens per caption; t5: None = 77 (IF); clip: its max_text_len (derived)
+        cache_dir="",             # cached encodings of every caption; "" = W/text_states
+        batch_size=256,           # captions per (jitted) encoder call while the states are computed
+        attention_mask=False,     # True: the U-Net's cross-attention skips padding tokens (IF passes no mask)
+    ))
+
+
+def _default_unclip_config(c, task: str) -> ml_collections.ConfigDict:
+    """The unCLIP tasks on a frozen CLIP pair (config.text_encoder: kind "clip", a clean CLIP workdir):
+    "unclip_prior" (config.model: PriorTransformer config.json fields plus dtype; sample prediction, no learned
+    variance) and "unclip_decoder" (config.model.decoder: UNet2DConditionModel fields, config.model.text_proj:
+    UnCLIPTextProjModel's, plus dtype; eps, learned-range variance; diffusion.p_uncond_image)."""
+    c.data.name = "digits_text"
+    if task == "unclip_prior":
+        c.model = ml_collections.ConfigDict(dict(UNCLIP_PRIOR_MODEL_DEFAULTS, dtype="float32"))
+    else:
+        c.model = ml_collections.ConfigDict(dict(decoder=dict(UNCLIP_DECODER_MODEL_DEFAULTS),
+                                                 text_proj=dict(UNCLIP_TEXT_PROJ_DEFAULTS), dtype="float32"))
+    c.text_encoder = _text_encoder_section()
+    del c.text_encoder["tokenizer"], c.text_encoder["attention_mask"]  # a CLIP's own vocabulary; always masked
+    _common_sections(c, task)
+    if task == "unclip_prior":  # diffusers' UnCLIPScheduler of the prior: x_0 ("sample"), fixed variance
+        c.diffusion.update(prediction="x0", learned_sigma=False)
+    else:
+        c.diffusion.p_uncond_image = P_UNCOND_IMAGE
     return c
 
 
@@ -253,13 +322,16 @@ def validate_config(config) -> None:
     dtype = config_util.get(config.model, "dtype", "float32")
     _check(dtype in DTYPES, f"config.model.dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     derived = ("image_size", "in_channels", "out_channels", "num_classes", "null_label", "kind", "n_vocab",
-               "n_timesteps") + (IF_DERIVED_MODEL_KEYS if task in IF_TASKS else ())
+               "n_timesteps") + (IF_DERIVED_MODEL_KEYS if task in IF_TASKS else ()) + (
+               UNCLIP_PRIOR_DERIVED_KEYS if task == "unclip_prior" else ())
     for key in derived:
         _check(key not in config.model,
                f"config.model.{key} is derived (from the dataset / task / diffusion settings"
-               f"{' / text encoder' if task in IF_TASKS else ''}); remove it from the config")
+               f"{' / text encoder' if task in FROZEN_TEXT_TASKS else ''}); remove it from the config")
     if task in IF_TASKS:
         _validate_if(config)
+    if task in UNCLIP_TASKS:
+        _validate_unclip(config)
     n = jax.device_count()
     mesh = config_util.get(config, "mesh", {})
     try:
@@ -292,12 +364,15 @@ def validate_config(config) -> None:
                f"the default {data_lib.default_data_dir()!r})")
 
 
-def _validate_if(config) -> None:
-    """The IF tasks' own sections: text_encoder, superres (stage II), and what they do not support."""
+def _validate_frozen_text(config) -> None:
+    """config.text_encoder and the training settings the frozen-encoder tasks (IF, unCLIP) do not support."""
     te = config_util.get(config, "text_encoder")
     _check(te is not None, f"config.task={config.task!r} needs config.text_encoder (start from "
                            f"jaxdiff.train.config.default_config({config.task!r}))")
     kind = config_util.get(te, "kind")
+    if config.task in UNCLIP_TASKS:
+        _check(kind == "clip", f"config.text_encoder.kind={kind!r}; allowed: clip (unCLIP needs a CLIP pair: a "
+                               "train.py workdir of the 'clip' task, e.g. configs/digits_clip.py:unclip)")
     _check(kind in TEXT_ENCODERS, f"config.text_encoder.kind={kind!r}; allowed: {', '.join(TEXT_ENCODERS)} (clip: a "
                                   "train.py workdir of the 'clip' task; t5: a transformers T5 encoder folder)")
     path = config_util.get(te, "path", "")
@@ -318,6 +393,46 @@ def _validate_if(config) -> None:
                    "set it to 0")
     _check(config_util.get(config.train, "noised", True) is True,
            f"config.train.noised={config.train.noised!r} is for the classifier and clip tasks; leave it True")
+
+
+def _validate_unclip(config) -> None:
+    """The unCLIP tasks' own rules: the prior predicts x_0 ("sample") with fixed variance; the decoder's
+    model sections and image-embedding dropout; no augmentation (the embeddings are of the stored images)."""
+    _validate_frozen_text(config)
+    d = config.diffusion
+    aug = config_util.get(config.data, "augment")
+    _check(aug in (None, False), f"config.data.augment={aug!r}: the {config.task!r} task reads each training "
+                                 "image's cached CLIP embedding, computed on the stored (unflipped) image; set it "
+                                 "to None or False")
+    if config.task == "unclip_prior":
+        _check(d.prediction == "x0", f"config.diffusion.prediction={d.prediction!r}: unCLIP's prior predicts the "
+                                     "clean image embedding; allowed: x0 (diffusers' prediction_type 'sample')")
+        _check(d.learned_sigma is False, f"config.diffusion.learned_sigma={d.learned_sigma!r}: the prior has a "
+                                         "fixed variance (diffusers' fixed_small_log); allowed: False")
+        drop = config_util.get(config.model, "dropout", 0.0)
+        _check(drop in (0, 0.0) and not isinstance(drop, bool),
+               f"config.model.dropout={drop!r}: jaxdiff's PriorTransformer has no dropout (inference only); allowed: 0")
+        return
+    p = config_util.get(d, "p_uncond_image", P_UNCOND_IMAGE)
+    _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0,
+           f"config.diffusion.p_uncond_image={p!r} is outside [0, 1): the probability of replacing the CLIP image "
+           "embedding by text_proj's learned null embedding (DALL-E 2: 0.1)")
+    for section, derived in (("decoder", IF_DERIVED_MODEL_KEYS), ("text_proj", UNCLIP_TEXT_PROJ_DERIVED_KEYS)):
+        sub = config_util.get(config.model, section)
+        _check(sub is not None and hasattr(sub, "keys"),
+               f"config.model.{section}={sub!r}: expected the {section} config.json fields (start from "
+               "jaxdiff.train.config.default_config('unclip_decoder'))")
+        for key in derived:
+            _check(key not in sub, f"config.model.{section}.{key} is derived (from the dataset / the CLIP / the "
+                                   "decoder); remove it from the config")
+    extra = sorted(set(config.model.keys()) - {"decoder", "text_proj", "dtype"})
+    _check(not extra, f"config.model.{extra[0] if extra else ''} is not a setting of the 'unclip_decoder' task: "
+                      "config.model holds decoder (UNet2DConditionModel fields), text_proj and dtype")
+
+
+def _validate_if(config) -> None:
+    """The IF tasks' own sections: text_encoder, superres (stage II), and what they do not support."""
+    _validate_frozen_text(config)
     if config.task == "if_superres":
         sr = config_util.get(config, "superres")
         _check(sr is not None, "config.task='if_superres' needs config.superres (low_res, max_level)")
@@ -426,6 +541,53 @@ def _if_model_flags(config, info, image_size: int, channels: int) -> dict:
     return flags
 
 
+def unclip_clip_dims(config) -> tuple:
+    """(embedding width D, token count L) of an unCLIP task's frozen CLIP pair; ConfigError unless its token
+    states are D wide too (the prior and text_proj read both in one width, as Karlo's ViT-L/14: 768)."""
+    enc = encoder_info(config)
+    if enc.kind != "clip":
+        raise ConfigError(f"config.text_encoder.kind={enc.kind!r}; allowed: clip")
+    d = int(enc.model["n_embd"])
+    if d != enc.width:
+        raise ConfigError(f"config.text_encoder.path={config.text_encoder.path!r}: the CLIP's embeddings are "
+                          f"n_embd={d} wide but its token states {enc.width} (n_head_text x n_head_state_text); "
+                          "unCLIP needs them equal: train the CLIP with configs/digits_clip.py:unclip")
+    return d, enc.length
+
+
+def _unclip_model_flags(config, info, image_size: int, channels: int) -> dict:
+    """create_model flags of an unCLIP task, the derived fields filled in from the CLIP and the data."""
+    from jaxdiff.models.unet2d_condition import unet2d_condition_config
+
+    d, length = unclip_clip_dims(config)
+    clip_size = int(encoder_info(config).model.get("image_size", image_size))
+    if clip_size != image_size:
+        raise ConfigError(f"config.text_encoder.path={config.text_encoder.path!r} is a CLIP of {clip_size}x{clip_size} "
+                          f"images; config.data gives {image_size}x{image_size}")
+    if config.task == "unclip_prior":
+        flags = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.model.items()}
+        prd = flags.get("added_emb_type", "prd") == "prd"
+        flags.update(embedding_dim=d, num_embeddings=length, embedding_proj_dim=d, clip_embed_dim=d,
+                     additional_embeddings=4 if prd else 3, kind="prior")
+        return flags
+    dec = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.model.decoder.items()}
+    dec.update(in_channels=channels, out_channels=channels * (2 if config.diffusion.learned_sigma else 1),
+               class_embed_type="identity", sample_size=image_size)
+    try:
+        dcfg = unet2d_condition_config(dec)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model.decoder cannot build the decoder for {info.name!r} images of size "
+                          f"{image_size}x{image_size}x{channels}: {e}") from None
+    levels = len(dcfg.block_out_channels)
+    if image_size % 2 ** (levels - 1):
+        raise ConfigError(f"config.model.decoder.block_out_channels has {levels} levels: the image size must be a "
+                          f"multiple of {2 ** (levels - 1)}, and {info.name!r} gives {image_size}")
+    tp = dict(config.model.text_proj.items(), clip_embeddings_dim=d, time_embed_dim=int(dcfg.time_embed_dim),
+              cross_attention_dim=int(dcfg.context_dim))
+    return {"kind": "unclip_decoder", "decoder": dec, "text_proj": tp,
+            "dtype": config_util.get(config.model, "dtype", "float32")}
+
+
 def open_dataset(config, split: Optional[str] = None):
     """(source, info) of config.data (split defaults to config.data.split)."""
     dcfg = config.data
@@ -458,6 +620,9 @@ def model_flags(config, info) -> dict:
     if config.task in IF_TASKS:
         vocabulary(config, info)  # a captioned dataset
         return _if_model_flags(config, info, image_size, channels)
+    if config.task in UNCLIP_TASKS:
+        vocabulary(config, info)
+        return _unclip_model_flags(config, info, image_size, channels)
     if config.task == "clip":
         return dict(flags, kind="clip", image_size=image_size, n_vocab=len(vocabulary(config, info)) + 1,
                     n_timesteps=int(config.diffusion.num_timesteps))
@@ -501,7 +666,7 @@ def resolve_config(config, info=None) -> ml_collections.ConfigDict:
                           f"{int(info.channels or 3)}: {e}") from None
     out = ml_collections.ConfigDict(config.to_dict())
     out.model = ml_collections.ConfigDict({"kind": kind, **flags})
-    if config.task in IF_TASKS:
+    if config.task in FROZEN_TEXT_TASKS:
         return _resolve_if(out, config, info, flags)
     out.data.image_size = flags["image_size"]
     out.data.channels = int(info.channels or 3)
@@ -517,7 +682,8 @@ def resolve_config(config, info=None) -> ml_collections.ConfigDict:
 def _resolve_if(out, config, info, flags) -> ml_collections.ConfigDict:
     """The IF tasks' derived values: data size and channels, the text encoder's width and token count,
     stage II's max_level."""
-    out.data.image_size = int(flags["sample_size"])
+    out.data.image_size = int(flags["decoder"]["sample_size"] if config.task == "unclip_decoder" else
+                              flags.get("sample_size", out.data.image_size or info.image_shape[0]))
     out.data.channels = int(info.channels or 3)
     out.data.num_classes = int(info.num_classes)
     out.data.data_dir = info.data_dir
@@ -528,6 +694,8 @@ def _resolve_if(out, config, info, flags) -> ml_collections.ConfigDict:
     out.text_encoder.width = enc.width
     if enc.kind == "t5":
         out.text_encoder.tokenizer = enc.tokenizer
+    if config.task in UNCLIP_TASKS:
+        out.text_encoder.embed_dim = int(enc.model["n_embd"])
     if config.task == "if_superres" and config_util.get(config.superres, "max_level") is None:
         out.superres.max_level = int(config.diffusion.num_timesteps)
     return out

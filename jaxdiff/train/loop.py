@@ -26,6 +26,15 @@ One entry point, `train(config, workdir)`, for every task (`config.task`):
   hybrid loss, as "diffusion". Stage II sees the noisy high-resolution image concatenated with the
   low-resolution image (`superres.low_res`) upscaled bilinearly (align_corners=True) and q_sample'd at a
   random level per example (uniform in [0, `superres.max_level`)), the level being its class label.
+* "unclip_prior", "unclip_decoder": DALL-E 2 (unCLIP) on a frozen clean CLIP pair (`config.text_encoder`, a
+  "clip" workdir). The CLIP image embedding of every training example and the text embedding and token states
+  of every caption are computed once and cached (`image_embeddings`, `text_states`). The prior (diffusers'
+  PriorTransformer) learns x_0 = the normalised image embedding (clip_mean / clip_std: the split's statistics,
+  frozen parameters of the prior) from the caption, captions dropped with p 0.1; the decoder (text_proj + a
+  UNet2DConditionModel, `models.UnCLIPDecoder`) learns eps with learned-range variance from the image
+  embedding (dropped to the learned null embedding with p 0.1) and the caption (dropped, p 0.5). Their
+  workdirs also hold diffusers-style config.json files per network (`checkpoints.write_unclip_configs`;
+  `checkpoints.load_unclip` loads them): docs/unclip_training.md.
 
 The text tasks write the dataset's vocabulary into W/config.json ({"text": {"vocab": [...]}}).
 All tasks use AdamW with linear warm-up (then constant, linear to 0 or cosine), global-norm
@@ -58,10 +67,11 @@ import numpy as np
 
 from jaxdiff import checkpoints, parallel
 from jaxdiff.diffusion import schedules
-from jaxdiff.train import monitor, preemption, text_states
+from jaxdiff.train import image_embeddings, monitor, preemption, text_states
 from jaxdiff.train.config import (
     DIFFUSION_TASKS,
-    IF_TASKS,
+    FROZEN_TEXT_TASKS,
+    UNCLIP_TASKS,
     ConfigError,
     create_model,
     open_dataset,
@@ -71,7 +81,7 @@ from jaxdiff.train.config import (
 from jaxdiff.train.grids import make_sample_fn
 from jaxdiff.train.inputs import train_batches
 from jaxdiff.train.monitor import MetricsWriter
-from jaxdiff.train.state import TrainState, make_optimizer, root_keys
+from jaxdiff.train.state import TrainState, frozen_params, make_optimizer, root_keys
 from jaxdiff.train.step import (
     abstract_inputs,
     jit_train_step,
@@ -198,18 +208,25 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     resolved = resolve_config(config, info)
     workdir = checkpoints.as_path(workdir)
     prepare_workdir(workdir, config_util.to_json(resolved) + "\n")
-    texts, loss_kwargs = None, None
-    if resolved.task in IF_TASKS:  # the frozen encoder's states of every caption, before anything is compiled
-        texts = text_states.prepare(resolved, source, workdir)
+    texts, embeds, loss_kwargs, overrides = None, None, None, None
+    if resolved.task in FROZEN_TEXT_TASKS:  # the frozen encoder's outputs of every caption, before anything compiles
+        texts = text_states.prepare(resolved, source, workdir, embeddings=resolved.task in UNCLIP_TASKS)
         loss_kwargs = {"null_text": texts.null()}
+    if resolved.task in UNCLIP_TASKS:
+        embeds = image_embeddings.prepare(resolved, source, workdir)
+        if jax.process_index() == 0:
+            checkpoints.write_unclip_configs(workdir, resolved.to_dict())
+        if resolved.task == "unclip_prior":
+            mean, std = embeds.stats()
+            overrides = {"clip_mean": mean, "clip_std": std}
 
     model = create_model(resolved)
-    tx = make_optimizer(resolved.train)
+    tx = make_optimizer(resolved.train, frozen_params(resolved))
     sched = schedules.make_schedule(resolved.diffusion.schedule, int(resolved.diffusion.num_timesteps))
     init_key, train_key, _ = root_keys(resolved.seed)
 
     mesh = train_mesh(resolved)
-    abstract, shardings, init_fn = state_layout(resolved, model, tx, mesh)
+    abstract, shardings, init_fn = state_layout(resolved, model, tx, mesh, overrides)
     repl = parallel.replicated_sharding(mesh)
     tcfg = resolved.train
     batch_size = int(tcfg.batch_size)
@@ -259,7 +276,8 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
     try:
         with preemption.StopRequest() as stop:
             batches = (train_batches(source, resolved, start, total, position) if texts is None else
-                       train_batches(source, resolved, start, total, position, text_states=texts))
+                       train_batches(source, resolved, start, total, position, text_states=texts,
+                                     image_embeddings=embeds))
             for images, cond in batches:
                 profile.before_step(step)
                 x = jax.make_array_from_process_local_data(batch_sh, images)
@@ -314,7 +332,7 @@ def train(config, workdir: str, *, step_hook: Optional[Callable[[int], None]] = 
                                 "command to resume", step, manager.directory)
                     break
                 if at_sample:
-                    if resolved.task in DIFFUSION_TASKS and resolved.task not in IF_TASKS:
+                    if resolved.task in DIFFUSION_TASKS and resolved.task not in FROZEN_TEXT_TASKS:
                         if sample_fn is None:
                             sample_fn = make_sample_fn(resolved, model)
                         grid, grid_labels = sample_fn(gather(state.ema_params))

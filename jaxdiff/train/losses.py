@@ -1,5 +1,6 @@
-"""Each task's loss: per-example keys, condition dropout, the diffusion, classifier and CLIP losses, and the
-IF tasks' diffusion losses on frozen text states (stage II with noise-conditioning augmentation)."""
+"""Each task's loss: per-example keys, condition dropout, the diffusion, classifier and CLIP losses, the
+IF tasks' diffusion losses on frozen text states (stage II with noise-conditioning augmentation), and unCLIP's
+prior and decoder losses on the frozen CLIP's cached embeddings."""
 
 from __future__ import annotations
 
@@ -208,5 +209,82 @@ def if_diffusion_loss_fn(resolved, model, sched, *, null_text=None) -> Callable:
     return loss_fn
 
 
+def _null_text(null_text, keys=("states", "mask")) -> dict:
+    """The empty caption's cached outputs as constants of the step (`text_states.TextStates.null`)."""
+    if null_text is None or any(k not in null_text for k in keys):
+        raise ValueError(f"caption dropout needs null_text with {', '.join(keys)} (the empty caption's outputs)")
+    return {k: jnp.asarray(null_text[k], bool if k == "mask" else jnp.float32) for k in keys}
+
+
+def _drop_rows(cond: dict, null: dict, dropped: jax.Array) -> dict:
+    """cond with the `dropped` rows' entries of `null` ([...] per row) put in place of theirs."""
+    out = dict(cond)
+    for k, v in null.items():
+        out[k] = jnp.where(dropped.reshape((-1,) + (1,) * v.ndim), v[None], cond[k])
+    return out
+
+
+def _bernoulli(keys, p: float) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.bernoulli(k, p))(keys)
+
+
+def unclip_prior_loss_fn(resolved, model, sched, *, null_text=None) -> Callable:
+    """unCLIP's prior: loss(params, images, cond, key, ids=None) = MSE between the PriorTransformer's prediction
+    and x_0, the clean CLIP image embedding cond["image_emb"] normalised by the prior's own (frozen) clip_mean /
+    clip_std ((e - mean) / std: `post_process_latents` inverts it), from x_t = q_sample(x_0, t) at uniform t,
+    the caption's text embedding (proj_embedding), token states and mask. Example i draws its t, noise and
+    caption drop (probability diffusion.p_uncond: text embedding, states and mask become `null_text`'s, the
+    empty caption's) from fold_in(key, ids[i]). The images are not read."""
+    p_uncond = float(resolved.diffusion.p_uncond)
+    null = _null_text(null_text, ("text_emb", "states", "mask")) if p_uncond > 0 else None
+
+    def loss_fn(params, images, cond, key, ids=None):
+        k_t, k_noise, k_drop = example_keys(key, _ids(images, ids), 3)
+        mean, std = (jax.lax.stop_gradient(params[k]) for k in ("clip_mean", "clip_std"))
+        x0 = (cond["image_emb"].astype(jnp.float32) - mean) / std
+        t, noise = _t_and_noise(sched, x0, k_t, k_noise)
+        if null is not None:
+            cond = _drop_rows(cond, null, _bernoulli(k_drop, p_uncond))
+        xt = diffusion_lib.q_sample(sched, x0, t, noise)
+        pred = model.apply({"params": params}, xt, sched.timestep_map[t], *model_args(resolved.task, cond))
+        mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - x0))
+        return mse, {"loss": mse, "mse": mse}
+
+    return loss_fn
+
+
+def unclip_decoder_loss_fn(resolved, model, sched, *, null_text=None) -> Callable:
+    """unCLIP's decoder (text_proj + U-Net, `models.UnCLIPDecoder`): the hybrid loss of the "diffusion" task
+    (eps, learned-range variance) conditioned on the clean CLIP image embedding of the image (cond["image_emb"])
+    and its caption's text embedding, token states and mask. Example i draws from fold_in(key, ids[i]) its t,
+    noise, dropout, and two independent drops as DALL-E 2: with probability diffusion.p_uncond_image (0.1) its
+    image embedding becomes text_proj's learned null embedding (the one diffusers' pipeline uses for the
+    unconditional rows), with probability diffusion.p_uncond (0.5) its caption's outputs the empty caption's."""
+    dcfg = resolved.diffusion
+    p_text, p_image = float(dcfg.p_uncond), float(config_util.get(dcfg, "p_uncond_image", 0.0))
+    null = _null_text(null_text, ("text_emb", "states", "mask")) if p_text > 0 else None
+    prediction, learned_sigma = dcfg.prediction, bool(dcfg.learned_sigma)
+    vlb_weight = config_util.get(dcfg, "vlb_weight")
+
+    def loss_fn(params, images, cond, key, ids=None):
+        k_t, k_noise, k_text, k_image, k_dropout = example_keys(key, _ids(images, ids), 5)
+        t, noise = _t_and_noise(sched, images, k_t, k_noise)
+        if null is not None:
+            cond = _drop_rows(cond, null, _bernoulli(k_text, p_text))
+        if p_image > 0:
+            learned = params["text_proj"]["learned_classifier_free_guidance_embeddings"]
+            cond = dict(cond, image_emb=jnp.where(_bernoulli(k_image, p_image)[:, None], learned[None],
+                                                  cond["image_emb"]))
+        args = model_args(resolved.task, cond)
+
+        def model_fn(xt, tt):
+            return _apply(resolved, model, params, xt, sched.timestep_map[tt], args, k_dropout).astype(jnp.float32)
+
+        return _diffusion_loss(sched, model_fn, images, t, noise, prediction, learned_sigma, vlb_weight)
+
+    return loss_fn
+
+
 LOSSES = {"diffusion": diffusion_loss_fn, "text2im": diffusion_loss_fn, "classifier": classifier_loss_fn,
-          "clip": clip_loss_fn, "if_text2im": if_diffusion_loss_fn, "if_superres": if_diffusion_loss_fn}
+          "clip": clip_loss_fn, "if_text2im": if_diffusion_loss_fn, "if_superres": if_diffusion_loss_fn,
+          "unclip_prior": unclip_prior_loss_fn, "unclip_decoder": unclip_decoder_loss_fn}

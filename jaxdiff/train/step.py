@@ -10,13 +10,14 @@ import optax
 
 from jaxdiff import parallel
 from jaxdiff.diffusion import schedules
-from jaxdiff.train.config import IF_TASKS, create_model
+from jaxdiff.train.config import FROZEN_TEXT_TASKS, create_model
 from jaxdiff.train.losses import LOSSES
 from jaxdiff.train.state import (
     TrainState,
     cond_spec,
     ema_decay_at,
     ema_update,
+    frozen_params,
     init_state,
     learning_rate_fn,
     make_optimizer,
@@ -55,6 +56,7 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     loss_metrics = [n for n in metric_names(resolved) if n not in ("grad_norm", "lr")]
+    frozen = frozen_params(resolved)
 
     def constrain(tree, sharding):
         return tree if sharding is None else jax.lax.with_sharding_constraint(tree, sharding)
@@ -94,6 +96,8 @@ def make_train_step(resolved, model, tx, sched, train_key, *, mesh=None, state_s
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_params, params, ema_decay_at(tcfg, state.step))
+        if frozen:  # fixed parameters (the prior's clip_mean / clip_std): the EMA keeps them bit for bit
+            ema = {**ema, **{name: params[name] for name in frozen}}
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         metrics = dict(metrics, grad_norm=grad_norm, lr=lr_fn(state.step))
         bad = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
@@ -111,11 +115,11 @@ def train_mesh(resolved):
     return parallel.make_mesh(config_util.get(m, "data", -1), config_util.get(m, "fsdp", 1))
 
 
-def state_layout(resolved, model, tx, mesh) -> tuple:
+def state_layout(resolved, model, tx, mesh, param_overrides=None) -> tuple:
     """(abstract TrainState with shardings, TrainState of NamedShardings, jitted init_fn(key)) on
-    `mesh` (`parallel.state_shardings` with config.mesh.min_shard_size)."""
+    `mesh` (`parallel.state_shardings` with config.mesh.min_shard_size); `param_overrides`: see `init_state`."""
     def init(key):
-        return init_state(resolved, model, tx, key)
+        return init_state(resolved, model, tx, key, param_overrides)
 
     shapes = jax.eval_shape(init, jax.random.key(0))
     min_size = int(config_util.get(config_util.get(resolved, "mesh", {}), "min_shard_size",
@@ -153,14 +157,15 @@ def lower_train_step(resolved, mesh=None):
     """The train step of `resolved` lowered for `mesh` (default config.mesh) on abstract inputs, for
     `.compile().memory_analysis()` / `.cost_analysis()` without data or a workdir."""
     model = create_model(resolved)
-    tx = make_optimizer(resolved.train)
+    tx = make_optimizer(resolved.train, frozen_params(resolved))
     sched = schedules.make_schedule(resolved.diffusion.schedule, int(resolved.diffusion.num_timesteps))
     mesh = train_mesh(resolved) if mesh is None else mesh
     abstract, shardings, _ = state_layout(resolved, model, tx, mesh)
     kwargs = None
-    if resolved.task in IF_TASKS:  # the empty caption's states are constants of the step: zeros cost the same
-        kwargs = {"null_text": jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape[1:], a.dtype),
-                                                      cond_spec(resolved, 1))}
+    if resolved.task in FROZEN_TEXT_TASKS:  # the empty caption's states are constants of the step: zeros cost the same
+        spec = cond_spec(resolved, 1)
+        spec.pop("image_emb", None)
+        kwargs = {"null_text": jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape[1:], a.dtype), spec)}
     step, acc_sharding = jit_train_step(resolved, model, tx, sched, root_keys(resolved.seed)[1], mesh, shardings,
                                         kwargs)
     return step.lower(abstract, *abstract_inputs(resolved, mesh, acc_sharding))

@@ -23,6 +23,12 @@ the encoder's weights for encoding (it still reads them to fingerprint them). An
 <key[:32]>/ with captions.json, states.npy (float32 [N, L, E]), mask.npy (bool [N, L]) and meta.json, which
 is written last: an entry without it is incomplete and is recomputed.
 
+The unCLIP tasks also need each caption's CLIP text embedding (the text tower's projected output, the
+prior's proj_embedding and text_proj's text embedding): `text_states(..., embeddings=True)` stores it as
+embeds.npy (float32 [N, D]) in an entry whose key also says so (IF's entries, without it, keep their keys),
+and `gather` / `null` then also give "text_emb". The unCLIP tasks' image embeddings are cached alike by
+`image_embeddings.py`, through the same multi-process protocol (`computed_once`).
+
 The train step never sees the encoder: the input pipeline gathers the rows of each batch's captions on the
 host (so the table need not fit on a device: IF's T5-XXL states are 77 x 4096 floats per caption), and the
 step replaces dropped rows with `null()`. With several processes, process 0 fingerprints, computes and
@@ -59,7 +65,8 @@ META_FILE = "meta.json"
 
 @dataclasses.dataclass
 class Encoder:
-    """A loaded frozen text encoder: `encode(captions) -> (states float32 [N, L, E], mask bool [N, L])`."""
+    """A loaded frozen text encoder: `encode(captions) -> (states float32 [N, L, E], mask bool [N, L])`, and
+    for a CLIP the text embeddings float32 [N, D] as a third element."""
 
     info: EncoderInfo
     fingerprint: str
@@ -77,6 +84,7 @@ class TextStates:
     key: str
     directory: str
     computed: bool      # computed by this call (False: read from the cache, or written by process 0)
+    embeds: Optional[np.ndarray] = None  # float32 [N, D]: the CLIP text embeddings (entries made for unCLIP)
 
     def __post_init__(self):
         self.index = {c: i for i, c in enumerate(self.captions)}
@@ -98,18 +106,26 @@ class TextStates:
                              f"the {len(self.captions) - 1} captions of the training split)") from None
 
     def gather(self, captions) -> dict:
-        """{"states": float32 [B, L, E], "mask": bool [B, L]} of a batch's captions (`cond_spec`)."""
+        """{"states": float32 [B, L, E], "mask": bool [B, L]} of a batch's captions (`cond_spec`), and
+        "text_emb" float32 [B, D] when the entry holds the text embeddings."""
         rows = self.rows(captions)
         order = np.argsort(rows, kind="stable")  # sorted reads from a memory map, then back in batch order
-        out_s = np.empty((len(rows),) + self.states.shape[1:], np.float32)
-        out_m = np.empty((len(rows),) + self.mask.shape[1:], bool)
-        out_s[order] = self.states[rows[order]]
-        out_m[order] = self.mask[rows[order]]
-        return {"states": out_s, "mask": out_m}
+        tables = {"states": (self.states, np.float32), "mask": (self.mask, bool)}
+        if self.embeds is not None:
+            tables["text_emb"] = (self.embeds, np.float32)
+        out = {}
+        for name, (table, dtype) in tables.items():
+            out[name] = np.empty((len(rows),) + table.shape[1:], dtype)
+            out[name][order] = table[rows[order]]
+        return out
 
     def null(self) -> dict:
-        """The empty caption's {"states": [L, E], "mask": [L]}: what caption dropout puts in a row."""
-        return {"states": np.asarray(self.states[0], np.float32), "mask": np.asarray(self.mask[0], bool)}
+        """The empty caption's {"states": [L, E], "mask": [L]} (and "text_emb" [D]): what caption dropout puts
+        in a row."""
+        out = {"states": np.asarray(self.states[0], np.float32), "mask": np.asarray(self.mask[0], bool)}
+        if self.embeds is not None:
+            out["text_emb"] = np.asarray(self.embeds[0], np.float32)
+        return out
 
 
 # --- the encoders ------------------------------------------------------------------------------------------
@@ -123,19 +139,18 @@ def _sha(*parts) -> str:
 
 
 def _batched(fn: Callable, tokenize: Callable, batch_size: int) -> Callable:
-    """captions -> (states, mask), `fn` called on batches of exactly batch_size rows (padded with "")."""
+    """captions -> (states, mask[, embeddings]): `fn`'s outputs, called on batches of exactly batch_size rows
+    (padded with "") and joined."""
 
     def encode(captions):
         captions = list(captions)
-        states, masks = [], []
+        parts = []
         for i in range(0, len(captions), batch_size):
             chunk = captions[i:i + batch_size]
             n = len(chunk)
             tokens, aux = tokenize(chunk + [""] * (batch_size - n))
-            s, m = fn(tokens, aux)
-            states.append(np.asarray(jax.device_get(s), np.float32)[:n])
-            masks.append(np.asarray(jax.device_get(m), bool)[:n])
-        return np.concatenate(states), np.concatenate(masks)
+            parts.append([np.asarray(a)[:n] for a in jax.device_get(fn(tokens, aux))])
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(len(parts[0])))
 
     return encode
 
@@ -157,8 +172,9 @@ def load_encoder(info: EncoderInfo, batch_size: int = 256) -> Encoder:
 
         @cpu.jit
         def apply(p, tokens, lengths):
-            states = module.apply({"params": p}, tokens, lengths, return_states=True)[1]
-            return states.astype(jnp.float32), jnp.arange(n)[None, :] < lengths[:, None]
+            emb, states = module.apply({"params": p}, tokens, lengths, return_states=True)
+            return (states.astype(jnp.float32), jnp.arange(n)[None, :] < lengths[:, None],
+                    emb.astype(jnp.float32))
 
         def tokenize(captions):
             try:
@@ -203,9 +219,10 @@ def caption_set(source) -> list:
     return [""] + sorted({str(c) for c in captions} - {""})
 
 
-def cache_key(encoder: Encoder, captions: Sequence[str]) -> str:
+def cache_key(encoder: Encoder, captions: Sequence[str], embeddings: bool = False) -> str:
+    """The entry's key (sha256 hex); `embeddings` (entries that also hold the text embeddings) changes it."""
     return _sha(f"jaxdiff-text-states-v{CACHE_VERSION}", encoder.info.kind, encoder.fingerprint, encoder.tokenizer_id,
-                encoder.info.length, _sha(*captions))
+                encoder.info.length, _sha(*captions), *(("text-embeddings",) if embeddings else ()))
 
 
 def cache_root(resolved, workdir) -> str:
@@ -235,43 +252,54 @@ def read_entry(directory, key: Optional[str] = None) -> Optional[TextStates]:
     captions = tuple(json.loads(_path(directory, "captions.json").read_text()))
     states = _load_npy(_path(directory, "states.npy"), True)
     mask = _load_npy(_path(directory, "mask.npy"), True)
-    if states.shape[0] != len(captions) or mask.shape != states.shape[:2]:
+    embeds = _load_npy(_path(directory, "embeds.npy"), True) if meta.get("embeddings") else None
+    if (states.shape[0] != len(captions) or mask.shape != states.shape[:2]
+            or (embeds is not None and embeds.shape[0] != len(captions))):
         raise ValueError(f"the text-state cache in {directory} is inconsistent ({len(captions)} captions, states "
                          f"{states.shape}, mask {mask.shape}); delete it to recompute")
-    return TextStates(captions, states, mask, meta["key"], os.fspath(directory), computed=False)
+    return TextStates(captions, states, mask, meta["key"], os.fspath(directory), computed=False, embeds=embeds)
 
 
-def write_entry(directory, key: str, captions: Sequence[str], states: np.ndarray, mask: np.ndarray, meta: dict) -> None:
+def write_entry(directory, key: str, captions: Sequence[str], states: np.ndarray, mask: np.ndarray, meta: dict,
+                embeds: Optional[np.ndarray] = None) -> None:
     """The entry's files, each written atomically, meta.json last (the entry is complete once it exists)."""
     d = os.fspath(directory)
     files.atomic_write(os.path.join(d, "captions.json"), json.dumps(list(captions)))
     files.atomic_write(os.path.join(d, "states.npy"), lambda f: np.save(f, np.ascontiguousarray(states, np.float32)))
     files.atomic_write(os.path.join(d, "mask.npy"), lambda f: np.save(f, np.ascontiguousarray(mask, bool)))
-    files.write_json(os.path.join(d, META_FILE), dict(meta, key=key))
+    if embeds is not None:
+        files.atomic_write(os.path.join(d, "embeds.npy"), lambda f: np.save(f, np.ascontiguousarray(embeds, np.float32)))
+    files.write_json(os.path.join(d, META_FILE), dict(meta, key=key, embeddings=embeds is not None))
 
 
 def encode_all(encoder: Encoder, captions: Sequence[str]) -> tuple:
-    """(states, mask) of every caption (one jitted, batched pass)."""
+    """(states, mask[, text embeddings]) of every caption (one jitted, batched pass)."""
     return encoder.encode(captions)
 
 
-def text_states(resolved, captions: Sequence[str], cache: str, *, encoder: Optional[Encoder] = None) -> TextStates:
+def text_states(resolved, captions: Sequence[str], cache: str, *, encoder: Optional[Encoder] = None,
+                embeddings: bool = False) -> TextStates:
     """The states of `captions` (captions[0] must be "") from the cache under `cache`, or computed now and
-    written there. Single-process: see `prepare` for the multi-process protocol."""
+    written there; `embeddings`: also the CLIP text embeddings (a CLIP encoder only). Single-process: see
+    `prepare` for the multi-process protocol."""
     if not captions or captions[0] != "":
         raise ValueError("captions[0] must be the empty caption")
     te = resolved.text_encoder
     info = encoder_info(resolved)
     if encoder is None:
         encoder = load_encoder(info, int(config_util.get(te, "batch_size", 256)))
-    key = cache_key(encoder, captions)
+    if embeddings and info.kind != "clip":
+        raise ConfigError(f"config.text_encoder.kind={info.kind!r} has no text embeddings; allowed: clip")
+    key = cache_key(encoder, captions, embeddings)
     directory = os.path.join(cache, key[:32])
     found = read_entry(directory, key)
     if found is not None:
         log.info("text states of %d captions read from the cache %s", len(captions), directory)
         return found
     t0 = time.time()
-    states, mask = encode_all(encoder, captions)
+    outs = encode_all(encoder, captions)
+    states, mask = outs[0], outs[1]
+    embeds = outs[2] if embeddings else None
     longest = int(mask.sum(axis=1).max())
     if longest >= info.length:
         log.warning("some captions fill all %d tokens of the text encoder: longer ones were truncated", info.length)
@@ -279,35 +307,43 @@ def text_states(resolved, captions: Sequence[str], cache: str, *, encoder: Optio
                                                   "width": info.width, "length": info.length},
             "tokenizer": encoder.tokenizer_id, "captions": len(captions), "shape": list(states.shape),
             "seconds": round(time.time() - t0, 3)}
-    write_entry(directory, key, captions, states, mask, meta)
+    write_entry(directory, key, captions, states, mask, meta, embeds)
     log.info("text states of %d captions computed in %.1f s and cached in %s", len(captions), time.time() - t0, directory)
-    return TextStates(tuple(captions), states, mask, key, directory, computed=True)
+    return TextStates(tuple(captions), states, mask, key, directory, computed=True, embeds=embeds)
 
 
-def prepare(resolved, source, workdir) -> TextStates:
-    """The token states of every caption of the training split (`source`), for an IF task's run; checked
-    against the model (width, token count). Every process calls it (a collective with several processes)."""
+def computed_once(compute: Callable[[], object], read: Callable[[str], object], what: str, cache: str):
+    """`compute()` (-> an entry with `.key`) on one process, every other process then `read(key)`ing the entry
+    it wrote (a collective with several processes; ConfigError on every process when process 0 failed or the
+    others cannot read its entry)."""
+    if jax.process_count() == 1:
+        return compute()
+    key, error = "", None
+    if jax.process_index() == 0:
+        try:
+            key = compute().key
+        except Exception as e:  # every process must reach the collective below, or the others hang
+            error, key = e, "!"
+    key = parallel.process_strings(key, max_len=80)[0]  # also a barrier: process 0 has written
+    if error is not None:
+        raise error
+    if key == "!":
+        raise ConfigError(f"process 0 failed to compute the {what} (its error says why)")
+    out = read(key)
+    if out is None:
+        raise ConfigError(f"process {jax.process_index()} cannot read the {what} process 0 wrote in {cache}: "
+                          "config.text_encoder.cache_dir (default W/text_states) must be on storage every host reads")
+    return out
+
+
+def prepare(resolved, source, workdir, *, embeddings: bool = False) -> TextStates:
+    """The token states of every caption of the training split (`source`), for an IF task's run (`embeddings`:
+    and the CLIP text embeddings, for the unCLIP tasks); checked against the model (width, token count). Every
+    process calls it (a collective with several processes)."""
     captions = caption_set(source)
     cache = cache_root(resolved, workdir)
-    if jax.process_count() == 1:
-        out = text_states(resolved, captions, cache)
-    else:
-        key, error = "", None
-        if jax.process_index() == 0:
-            try:
-                key = text_states(resolved, captions, cache).key
-            except Exception as e:  # every process must reach the collective below, or the others hang
-                error, key = e, "!"
-        key = parallel.process_strings(key, max_len=80)[0]  # also a barrier: process 0 has written
-        if error is not None:
-            raise error
-        if key == "!":
-            raise ConfigError("process 0 failed to compute the text states (its error says why)")
-        out = read_entry(os.path.join(cache, key[:32]), key)
-        if out is None:
-            raise ConfigError(f"process {jax.process_index()} cannot read the text states process 0 wrote in "
-                              f"{cache}: config.text_encoder.cache_dir (default W/text_states) must be on storage "
-                              "every host reads")
+    out = computed_once(lambda: text_states(resolved, captions, cache, embeddings=embeddings),
+                        lambda key: read_entry(os.path.join(cache, key[:32]), key), "text states", cache)
     L, E = int(resolved.text_encoder.max_length), int(resolved.text_encoder.width)
     if out.states.shape[1:] != (L, E):
         raise ConfigError(f"the cached text states in {out.directory} are {out.states.shape[1:]}, not ({L}, {E}) "
