@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 import time
 
@@ -71,29 +70,6 @@ def load_fixture() -> dict:
         return {k: f[k] for k in f.files}
 
 
-def state_dict(fx: dict, prefix: str) -> dict:
-    return {k[len(prefix) + 1:]: v for k, v in fx.items() if k.startswith(prefix + "/")}
-
-
-def config_of(fx: dict, key: str) -> dict:
-    return json.loads(str(fx[key]))
-
-
-def rel(a, b) -> float:
-    """max |a - b| / max |b| (the cascade tests' measure)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def nchw(a) -> np.ndarray:
-    return np.moveaxis(np.asarray(a), -1, 1)
-
-
-def nhwc(a) -> np.ndarray:
-    return np.ascontiguousarray(np.moveaxis(np.asarray(a), 1, -1))
-
-
 def captions(n: int, vocab: int, seed: int = 0, lo: int = 5, hi: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """n token rows of LENGTH: `lo`..`hi` real tokens (random ids in [2, vocab), the last one the end id 1),
     then padding id 0; mask True on the real tokens. Plus, as row n, the empty caption (only the end id)."""
@@ -106,40 +82,23 @@ def captions(n: int, vocab: int, seed: int = 0, lo: int = 5, hi: int = 40) -> tu
     return tokens, tokens > 0
 
 
-def import_reference(refstack: str | None):
-    """(torch, diffusers, transformers), `refstack` appended to sys.path (after site-packages)."""
-    path = str(pathlib.Path(refstack).expanduser().resolve()) if refstack else None
-    if path and path not in sys.path:
-        sys.path.append(path)
-    try:
-        import diffusers
-        import torch
-        import transformers
-    except ImportError as e:
-        raise SystemExit(f"{e}; the reference stack is needed: pip install --target /opt/refstack torch==2.13.0 "
-                         "diffusers==0.42.1 transformers==5.23.0 (then --refstack /opt/refstack)") from None
-    if path and np.__file__.startswith(path + "/"):
-        raise SystemExit(f"numpy was imported from {np.__file__}: the reference stack shadows the environment")
-    return torch, diffusers, transformers
-
-
 # --- PyTorch: diffusers' U-Net and scheduler, transformers' T5 --------------------------------------------
 
 class Reference:
     def __init__(self, th, diffusers, transformers, fx: dict):
         self.th = th
-        self.unet = diffusers.UNet2DConditionModel.from_config(config_of(fx, "unet1_config"))
-        self.unet.load_state_dict({k: th.from_numpy(v) for k, v in state_dict(fx, "unet1").items()}, strict=True)
+        self.unet = diffusers.UNet2DConditionModel.from_config(common.config_of(fx, "unet1_config"))
+        self.unet.load_state_dict({k: th.from_numpy(v) for k, v in common.state_dict(fx, "unet1").items()}, strict=True)
         self.unet.eval()
-        t5_cfg = transformers.T5Config(**config_of(fx, "t5_config"))
+        t5_cfg = transformers.T5Config(**common.config_of(fx, "t5_config"))
         self.t5 = transformers.T5EncoderModel(t5_cfg)
-        sd = {k: th.from_numpy(v) for k, v in state_dict(fx, "t5").items()}
+        sd = {k: th.from_numpy(v) for k, v in common.state_dict(fx, "t5").items()}
         missing, unexpected = self.t5.load_state_dict(sd, strict=False)
         # a T5EncoderModel ties encoder.embed_tokens to shared: either key alone is the whole state_dict
         if unexpected or any(k not in ("shared.weight", "encoder.embed_tokens.weight") for k in missing):
             raise SystemExit(f"T5 state_dict does not fit: missing {missing}, unexpected {unexpected}")
         self.t5.eval()
-        self.scheduler = diffusers.DDPMScheduler.from_config(config_of(fx, "scheduler_config"))
+        self.scheduler = diffusers.DDPMScheduler.from_config(common.config_of(fx, "scheduler_config"))
         self.scheduler.set_timesteps(INFERENCE_STEPS)
         self.fx = fx
 
@@ -151,7 +110,7 @@ class Reference:
                              attention_mask=th.from_numpy(fx["t5_mask"]).long()).last_hidden_state
             u = self.unet(th.from_numpy(fx["unet1_x"]), th.from_numpy(fx["unet1_t"]),
                           encoder_hidden_states=th.from_numpy(fx["t5_out"]), return_dict=False)[0]
-        return {"torch_t5_vs_fixture": rel(t5_out, fx["t5_out"]), "torch_unet_vs_fixture": rel(u, fx["unet1_out"])}
+        return {"torch_t5_vs_fixture": common.rel(t5_out, fx["t5_out"]), "torch_unet_vs_fixture": common.rel(u, fx["unet1_out"])}
 
     def encode(self, tokens, mask):
         th = self.th
@@ -213,14 +172,14 @@ class Jaxdiff:
         from jaxdiff.models import t5
         from jaxdiff.util import cpu
 
-        unet_cfg = config_of(fx, "unet1_config")
+        unet_cfg = common.config_of(fx, "unet1_config")
         self.unet = unet2d_module(unet_cfg)
-        self.unet_params = jax.device_put(unet2d_params_from_state_dict(state_dict(fx, "unet1"), unet_cfg))
-        self.t5_config = t5.t5_config_from_json(config_of(fx, "t5_config"))
+        self.unet_params = jax.device_put(unet2d_params_from_state_dict(common.state_dict(fx, "unet1"), unet_cfg))
+        self.t5_config = t5.t5_config_from_json(common.config_of(fx, "t5_config"))
         self.t5 = t5.T5Encoder(self.t5_config)
-        self.t5_params = jax.device_put(t5_params_from_state_dict(state_dict(fx, "t5"), self.t5_config))
+        self.t5_params = jax.device_put(t5_params_from_state_dict(common.state_dict(fx, "t5"), self.t5_config))
         self.encode_fn = t5.encode
-        sched_cfg = config_of(fx, "scheduler_config")
+        sched_cfg = common.config_of(fx, "scheduler_config")
         self.sched = if_schedule(sched_cfg)
         ratio, max_value = float(sched_cfg["dynamic_thresholding_ratio"]), float(sched_cfg["sample_max_value"])
         unet = self.unet
@@ -249,32 +208,6 @@ class Jaxdiff:
 
 # --- timing -----------------------------------------------------------------------------------------------
 
-def cpu_idle_percent(seconds: float = 3.0) -> float:
-    """The whole machine's idle share of CPU time over `seconds` (/proc/stat; -1 where unreadable)."""
-    def read():
-        with open("/proc/stat") as f:
-            v = [int(a) for a in f.readline().split()[1:]]
-        return sum(v[:8]), v[3] + v[4]
-    try:
-        t0, i0 = read()
-        time.sleep(seconds)
-        t1, i1 = read()
-    except OSError:
-        return -1.0
-    return round(100.0 * (i1 - i0) / max(t1 - t0, 1), 1)
-
-
-def wait_idle(percent: float, max_seconds: float) -> dict:
-    """Wait until cpu_idle_percent() >= percent or max_seconds pass; what was found."""
-    start = time.monotonic()
-    while True:
-        idle = cpu_idle_percent()
-        waited = time.monotonic() - start
-        if idle >= percent or idle < 0 or waited >= max_seconds:
-            return {"wanted_percent": percent, "idle_percent": idle, "waited_s": round(waited, 1),
-                    "reached": idle >= percent}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--refstack", default="/opt/refstack", help="pip --target folder of torch / diffusers / "
@@ -292,7 +225,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if min(args.batch, args.captions, args.repeats, args.warmup, args.threads) < 1 or args.captions < args.batch:
         p.error("need --batch, --repeats, --warmup, --threads >= 1 and --captions >= --batch")
-    th, diffusers, transformers = import_reference(args.refstack)
+    th, diffusers, transformers = common.import_reference(args.refstack)
     th.set_num_threads(args.threads)
     th.manual_seed(0)
     fx = load_fixture()
@@ -313,15 +246,15 @@ def main(argv=None) -> int:
     # gate
     errs = ref.gate_fixture()
     enc = t5_tokens, t5_mask = tokens[:args.captions], mask[:args.captions]
-    errs["t5_states"] = rel(ours.encode_fn(ours.t5, ours.t5_params, *enc), states[:args.captions])
-    errs["empty_caption_states"] = rel(ours.encode_fn(ours.t5, ours.t5_params, tokens[-1:], mask[-1:]), states[-1:])
+    errs["t5_states"] = common.rel(ours.encode_fn(ours.t5, ours.t5_params, *enc), states[:args.captions])
+    errs["empty_caption_states"] = common.rel(ours.encode_fn(ours.t5, ours.t5_params, tokens[-1:], mask[-1:]), states[-1:])
     rows = np.concatenate([null_states, cond_states])
     t_rows = jnp.full((2 * b,), TIMESTEP, jnp.int32)
-    u = ours.unet_fn(ours.unet_params, jnp.asarray(nhwc(np.concatenate([x, x]))), t_rows, jnp.asarray(rows))
-    errs["unet_2b_rows"] = rel(nchw(u), torch_unet().numpy())
+    u = ours.unet_fn(ours.unet_params, jnp.asarray(common.nhwc(np.concatenate([x, x]))), t_rows, jnp.asarray(rows))
+    errs["unet_2b_rows"] = common.rel(common.nchw(u), torch_unet().numpy())
     noise = th.randn(x.shape, generator=th.Generator().manual_seed(NOISE_SEED)).numpy()
-    mine = ours.step_with_noise(ours.unet_params, jnp.asarray(nhwc(x)), i, cond, jnp.asarray(nhwc(noise)))
-    errs["cfg_step"] = rel(nchw(mine), torch_step().numpy())  # the first draw of the seeded generator = noise
+    mine = ours.step_with_noise(ours.unet_params, jnp.asarray(common.nhwc(x)), i, cond, jnp.asarray(common.nhwc(noise)))
+    errs["cfg_step"] = common.rel(common.nchw(mine), torch_step().numpy())  # the first draw of the seeded generator = noise
     gate = {"rel_errors": errs, "tolerance": TOLERANCE, "passed": all(v < TOLERANCE for v in errs.values())}
     out = {"benchmark": "DeepFloyd IF (if_tiny_a): CFG step and T5 encoding, jaxdiff vs diffusers/transformers "
                         "(PyTorch), alternated in one process",
@@ -340,10 +273,10 @@ def main(argv=None) -> int:
         return 0 if gate["passed"] else 1
 
     if args.wait_idle > 0:
-        out["wait_idle"] = wait_idle(args.wait_idle, args.wait_max)
+        out["wait_idle"] = common.wait_idle(args.wait_idle, args.wait_max)
     out["machine_at_start"] = {**common.machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     key = jax.random.key(NOISE_SEED)
-    xj = jnp.asarray(nhwc(x))
+    xj = jnp.asarray(common.nhwc(x))
     jax_step = common.blocking(ours.step, ours.unet_params, xj, i, cond, key)
     table = {"cfg_step": common.duel(jax_step, torch_step, args.repeats, args.warmup),
              "t5_encode": common.duel(ours.encode(t5_tokens, t5_mask), ref.encode(t5_tokens, t5_mask), args.repeats,

@@ -156,3 +156,67 @@ def duel(jax_fn, torch_fn, repeats: int, warmup: int) -> dict:
             "torch_min_max_ms": [round(min(times["torch"]), 2), round(max(times["torch"]), 2)],
             "jaxdiff_all_ms": [round(v, 2) for v in times["jaxdiff"]],
             "torch_all_ms": [round(v, 2) for v in times["torch"]]}
+
+
+# --- the reference stack (PyTorch, diffusers, transformers) and its comparisons ---------------------------
+
+def config_of(fx: dict, key: str) -> dict:
+    return json.loads(str(fx[key]))
+
+
+def rel(a, b) -> float:
+    """max |a - b| / max |b| (the cascade tests' measure)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def nchw(a) -> np.ndarray:
+    return np.moveaxis(np.asarray(a), -1, 1)
+
+
+def nhwc(a) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(np.asarray(a), 1, -1))
+
+
+def import_reference(refstack: str | None):
+    """(torch, diffusers, transformers), `refstack` appended to sys.path (after site-packages)."""
+    path = str(pathlib.Path(refstack).expanduser().resolve()) if refstack else None
+    if path and path not in sys.path:
+        sys.path.append(path)
+    try:
+        import diffusers
+        import torch
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"{e}; the reference stack is needed: pip install --target /opt/refstack torch==2.13.0 "
+                         "diffusers==0.42.1 transformers==5.23.0 (then --refstack /opt/refstack)") from None
+    if path and np.__file__.startswith(path + "/"):
+        raise SystemExit(f"numpy was imported from {np.__file__}: the reference stack shadows the environment")
+    return torch, diffusers, transformers
+
+
+def cpu_idle_percent(seconds: float = 3.0) -> float:
+    """The whole machine's idle share of CPU time over `seconds` (/proc/stat; -1 where unreadable)."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(a) for a in f.readline().split()[1:]]
+        return sum(v[:8]), v[3] + v[4]
+    try:
+        t0, i0 = read()
+        time.sleep(seconds)
+        t1, i1 = read()
+    except OSError:
+        return -1.0
+    return round(100.0 * (i1 - i0) / max(t1 - t0, 1), 1)
+
+
+def wait_idle(percent: float, max_seconds: float) -> dict:
+    """Wait until cpu_idle_percent() >= percent or max_seconds pass; what was found."""
+    start = time.monotonic()
+    while True:
+        idle = cpu_idle_percent()
+        waited = time.monotonic() - start
+        if idle >= percent or idle < 0 or waited >= max_seconds:
+            return {"wanted_percent": percent, "idle_percent": idle, "waited_s": round(waited, 1),
+                    "reached": idle >= percent}
