@@ -174,9 +174,10 @@ class Jaxdiff:
         self.decoder = unet2d_module(dcfg)
         self.text_proj = UnCLIPTextProjModel(text_proj_config(tcfg))
         self.prior = PriorTransformer(prior_config(pcfg))
-        self.params = {"decoder": unet2d_params_from_state_dict(common.state_dict(fx, "decoder"), dcfg),
-                       "text_proj": text_proj_params_from_state_dict(common.state_dict(fx, "text_proj"), tcfg),
-                       "prior": prior_params_from_state_dict(common.state_dict(fx, "prior"), pcfg)}
+        self.params = jax.device_put({  # on the device once, as the samplers hold them
+            "decoder": unet2d_params_from_state_dict(common.state_dict(fx, "decoder"), dcfg),
+            "text_proj": text_proj_params_from_state_dict(common.state_dict(fx, "text_proj"), tcfg),
+            "prior": prior_params_from_state_dict(common.state_dict(fx, "prior"), pcfg)})
         self.sched = unclip.unclip_schedule(STEPS)
         self.i = STEPS - 1 - STEP_INDEX  # index into the respaced chain (0 = the last step)
         decoder, text_proj, prior = self.decoder, self.text_proj, self.prior
