@@ -5,9 +5,11 @@
 # The captioned datasets (*_text) train the text-conditional model, the noised CLIP, the clean
 # evaluation CLIP and the evaluation classifier (of the base dataset), then sweep CFG over text and
 # CLIP guidance. Re-running resumes: train.py continues from the latest checkpoint (or does nothing
-# when done). digits_unclip trains unCLIP (DALL-E 2) on the captioned digits: its clean CLIP pair
-# (configs/digits_clip.py:unclip), the prior and the decoder (docs/unclip_training.md), and the evaluation CLIP
-# of digits_text (runs/digits_text/eval_clip: nothing to do when the digits_text job has trained it).
+# when done). digits_unclip compares unCLIP (DALL-E 2) with GLIDE-style CFG on the captioned digits: it reuses
+# (or trains) digits_text's text model, evaluation CLIP and evaluation classifier (runs/digits_text/...), trains
+# unCLIP's clean CLIP pair (configs/digits_clip.py:unclip), the prior and the decoder (docs/unclip_training.md),
+# then sweeps prior x decoder guidance scales beside the text model's CFG (configs/sweep_digits_unclip.py).
+# PIP_SKIP=1 skips the editable install (a checkout whose package is already importable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dataset="${1:-digits}"
@@ -22,7 +24,7 @@ start=$(date +%s)
 stamp() { echo "[main $(( $(date +%s) - start ))s] $*"; }
 
 case "$dataset" in fashion_mnist*) bash scripts/install_system_deps.sh ;; esac
-python3 -m pip install -q -e .
+[ "${PIP_SKIP:-0}" = 1 ] || python3 -m pip install -q -e .
 # glibc's huge-page malloc for XLA's per-step buffers: CPU training steps 5-10 % faster (jaxdiff/util/cpu.py).
 # glibc reads it only at process start, so it is set here rather than by the Python entry points.
 case "${GLIBC_TUNABLES:-}" in
@@ -34,12 +36,20 @@ esac
 train() { stamp "training the $1"; python3 train.py --config "$2" --workdir "$3" "${@:4}"; }
 
 if [ "$dataset" = digits_unclip ]; then
+  text="runs/digits_text"  # digits_text's models: nothing to train when that job has run
+  train "text-conditional diffusion model (digits_text's)" "configs/digits_text.py" "$text/model"
+  train "evaluation CLIP (digits_text's)" "configs/digits_clip.py:eval" "$text/eval_clip"
+  train "evaluation classifier (digits_text's)" "configs/digits_eval_classifier.py" "$text/eval_classifier"
   clip=(--config.text_encoder.path="$runs/clip" --config.text_encoder.cache_dir="$runs/text_states")
   train "unCLIP's clean CLIP pair" "configs/digits_clip.py:unclip" "$runs/clip"
   train "unCLIP prior" "configs/digits_unclip_prior.py" "$runs/prior" "${clip[@]}"
   train "unCLIP decoder" "configs/digits_unclip_decoder.py" "$runs/decoder" "${clip[@]}"
-  train "evaluation CLIP (digits_text's)" "configs/digits_clip.py:eval" "runs/digits_text/eval_clip"
-  stamp "done: the prior in $runs/prior, the decoder in $runs/decoder (jaxdiff.checkpoints.load_unclip)"
+  stamp "unCLIP vs GLIDE sweep"
+  python3 sweep.py --config configs/sweep_digits_unclip.py --config.model="$text/model" \
+    --config.eval_clip="$text/eval_clip" --config.eval_classifier="$text/eval_classifier" \
+    --config.unclip_prior="$runs/prior" --config.unclip_decoder="$runs/decoder" --config.unclip_clip="$runs/clip" \
+    --config.out="$out"
+  stamp "done: report in $out (results.md, plots, settings/*/grid.png)"
   exit 0
 fi
 

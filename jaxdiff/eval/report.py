@@ -10,7 +10,7 @@ from jaxdiff.diffusion import guidance
 from jaxdiff.util import files
 
 COLUMNS = (
-    ("guidance", "guidance"), ("scale", "scale"), ("sampler", "sampler"), ("steps", "steps"),
+    ("guidance", "guidance"), ("scale", "scale"), ("prior_scale", "prior scale"), ("sampler", "sampler"), ("steps", "steps"),
     ("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"), ("precision", "precision"), ("recall", "recall"),
     ("density", "density"), ("coverage", "coverage"), ("accuracy", "accuracy"),
     ("attribute_accuracy", "attribute acc"), ("clip_score", "eval-CLIP score"),
@@ -164,7 +164,8 @@ def _draw(ax, series: list, xk: str, yk: str, keep=None) -> None:
 
 def write_plots(rows: Sequence[Mapping], out_dir: str) -> list[str]:
     """FID against IS, precision against recall, accuracy against scale (PNG files); for a text sweep
-    also attribute accuracy and the evaluation CLIP's score against scale, FID against that score.
+    also attribute accuracy and the evaluation CLIP's score against scale, FID and recall against that score
+    (the fidelity / diversity trade-off of each guidance family: unCLIP's against GLIDE's CFG, say).
 
     Point labels (the scales) go where they collide with no other label or marker. When some settings
     are far off the others (`far_off`), a second panel shows the rest at their own scale."""
@@ -180,10 +181,13 @@ def write_plots(rows: Sequence[Mapping], out_dir: str) -> list[str]:
               "accuracy_vs_scale.png")]
     if any("clip_score" in r for r in rows):
         scale = "guidance scale (none = 1 for CFG, 0 for CLIP)"
+        if any(r.get("sampler") == "unclip" for r in rows):
+            scale = "guidance scale (none = 1 for CFG; unCLIP: the decoder's)"
         specs += [("scale", "attribute_accuracy", scale, "attribute accuracy (named attributes; chance 1/3)",
                    "attribute_accuracy_vs_scale.png"),
                   ("scale", "clip_score", scale, "evaluation-CLIP score (cosine x 100)", "clip_score_vs_scale.png"),
-                  ("clip_score", "fid", "evaluation-CLIP score", "FID", "fid_vs_clip_score.png")]
+                  ("clip_score", "fid", "evaluation-CLIP score", "FID", "fid_vs_clip_score.png"),
+                  ("clip_score", "recall", "evaluation-CLIP score", "recall (diversity)", "recall_vs_clip_score.png")]
     paths = []
     for xk, yk, xl, yl, fname in specs:
         series = [(f"{g} ({sampler} {steps})", [r for r in rs if xk in r and yk in r])

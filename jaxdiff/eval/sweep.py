@@ -6,6 +6,11 @@ example i of a deterministic draw from `caption_split` (`text_prompts`); each se
 the attribute accuracy of the named attributes (`jaxdiff.data.captions`' oracle; chance 1/3) and the
 evaluation CLIP's score (`eval_clip`: mean cosine x 100 of samples and captions). CFG over text uses
 the empty caption as its null condition; "clip" guides with the noised CLIP (`clip_image`, `clip_text`).
+
+unCLIP beside them (`unclip_prior_scales` x `unclip_decoder_scales`, the workdirs `unclip_prior`,
+`unclip_decoder` and their clean CLIP `unclip_clip`): each caption through the prior (CFG s_p) and the decoder
+(CFG s_d) (`jaxdiff.sample.unclip_toy`), one curve per prior scale over the decoder's scales (guidance
+"unclip_prior<s_p>", scale s_d, prior_scale s_p, sampler "unclip", steps the decoder's), the same metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 
 from jaxdiff.diffusion import guidance
 from jaxdiff.eval import evaluation, report
+from jaxdiff.sample import unclip_toy
 
 EXTRACTORS = ("classifier", "inception")
 SWEPT = {"classifier": (0.25, 1.0, 4.0), "cfg": (0.0, 1.5, 3.0, 5.0)}  # the default sweep's scales
@@ -59,6 +65,10 @@ def default_config(dataset: str = "digits") -> ml_collections.ConfigDict:
     c.eta = 0.0
     for name in guidance.GUIDES:
         c[f"{name}_scales"] = (SWEPT_TEXT if text else SWEPT).get(name, ())
+    c.unclip_prior = c.unclip_decoder = c.unclip_clip = ""  # unCLIP workdirs (configs/digits_unclip_*.py)
+    c.unclip_prior_scales = ()    # unCLIP rows: every prior scale x every decoder scale (CFG, Imagen convention)
+    c.unclip_decoder_scales = ()
+    c.unclip_steps = unclip_toy.STEPS  # (prior, decoder) sampling steps
     c.num_samples = 400
     c.batch_size = 200
     c.seed = 0
@@ -73,13 +83,33 @@ def swept_guides(cfg) -> list[str]:
     return [name for name in guidance.GUIDES if cfg.get(f"{name}_scales")]
 
 
+UNCLIP = "unclip"  # the unCLIP rows' sampler; their guidance is unclip_guidance(prior scale)
+UNCLIP_WORKDIRS = {"unclip_prior": "unCLIP prior", "unclip_decoder": "unCLIP decoder",
+                   "unclip_clip": "unCLIP's clean CLIP"}
+
+
+def unclip_guidance(prior_scale: float) -> str:
+    """The guidance name of the unCLIP rows at one prior scale: one curve each over the decoder's scales."""
+    return f"unclip_prior{float(prior_scale):g}"
+
+
+def has_unclip(cfg) -> bool:
+    """Whether the sweep config asks for unCLIP rows."""
+    return bool(cfg.get("unclip_prior_scales") or cfg.get("unclip_decoder_scales"))
+
+
 def settings(cfg) -> Iterator[dict]:
-    """Every (guidance, scale, sampler, steps) the sweep config asks for, unguided first."""
+    """Every (guidance, scale, sampler, steps) the sweep config asks for, unguided first, unCLIP's last."""
     for steps in cfg.steps:
         yield dict(guidance="none", scale=float("nan"), sampler=cfg.sampler, steps=int(steps))
         for name in swept_guides(cfg):
             for s in cfg[f"{name}_scales"]:
                 yield dict(guidance=name, scale=float(s), sampler=cfg.sampler, steps=int(steps))
+    if has_unclip(cfg):
+        for sp in cfg.unclip_prior_scales:
+            for sd in cfg.unclip_decoder_scales:
+                yield dict(guidance=unclip_guidance(sp), scale=float(sd), prior_scale=float(sp), sampler=UNCLIP,
+                           steps=int(cfg.unclip_steps[1]))
 
 
 def validate(cfg) -> None:
@@ -104,6 +134,21 @@ def validate(cfg) -> None:
                 raise ValueError(f"{name}_scales must be finite numbers, got {list(cfg[f'{name}_scales'])}")
     if int(cfg.num_samples) < 2:
         raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
+    if has_unclip(cfg):
+        _validate_unclip(cfg)
+
+
+def _validate_unclip(cfg) -> None:
+    for key in ("unclip_prior_scales", "unclip_decoder_scales"):
+        scales = list(cfg.get(key) or ())
+        if not scales or not all(math.isfinite(float(s)) for s in scales):
+            raise ValueError(f"unCLIP rows need finite {key} (prior x decoder scales), got {scales}")
+    for key, what in UNCLIP_WORKDIRS.items():
+        if not cfg.get(key):
+            raise ValueError(f"unCLIP rows need the {what} workdir (config.{key})")
+    steps = list(cfg.get("unclip_steps") or ())
+    if len(steps) != 2 or any(int(s) < 2 for s in steps):
+        raise ValueError(f"unclip_steps must be (prior steps, decoder steps), each >= 2, got {steps}")
 
 
 def text_prompts(model_cfg, split: str, n: int, seed: int) -> dict:
@@ -145,6 +190,7 @@ def text_metrics(prompts: dict, clip_score: Callable) -> Callable[[np.ndarray], 
 
 
 def setting_name(row: dict) -> str:
+    """The setting's folder name, e.g. cfg_s3_ddpm50, unclip_prior4_s3_unclip50."""
     scale = "" if row["guidance"] == "none" else f"_s{row['scale']:g}"
     return f"{row['guidance']}{scale}_{row['sampler']}{row['steps']}"
 
@@ -214,6 +260,14 @@ def run_sweep(cfg) -> list[dict]:
     from jaxdiff import checkpoints
     from jaxdiff.sample import runner
 
+    if has_unclip(cfg):  # config.json files only: refused before any weight is read or anything compiled
+        mcfg = checkpoints.read_config(cfg.model)
+        if not runner.is_text_model(mcfg):
+            raise ValueError(f"unCLIP rows are swept over a text model's captions; config.model={cfg.model!r} is "
+                             "not a text model")
+        unclip_toy.check_workdirs(cfg.unclip_prior, cfg.unclip_decoder, cfg.unclip_clip,
+                                  names=[f"config.{k}={cfg[k]!r}" for k in UNCLIP_WORKDIRS],
+                                  image_size=int(mcfg["model"]["image_size"]), data_name=mcfg["data"]["name"])
     model = checkpoints.load_model(cfg.model)
     networks = {net: runner.load(cfg[net], net=net) for net in
                 {n for g in swept_guides(cfg) for n in guidance.GUIDES[g].networks}}
@@ -225,13 +279,21 @@ def run_sweep(cfg) -> list[dict]:
                              "configs/*_clip.py:eval)")
         prompts = text_prompts(model[2], cfg.get("caption_split", "test"), int(cfg.num_samples), int(cfg.seed))
         extra = text_metrics(prompts, evaluation.clip_scorer(cfg.eval_clip))
+    nets = (unclip_toy.load_workdirs(cfg.unclip_prior, cfg.unclip_decoder, cfg.unclip_clip)
+            if has_unclip(cfg) else None)
     os.makedirs(cfg.out, exist_ok=True)
-    rows, compiled = [], {}
+    rows, compiled, unclip_compiled = [], {}, {}
     for row in settings(cfg):
         out = os.path.join(cfg.out, "settings", setting_name(row))
         t0 = time.perf_counter()
-        res = runner.run(sample_config(cfg, row, out, prompts and prompts["captions"]), model=model,
-                           networks=networks, compiled=compiled)
+        if row["sampler"] == UNCLIP:
+            res = unclip_toy.sample(nets, prompts["captions"], prior_scale=row["prior_scale"],
+                                    decoder_scale=row["scale"], num_samples=int(cfg.num_samples),
+                                    batch_size=int(cfg.batch_size), seed=int(cfg.seed), steps=cfg.unclip_steps,
+                                    out=out, grid_max=int(cfg.grid_max), compiled=unclip_compiled)
+        else:
+            res = runner.run(sample_config(cfg, row, out, prompts and prompts["captions"]), model=model,
+                             networks=networks, compiled=compiled)
         seconds = time.perf_counter() - t0
         if prompts is not None:
             res = dict(res, labels=prompts["labels"])

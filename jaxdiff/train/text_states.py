@@ -163,18 +163,13 @@ def _local_put(params):
 def load_encoder(info: EncoderInfo, batch_size: int = 256) -> Encoder:
     """The frozen encoder of `info`, its fingerprint and a batched, jitted `encode`."""
     if info.kind == "clip":
-        from jaxdiff.data.tokenizers import WordTokenizer
+        from jaxdiff.sample import toy_clip  # the same encoding as the unCLIP sweep's
 
         module, params, cfg = checkpoints.load_model(info.path, kind="clip-text")
-        tok = WordTokenizer(list(info.vocab), source=f"the vocabulary of the CLIP {info.path}")
+        tok = toy_clip.word_tokenizer(info.vocab, info.path)
         n = info.length
         dev_params = _local_put(params)
-
-        @cpu.jit
-        def apply(p, tokens, lengths):
-            emb, states = module.apply({"params": p}, tokens, lengths, return_states=True)
-            return (states.astype(jnp.float32), jnp.arange(n)[None, :] < lengths[:, None],
-                    emb.astype(jnp.float32))
+        apply = toy_clip.clip_text_fn(module, n)
 
         def tokenize(captions):
             try:
