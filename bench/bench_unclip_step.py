@@ -201,9 +201,11 @@ class Jaxdiff:
             return samplers.ddpm_step(sched, x, i, d, noise, fixed_variance="small")
 
         self.decoder_step_with_noise = cpu.jit(decoder_step)
-        self.prior_step_with_noise = cpu.jit(prior_step)
+        prior_opts = unclip.prior_compiler_options()  # the prior sampler's
+        self.prior_step_with_noise = cpu.jit(prior_step, compiler_options=prior_opts)
         self.decoder_step = cpu.jit(lambda p, tx, x, c, key: decoder_step(p, tx, x, c, jax.random.normal(key, x.shape)))
-        self.prior_step = cpu.jit(lambda p, tx, x, c, key: prior_step(p, tx, x, c, jax.random.normal(key, x.shape)))
+        self.prior_step = cpu.jit(lambda p, tx, x, c, key: prior_step(p, tx, x, c, jax.random.normal(key, x.shape)),
+                                  compiler_options=prior_opts)
 
 
 def text_table(inp: dict, n: int):

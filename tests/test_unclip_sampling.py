@@ -11,9 +11,13 @@ The final images cannot match to 1e-3 at every pixel: at t = 999 the decoder and
 (x - sqrt(1 - abar) eps) / sqrt(abar) with 1 / sqrt(abar_999) = 2e4, and the few pixels not clipped to [-1, 1]
 carry eps's float32 rounding, amplified, to the end. In diffusers itself a relative change of 1e-6 in the
 decoder's image moves the final images by 7e-3 (max), and diffusers' own UnCLIPPipeline rebuilt from the
-fixture's weights (transformers' text encoder for the empty caption) lands 1.1e-2 from the recorded images. So
-the image test bounds the bulk (mean and 99th percentile) tightly and the worst pixel loosely; the image
-embeddings (no such step: the prior predicts x0) meet 1e-4.
+fixture's weights (transformers' text encoder for the empty caption) lands 1.1e-2 from the recorded images.
+Ours with the decoder's weights each multiplied by (1 + 6e-8 N(0, 1)), one float32 rounding's worth, lands
+(five draws, 2026-12-04) at a mean of 1.3e-5 to 1.25e-4, a 99th percentile of 2.1e-4 to 2.5e-3 and a max of
+0.03 to 0.35 (unperturbed: 4.3e-5, 8.3e-4, 0.12). So the image test bounds the mean at 3e-4 and the 99th
+percentile at 5e-3, about twice the largest of those draws (a wrong variance, schedule or guidance moves the
+mean by 1e-2 or more), and the worst pixel at 0.6 of the range; the image embeddings (no such step: the prior
+predicts x0) meet 1e-4.
 """
 
 import json
@@ -129,7 +133,7 @@ def test_image_embeddings_parity(z, trajectory):
 def test_final_images_parity(z, trajectory):
     d = np.abs(trajectory["images"] - z["pipeline/images"]) / np.abs(z["pipeline/images"]).max()
     print(f"images: mean {d.mean():.3g}, 99th percentile {np.quantile(d, 0.99):.3g}, max {d.max():.3g}")
-    assert d.mean() <= 1e-4 and np.quantile(d, 0.99) <= 1e-3 and d.max() <= 0.15
+    assert d.mean() <= 3e-4 and np.quantile(d, 0.99) <= 5e-3 and d.max() <= 0.6
 
 
 def test_unclip_spacing_and_last_step():

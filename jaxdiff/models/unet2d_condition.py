@@ -251,10 +251,21 @@ class AttentionOptions:
 
 
 def _biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """softmax(q k^T + bias) v; q [N, T, d], k, v [N, S, d], bias [N, S] float32; softmax in float32."""
-    s = jnp.einsum("ntd,nsd->nts", q, k, preferred_element_type=jnp.float32) + bias[:, None, :]
-    w = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("nts,nsd->ntd", w.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(v.dtype)
+    """softmax(q k^T + bias) v; q [N, T, d], k, v [N, S, d], bias [N, S] (in q's dtype: diffusers' mask
+    bias, 0 / -10000); the softmax in float32.
+
+    The bias enters the score product as one more channel (q padded with a 1, k with the bias, both with
+    zeros to a multiple of 4 channels): adding it to the [N, T, S] scores instead costs the CPU a pass over
+    them (the unCLIP decoder's attention at 16 heads of 4: 3.5 -> 2.5 ms per layer)."""
+    n, t, d = q.shape
+    extra = (-(d + 1)) % 4 + 1
+    q = jnp.concatenate([q, jnp.ones((n, t, 1), q.dtype), jnp.zeros((n, t, extra - 1), q.dtype)], axis=-1)
+    k = jnp.concatenate([k, bias[:, :, None].astype(k.dtype), jnp.zeros(k.shape[:2] + (extra - 1,), k.dtype)],
+                        axis=-1)
+    s = jnp.einsum("ntd,nsd->nts", q, k, preferred_element_type=jnp.float32)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    o = jnp.einsum("nts,nsd->ntd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (o / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
 
 
 class AddedKVAttention(nn.Module):

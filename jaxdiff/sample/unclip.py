@@ -135,14 +135,25 @@ def unclip_schedule(steps: int):
     return make_schedule(SCHEDULE, NUM_TIMESTEPS, samplers.SAMPLERS[SAMPLER].respacing(int(steps)))
 
 
+def prior_compiler_options() -> dict:
+    """The prior's XLA options: on the CPU, YNNPACK for its products and reductions only (a small program
+    without convolutions, `util.cpu.compiler_options(elementwise=False)`)."""
+    from jaxdiff.util import cpu
+
+    return cpu.compiler_options(elementwise=False)
+
+
 def prior_sampler(module, num_prompts: int, steps: int, compiler_options: Optional[dict] = None):
-    """(sampler_fn, sched) of the prior (module doc); returns image embeddings before `post_process`."""
+    """(sampler_fn, sched) of the prior (module doc); returns image embeddings before `post_process`.
+    `compiler_options` default: `prior_compiler_options()`."""
     def build(p):
         return guidance.build_guides("cfg", prior_model_fn(module, p["model"], p["text"]),
                                      uncond=guides.label_dropout(num_prompts, PROMPT_KEY))
 
     spec = samplers.SamplerSpec(sampler=SAMPLER, prediction="x0", fixed_variance="small", clip_denoised=True,
                                 clip_range=PRIOR_CLIP_RANGE)
+    if compiler_options is None:
+        compiler_options = prior_compiler_options()
     fn = samplers.make_sampler(build, spec, (module.config.embedding_dim,), compiler_options)
     return fn, unclip_schedule(steps)
 
@@ -189,5 +200,5 @@ def super_res_sampler(first, last, steps: int, compiler_options: Optional[dict] 
 
 
 __all__ = ["IMAGE_EMBED_KEY", "TextTable", "decoder_model_fn", "decoder_sampler", "decoder_uncond", "post_process",
-           "prior_model_fn", "prior_sampler", "super_res_model_fn", "super_res_prepare", "super_res_sampler",
+           "prior_compiler_options", "prior_model_fn", "prior_sampler", "super_res_model_fn", "super_res_prepare", "super_res_sampler",
            "unclip_schedule", "upsample_bicubic"]
