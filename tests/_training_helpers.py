@@ -49,7 +49,9 @@ def env(cache_dir=None, devices: int | None = None, *, opt0: bool = True, **extr
     flags = [f for f in e.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     if devices:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
-    if opt0 and not any("xla_backend_optimization_level" in f for f in flags):
+    if not opt0:  # conftest.py sets -O0 for the pytest process itself: not for this one
+        flags = [f for f in flags if "xla_backend_optimization_level" not in f]
+    elif not any("xla_backend_optimization_level" in f for f in flags):
         flags.append("--xla_backend_optimization_level=0")
     e["XLA_FLAGS"] = " ".join(flags)
     e.update({k: str(v) for k, v in extra.items()})

@@ -1,7 +1,14 @@
+import os
 import pathlib
 
 import numpy as np
 import pytest
+
+# XLA's backend at -O0 for the programs the tests compile in this process (tiny models: compiling dominates,
+# and -O0 compiles them about twice as fast; the suite 10.1 -> 9.2 min). Set before JAX starts its backend.
+# Subprocesses choose their own level (_training_helpers.env).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
