@@ -184,8 +184,10 @@ class Jaxdiff:
         ratio, max_value = float(sched_cfg["dynamic_thresholding_ratio"]), float(sched_cfg["sample_max_value"])
         unet = self.unet
 
-        def model_fn(params):
-            return lambda x, t, cond: unet.apply({"params": params}, x, t, cond["context"])
+        def model_fn(params):  # as the cascade's `conditioning.text_unet_fn`: CFG's branches share x and t
+            def apply(x, t, cond, shared_rows=1):
+                return unet.apply({"params": params}, x, t, cond["context"], shared_rows=shared_rows)
+            return guides.with_shared_input(apply, lambda x, t, cond: apply(x, t, cond, 2))
 
         def uncond(cond):  # the empty caption's states in place of the captions' (IF's negative prompt)
             return {**cond, "context": cond["null_context"]}

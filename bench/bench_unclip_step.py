@@ -13,8 +13,8 @@ jaxdiff's converters). float32 on both sides.
 Timed, each as jaxdiff and as PyTorch, called in turn:
   decoder_step  one step of UnCLIPPipeline's decoder loop at `--decoder-batch` images: the U-Net on the 2B rows
                 [uncond; cond] (text_proj's hidden states and additive time embeddings, the unconditional half
-                from the learned null image embedding and the empty caption; PyTorch computes them once before
-                the loop, jaxdiff's sampler inside its step), CFG 8 on eps, the variance channels from the
+                from the learned null image embedding and the empty caption; both compute them once before the
+                loop: jaxdiff's sampler in its `decoder_prepare`), CFG 8 on eps, the variance channels from the
                 conditional half, then UnCLIPScheduler.step (learned range, x0 clipped to [-1, 1]) at step 12
                 of Karlo's 25, noise drawn inside the step.
   prior_step    one step of the prior loop at `--prior-batch` embeddings: the PriorTransformer on 2B rows
@@ -166,7 +166,7 @@ class Jaxdiff:
         from jaxdiff.diffusion import guides, samplers
         from jaxdiff.diffusion.conditioning import PROMPT_KEY
         from jaxdiff.models.prior import PriorTransformer, prior_config
-        from jaxdiff.models.unclip_text_proj import UnCLIPTextProjModel, null_image_embedding, text_proj_config
+        from jaxdiff.models.unclip_text_proj import UnCLIPTextProjModel, text_proj_config
         from jaxdiff.sample import unclip
         from jaxdiff.util import cpu
 
@@ -185,10 +185,9 @@ class Jaxdiff:
         x0_prior = guides.make_x0_fn(clip_denoised=True, clip_range=unclip.PRIOR_CLIP_RANGE)
         sched = self.sched
 
-        def decoder_step(params, text, x, cond, noise):
-            fn = unclip.decoder_model_fn(text_proj, decoder, params["text_proj"], params["decoder"], text)
-            guided = guides.classifier_free(fn, uncond=unclip.decoder_uncond(null_image_embedding(params["text_proj"]),
-                                                                             num_prompts), learned_sigma=True)
+        def decoder_step(params, x, cond, noise):  # cond: after the sampler's once-per-call decoder_prepare
+            guided = guides.classifier_free(unclip.decoder_model_fn(decoder, params["decoder"]),
+                                            uncond=unclip.decoder_uncond, learned_sigma=True)
             i = jnp.full((x.shape[0],), self.i, jnp.int32)
             d = samplers.denoise(guided, sched, x, i, cond, learned_sigma=True, x0_fn=x0_decoder, guide_eps=False)
             return samplers.ddpm_step(sched, x, i, d, noise, fixed_variance="small")
@@ -200,10 +199,12 @@ class Jaxdiff:
             d = samplers.denoise(guided, sched, x, i, cond, prediction="x0", x0_fn=x0_prior, guide_eps=False)
             return samplers.ddpm_step(sched, x, i, d, noise, fixed_variance="small")
 
+        self.decoder_prepare = cpu.jit(lambda p, tx, c: unclip.decoder_prepare(text_proj, p["text_proj"], tx,
+                                                                                 num_prompts)(c))
         self.decoder_step_with_noise = cpu.jit(decoder_step)
         prior_opts = unclip.prior_compiler_options()  # the prior sampler's
         self.prior_step_with_noise = cpu.jit(prior_step, compiler_options=prior_opts)
-        self.decoder_step = cpu.jit(lambda p, tx, x, c, key: decoder_step(p, tx, x, c, jax.random.normal(key, x.shape)))
+        self.decoder_step = cpu.jit(lambda p, x, c, key: decoder_step(p, x, c, jax.random.normal(key, x.shape)))
         self.prior_step = cpu.jit(lambda p, tx, x, c, key: prior_step(p, tx, x, c, jax.random.normal(key, x.shape)),
                                   compiler_options=prior_opts)
 
@@ -257,7 +258,8 @@ def main(argv=None) -> int:
     d_noise = th.randn(inp["decoder_x"].shape, generator=th.Generator().manual_seed(NOISE_SEED)).numpy()
     p_noise = th.randn(inp["prior_x"].shape, generator=th.Generator().manual_seed(NOISE_SEED)).numpy()
     od, op = ours[db], ours[pb]
-    mine = od.decoder_step_with_noise(od.params, dec_text, dx, dec_cond, jnp.asarray(common.nhwc(d_noise)))
+    dec_cond = od.decoder_prepare(od.params, dec_text, dec_cond)  # once, as the pipeline before its loop
+    mine = od.decoder_step_with_noise(od.params, dx, dec_cond, jnp.asarray(common.nhwc(d_noise)))
     errs["decoder_step"] = common.rel(common.nchw(mine), torch_dec().numpy())
     mine = op.prior_step_with_noise(op.params, pri_text, px, pri_cond, jnp.asarray(p_noise))
     errs["prior_step"] = common.rel(mine, torch_pri().numpy())
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
         out["wait_idle"] = common.wait_idle(args.wait_idle, args.wait_max)
     out["machine_at_start"] = {**common.machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     key = jax.random.key(NOISE_SEED)
-    table = {"decoder_step": common.duel(common.blocking(od.decoder_step, od.params, dec_text, dx, dec_cond, key),
+    table = {"decoder_step": common.duel(common.blocking(od.decoder_step, od.params, dx, dec_cond, key),
                                          torch_dec, args.repeats, args.warmup),
              "prior_step": common.duel(common.blocking(op.prior_step, op.params, pri_text, px, pri_cond, key),
                                        torch_pri, args.repeats, args.warmup)}

@@ -266,3 +266,33 @@ def test_other_supported_options_trace(if_a):
     out = jax.eval_shape(lambda p, a: module.apply({"params": p}, *a, train=True, rngs={"dropout": jax.random.key(1)}),
                          params, args)
     assert out.shape == (2, 8, 8, 6) and out.dtype == jnp.float32
+
+
+def test_shared_rows_match_the_repeated_input(if_a, unclip_a):
+    """shared_rows=2 (classifier-free guidance's branches share x and t) gives the outputs of the input
+    repeated twice, with the conditioning's own 2B rows: IF's stage II (class labels, 6 input channels) and
+    unCLIP's decoder (identity class labels, attention mask)."""
+    from jaxdiff.convert.diffusers import unet2d_module, unet2d_params_from_state_dict
+
+    for z, key, extra in ((if_a, "unet2", lambda c, b: dict(class_labels=jnp.asarray([0, 100, 250, 999])[:2 * b])),
+                          (unclip_a, "decoder", None)):
+        cfg = C.config_of(z, key + "_config")
+        module = unet2d_module(cfg)
+        params = unet2d_params_from_state_dict(C.state_dict(z, key), cfg)
+        x = jnp.asarray(np.moveaxis(z[key + "_x"], 1, -1))[:2]
+        t = jnp.asarray(z[key + "_t"])[:2]
+        if key == "decoder":
+            ctx = jnp.asarray(z["text_proj_hidden_states"])
+            kw = dict(class_labels=jnp.asarray(z["text_proj_time_embeddings"]),
+                      attention_mask=jnp.asarray(z["decoder_attention_mask"]))
+            ctx, kw = jnp.concatenate([ctx, ctx[::-1]]), {k: jnp.concatenate([v, v[::-1]]) for k, v in kw.items()}
+        else:
+            ctx = jnp.asarray(z["t5_out"])
+            kw = extra(ctx, 2)
+        apply = jax.jit(lambda x, t, ctx, kw, r, m=module, p=params: m.apply({"params": p}, x, t, ctx,
+                                                                              shared_rows=r, **kw),
+                        static_argnums=4)
+        shared = apply(x, t, ctx, kw, 2)
+        repeated = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]), ctx, kw, 1)
+        np.testing.assert_allclose(np.asarray(shared), np.asarray(repeated), rtol=0, atol=2e-5 * float(
+            np.abs(np.asarray(repeated)).max()), err_msg=key)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.diffusion.guides import LOW_RES_KEY, Cond, ModelFn
+from jaxdiff.diffusion.guides import LOW_RES_KEY, Cond, ModelFn, with_shared_input
 
 PROMPT_KEY = "prompt"
 
@@ -102,16 +102,16 @@ def text_unet_fn(module, params, states: jax.Array) -> ModelFn:
     cond[NOISE_LEVEL_KEY]."""
     labelled = getattr(getattr(module, "config", None), "class_embed_type", None) is not None
 
-    def model_fn(x, t, cond):
+    def apply(x, t, cond, shared_rows=1):
         context = jnp.take(states, jnp.asarray(cond[PROMPT_KEY], jnp.int32), axis=0)
         labels = None
-        if LOW_RES_INPUT in cond:
-            x = jnp.concatenate([x, cond[LOW_RES_INPUT].astype(x.dtype)], axis=-1)
+        if LOW_RES_INPUT in cond:  # part of the input: CFG's branches share it (their first rows are x's)
+            x = jnp.concatenate([x, cond[LOW_RES_INPUT][:x.shape[0]].astype(x.dtype)], axis=-1)
             if labelled:
                 labels = cond[NOISE_LEVEL_KEY]
-        return module.apply({"params": params}, x, t, context, class_labels=labels)
+        return module.apply({"params": params}, x, t, context, class_labels=labels, shared_rows=shared_rows)
 
-    return model_fn
+    return with_shared_input(apply, lambda x, t, cond: apply(x, t, cond, 2))
 
 
 __all__ = ["LOW_RES_INPUT", "LOW_RES_NOISE_KEY", "NOISE_LEVEL_KEY", "PROMPT_KEY", "noise_augment", "text_unet_fn",

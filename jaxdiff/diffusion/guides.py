@@ -225,6 +225,17 @@ def caption_dropout(cond: Cond) -> Cond:
     return {**cond, **{k: cond[NULL_PREFIX + k] for k in TEXT_KEYS}}
 
 
+def with_shared_input(model_fn: ModelFn, shared_input: Callable) -> ModelFn:
+    """model_fn, given `shared_input(x, t, cond2)`: the outputs of model_fn([x; x], [t; t], cond2) for x, t of
+    B rows and cond2 of 2B, computing what depends on x and t once (`classifier_free` uses it: its two branches
+    share x and t)."""
+    def fn(x, t, cond):
+        return model_fn(x, t, cond)
+
+    fn.shared_input = shared_input
+    return fn
+
+
 def classifier_free(model_fn: ModelFn, *, null_label: Optional[int] = None,
                     uncond: Optional[Callable[[Cond], Cond]] = None, learned_sigma: bool = False,
                     scale_key: str = CFG_SCALE, label_key: str = LABEL_KEY,
@@ -237,20 +248,25 @@ def classifier_free(model_fn: ModelFn, *, null_label: Optional[int] = None,
     labels [y, null_label] (class-conditional models) or the empty caption (`uncond=caption_dropout`,
     text models). out = out_u + s (out_c - out_u), s = cond[scale_key] per sample. `rescale_key` names
     a per-sample phi for CFG rescale; `interval=(lo, hi)` (with `sched`) guides only where
-    lo <= sigma <= hi (s = 1 elsewhere).
+    lo <= sigma <= hi (s = 1 elsewhere). A model_fn with a `shared_input(x, t, cond2)` attribute (x, t of
+    B rows, cond2 of 2B: `with_shared_input`) is called through it, computing what depends on x and t once.
     """
     if uncond is None:
         if null_label is None:
             raise ValueError("classifier-free guidance needs a model with a null label (built with "
                              "null_label=True and trained with label dropout); this model has none")
         uncond = label_dropout(int(null_label), label_key)
+    shared = getattr(model_fn, "shared_input", None)
 
     def guided(x, t, cond):
         b = x.shape[0]
         s = _interval_scale(_get_scale(cond, scale_key, b, None), t, interval, sched, 1.0)
         cond_u = uncond(cond)
         cond2 = {k: jnp.concatenate([v, cond_u[k]], axis=0) for k, v in cond.items()}
-        out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), cond2)
+        if shared is not None:
+            out = shared(x, t, cond2)
+        else:
+            out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), cond2)
         out_c, out_u = out[:b], out[b:]
         phi = cond[rescale_key] if rescale_key is not None and rescale_key in cond else None
         return guided_output(out_c, out_u, s, learned_sigma=learned_sigma, phi=phi)

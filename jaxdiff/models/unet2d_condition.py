@@ -222,6 +222,9 @@ class ResnetBlock2D(nn.Module):
         elif self.down:
             h, x = avg_pool2(h), avg_pool2(x)
         h = Conv(cout, 3, dtype=self.dtype, name="conv1")(h)
+        if x.shape[0] != temb.shape[0]:  # x's rows repeat (UNet2DConditionModel's shared_rows): now they part
+            r = temb.shape[0] // x.shape[0]
+            h, x = (jnp.tile(a, (r, 1, 1, 1)) for a in (h, x))
         t = temb if o.skip_time_act else activation(o.act)(temb)
         t = Dense(2 * cout if o.scale_shift else cout, dtype=self.dtype, name="time_emb_proj")(t)
         if o.scale_shift:
@@ -726,14 +729,15 @@ class DiffusersModel(nn.Module):
     dtype: Dtype = jnp.float32
 
 
-def check_inputs(cfg: UNet2DConditionConfig, x, context, class_labels, attention_mask) -> None:
-    """ValueError for inputs the network cannot take (shapes only; raised while tracing)."""
+def check_inputs(cfg: UNet2DConditionConfig, x, context, class_labels, attention_mask, shared_rows: int = 1) -> None:
+    """ValueError for inputs the network cannot take (shapes only; raised while tracing); the conditioning
+    has `shared_rows` times x's rows."""
     if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
         raise ValueError(f"x must be [B, H, W, {cfg.in_channels}] (NHWC), got {x.shape}")
     f = 2 ** (cfg.levels - 1)
     if x.shape[1] % f or x.shape[2] % f:
         raise ValueError(f"x is {x.shape[1]}x{x.shape[2]}: with {cfg.levels} levels H and W must be multiples of {f}")
-    b = x.shape[0]
+    b = x.shape[0] * shared_rows
     if context is None or context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.context_dim:
         raise ValueError(f"encoder_hidden_states must be [{b}, S, {cfg.context_dim}], got "
                          f"{None if context is None else context.shape}")
@@ -759,20 +763,26 @@ class UNet2DConditionModel(DiffusersModel):
     @nn.compact
     def __call__(self, x: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  class_labels: jax.Array | None = None, attention_mask: jax.Array | None = None,
-                 train: bool = False) -> jax.Array:
+                 train: bool = False, shared_rows: int = 1) -> jax.Array:
+        """`shared_rows` = R > 1: x and timesteps hold B rows and the conditioning R B, the network's input
+        being x and t repeated R times ([x; x] for classifier-free guidance's two branches): what depends on x
+        and t alone (the time embedding, conv_in, the first ResNet block's first convolution) runs on the B
+        rows once. The same result as the R B repeated rows."""
         cfg = self.config
         dtype = resolve_dtype(self.dtype)
         x, context = jnp.asarray(x), jnp.asarray(encoder_hidden_states)
         class_labels = None if class_labels is None else jnp.asarray(class_labels)
         attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
-        check_inputs(cfg, x, context, class_labels, attention_mask)
-        b, c0, ted = x.shape[0], cfg.block_out_channels[0], cfg.time_embed_dim
+        check_inputs(cfg, x, context, class_labels, attention_mask, shared_rows)
+        bx, c0, ted = x.shape[0], cfg.block_out_channels[0], cfg.time_embed_dim
+        b = bx * shared_rows
+        repeat = (lambda a: a) if shared_rows == 1 else (lambda a: jnp.tile(a, (shared_rows,) + (1,) * (a.ndim - 1)))
 
         # time, class and text embeddings (float32)
-        t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+        t = jnp.broadcast_to(jnp.asarray(timesteps), (bx,))
         sin = functools.partial(sinusoidal_embedding, dim=c0, flip_sin_to_cos=cfg.flip_sin_to_cos,
                                 freq_shift=cfg.freq_shift)
-        emb = TimestepEmbedding(ted, cfg.act_fn, cfg.timestep_post_act, name="time_embedding")(sin(t))
+        emb = repeat(TimestepEmbedding(ted, cfg.act_fn, cfg.timestep_post_act, name="time_embedding")(sin(t)))
         if cfg.class_embed_type == "timestep":
             labels = jnp.broadcast_to(class_labels, (b,))
             emb = emb + TimestepEmbedding(ted, cfg.act_fn, name="class_embedding")(sin(labels))
@@ -789,10 +799,10 @@ class UNet2DConditionModel(DiffusersModel):
 
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        h = Conv(c0, cfg.conv_in_kernel, dtype=dtype, name="conv_in")(cast(x, dtype))
+        h = Conv(c0, cfg.conv_in_kernel, dtype=dtype, name="conv_in")(cast(x, dtype))  # bx rows (ResnetBlock2D)
         layout = cfg.blocks()
         res = cfg.resnet_options()
-        skips = [h]
+        skips = [repeat(h)]
         for i, blk in enumerate(layout["down"]):
             h, states = DownBlock(blk["out"], blk["layers"], blk["resample"], res, blk["attention"], dtype,
                                   name=f"down_blocks_{i}")(h, emb, context, bias, train)

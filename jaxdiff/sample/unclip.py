@@ -75,30 +75,51 @@ def prior_model_fn(module, params, text) -> guides.ModelFn:
     return model_fn
 
 
-def decoder_model_fn(text_proj, decoder, tp_params, params, text) -> guides.ModelFn:
-    """model_fn of the decoder U-Net conditioned through UnCLIPTextProjModel on cond[IMAGE_EMBED_KEY] and the
-    text rows cond[PROMPT_KEY] (attention mask: the extra tokens, then the text mask)."""
-    from jaxdiff.models.unclip_text_proj import decoder_attention_mask
+TEXT_PROJ_KEYS = ("decoder_hidden", "decoder_temb", "decoder_mask")        # the projected conditioning
+NULL_KEYS = tuple(f"{k}_null" for k in TEXT_PROJ_KEYS)                      # ... of CFG's unconditional branch
+
+
+def decoder_prepare(text_proj, tp_params, text, num_prompts: int):
+    """prepare(cond) of the decoder, run once per sampling call (the text projection depends on no step, as
+    diffusers' UnCLIPPipeline computes it before its loop): UnCLIPTextProjModel on cond[IMAGE_EMBED_KEY] and the
+    text rows cond[PROMPT_KEY] -> cond[TEXT_PROJ_KEYS] (hidden states, additive time embedding, attention mask:
+    the extra tokens, then the text mask); and the same for the unconditional branch (the learned null image
+    embedding, the empty caption: row `num_prompts` of the table) -> cond[NULL_KEYS]."""
+    from jaxdiff.models.unclip_text_proj import decoder_attention_mask, null_image_embedding
 
     n_extra = text_proj.config.clip_extra_context_tokens
 
-    def model_fn(x, t, cond):
-        embeds, states, mask = _rows(text, cond)
-        hidden, temb = text_proj.apply({"params": tp_params}, cond[IMAGE_EMBED_KEY], embeds, states)
-        return decoder.apply({"params": params}, x, t, hidden, class_labels=temb,
-                             attention_mask=decoder_attention_mask(mask, n_extra))
+    def project(image, rows):
+        embeds, states, mask = _rows(text, {PROMPT_KEY: rows})
+        hidden, temb = text_proj.apply({"params": tp_params}, image, embeds, states)
+        return hidden, temb, decoder_attention_mask(mask, n_extra)
 
-    return model_fn
+    def prepare(cond):
+        img, rows = cond[IMAGE_EMBED_KEY], jnp.asarray(cond[PROMPT_KEY], jnp.int32)
+        null = jnp.broadcast_to(jnp.asarray(null_image_embedding(tp_params), img.dtype), img.shape)
+        out = dict(cond)
+        out.update(zip(TEXT_PROJ_KEYS, project(img, rows)))
+        out.update(zip(NULL_KEYS, project(null, jnp.full_like(rows, num_prompts))))
+        return out
+
+    return prepare
 
 
-def decoder_uncond(null_embedding, num_prompts: int):
-    """CFG's unconditional cond of the decoder: the empty caption's row and the learned null image embedding."""
-    def uncond(cond):
-        img = cond[IMAGE_EMBED_KEY]
-        return {**cond, PROMPT_KEY: jnp.full_like(cond[PROMPT_KEY], num_prompts),
-                IMAGE_EMBED_KEY: jnp.broadcast_to(jnp.asarray(null_embedding, img.dtype), img.shape)}
+def decoder_model_fn(decoder, params) -> guides.ModelFn:
+    """model_fn of the decoder U-Net on the projected conditioning cond[TEXT_PROJ_KEYS] (`decoder_prepare`), with
+    CFG's shared-input form (`guides.with_shared_input`)."""
+    def apply(x, t, cond, shared_rows=1):
+        hidden, temb, mask = (cond[k] for k in TEXT_PROJ_KEYS)
+        return decoder.apply({"params": params}, x, t, hidden, class_labels=temb, attention_mask=mask,
+                             shared_rows=shared_rows)
 
-    return uncond
+    return guides.with_shared_input(apply, lambda x, t, cond: apply(x, t, cond, 2))
+
+
+def decoder_uncond(cond):
+    """CFG's unconditional cond of the decoder: the projection of the null image embedding and the empty
+    caption (`decoder_prepare`'s NULL_KEYS)."""
+    return {**cond, **{k: cond[n] for k, n in zip(TEXT_PROJ_KEYS, NULL_KEYS)}}
 
 
 def upsample_bicubic(x: jax.Array, size) -> jax.Array:
@@ -167,16 +188,14 @@ def post_process(prior_params, x) -> np.ndarray:
 
 def decoder_sampler(text_proj, decoder, num_prompts: int, steps: int, compiler_options: Optional[dict] = None):
     """(sampler_fn, sched) of the decoder (module doc); returns images in [-1, 1], NHWC."""
-    from jaxdiff.models.unclip_text_proj import null_image_embedding
-
     cfg = decoder.config
     channels = cfg.in_channels
     learned = cfg.out_channels == 2 * channels
 
     def build(p):
-        fn = decoder_model_fn(text_proj, decoder, p["text_proj"], p["model"], p["text"])
-        return guidance.build_guides("cfg", fn, uncond=decoder_uncond(null_image_embedding(p["text_proj"]),
-                                                                     num_prompts), learned_sigma=learned)
+        return guidance.build_guides("cfg", decoder_model_fn(decoder, p["model"]), uncond=decoder_uncond,
+                                     learned_sigma=learned, prepare=decoder_prepare(text_proj, p["text_proj"],
+                                                                                    p["text"], num_prompts))
 
     spec = samplers.SamplerSpec(sampler=SAMPLER, prediction="eps", learned_sigma=learned, fixed_variance="small",
                                 clip_denoised=True)
@@ -199,6 +218,7 @@ def super_res_sampler(first, last, steps: int, compiler_options: Optional[dict] 
     return fn, unclip_schedule(steps)
 
 
-__all__ = ["IMAGE_EMBED_KEY", "TextTable", "decoder_model_fn", "decoder_sampler", "decoder_uncond", "post_process",
+__all__ = ["IMAGE_EMBED_KEY", "NULL_KEYS", "TEXT_PROJ_KEYS", "TextTable", "decoder_model_fn", "decoder_prepare",
+           "decoder_sampler", "decoder_uncond", "post_process",
            "prior_compiler_options", "prior_model_fn", "prior_sampler", "super_res_model_fn", "super_res_prepare", "super_res_sampler",
            "unclip_schedule", "upsample_bicubic"]
