@@ -14,7 +14,7 @@ decoder's image moves the final images by 7e-3 (max), and diffusers' own UnCLIPP
 fixture's weights (transformers' text encoder for the empty caption) lands 1.1e-2 from the recorded images.
 Ours with the decoder's weights each multiplied by (1 + 6e-8 N(0, 1)), one float32 rounding's worth, lands
 (five draws, 2026-12-04) at a mean of 1.3e-5 to 1.25e-4, a 99th percentile of 2.1e-4 to 2.5e-3 and a max of
-0.03 to 0.35 (unperturbed: 4.3e-5, 8.3e-4, 0.12). So the image test bounds the mean at 3e-4 and the 99th
+0.03 to 0.35 (unperturbed now: 9e-6, 1.3e-4, 0.019; 4.3e-5, 8.3e-4, 0.12 before the shared CFG input). So the image test bounds the mean at 3e-4 and the 99th
 percentile at 5e-3, about twice the largest of those draws (a wrong variance, schedule or guidance moves the
 mean by 1e-2 or more), and the worst pixel at 0.6 of the range; the image embeddings (no such step: the prior
 predicts x0) meet 1e-4.
