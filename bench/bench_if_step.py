@@ -46,7 +46,6 @@ so the environment's numpy / jax stay the ones imported.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -211,19 +210,9 @@ class Jaxdiff:
 # --- timing -----------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--refstack", default="/opt/refstack", help="pip --target folder of torch / diffusers / "
-                   "transformers, appended to sys.path ('' : use the environment's)")
+    p = common.reference_arguments(__doc__)
     p.add_argument("--batch", type=int, default=16, help="images per CFG step (the U-Net sees twice as many rows)")
     p.add_argument("--captions", type=int, default=64, help="captions per T5 encoding")
-    p.add_argument("--repeats", type=int, default=15, help="timed rounds (one call per side each)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (>= 1: jaxdiff's first call compiles)")
-    p.add_argument("--threads", type=int, default=2, help="PyTorch's torch.set_num_threads")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="P",
-                   help="before timing, wait until the CPUs are >= P %% idle over 3 s (0: do not wait)")
-    p.add_argument("--wait-max", type=float, default=1800.0, help="longest wait for --wait-idle, seconds")
-    p.add_argument("--check", action="store_true", help="only the gate")
-    p.add_argument("--markdown", action="store_true", help="also print the table as markdown (stderr)")
     args = p.parse_args(argv)
     if min(args.batch, args.captions, args.repeats, args.warmup, args.threads) < 1 or args.captions < args.batch:
         p.error("need --batch, --repeats, --warmup, --threads >= 1 and --captions >= --batch")
@@ -283,18 +272,7 @@ def main(argv=None) -> int:
     table = {"cfg_step": common.duel(jax_step, torch_step, args.repeats, args.warmup),
              "t5_encode": common.duel(ours.encode(t5_tokens, t5_mask), ref.encode(t5_tokens, t5_mask), args.repeats,
                                args.warmup)}
-    out["table"] = table
-    out["machine_at_end"] = {**common.machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    for q, r in table.items():
-        print(json.dumps({"quantity": q, **{k: v for k, v in r.items() if not k.endswith("all_ms")}}),
-              file=sys.stderr, flush=True)
-    print(json.dumps(out, indent=1))
-    if args.markdown:
-        lines = ["| ms | jaxdiff | PyTorch | ratio | per-round ratios (min, q1, median, q3, max) |", "|---|---|---|---|---|"]
-        for q, r in table.items():
-            lines.append(f"| {q} | {r['jaxdiff_ms']:.1f} | {r['torch_ms']:.1f} | **{r['ratio']:.2f}** | "
-                         + ", ".join(f"{v:.2f}" for v in r["round_ratio_min_q1_median_q3_max"]) + " |")
-        print("\n".join(lines), file=sys.stderr)
+    common.report(out, table, args.markdown)
     return 0
 
 

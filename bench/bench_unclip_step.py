@@ -32,7 +32,6 @@ diffusers==0.42.1 transformers==5.23.0` (appended to sys.path). Load: see bench_
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -218,19 +217,9 @@ def text_table(inp: dict, n: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--refstack", default="/opt/refstack", help="pip --target folder of torch / diffusers, appended "
-                   "to sys.path ('' : use the environment's)")
+    p = common.reference_arguments(__doc__)
     p.add_argument("--decoder-batch", type=int, default=16, help="images per decoder CFG step (2x rows)")
     p.add_argument("--prior-batch", type=int, default=64, help="embeddings per prior CFG step (2x rows)")
-    p.add_argument("--repeats", type=int, default=15, help="timed rounds (one call per side each)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (>= 1: jaxdiff's first call compiles)")
-    p.add_argument("--threads", type=int, default=2, help="PyTorch's torch.set_num_threads")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="P",
-                   help="before timing, wait until the CPUs are >= P %% idle over 3 s (0: do not wait)")
-    p.add_argument("--wait-max", type=float, default=1800.0, help="longest wait for --wait-idle, seconds")
-    p.add_argument("--check", action="store_true", help="only the gate")
-    p.add_argument("--markdown", action="store_true", help="also print the table as markdown (stderr)")
     args = p.parse_args(argv)
     if min(args.decoder_batch, args.prior_batch, args.repeats, args.warmup, args.threads) < 1:
         p.error("need --decoder-batch, --prior-batch, --repeats, --warmup, --threads >= 1")
@@ -285,18 +274,7 @@ def main(argv=None) -> int:
                                          torch_dec, args.repeats, args.warmup),
              "prior_step": common.duel(common.blocking(op.prior_step, op.params, pri_text, px, pri_cond, key),
                                        torch_pri, args.repeats, args.warmup)}
-    out["table"] = table
-    out["machine_at_end"] = {**common.machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    for q, r in table.items():
-        print(json.dumps({"quantity": q, **{k: v for k, v in r.items() if not k.endswith("all_ms")}}),
-              file=sys.stderr, flush=True)
-    print(json.dumps(out, indent=1))
-    if args.markdown:
-        lines = ["| ms | jaxdiff | PyTorch | ratio | per-round ratios (min, q1, median, q3, max) |", "|---|---|---|---|---|"]
-        for q, r in table.items():
-            lines.append(f"| {q} | {r['jaxdiff_ms']:.1f} | {r['torch_ms']:.1f} | **{r['ratio']:.2f}** | "
-                         + ", ".join(f"{v:.2f}" for v in r["round_ratio_min_q1_median_q3_max"]) + " |")
-        print("\n".join(lines), file=sys.stderr)
+    common.report(out, table, args.markdown)
     return 0
 
 

@@ -220,3 +220,39 @@ def wait_idle(percent: float, max_seconds: float) -> dict:
         if idle >= percent or idle < 0 or waited >= max_seconds:
             return {"wanted_percent": percent, "idle_percent": idle, "waited_s": round(waited, 1),
                     "reached": idle >= percent}
+
+
+def report(out: dict, table: dict, markdown: bool) -> None:
+    """A reference comparison's results: `out` (with out["table"] = `table` and the machine at the end) as JSON on
+    stdout, each quantity's summary on stderr, and with `markdown` the table as markdown on stderr."""
+    out["table"] = table
+    out["machine_at_end"] = {**machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    for q, r in table.items():
+        print(json.dumps({"quantity": q, **{k: v for k, v in r.items() if not k.endswith("all_ms")}}),
+              file=sys.stderr, flush=True)
+    print(json.dumps(out, indent=1))
+    if markdown:
+        lines = ["| ms | jaxdiff | PyTorch | ratio | per-round ratios (min, q1, median, q3, max) |", "|---|---|---|---|---|"]
+        for q, r in table.items():
+            lines.append(f"| {q} | {r['jaxdiff_ms']:.1f} | {r['torch_ms']:.1f} | **{r['ratio']:.2f}** | "
+                         + ", ".join(f"{v:.2f}" for v in r["round_ratio_min_q1_median_q3_max"]) + " |")
+        print("\n".join(lines), file=sys.stderr)
+
+
+def reference_arguments(doc: str):
+    """The argument parser every comparison with the reference stack starts from (`--refstack`, the rounds,
+    PyTorch's threads, `--wait-idle`, `--check`, `--markdown`); the script adds its own sizes."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--refstack", default="/opt/refstack", help="pip --target folder of torch / diffusers / "
+                   "transformers, appended to sys.path ('' : use the environment's)")
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds (one call per side each)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (>= 1: jaxdiff's first call compiles)")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch's torch.set_num_threads")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="P",
+                   help="before timing, wait until the CPUs are >= P %% idle over 3 s (0: do not wait)")
+    p.add_argument("--wait-max", type=float, default=1800.0, help="longest wait for --wait-idle, seconds")
+    p.add_argument("--check", action="store_true", help="only the gate")
+    p.add_argument("--markdown", action="store_true", help="also print the table as markdown (stderr)")
+    return p

@@ -101,3 +101,22 @@ def write_karlo_folder(root, z):
     write_clip_text_folder(root / "text_encoder", z)
     write_clip_tokenizer(root / "tokenizer")
     return root
+
+
+def launch(cmd: list, env: dict, log):
+    """Start `cmd` with its output in the file `log`: (process, log) for `finish`."""
+    import subprocess
+
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log
+
+
+def finish(proc, timeout: float):
+    """(exit status, log text) of a `launch`ed process, killed if it outlives `timeout` seconds."""
+    p, log = proc
+    try:
+        p.wait(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, log.read_text()

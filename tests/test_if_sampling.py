@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import _cascade as C
@@ -204,19 +203,11 @@ def _start(f, name, devices, extra=(), kill=0, stages=None):
            f"--jax_cache_dir={f['root'] / 'xla'}", "--config.pipeline=if", f"--config.prompts={PROMPTS}",
            f"--config.stages={stages}", f"--config.text_encoder={f['t5_converted']}", f"--config.tokenizer={f['spm']}",
            f"--config.out={f['root'] / name}", *SETTINGS, *extra]
-    log = f["root"] / f"{name}.{kill}.log"
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log
+    return C.launch(cmd, env, f["root"] / f"{name}.{kill}.log")
 
 
 def _wait(proc, timeout=300):
-    p, log = proc
-    try:
-        p.wait(timeout=timeout)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return p.returncode, log.read_text()
+    return C.finish(proc, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import _cascade as C
@@ -186,19 +185,11 @@ def _start(k, name, devices, extra=(), kill=0):
            f"--config.unclip.super_res_last={k['converted'] / 'super_res_last'}",
            f"--config.text_encoder={k['converted'] / 'text_encoder'}", f"--config.out={k['root'] / name}",
            *SETTINGS, *extra]
-    log = k["root"] / f"{name}.{kill}.log"
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log
+    return C.launch(cmd, env, k["root"] / f"{name}.{kill}.log")
 
 
 def _wait(proc, timeout=400):
-    p, log = proc
-    try:
-        p.wait(timeout=timeout)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return p.returncode, log.read_text()
+    return C.finish(proc, timeout)
 
 
 @pytest.fixture(scope="module")
