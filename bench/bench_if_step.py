@@ -46,9 +46,7 @@ so the environment's numpy / jax stay the ones imported.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 
 import common  # first: puts this checkout's jaxdiff on sys.path
 import jax
@@ -259,13 +257,9 @@ def main(argv=None) -> int:
                       "real_tokens_min_mean_max": [int(mask[:-1].sum(1).min()), float(mask[:-1].sum(1).mean()),
                                                    int(mask[:-1].sum(1).max())]},
            "gate": gate}
-    if args.check or not gate["passed"]:
-        print(json.dumps(out, indent=1))
-        return 0 if gate["passed"] else 1
-
-    if args.wait_idle > 0:
-        out["wait_idle"] = common.wait_idle(args.wait_idle, args.wait_max)
-    out["machine_at_start"] = {**common.machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    status = common.stop_at_gate(out, args)
+    if status is not None:
+        return status
     key = jax.random.key(NOISE_SEED)
     xj = jnp.asarray(common.nhwc(x))
     jax_step = common.blocking(ours.step, ours.unet_params, xj, i, cond, key)

@@ -32,9 +32,7 @@ diffusers==0.42.1 transformers==5.23.0` (appended to sys.path). Load: see bench_
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 
 import common  # first: puts this checkout's jaxdiff on sys.path
 import jax
@@ -262,13 +260,9 @@ def main(argv=None) -> int:
                       "timestep": int(ref.decoder_scheduler.timesteps[STEP_INDEX]),
                       "decoder_scale": DECODER_SCALE, "prior_scale": PRIOR_SCALE},
            "gate": gate}
-    if args.check or not gate["passed"]:
-        print(json.dumps(out, indent=1))
-        return 0 if gate["passed"] else 1
-
-    if args.wait_idle > 0:
-        out["wait_idle"] = common.wait_idle(args.wait_idle, args.wait_max)
-    out["machine_at_start"] = {**common.machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    status = common.stop_at_gate(out, args)
+    if status is not None:
+        return status
     key = jax.random.key(NOISE_SEED)
     table = {"decoder_step": common.duel(common.blocking(od.decoder_step, od.params, dx, dec_cond, key),
                                          torch_dec, args.repeats, args.warmup),

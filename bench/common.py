@@ -222,6 +222,18 @@ def wait_idle(percent: float, max_seconds: float) -> dict:
                     "reached": idle >= percent}
 
 
+def stop_at_gate(out: dict, args) -> int | None:
+    """After a comparison's gate (out["gate"]): with `--check` or a failed gate, print `out` and return the exit
+    status (0 / 1); else wait for idle CPUs as `--wait-idle` asks, note the machine, and return None (time it)."""
+    if args.check or not out["gate"]["passed"]:
+        print(json.dumps(out, indent=1))
+        return 0 if out["gate"]["passed"] else 1
+    if args.wait_idle > 0:
+        out["wait_idle"] = wait_idle(args.wait_idle, args.wait_max)
+    out["machine_at_start"] = {**machine(), "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    return None
+
+
 def report(out: dict, table: dict, markdown: bool) -> None:
     """A reference comparison's results: `out` (with out["table"] = `table` and the machine at the end) as JSON on
     stdout, each quantity's summary on stderr, and with `markdown` the table as markdown on stderr."""

@@ -120,3 +120,20 @@ def finish(proc, timeout: float):
             p.kill()
             p.wait()
     return p.returncode, log.read_text()
+
+
+def changed_copy(src, dst, **changes):
+    """A copy of model folder `src` at `dst` whose config.json has `changes`."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def load_samples(path):
+    """(images, captions) of a samples.npz / embeddings.npz the pipelines write."""
+    with np.load(path) as z:
+        return z["arr_0"], z["captions"]

@@ -13,11 +13,10 @@ the text states (calls of `text_states.encode_all`; 0 = read from the cache).
 """
 
 import json
-import os
-import signal
 import sys
-import time
 from pathlib import Path
+
+import _training_helpers as H
 
 from jaxdiff.train import config as train_config
 from jaxdiff.train import loop as training
@@ -73,17 +72,12 @@ def run(cfg, workdir, counter, report: dict, name: str, out: Path, kill: bool = 
     """train() in `workdir`; report[name] = how many times it computed text states; `out` gets the report.
     kill: SIGKILL this process right after step KILL_AT is dispatched, once checkpoint 4 is complete."""
     before = counter.calls
-    hook = None
-    if kill:
-        def hook(step):
-            if step == KILL_AT:
-                ckpt = Path(workdir) / "checkpoints" / str(CHECKPOINT_EVERY)
-                deadline = time.time() + 120
-                while not ckpt.is_dir() and time.time() < deadline:  # orbax renames the finished step into place
-                    time.sleep(0.05)
-                report[name] = {"computed": counter.calls - before, "killed_at": step}
-                out.write_text(json.dumps(report))
-                os.kill(os.getpid(), signal.SIGKILL)
+
+    def last_words(step):
+        report[name] = {"computed": counter.calls - before, "killed_at": step}
+        out.write_text(json.dumps(report))
+
+    hook = H.sigkill_hook(workdir, KILL_AT, CHECKPOINT_EVERY, last_words) if kill else None
     training.train(cfg, str(workdir), step_hook=hook)
     report[name] = {"computed": counter.calls - before}
     out.write_text(json.dumps(report))

@@ -83,6 +83,37 @@ def run(cmd, environ, timeout=300, check=True) -> subprocess.CompletedProcess:
     return p
 
 
+def run_workers(worker: str, modes, data_dir, root, cache, timeout: float = 600) -> dict:
+    """Run tests/`worker` in each mode, side by side (`worker MODE DATA_DIR ROOT`); {mode: (exit status, stderr)}."""
+    path = str(HELPER.parent / worker)
+    procs = {m: subprocess.Popen([sys.executable, path, m, str(data_dir), str(root)], env=env(cache),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for m in modes}
+    try:
+        errs = {m: p.communicate(timeout=timeout)[1] for m, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    return {m: (p.returncode, errs[m]) for m, p in procs.items()}
+
+
+def sigkill_hook(workdir, kill_at: int, checkpoint_every: int, last_words):
+    """A train() step_hook that SIGKILLs this process right after step `kill_at` is dispatched, once the
+    checkpoint of step `checkpoint_every` is complete (orbax renames the finished step into place), calling
+    `last_words(step)` first (to write what the test reads)."""
+    def hook(step):
+        if step == kill_at:
+            ckpt = Path(workdir) / "checkpoints" / str(checkpoint_every)
+            deadline = time.time() + 120
+            while not ckpt.is_dir() and time.time() < deadline:
+                time.sleep(0.05)
+            last_words(step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
 def read_metrics(workdir) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():

@@ -14,11 +14,10 @@ the text states and the image embeddings (0 = read from the cache).
 """
 
 import json
-import os
-import signal
 import sys
-import time
 from pathlib import Path
+
+import _training_helpers as H
 
 from jaxdiff.train import config as train_config
 from jaxdiff.train import image_embeddings, text_states
@@ -77,17 +76,11 @@ def run(cfg, workdir, counters, report: dict, name: str, out: Path, kill: bool =
     def computed():
         return {k: c.calls - before[k] for k, c in counters.items()}
 
-    hook = None
-    if kill:
-        def hook(step):
-            if step == KILL_AT:
-                ckpt = Path(workdir) / "checkpoints" / str(CHECKPOINT_EVERY)
-                deadline = time.time() + 120
-                while not ckpt.is_dir() and time.time() < deadline:  # orbax renames the finished step into place
-                    time.sleep(0.05)
-                report[name] = dict(computed(), killed_at=step)
-                out.write_text(json.dumps(report))
-                os.kill(os.getpid(), signal.SIGKILL)
+    def last_words(step):
+        report[name] = dict(computed(), killed_at=step)
+        out.write_text(json.dumps(report))
+
+    hook = H.sigkill_hook(workdir, KILL_AT, CHECKPOINT_EVERY, last_words) if kill else None
     training.train(cfg, str(workdir), step_hook=hook)
     report[name] = computed()
     out.write_text(json.dumps(report))

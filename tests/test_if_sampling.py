@@ -22,7 +22,6 @@ guidance moves the result by 1e-2 or more.
 import json
 import os
 import pathlib
-import shutil
 import sys
 
 import _cascade as C
@@ -230,17 +229,12 @@ def runs(folders):
     return f
 
 
-def _load(path):
-    with np.load(path) as z:
-        return z["arr_0"], z["captions"]
-
-
 def test_pipeline_writes_each_stage(runs):
     captions = np.array(["a red cube", "the dark sky", ""] * N)[:N]
     for stage, size in (("stage1", 16), ("stage2", 32)):
         out = runs["root"] / "one" / stage
         assert sorted(os.listdir(out)) == ["grid.png", "samples.npz"]  # shards merged, then deleted
-        images, caps = _load(out / "samples.npz")
+        images, caps = C.load_samples(out / "samples.npz")
         assert images.shape == (N, size, size, 3) and images.dtype == np.uint8 and images.std() > 5
         np.testing.assert_array_equal(caps, captions)
         log = runs["logs"]["one"][1]
@@ -255,14 +249,14 @@ def test_same_images_on_1_and_8_devices_and_after_kill_9(runs):
     assert f"stage1/samples.npz already holds these settings' {N} samples: nothing to do" in resumed, resumed[-3000:]
     assert "sampled 1 of 2 batches, 1 were already in its shards/" in resumed, resumed[-3000:]
     for stage in ("stage1", "stage2"):
-        one, eight = (_load(runs["root"] / run / stage / "samples.npz") for run in ("one", "eight"))
+        one, eight = (C.load_samples(runs["root"] / run / stage / "samples.npz") for run in ("one", "eight"))
         assert one[0].tobytes() == eight[0].tobytes() and np.array_equal(one[1], eight[1]), stage
 
 
 def test_fsdp_splits_parameters_and_matches(runs):
     """mesh.fsdp=2: the same samples up to float rounding (the partitioned program sums in another order)."""
-    ref, _ = _load(runs["root"] / "one" / "stage1" / "samples.npz")
-    images, _ = _load(runs["root"] / "fsdp" / "stage1" / "samples.npz")
+    ref, _ = C.load_samples(runs["root"] / "one" / "stage1" / "samples.npz")
+    images, _ = C.load_samples(runs["root"] / "fsdp" / "stage1" / "samples.npz")
     diff = np.abs(images.astype(int) - ref)
     print(f"fsdp=2: {np.count_nonzero(diff)} of {diff.size} uint8 values differ from 1 device's, max {diff.max()}")
     assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size // 100
@@ -283,14 +277,6 @@ def _config(f, out, **keys):
     return cfg
 
 
-def _changed_copy(src, dst, **changes):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 def test_bad_input_one_error_line_before_anything_compiles(folders, tmp_path, monkeypatch, capsys):
     from jaxdiff.diffusion import samplers
     from jaxdiff.sample import cascade, runner
@@ -305,8 +291,8 @@ def test_bad_input_one_error_line_before_anything_compiles(folders, tmp_path, mo
     f = folders
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n  \n")
-    wide2 = _changed_copy(f["unet2"], tmp_path / "wide2", encoder_hid_dim=48)
-    wide_t5 = _changed_copy(f["t5"], tmp_path / "wide_t5", d_model=48)
+    wide2 = C.changed_copy(f["unet2"], tmp_path / "wide2", encoder_hid_dim=48)
+    wide_t5 = C.changed_copy(f["t5"], tmp_path / "wide_t5", d_model=48)
     not_spm = tmp_path / "spiece.model"
     not_spm.write_text("hello 1\nworld 2\n")
     cases = [

@@ -10,8 +10,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -61,18 +59,7 @@ def root(data_dir, tmp_path_factory):
 
 
 def _workers(modes, data_dir, root, cache) -> dict:
-    """Run `_if_worker.py` in each mode, side by side; {mode: (exit status, stderr)}."""
-    worker = str(H.HELPER.parent / "_if_worker.py")
-    procs = {m: subprocess.Popen([sys.executable, worker, m, str(data_dir), str(root)], env=H.env(cache),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for m in modes}
-    try:
-        errs = {m: p.communicate(timeout=600)[1] for m, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-    return {m: (p.returncode, errs[m]) for m, p in procs.items()}
+    return H.run_workers("_if_worker.py", modes, data_dir, root, cache)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ mean by 1e-2 or more), and the worst pixel at 0.6 of the range; the image embedd
 predicts x0) meet 1e-4.
 """
 
-import json
 import os
 import pathlib
 import shutil
@@ -215,22 +214,17 @@ def runs(karlo):
     return k
 
 
-def _load(path):
-    with np.load(path) as f:
-        return f["arr_0"], f["captions"]
-
-
 def test_pipeline_writes_each_stage(runs):
     captions = np.array(["a red cube", "the dark sky", ""] * N)[:N]
     out = runs["root"] / "one"
-    embeds, caps = _load(out / "prior" / "embeddings.npz")
+    embeds, caps = C.load_samples(out / "prior" / "embeddings.npz")
     assert embeds.shape == (N, 32) and embeds.dtype == np.float32 and sorted(os.listdir(out / "prior")) == [
         "embeddings.npz"]
     np.testing.assert_array_equal(caps, captions)
     assert not np.array_equal(embeds[0], embeds[3])
     for stage, size in (("decoder", 16), ("super_res", 64)):
         assert sorted(os.listdir(out / stage)) == ["grid.png", "samples.npz"]  # shards merged, then deleted
-        images, caps = _load(out / stage / "samples.npz")
+        images, caps = C.load_samples(out / stage / "samples.npz")
         assert images.shape == (N, size, size, 3) and images.dtype == np.uint8 and images.std() > 5
         np.testing.assert_array_equal(caps, captions)
         assert f"wrote {out / stage / 'samples.npz'} ({N} images) and {out / stage / 'grid.png'}" in \
@@ -247,28 +241,20 @@ def test_same_bytes_on_1_and_8_devices_and_after_kill_9(runs):
         assert f"{stage}/{name} already holds these settings' {N} samples: nothing to do" in resumed, resumed[-3000:]
     assert "sampled 1 of 2 batches, 1 were already in its shards/" in resumed, resumed[-3000:]
     for stage, name in (("prior", "embeddings.npz"), ("decoder", "samples.npz"), ("super_res", "samples.npz")):
-        one, eight = (_load(runs["root"] / run / stage / name) for run in ("one", "eight"))
+        one, eight = (C.load_samples(runs["root"] / run / stage / name) for run in ("one", "eight"))
         assert one[0].tobytes() == eight[0].tobytes() and np.array_equal(one[1], eight[1]), stage
 
 
 def test_image_variations(runs):
     out = runs["root"] / "variations"
     assert sorted(os.listdir(out)) == ["decoder", "super_res"]  # no prior
-    images, caps = _load(out / "super_res" / "samples.npz")
+    images, caps = C.load_samples(out / "super_res" / "samples.npz")
     assert images.shape == (N, 64, 64, 3) and images.std() > 5 and set(caps) == {""}
-    small, _ = _load(out / "decoder" / "samples.npz")
+    small, _ = C.load_samples(out / "decoder" / "samples.npz")
     assert not np.array_equal(small[0], small[3])  # the same embedding (row 0), other noise
 
 
 # --- bad input: one error line, nothing loaded or compiled ----------------------------------------------
-
-def _changed_copy(src, dst, **changes):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
 
 def test_bad_input_one_error_line_before_anything_compiles(karlo, tmp_path, monkeypatch, capsys):
     from jaxdiff.diffusion import samplers
@@ -284,7 +270,7 @@ def test_bad_input_one_error_line_before_anything_compiles(karlo, tmp_path, monk
     folder = karlo["folder"]
     no_text = tmp_path / "no-text-encoder"
     shutil.copytree(folder, no_text, ignore=shutil.ignore_patterns("text_encoder"))
-    wide_prior = _changed_copy(folder / "prior", tmp_path / "wide-prior", clip_embed_dim=48)
+    wide_prior = C.changed_copy(folder / "prior", tmp_path / "wide-prior", clip_embed_dim=48)
     wide = tmp_path / "wide.npy"
     np.save(wide, np.zeros((2, 48), np.float32))
     base = dict(pipeline="unclip", prompts=PROMPTS)

@@ -7,8 +7,6 @@ prior's and the decoder's side by side, each on a tiny clean CLIP it trains firs
 
 import json
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -33,18 +31,7 @@ def data_dir(tmp_path_factory):
 
 
 def _workers(modes, data_dir, root, cache) -> dict:
-    """Run `_unclip_worker.py` in each mode, side by side; {mode: (exit status, stderr)}."""
-    worker = str(H.HELPER.parent / "_unclip_worker.py")
-    procs = {m: subprocess.Popen([sys.executable, worker, m, str(data_dir), str(root)], env=H.env(cache),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for m in modes}
-    try:
-        errs = {m: p.communicate(timeout=600)[1] for m, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-    return {m: (p.returncode, errs[m]) for m, p in procs.items()}
+    return H.run_workers("_unclip_worker.py", modes, data_dir, root, cache)
 
 
 @pytest.fixture(scope="module")

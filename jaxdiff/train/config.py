@@ -75,7 +75,9 @@ CLIP_MODEL_DEFAULTS = dict(n_embd=64, patch_size=2, n_head_image=2, n_head_state
 # text states projected (encoder_hid_proj) and attention-pooled into the time embedding. Derived (refused
 # if set): in_channels, out_channels, encoder_hid_dim, class_embed_type; cross_attention_dim None = the
 # text encoder's width.
-IF_MODEL_DEFAULTS = dict(
+# The IF-style U-Net layout at digits size, shared by the IF tasks and the unCLIP decoder: 8x8 -> 4x4, 32 / 64
+# channels, cross-attention at 4x4 and in the middle, 32-wide heads, scale-shift ResNets.
+DIGITS_UNET_LAYOUT = dict(
     down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
     mid_block_type="UNetMidBlock2DSimpleCrossAttn",
     up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
@@ -83,14 +85,17 @@ IF_MODEL_DEFAULTS = dict(
     layers_per_block=1,
     attention_head_dim=32,
     norm_num_groups=32,
-    act_fn="gelu",
     resnet_time_scale_shift="scale_shift",
+    dropout=0.0,
+)
+IF_MODEL_DEFAULTS = dict(
+    DIGITS_UNET_LAYOUT,
+    act_fn="gelu",
     mid_block_scale_factor=1.0,
     cross_attention_norm="group_norm",
     encoder_hid_dim_type="text_proj",
     addition_embed_type="text",
     addition_embed_type_num_heads=2,
-    dropout=0.0,
 )
 # stage II's extras (IF-II's config): the noise-augmentation level embedded like the timestep
 # (class_embed_type "timestep", derived), GELU after the summed embeddings, sqrt(2) mid-block scale.
@@ -111,19 +116,11 @@ UNCLIP_PRIOR_DERIVED_KEYS = ("embedding_dim", "num_embeddings", "embedding_proj_
 # encoder_hid_proj, no pooled-text embedding (text_proj's time embedding is the class label, "identity").
 # Derived (refused if set): in_channels, out_channels, class_embed_type, sample_size, encoder_hid_dim.
 UNCLIP_DECODER_MODEL_DEFAULTS = dict(
-    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    attention_head_dim=32,
-    norm_num_groups=32,
+    DIGITS_UNET_LAYOUT,
     act_fn="silu",
-    resnet_time_scale_shift="scale_shift",
     cross_attention_dim=64,
     encoder_hid_dim_type=None,
     addition_embed_type=None,
-    dropout=0.0,
 )
 # config.model.text_proj: UnCLIPTextProjModel's one free field (the others: the CLIP's width, the decoder's)
 UNCLIP_TEXT_PROJ_DEFAULTS = dict(clip_extra_context_tokens=4)

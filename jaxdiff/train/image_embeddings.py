@@ -16,7 +16,6 @@ of the image tower's `params_fingerprint`, the dataset, split, image size and th
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -30,7 +29,16 @@ from jaxdiff import checkpoints
 from jaxdiff.data.sources import check_resize
 from jaxdiff.data.transforms import resize_images, to_model_range
 from jaxdiff.train.config import ConfigError
-from jaxdiff.train.text_states import META_FILE, _load_npy, _local_put, _path, _sha, cache_root, computed_once
+from jaxdiff.train.text_states import (
+    META_FILE,
+    cache_path,
+    cache_root,
+    computed_once,
+    content_key,
+    load_npy,
+    local_put,
+    read_meta,
+)
 from jaxdiff.util import config as config_util
 from jaxdiff.util import cpu, files
 from jaxdiff.util.fingerprint import params_fingerprint
@@ -68,20 +76,17 @@ def split_images(source, image_size: int) -> np.ndarray:
 
 def read_entry(directory, key: Optional[str] = None) -> Optional[ImageEmbeddings]:
     """The cached embeddings in `directory` (None when absent, incomplete or under another key)."""
-    meta_path = _path(directory, META_FILE)
-    if not meta_path.exists():
+    meta = read_meta(directory, key)
+    if meta is None:
         return None
-    meta = json.loads(meta_path.read_text())
-    if key is not None and meta.get("key") != key:
-        return None
-    return ImageEmbeddings(_load_npy(_path(directory, "embeddings.npy"), True), meta["key"], os.fspath(directory),
+    return ImageEmbeddings(load_npy(cache_path(directory, "embeddings.npy"), True), meta["key"], os.fspath(directory),
                            computed=False)
 
 
 def _encoder(path: str, batch_size: int):
     """(fingerprint, encode(images [N, S, S, C]) -> float32 [N, D]) of the CLIP's image tower at t = 0."""
     module, params, cfg = checkpoints.load_model(path, kind="clip-image")
-    dev = _local_put(params)
+    dev = local_put(params)
 
     @cpu.jit
     def apply(p, x):
@@ -112,8 +117,8 @@ def image_embeddings(resolved, source, cache: str) -> ImageEmbeddings:
     images = split_images(source, size)
     fingerprint, encode = _encoder(str(te.path), int(config_util.get(te, "batch_size", 256)))
     info = source.info
-    key = _sha(f"jaxdiff-image-embeddings-v{CACHE_VERSION}", fingerprint, info.name, resolved.data.split, size,
-               len(images), _sha(np.ascontiguousarray(images).tobytes()))
+    key = content_key(f"jaxdiff-image-embeddings-v{CACHE_VERSION}", fingerprint, info.name, resolved.data.split,
+                      size, len(images), content_key(np.ascontiguousarray(images).tobytes()))
     directory = os.path.join(cache, f"image_{key[:32]}")
     found = read_entry(directory, key)
     if found is not None:

@@ -130,7 +130,8 @@ class TextStates:
 
 # --- the encoders ------------------------------------------------------------------------------------------
 
-def _sha(*parts) -> str:
+def content_key(*parts) -> str:
+    """sha256 hex digest of `parts` (bytes as they are, anything else as its str): a cache entry's key."""
     h = hashlib.sha256()
     for p in parts:
         h.update(p if isinstance(p, bytes) else str(p).encode())
@@ -155,7 +156,7 @@ def _batched(fn: Callable, tokenize: Callable, batch_size: int) -> Callable:
     return encode
 
 
-def _local_put(params):
+def local_put(params):
     """The encoder's parameters on this process's first device (only this process encodes)."""
     return jax.device_put(params, jax.local_devices()[0])
 
@@ -168,7 +169,7 @@ def load_encoder(info: EncoderInfo, batch_size: int = 256) -> Encoder:
         module, params, cfg = checkpoints.load_model(info.path, kind="clip-text")
         tok = toy_clip.word_tokenizer(info.vocab, info.path)
         n = info.length
-        dev_params = _local_put(params)
+        dev_params = local_put(params)
         apply = toy_clip.clip_text_fn(module, n)
 
         def tokenize(captions):
@@ -178,7 +179,7 @@ def load_encoder(info: EncoderInfo, batch_size: int = 256) -> Encoder:
                 raise ConfigError(f"config.text_encoder (the CLIP {info.path}) cannot tokenize the captions: {e}") from None
 
         fingerprint = params_fingerprint(params, name="clip-text", config=cfg["model"])
-        tokenizer_id = _sha("word", json.dumps(list(info.vocab)), n)
+        tokenizer_id = content_key("word", json.dumps(list(info.vocab)), n)
         return Encoder(info, fingerprint, tokenizer_id,
                        _batched(lambda t, a: apply(dev_params, t, a), tokenize, batch_size))
     from jaxdiff.convert.transformers import load_t5_folder
@@ -193,7 +194,7 @@ def load_encoder(info: EncoderInfo, batch_size: int = 256) -> Encoder:
         raise ConfigError(f"config.text_encoder.tokenizer={info.tokenizer!r} has {tok.vocab_size} pieces, more than "
                           f"the T5 encoder's {config.vocab_size} token embeddings ({info.path}): not its tokenizer")
     n = info.length
-    dev_params = _local_put(params)
+    dev_params = local_put(params)
 
     @cpu.jit
     def apply(p, tokens, mask):
@@ -201,7 +202,7 @@ def load_encoder(info: EncoderInfo, batch_size: int = 256) -> Encoder:
 
     fingerprint = params_fingerprint(params, name="t5", config=config.to_dict())
     with open(info.tokenizer, "rb") as f:
-        tokenizer_id = _sha("t5", hashlib.sha256(f.read()).hexdigest(), n)
+        tokenizer_id = content_key("t5", hashlib.sha256(f.read()).hexdigest(), n)
     return Encoder(info, fingerprint, tokenizer_id,
                    _batched(lambda t, m: apply(dev_params, t, m), lambda c: tok.tokens_and_mask(c, n), batch_size))
 
@@ -216,8 +217,9 @@ def caption_set(source) -> list:
 
 def cache_key(encoder: Encoder, captions: Sequence[str], embeddings: bool = False) -> str:
     """The entry's key (sha256 hex); `embeddings` (entries that also hold the text embeddings) changes it."""
-    return _sha(f"jaxdiff-text-states-v{CACHE_VERSION}", encoder.info.kind, encoder.fingerprint, encoder.tokenizer_id,
-                encoder.info.length, _sha(*captions), *(("text-embeddings",) if embeddings else ()))
+    return content_key(f"jaxdiff-text-states-v{CACHE_VERSION}", encoder.info.kind, encoder.fingerprint,
+                       encoder.tokenizer_id, encoder.info.length, content_key(*captions),
+                       *(("text-embeddings",) if embeddings else ()))
 
 
 def cache_root(resolved, workdir) -> str:
@@ -225,29 +227,38 @@ def cache_root(resolved, workdir) -> str:
     return os.path.expanduser(d) if d else os.path.join(os.fspath(workdir), CACHE_DIR)
 
 
-def _path(*parts):
+def cache_path(*parts):
+    """The joined path as a local or remote (gs://...) path object (`checkpoints.as_path`)."""
     return checkpoints.as_path(os.path.join(*[os.fspath(p) for p in parts]))
 
 
-def _load_npy(path, mmap: bool) -> np.ndarray:
+def load_npy(path, mmap: bool) -> np.ndarray:
+    """A cached .npy array: memory-mapped when local and `mmap`, read whole from remote storage."""
     p = os.fspath(path)
     if "://" not in p:
         return np.load(p, mmap_mode="r" if mmap else None)
     return np.load(io.BytesIO(checkpoints.as_path(p).read_bytes()))
 
 
-def read_entry(directory, key: Optional[str] = None) -> Optional[TextStates]:
-    """The cached states in `directory` (None when absent or incomplete, or written under another key)."""
-    meta_path = _path(directory, META_FILE)
+def read_meta(directory, key: Optional[str] = None) -> Optional[dict]:
+    """A cache entry's meta.json (written last: its absence means an incomplete entry), or None when absent or
+    written under another key than `key` (when given)."""
+    meta_path = cache_path(directory, META_FILE)
     if not meta_path.exists():
         return None
     meta = json.loads(meta_path.read_text())
-    if key is not None and meta.get("key") != key:
+    return None if key is not None and meta.get("key") != key else meta
+
+
+def read_entry(directory, key: Optional[str] = None) -> Optional[TextStates]:
+    """The cached states in `directory` (None when absent or incomplete, or written under another key)."""
+    meta = read_meta(directory, key)
+    if meta is None:
         return None
-    captions = tuple(json.loads(_path(directory, "captions.json").read_text()))
-    states = _load_npy(_path(directory, "states.npy"), True)
-    mask = _load_npy(_path(directory, "mask.npy"), True)
-    embeds = _load_npy(_path(directory, "embeds.npy"), True) if meta.get("embeddings") else None
+    captions = tuple(json.loads(cache_path(directory, "captions.json").read_text()))
+    states = load_npy(cache_path(directory, "states.npy"), True)
+    mask = load_npy(cache_path(directory, "mask.npy"), True)
+    embeds = load_npy(cache_path(directory, "embeds.npy"), True) if meta.get("embeddings") else None
     if (states.shape[0] != len(captions) or mask.shape != states.shape[:2]
             or (embeds is not None and embeds.shape[0] != len(captions))):
         raise ValueError(f"the text-state cache in {directory} is inconsistent ({len(captions)} captions, states "
