@@ -50,6 +50,13 @@ def test_options_on_cpu_and_switches(monkeypatch):
     opts = cpu.compiler_options()
     assert opts == {cpu.YNN_OPTION: ",".join(cpu.YNN_TYPES)}
     assert cpu.compiler_options("gpu") == {} and cpu.compiler_options("tpu") == {}
+    without_eltwise = ",".join(t for t in cpu.YNN_TYPES if t != "LIBRARY_FUSION_TYPE_ELTWISE")
+    assert cpu.compiler_options(elementwise=False) == {cpu.YNN_OPTION: without_eltwise}
+    assert cpu.compiler_options(partitioned=True) == {cpu.YNN_OPTION: without_eltwise}
+    assert cpu.compiler_options("gpu", elementwise=False) == {}
+    from jaxdiff.sample.unclip import prior_compiler_options  # the unCLIP prior's: a small convolution-free program
+
+    assert prior_compiler_options() == {cpu.YNN_OPTION: without_eltwise}
     monkeypatch.setenv("JAXDIFF_XLA_CPU_OPTIONS", "0")
     assert cpu.compiler_options() == {}
     monkeypatch.delenv("JAXDIFF_XLA_CPU_OPTIONS")

@@ -217,3 +217,23 @@ def test_guides_refuse_networks_that_do_not_fit_the_model():
     classifier = {"model": {"kind": "classifier", "out_channels": 10, "image_size": 8, "in_channels": 3}}
     with pytest.raises(ValueError, match="the classifier's in_channels=3 differs from the model's in_channels=1"):
         guidance.GUIDES["classifier"].check(labels, {"classifier": classifier})
+
+
+def test_classifier_free_calls_the_shared_input_form_once_with_b_rows():
+    """A model_fn with `with_shared_input` is called through it (x, t of B rows, cond of 2B: [cond; uncond]),
+    and CFG's result equals the plain call on the repeated input."""
+    calls = []
+
+    def model_fn(x, t, cond):
+        return x * (1.0 + cond[guides.LABEL_KEY][:, None].astype(x.dtype)) + t[:, None]
+
+    def shared(x, t, cond):
+        calls.append((x.shape[0], cond[guides.LABEL_KEY].shape[0]))
+        return model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), cond)
+
+    x, t = jnp.arange(6.0).reshape(3, 2), jnp.arange(3.0)
+    cond = {guides.LABEL_KEY: jnp.array([1, 2, 0]), guides.CFG_SCALE: jnp.array([1.0, 3.0, 0.0])}
+    plain = guides.classifier_free(model_fn, null_label=5)(x, t, cond)
+    via = guides.classifier_free(guides.with_shared_input(model_fn, shared), null_label=5)(x, t, cond)
+    assert calls == [(3, 6)]
+    np.testing.assert_array_equal(np.asarray(via), np.asarray(plain))
