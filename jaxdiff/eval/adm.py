@@ -359,7 +359,7 @@ def _reference_stats(ref_path: str, header: NpyHeader, extractor: ShardedFeature
     if cache_dir is not None:
         key = hashlib.sha256(f"{features_fp}\0{file_fingerprint(ref_path)}".encode()).hexdigest()
         base = "adm_ref-" + os.path.splitext(os.path.basename(ref_path))[0]
-        paths = {k: M._cache_path(cache_dir, f"{base}-{k}", key) for k in ("pool3", "spatial")}
+        paths = {k: M.reference_cache_path(cache_dir, f"{base}-{k}", key) for k in ("pool3", "spatial")}
         cached = {k: M.FeatureStats.load(p) for k, p in paths.items() if os.path.exists(p)}
         hit = (len(cached) == 2 and all(c.fingerprint == key for c in cached.values())
                and cached["pool3"].features is not None)

@@ -741,7 +741,8 @@ def classifier_extractor(apply_fn: Callable[[Any, Any], Any], params: Any, *,
 
 # --- Reference statistics cache and evaluation -------------------------------------------------------
 
-def _cache_path(cache_dir: str, key: str, fingerprint: str) -> str:
+def reference_cache_path(cache_dir: str, key: str, fingerprint: str) -> str:
+    """The reference-statistics cache file of `key` (made filename-safe) and the extractor's fingerprint."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(key)).strip("._") or "reference"
     return os.path.join(os.fspath(cache_dir), f"{safe}-{fingerprint[:20]}.npz")
 
@@ -754,7 +755,7 @@ def reference_stats(images: Union[Array, Callable[[], Array]], extractor: Featur
     never reads stale statistics. ``images`` may be a zero-argument callable returning the uint8 NHWC
     array (a cache hit never loads the dataset). keep_features stores the features PRDC needs.
     """
-    path = _cache_path(os.fspath(cache_dir), key, extractor.fingerprint)
+    path = reference_cache_path(os.fspath(cache_dir), key, extractor.fingerprint)
     if os.path.exists(path):
         stats = FeatureStats.load(path)
         if stats.fingerprint != extractor.fingerprint:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdiff.models import layers as L
-from jaxdiff.models.unet import ADMFlags, _check_input, prepare_timesteps
+from jaxdiff.models.unet import ADMFlags, check_image_input, prepare_timesteps
 
 
 class EncoderUNetModel(ADMFlags):
@@ -35,7 +35,7 @@ class EncoderUNetModel(ADMFlags):
         Features are the penultimate representation used by evaluation metrics: the spatial mean
         of the normalised trunk output (for the spatial pools, the input of their last layer).
         """
-        _check_input(self, x, self.in_channels, exact_size=self.pool == "attention")
+        check_image_input(self, x, self.in_channels, exact_size=self.pool == "attention")
         t = prepare_timesteps(timesteps, x.shape[0])
         plan = L.plan_of(self)
         dtype = L.compute_dtype(self)

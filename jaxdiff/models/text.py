@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models import layers as L
-from jaxdiff.models.unet import _concrete
+from jaxdiff.models.unet import concrete_array
 from jaxdiff.ops.attention import attention
 from jaxdiff.util.config import is_int
 
@@ -142,7 +142,7 @@ def check_tokens(m, tokens, mask) -> None:
                              "True on the caption's tokens")
         if tuple(np.shape(mask)) != shape:
             raise ValueError(f"mask must have the shape of tokens {shape}, got {tuple(np.shape(mask))}")
-    ids = _concrete(tokens)
+    ids = concrete_array(tokens)
     if ids is not None:
         if ids.dtype.kind not in "iu":
             raise ValueError(f"tokens must be integer ids, got dtype {ids.dtype}")

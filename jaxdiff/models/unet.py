@@ -47,7 +47,7 @@ def check_labels(y, num_classes: Optional[int], null_label: bool = False) -> np.
     return arr
 
 
-def _concrete(a) -> Optional[np.ndarray]:
+def concrete_array(a) -> Optional[np.ndarray]:
     """np.ndarray of `a` if it is concrete (not traced), else None."""
     tracer = getattr(jax.core, "Tracer", None)
     if tracer is not None and isinstance(a, tracer):
@@ -67,7 +67,8 @@ def prepare_timesteps(timesteps, batch: int) -> jax.Array:
     return t
 
 
-def _check_input(m, x, in_channels: int, exact_size: bool = False):
+def check_image_input(m, x, in_channels: int, exact_size: bool = False):
+    """ValueError for an image batch the ADM network `m` cannot take (NHWC, channels, size)."""
     if x.ndim != 4:
         raise ValueError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
     if x.shape[-1] != in_channels:
@@ -88,7 +89,7 @@ def unet_forward(m, x, timesteps, y, train: bool, in_channels: int, extra_emb=No
 
     The flags were validated once by `jaxdiff.models.create_model` (not again on every trace).
     """
-    _check_input(m, x, in_channels)
+    check_image_input(m, x, in_channels)
     t = prepare_timesteps(timesteps, x.shape[0])
     plan = L.plan_of(m)
     dtype = L.compute_dtype(m)
@@ -105,7 +106,7 @@ def unet_forward(m, x, timesteps, y, train: bool, in_channels: int, extra_emb=No
         y = jnp.asarray(y)
         if y.shape != (x.shape[0],):
             raise ValueError(f"labels y must have shape [B]=({x.shape[0]},), got {y.shape}")
-        concrete = _concrete(y)
+        concrete = concrete_array(y)
         if concrete is not None:
             check_labels(concrete, m.num_classes, m.null_label)
         n = m.num_classes + (1 if m.null_label else 0)
