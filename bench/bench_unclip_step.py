@@ -14,7 +14,8 @@ Timed, each as jaxdiff and as PyTorch, called in turn:
   decoder_step  one step of UnCLIPPipeline's decoder loop at `--decoder-batch` images: the U-Net on the 2B rows
                 [uncond; cond] (text_proj's hidden states and additive time embeddings, the unconditional half
                 from the learned null image embedding and the empty caption; both compute them once before the
-                loop: jaxdiff's sampler in its `decoder_prepare`), CFG 8 on eps, the variance channels from the
+                loop: jaxdiff's sampler in its `decoder_prepare`, which also computes the U-Net's text keys and
+                values there, where diffusers' U-Net recomputes them at every step), CFG 8 on eps, the variance channels from the
                 conditional half, then UnCLIPScheduler.step (learned range, x0 clipped to [-1, 1]) at step 12
                 of Karlo's 25, noise drawn inside the step.
   prior_step    one step of the prior loop at `--prior-batch` embeddings: the PriorTransformer on 2B rows
@@ -196,8 +197,8 @@ class Jaxdiff:
             d = samplers.denoise(guided, sched, x, i, cond, prediction="x0", x0_fn=x0_prior, guide_eps=False)
             return samplers.ddpm_step(sched, x, i, d, noise, fixed_variance="small")
 
-        self.decoder_prepare = cpu.jit(lambda p, tx, c: unclip.decoder_prepare(text_proj, p["text_proj"], tx,
-                                                                                 num_prompts)(c))
+        self.decoder_prepare = cpu.jit(lambda p, tx, c: unclip.decoder_prepare(text_proj, p["text_proj"], decoder,
+                                                                                 p["decoder"], tx, num_prompts)(c))
         self.decoder_step_with_noise = cpu.jit(decoder_step)
         prior_opts = unclip.prior_compiler_options()  # the prior sampler's
         self.prior_step_with_noise = cpu.jit(prior_step, compiler_options=prior_opts)
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if min(args.decoder_batch, args.prior_batch, args.repeats, args.warmup, args.threads) < 1:
         p.error("need --decoder-batch, --prior-batch, --repeats, --warmup, --threads >= 1")
-    th, diffusers, _ = common.import_reference(args.refstack)
+    th, diffusers, _ = common.import_reference(args.refstack, args.gomp_spincount)
     th.set_num_threads(args.threads)
     th.manual_seed(0)
     fx = load_fixture()

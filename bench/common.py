@@ -3,6 +3,14 @@ interleaved timing, the machine's matrix-product rate and FLOP counts of a trace
 
 Importing it puts the repository root first on sys.path, so `python bench/X.py` runs this
 checkout's jaxdiff.
+
+The comparisons with PyTorch (`reference_arguments`, `import_reference`) set GOMP_SPINCOUNT to 10,000 before
+torch loads libgomp: after each parallel region libgomp's idle threads spin-wait (300,000 rounds by default)
+before they sleep, so in an alternated comparison PyTorch's second thread went on spinning into the next
+jaxdiff call, taking one of this machine's two cores from it (IF's CFG step, same process, 2026-12-04:
+jaxdiff 33.4-33.6 ms alone, 36.3-37.5 ms right after PyTorch). At 10,000 rounds PyTorch's own step is as fast
+as at the default (39.4-41.8 ms alone, against 41.2-42.6) and the carry-over is gone (jaxdiff 33.1-34.0 ms
+after PyTorch); at 0 PyTorch's step took 70 ms. `--gomp-spincount -1` keeps libgomp's default.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import numpy as np  # noqa: E402
 from jax.extend import core as jex_core  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "adm_tiny_a.npz"
+GOMP_SPINCOUNT = 10_000  # PyTorch's OpenMP idle spin in the reference comparisons (module doc)
 
 
 def _fixture_flags(kind: str) -> dict:
@@ -66,7 +75,8 @@ def machine() -> dict:
             "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}", "device_count": jax.device_count(),
             "platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -179,8 +189,13 @@ def nhwc(a) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(np.asarray(a), 1, -1))
 
 
-def import_reference(refstack: str | None):
-    """(torch, diffusers, transformers), `refstack` appended to sys.path (after site-packages)."""
+def import_reference(refstack: str | None, gomp_spincount: int | None = None):
+    """(torch, diffusers, transformers), `refstack` appended to sys.path (after site-packages); with
+    `gomp_spincount` >= 0, GOMP_SPINCOUNT set to it before torch loads its OpenMP runtime (libgomp)."""
+    if gomp_spincount is not None and gomp_spincount >= 0:
+        if "torch" in sys.modules:
+            raise SystemExit("--gomp-spincount must be set before torch is imported")
+        os.environ["GOMP_SPINCOUNT"] = str(int(gomp_spincount))
     path = str(pathlib.Path(refstack).expanduser().resolve()) if refstack else None
     if path and path not in sys.path:
         sys.path.append(path)
@@ -262,6 +277,8 @@ def reference_arguments(doc: str):
     p.add_argument("--repeats", type=int, default=15, help="timed rounds (one call per side each)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (>= 1: jaxdiff's first call compiles)")
     p.add_argument("--threads", type=int, default=2, help="PyTorch's torch.set_num_threads")
+    p.add_argument("--gomp-spincount", type=int, default=GOMP_SPINCOUNT, metavar="N",
+                   help="GOMP_SPINCOUNT for PyTorch's OpenMP threads (-1: libgomp's default, 300000; module doc)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="P",
                    help="before timing, wait until the CPUs are >= P %% idle over 3 s (0: do not wait)")
     p.add_argument("--wait-max", type=float, default=1800.0, help="longest wait for --wait-idle, seconds")

@@ -296,3 +296,57 @@ def test_shared_rows_match_the_repeated_input(if_a, unclip_a):
         repeated = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]), ctx, kw, 1)
         np.testing.assert_allclose(np.asarray(shared), np.asarray(repeated), rtol=0, atol=2e-5 * float(
             np.abs(np.asarray(repeated)).max()), err_msg=key)
+
+
+def test_text_conditioning_gives_the_same_output(if_a, unclip_a):
+    """The text conditioning computed once (`text_conditioning`: the pooled text embedding and every attention
+    layer's text keys and values) in place of the encoder states gives the network's output: IF's stage I
+    (encoder_hid_proj, attention-pooled text), stage II (class labels), unCLIP's decoder (attention mask, with
+    shared_rows=2), and a config with cross_attention_norm and cross-attention-only layers (random weights)."""
+    from jaxdiff.convert.diffusers import unet2d_module, unet2d_params_from_state_dict
+    from jaxdiff.models.unet2d_condition import text_conditioning
+
+    def check(module, params, x, t, ctx, kw, shared_rows=1, name=""):
+        fn = jax.jit(lambda p, ctx, kw, cached: module.apply(
+            {"params": p}, x, t, text_conditioning(module, p, ctx) if cached else ctx, shared_rows=shared_rows, **kw),
+            static_argnums=3)
+        plain, cached = np.asarray(fn(params, ctx, kw, False)), np.asarray(fn(params, ctx, kw, True))
+        assert np.abs(plain).max() > 0
+        np.testing.assert_allclose(cached, plain, rtol=0, atol=1e-6 * float(np.abs(plain).max()), err_msg=name)
+
+    for z, key in ((if_a, "unet1"), (if_a, "unet2"), (unclip_a, "decoder")):
+        cfg = C.config_of(z, key + "_config")
+        module, params = unet2d_module(cfg), unet2d_params_from_state_dict(C.state_dict(z, key), cfg)
+        x, t = nhwc(z[key + "_x"]), jnp.asarray(z[key + "_t"])
+        if key == "decoder":
+            ctx = jnp.asarray(z["text_proj_hidden_states"])
+            kw = dict(class_labels=jnp.asarray(z["text_proj_time_embeddings"]),
+                      attention_mask=jnp.asarray(z["decoder_attention_mask"]))
+            check(module, params, x, t, ctx, kw, name=key)
+            ctx, kw = jnp.concatenate([ctx, ctx[::-1]]), {k: jnp.concatenate([v, v[::-1]]) for k, v in kw.items()}
+            check(module, params, x, t, ctx, kw, shared_rows=2, name=key + " shared rows")
+        else:
+            kw = dict(class_labels=jnp.asarray(z["unet2_noise_level"])) if key == "unet2" else {}
+            check(module, params, x, t, jnp.asarray(z["t5_out"]), kw, name=key)
+    cfg = unet2d_condition_config({**C.config_of(if_a, "unet1_config"), "cross_attention_norm": "group_norm",
+                                   "only_cross_attention": [False, True], "encoder_hid_dim": 48})
+    module = UNet2DConditionModel(cfg)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    ctx = jax.random.normal(jax.random.key(2), (2, 5, 48))
+    params = jax.jit(module.init)(jax.random.key(0), x, 3.0, ctx)["params"]
+    check(module, params, x, 3.0, ctx, {}, name="cross_attention_norm")
+
+
+def test_text_conditioning_errors(if_a):
+    from jaxdiff.models.unet2d_condition import text_conditioning
+
+    cfg = unet2d_config(C.config_of(if_a, "unet1_config"))
+    module = UNet2DConditionModel(cfg)
+    x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    ctx = jax.ShapeDtypeStruct((2, 5, cfg.context_dim), jnp.float32)
+    params = jax.eval_shape(lambda x, c: module.init(jax.random.key(0), x, 3.0, c), x, ctx)["params"]
+    with pytest.raises(ValueError, match=rf"encoder_hidden_states must be \[B, S, {cfg.context_dim}\]"):
+        jax.eval_shape(lambda p: text_conditioning(module, p, jnp.zeros((2, 5, cfg.context_dim + 1))), params)
+    text = jax.eval_shape(lambda p, c: text_conditioning(module, p, c), params, ctx)
+    with pytest.raises(ValueError, match="text_conditioning must have 4 rows in every array, got \\[2\\]"):
+        jax.eval_shape(lambda p, x, t: module.apply({"params": p}, x, 3.0, t, shared_rows=2), params, x, text)

@@ -2,12 +2,15 @@
 states looked up in a table of prompts, and the super-resolution input (the low-resolution image upsampled
 bilinearly with aligned corners, then noised to a chosen level of a noising schedule).
 
-    model_fn = text_unet_fn(module, params, states)      # states [P + 1, L, D]: P prompts, then the empty caption
-    uncond = guides.label_dropout(P, PROMPT_KEY)         # CFG's unconditional input: the empty caption's row
+    prepare = text_prepare(module, params, states)       # states [P + 1, L, D]: P prompts, then the empty caption
+    model_fn = text_unet_fn(module, params)              # the U-Net on cond[TEXT_KEY], made by text_prepare
+    uncond = text_uncond                                 # CFG's unconditional input: the empty caption's
     prepare = noise_augment(noising_alphas_cumprod, (H, W))  # super-resolution: cond["low_res"] -> LOW_RES_INPUT
 
 The table travels with the parameters (an argument of the compiled sampler); `cond` carries per sample:
-  PROMPT_KEY ("prompt", int [B]): the row of `states` (classifier-free guidance swaps it for the empty caption's);
+  PROMPT_KEY ("prompt", int [B]): the row of `states`; `text_prepare` turns the rows and the empty caption into
+  what the U-Net computes from text alone (its text conditioning: the keys and values of the text tokens in
+  every attention layer), once per sampling call instead of once per step;
   for a super-resolution stage LOW_RES_KEY ("low_res": [B, h, w, C] uint8 samples or [-1, 1] floats),
   NOISE_LEVEL_KEY ("noise_level", int [B]: the augmentation timestep, also the model's class label) and
   LOW_RES_NOISE_KEY (the augmentation noise [B, H, W, C], drawn per sample outside the compiled loop:
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion.guides import LOW_RES_KEY, Cond, ModelFn, with_shared_input
+from jaxdiff.models.unet2d_condition import text_conditioning
 
 PROMPT_KEY = "prompt"
 
@@ -36,6 +40,12 @@ LOW_RES_NOISE_KEY = "low_res_noise"
 
 
 LOW_RES_INPUT = "low_res_input"
+
+
+TEXT_KEY = "text_conditioning"
+
+
+NULL_TEXT_KEY = "text_conditioning_null"
 
 
 def _taps(n_in: int, n_out: int) -> tuple:
@@ -95,24 +105,46 @@ def noise_augment(alphas_cumprod, size: Sequence[int]) -> Callable[[Cond], Cond]
     return prepare
 
 
-def text_unet_fn(module, params, states: jax.Array) -> ModelFn:
-    """model_fn of a diffusers UNet2DConditionModel (`jaxdiff.models.unet2d_condition`) on text states:
-    encoder_hidden_states = states[cond[PROMPT_KEY]]; with cond[LOW_RES_INPUT] (a super-resolution stage) the
-    model sees [x, that image] along channels and, when it has a class embedding, class_labels =
-    cond[NOISE_LEVEL_KEY]."""
+def text_prepare(module, params, states: jax.Array, null_row: int = -1) -> Callable[[Cond], Cond]:
+    """prepare(cond) of a diffusers UNet2DConditionModel (`jaxdiff.models.unet2d_condition`) on text states,
+    run once per sampling call: the network's text conditioning (`unet2d_condition.text_conditioning`: what it
+    computes from the states alone, every attention layer's keys and values of the text tokens) of the rows
+    cond[PROMPT_KEY] of `states` into cond[TEXT_KEY], and of row `null_row` (the empty caption; default the
+    table's last) into cond[NULL_TEXT_KEY], for classifier-free guidance's unconditional branch (`text_uncond`).
+    """
+    def prepare(cond):
+        rows = jnp.asarray(cond[PROMPT_KEY], jnp.int32)
+        table = jnp.asarray(states)
+        out = dict(cond)
+        out[TEXT_KEY] = text_conditioning(module, params, jnp.take(table, rows, axis=0))
+        null = text_conditioning(module, params, table[int(null_row)][None])
+        out[NULL_TEXT_KEY] = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, rows.shape + a.shape[1:]), null)
+        return out
+
+    return prepare
+
+
+def text_uncond(cond: Cond) -> Cond:
+    """Classifier-free guidance's unconditional cond of `text_unet_fn`: the empty caption's text conditioning."""
+    return {**cond, TEXT_KEY: cond[NULL_TEXT_KEY]}
+
+
+def text_unet_fn(module, params) -> ModelFn:
+    """model_fn of a diffusers UNet2DConditionModel on its text conditioning cond[TEXT_KEY] (`text_prepare`); with
+    cond[LOW_RES_INPUT] (a super-resolution stage) the model sees [x, that image] along channels and, when it
+    has a class embedding, class_labels = cond[NOISE_LEVEL_KEY]. Offers CFG's shared-input form."""
     labelled = getattr(getattr(module, "config", None), "class_embed_type", None) is not None
 
     def apply(x, t, cond, shared_rows=1):
-        context = jnp.take(states, jnp.asarray(cond[PROMPT_KEY], jnp.int32), axis=0)
         labels = None
         if LOW_RES_INPUT in cond:  # part of the input: CFG's branches share it (their first rows are x's)
             x = jnp.concatenate([x, cond[LOW_RES_INPUT][:x.shape[0]].astype(x.dtype)], axis=-1)
             if labelled:
                 labels = cond[NOISE_LEVEL_KEY]
-        return module.apply({"params": params}, x, t, context, class_labels=labels, shared_rows=shared_rows)
+        return module.apply({"params": params}, x, t, cond[TEXT_KEY], class_labels=labels, shared_rows=shared_rows)
 
     return with_shared_input(apply, lambda x, t, cond: apply(x, t, cond, 2))
 
 
-__all__ = ["LOW_RES_INPUT", "LOW_RES_NOISE_KEY", "NOISE_LEVEL_KEY", "PROMPT_KEY", "noise_augment", "text_unet_fn",
-           "to_signed", "upsample_bilinear"]
+__all__ = ["LOW_RES_INPUT", "LOW_RES_NOISE_KEY", "NOISE_LEVEL_KEY", "NULL_TEXT_KEY", "PROMPT_KEY", "TEXT_KEY",
+           "noise_augment", "text_prepare", "text_uncond", "text_unet_fn", "to_signed", "upsample_bilinear"]

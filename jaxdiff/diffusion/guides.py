@@ -236,6 +236,10 @@ def with_shared_input(model_fn: ModelFn, shared_input: Callable) -> ModelFn:
     return fn
 
 
+def _rows_concat(a, b):
+    return jnp.concatenate([a, b], axis=0)
+
+
 def classifier_free(model_fn: ModelFn, *, null_label: Optional[int] = None,
                     uncond: Optional[Callable[[Cond], Cond]] = None, learned_sigma: bool = False,
                     scale_key: str = CFG_SCALE, label_key: str = LABEL_KEY,
@@ -262,7 +266,7 @@ def classifier_free(model_fn: ModelFn, *, null_label: Optional[int] = None,
         b = x.shape[0]
         s = _interval_scale(_get_scale(cond, scale_key, b, None), t, interval, sched, 1.0)
         cond_u = uncond(cond)
-        cond2 = {k: jnp.concatenate([v, cond_u[k]], axis=0) for k, v in cond.items()}
+        cond2 = {k: jax.tree_util.tree_map(_rows_concat, v, cond_u[k]) for k, v in cond.items()}
         if shared is not None:
             out = shared(x, t, cond2)
         else:

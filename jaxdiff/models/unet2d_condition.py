@@ -75,10 +75,12 @@ from jaxdiff.ops.activation import gelu
 from jaxdiff.ops.attention import attention
 from jaxdiff.util.config import did_you_mean, is_int
 
-__all__ = ["ACTIVATIONS", "AddedKVAttention", "AttentionOptions", "AttentionPooling", "DiffusersModel", "DownBlock",
-           "MidBlock", "ResnetBlock2D", "ResnetOptions", "TextTimeEmbedding", "TimestepEmbedding",
+__all__ = ["ACTIVATIONS", "AddedKVAttention", "AddedKVContext", "AttentionOptions", "AttentionPooling",
+           "DiffusersModel", "DownBlock", "MidBlock", "ResnetBlock2D", "ResnetOptions", "TextTimeEmbedding",
+           "TimestepEmbedding",
            "UNet2DConditionConfig", "UNet2DConditionModel", "UpBlock", "activation", "attention_bias", "config_choice",
-           "config_error", "norm_act", "sinusoidal_embedding", "unet2d_condition_config"]
+           "config_error", "layer_context", "norm_act", "sinusoidal_embedding", "text_conditioning",
+           "unet2d_condition_config"]
 
 Dtype = Any
 
@@ -271,32 +273,50 @@ def _biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array)
     return (o / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
 
 
-class AddedKVAttention(nn.Module):
-    """diffusers' Attention with added_kv_proj_dim and AttnAddedKVProcessor (the SimpleCrossAttn blocks).
+def _context_kv(o: AttentionOptions, dtype: Dtype, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The encoder tokens' keys and values [B, S, heads * dim_head] of an added-KV attention layer (`norm_cross`
+    first with cross_norm); called inside a compact method, whose scope gets the parameters."""
+    if o.cross_norm:
+        context = GroupNorm32(32, 1e-5, name="norm_cross")(context)
+    dense = functools.partial(Dense, o.heads * o.dim_head, dtype=dtype)
+    return cast(dense(name="add_k_proj")(context), dtype), cast(dense(name="add_v_proj")(context), dtype)
 
-    x [B, H, W, C], context [B, S, E], bias [B, S] (`attention_bias`) or None -> [B, H, W, C]. With
-    only_cross (no image keys) the bias covers just the encoder tokens (diffusers' padded mask would not
-    fit its keys there)."""
+
+class AddedKVContext(nn.Module):
+    """The part of an `AddedKVAttention` layer that depends on the encoder states alone: their keys and values,
+    under the layer's own parameter names (apply it to the layer's parameters)."""
 
     opts: AttentionOptions
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    def __call__(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _context_kv(self.opts, self.dtype, context)
+
+
+class AddedKVAttention(nn.Module):
+    """diffusers' Attention with added_kv_proj_dim and AttnAddedKVProcessor (the SimpleCrossAttn blocks).
+
+    x [B, H, W, C], context [B, S, E] or its (keys, values) from `AddedKVContext`, bias [B, S]
+    (`attention_bias`) or None -> [B, H, W, C]. With only_cross (no image keys) the bias covers just the
+    encoder tokens (diffusers' padded mask would not fit its keys there)."""
+
+    opts: AttentionOptions
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context, bias: jax.Array | None = None) -> jax.Array:
         o = self.opts
         b, c = x.shape[0], x.shape[-1]
-        inner = o.heads * o.dim_head
         tokens = x.reshape(b, -1, c)
-        if o.cross_norm:
-            context = GroupNorm32(32, 1e-5, name="norm_cross")(context)
+        k, v = context if isinstance(context, tuple) else _context_kv(o, self.dtype, context)
         h = GroupNorm32(o.groups, 1e-5, name="group_norm")(tokens)
+        inner = o.heads * o.dim_head
         dense = functools.partial(Dense, inner, dtype=self.dtype)
         q = dense(name="to_q")(h) * (1.0 / math.sqrt(o.dim_head))
-        k = dense(name="add_k_proj")(context)
-        v = dense(name="add_v_proj")(context)
         if not o.only_cross:
-            k = jnp.concatenate([k, dense(name="to_k")(h)], axis=1)
-            v = jnp.concatenate([v, dense(name="to_v")(h)], axis=1)
+            k = jnp.concatenate([k, cast(dense(name="to_k")(h), k.dtype)], axis=1)
+            v = jnp.concatenate([v, cast(dense(name="to_v")(h), v.dtype)], axis=1)
         q, k, v = (split_heads(cast(a, self.dtype), o.heads) for a in (q, k, v))
         if bias is None:
             out = attention(q, k, v)
@@ -308,6 +328,11 @@ class AddedKVAttention(nn.Module):
 
 
 # --- Blocks -------------------------------------------------------------------------------------------
+
+def layer_context(context, j: int):
+    """Attention layer j's context: the encoder states, or its entry of a block's `text_conditioning`."""
+    return context[f"attentions_{j}"] if isinstance(context, Mapping) else context
+
 
 class _Block(nn.Module):
     """A down or up block's fields: `resample` adds its down- / up-sampling ResNet block."""
@@ -330,7 +355,8 @@ class DownBlock(_Block):
         for j in range(self.num_layers):
             h = ResnetBlock2D(self.out_channels, self.resnet, dtype=self.dtype, name=f"resnets_{j}")(h, temb, train)
             if self.attention is not None:
-                h = AddedKVAttention(self.attention, self.dtype, name=f"attentions_{j}")(h, context, bias)
+                h = AddedKVAttention(self.attention, self.dtype, name=f"attentions_{j}")(
+                    h, layer_context(context, j), bias)
             states.append(h)
         if self.resample:
             h = ResnetBlock2D(self.out_channels, self.resnet, down=True, dtype=self.dtype,
@@ -350,7 +376,8 @@ class UpBlock(_Block):
             h = jnp.concatenate([h, cast(skips.pop(), h.dtype)], axis=-1)
             h = ResnetBlock2D(self.out_channels, self.resnet, dtype=self.dtype, name=f"resnets_{j}")(h, temb, train)
             if self.attention is not None:
-                h = AddedKVAttention(self.attention, self.dtype, name=f"attentions_{j}")(h, context, bias)
+                h = AddedKVAttention(self.attention, self.dtype, name=f"attentions_{j}")(
+                    h, layer_context(context, j), bias)
         if self.resample:
             h = ResnetBlock2D(self.out_channels, self.resnet, up=True, dtype=self.dtype,
                               name="upsamplers_0")(h, temb, train)
@@ -368,7 +395,7 @@ class MidBlock(nn.Module):
     def __call__(self, h, temb, context, bias=None, train: bool = False):
         c = h.shape[-1]
         h = ResnetBlock2D(c, self.resnet, dtype=self.dtype, name="resnets_0")(h, temb, train)
-        h = AddedKVAttention(self.attention, self.dtype, name="attentions_0")(h, context, bias)
+        h = AddedKVAttention(self.attention, self.dtype, name="attentions_0")(h, layer_context(context, 0), bias)
         return ResnetBlock2D(c, self.resnet, dtype=self.dtype, name="resnets_1")(h, temb, train)
 
 
@@ -729,16 +756,29 @@ class DiffusersModel(nn.Module):
     dtype: Dtype = jnp.float32
 
 
+def _context_shape(context) -> tuple | None:
+    """(rows, tokens, width) of encoder states, or (rows, tokens, None) of a `text_conditioning`."""
+    if isinstance(context, Mapping):
+        k = jax.tree_util.tree_leaves(context["layers"])
+        return (k[0].shape[0], k[0].shape[1], None) if k else None
+    return None if context is None or context.ndim != 3 else tuple(context.shape)
+
+
 def check_inputs(cfg: UNet2DConditionConfig, x, context, class_labels, attention_mask, shared_rows: int = 1) -> None:
     """ValueError for inputs the network cannot take (shapes only; raised while tracing); the conditioning
-    has `shared_rows` times x's rows."""
+    (encoder states or their `text_conditioning`) has `shared_rows` times x's rows."""
     if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
         raise ValueError(f"x must be [B, H, W, {cfg.in_channels}] (NHWC), got {x.shape}")
     f = 2 ** (cfg.levels - 1)
     if x.shape[1] % f or x.shape[2] % f:
         raise ValueError(f"x is {x.shape[1]}x{x.shape[2]}: with {cfg.levels} levels H and W must be multiples of {f}")
     b = x.shape[0] * shared_rows
-    if context is None or context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.context_dim:
+    shape = _context_shape(context)
+    if isinstance(context, Mapping):
+        rows = {a.shape[0] for a in jax.tree_util.tree_leaves(context)}
+        if rows != {b}:
+            raise ValueError(f"text_conditioning must have {b} rows in every array, got {sorted(rows)}")
+    elif shape is None or shape[0] != b or shape[-1] != cfg.context_dim:
         raise ValueError(f"encoder_hidden_states must be [{b}, S, {cfg.context_dim}], got "
                          f"{None if context is None else context.shape}")
     if cfg.class_embed_type is None:
@@ -752,8 +792,41 @@ def check_inputs(cfg: UNet2DConditionConfig, x, context, class_labels, attention
     elif cfg.class_embed_type == "timestep" and class_labels.ndim > 1:
         raise ValueError(f"class_labels must be [B] noise levels with class_embed_type 'timestep', "
                          f"got {class_labels.shape}")
-    if attention_mask is not None and attention_mask.shape != context.shape[:2]:
-        raise ValueError(f"attention_mask must be [B, S] = {context.shape[:2]}, got {attention_mask.shape}")
+    if attention_mask is not None and shape is not None and attention_mask.shape != shape[:2]:
+        raise ValueError(f"attention_mask must be [B, S] = {shape[:2]}, got {attention_mask.shape}")
+
+
+def _attention_layers(cfg: UNet2DConditionConfig):
+    """(block name, layer count, AttentionOptions) of every block with attention layers."""
+    layout = cfg.blocks()
+    named = ([(f"down_blocks_{i}", b["layers"], b["attention"]) for i, b in enumerate(layout["down"])]
+             + ([("mid_block", 1, layout["mid"]["attention"])] if layout["mid"] is not None else [])
+             + [(f"up_blocks_{i}", b["layers"], b["attention"]) for i, b in enumerate(layout["up"])])
+    return [(name, n, a) for name, n, a in named if a is not None]
+
+
+def text_conditioning(module: UNet2DConditionModel, params, encoder_hidden_states: jax.Array) -> dict:
+    """What `module` computes from its encoder states alone, to pass as encoder_hidden_states in their place
+    (same output): {"layers": {block: {"attentions_j": (keys, values)}}, plus "text_emb", the pooled text
+    added to the time embedding, with addition_embed_type "text"}. A sampler computes it once per call
+    instead of once per step (`params`: the network's parameters, without the {"params": ...} level)."""
+    cfg = module.config
+    dtype = resolve_dtype(module.dtype)
+    context = jnp.asarray(encoder_hidden_states)
+    if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
+        raise ValueError(f"encoder_hidden_states must be [B, S, {cfg.context_dim}], got {context.shape}")
+    out = {}
+    if cfg.addition_embed_type == "text":
+        out["text_emb"] = TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads).apply(
+            {"params": params["add_embedding"]}, context)
+    if cfg.encoder_hid_dim_type == "text_proj":
+        context = Dense(cfg.cross_attention_dim, dtype=dtype, name=None).apply({"params": params["encoder_hid_proj"]},
+                                                                                context)
+    context = cast(context, dtype)
+    out["layers"] = {name: {f"attentions_{j}": AddedKVContext(opts, dtype).apply(
+        {"params": params[name][f"attentions_{j}"]}, context) for j in range(n)}
+        for name, n, opts in _attention_layers(cfg)}
+    return out
 
 
 class UNet2DConditionModel(DiffusersModel):
@@ -761,16 +834,18 @@ class UNet2DConditionModel(DiffusersModel):
     UNet2DConditionConfig."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+    def __call__(self, x: jax.Array, timesteps: jax.Array, encoder_hidden_states,
                  class_labels: jax.Array | None = None, attention_mask: jax.Array | None = None,
                  train: bool = False, shared_rows: int = 1) -> jax.Array:
-        """`shared_rows` = R > 1: x and timesteps hold B rows and the conditioning R B, the network's input
-        being x and t repeated R times ([x; x] for classifier-free guidance's two branches): what depends on x
+        """encoder_hidden_states: [B, S, E], or their `text_conditioning` (computed once for many calls).
+        `shared_rows` = R > 1: x and timesteps hold B rows and the conditioning R B, the network's input being x
+        and t repeated R times ([x; x] for classifier-free guidance's two branches): what depends on x
         and t alone (the time embedding, conv_in, the first ResNet block's first convolution) runs on the B
         rows once. The same result as the R B repeated rows."""
         cfg = self.config
         dtype = resolve_dtype(self.dtype)
-        x, context = jnp.asarray(x), jnp.asarray(encoder_hidden_states)
+        text = encoder_hidden_states if isinstance(encoder_hidden_states, Mapping) else None
+        x, context = jnp.asarray(x), (text if text is not None else jnp.asarray(encoder_hidden_states))
         class_labels = None if class_labels is None else jnp.asarray(class_labels)
         attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
         check_inputs(cfg, x, context, class_labels, attention_mask, shared_rows)
@@ -789,12 +864,15 @@ class UNet2DConditionModel(DiffusersModel):
         elif cfg.class_embed_type == "identity":
             emb = emb + class_labels.astype(jnp.float32)
         if cfg.addition_embed_type == "text":
-            emb = emb + TextTimeEmbedding(ted, cfg.addition_embed_type_num_heads, name="add_embedding")(context)
+            emb = emb + (text["text_emb"] if text is not None else
+                         TextTimeEmbedding(ted, cfg.addition_embed_type_num_heads, name="add_embedding")(context))
         if cfg.time_embedding_act_fn is not None:
             emb = activation(cfg.time_embedding_act_fn)(emb)
-        if cfg.encoder_hid_dim_type == "text_proj":
-            context = Dense(cfg.cross_attention_dim, dtype=dtype, name="encoder_hid_proj")(context)
-        context = cast(context, dtype)
+        if text is None:
+            if cfg.encoder_hid_dim_type == "text_proj":
+                context = Dense(cfg.cross_attention_dim, dtype=dtype, name="encoder_hid_proj")(context)
+            context = cast(context, dtype)
+        block_context = (lambda name: context) if text is None else (lambda name: text["layers"].get(name))
         bias = attention_bias(attention_mask)
 
         if cfg.center_input_sample:
@@ -805,15 +883,16 @@ class UNet2DConditionModel(DiffusersModel):
         skips = [repeat(h)]
         for i, blk in enumerate(layout["down"]):
             h, states = DownBlock(blk["out"], blk["layers"], blk["resample"], res, blk["attention"], dtype,
-                                  name=f"down_blocks_{i}")(h, emb, context, bias, train)
+                                  name=f"down_blocks_{i}")(h, emb, block_context(f"down_blocks_{i}"), bias, train)
             skips.extend(states)
         if layout["mid"] is not None:
             h = MidBlock(cfg.resnet_options(cfg.mid_block_scale_factor), layout["mid"]["attention"], dtype,
-                         name="mid_block")(h, emb, context, bias, train)
+                         name="mid_block")(h, emb, block_context("mid_block"), bias, train)
         for i, blk in enumerate(layout["up"]):
             n = blk["layers"]
             block_skips, skips = skips[-n:], skips[:-n]
             h = UpBlock(blk["out"], n, blk["resample"], res, blk["attention"], dtype,
-                        name=f"up_blocks_{i}")(h, block_skips, emb, context, bias, train)
+                        name=f"up_blocks_{i}")(h, block_skips, emb, block_context(f"up_blocks_{i}"), bias,
+                                               train)
         h = norm_act(cast(h, jnp.float32), cfg.act_fn, cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out")
         return Conv(cfg.out_channels, cfg.conv_out_kernel, dtype=jnp.float32, name="conv_out")(h)

@@ -396,8 +396,8 @@ def run(config) -> dict:
 def stage_sampler(module, stage: Stage, num_prompts: int, sampler: str = "diffusers_ddpm",
                   threshold: tuple = (0.95, 1.5), compiler_options: Optional[dict] = None):
     """(sampler_fn, sched) of one stage: `samplers.make_sampler` over `guidance.build_guides("cfg", ...)` with
-    the U-Net reading its text states from params["text"] ([num_prompts + 1, L, D], the empty caption last),
-    noise augmentation of cond["low_res"] for a super-resolution stage (index > 0), and IF's schedule.
+    the U-Net conditioned on the text states params["text"] ([num_prompts + 1, L, D], the empty caption last;
+    `conditioning.text_prepare`: what it computes from them, once per call), noise augmentation of cond["low_res"] for a super-resolution stage (index > 0), and IF's schedule.
 
     sampler_fn({"model": unet_params, "text": states}, sched, cond, key, sample_ids[, eta, x_T, noises]);
     cond: conditioning.PROMPT_KEY rows, guides.CFG_SCALE, and for stage index > 0 guides.LOW_RES_KEY and
@@ -408,9 +408,10 @@ def stage_sampler(module, stage: Stage, num_prompts: int, sampler: str = "diffus
                                              (stage.size, stage.size))
 
     def build(p):
-        return guidance.build_guides("cfg", conditioning.text_unet_fn(module, p["model"], p["text"]),
-                                     uncond=guides.label_dropout(num_prompts, conditioning.PROMPT_KEY),
-                                     learned_sigma=stage.learned_sigma, prepare=prepare)
+        return guidance.build_guides("cfg", conditioning.text_unet_fn(module, p["model"]),
+                                     uncond=conditioning.text_uncond, learned_sigma=stage.learned_sigma,
+                                     prepare=guidance.chain(conditioning.text_prepare(module, p["model"], p["text"],
+                                                                                     num_prompts), prepare))
 
     ratio, tmax = threshold
     spec = samplers.SamplerSpec(sampler=sampler, prediction="eps", learned_sigma=stage.learned_sigma,

@@ -75,24 +75,27 @@ def prior_model_fn(module, params, text) -> guides.ModelFn:
     return model_fn
 
 
-TEXT_PROJ_KEYS = ("decoder_hidden", "decoder_temb", "decoder_mask")        # the projected conditioning
+TEXT_PROJ_KEYS = ("decoder_text", "decoder_temb", "decoder_mask")          # the projected conditioning
 NULL_KEYS = tuple(f"{k}_null" for k in TEXT_PROJ_KEYS)                      # ... of CFG's unconditional branch
 
 
-def decoder_prepare(text_proj, tp_params, text, num_prompts: int):
+def decoder_prepare(text_proj, tp_params, decoder, params, text, num_prompts: int):
     """prepare(cond) of the decoder, run once per sampling call (the text projection depends on no step, as
     diffusers' UnCLIPPipeline computes it before its loop): UnCLIPTextProjModel on cond[IMAGE_EMBED_KEY] and the
-    text rows cond[PROMPT_KEY] -> cond[TEXT_PROJ_KEYS] (hidden states, additive time embedding, attention mask:
-    the extra tokens, then the text mask); and the same for the unconditional branch (the learned null image
-    embedding, the empty caption: row `num_prompts` of the table) -> cond[NULL_KEYS]."""
+    text rows cond[PROMPT_KEY] -> cond[TEXT_PROJ_KEYS]: the decoder U-Net's text conditioning of the hidden states
+    (the extra tokens, then the projected states; `unet2d_condition.text_conditioning`, also hoisted out of the
+    loop), the additive time embedding and the attention mask (the extra tokens, then the text mask); and the same
+    for the unconditional branch (the learned null image embedding, the empty caption: row `num_prompts` of the
+    table) -> cond[NULL_KEYS]. `params`: the decoder U-Net's."""
     from jaxdiff.models.unclip_text_proj import decoder_attention_mask, null_image_embedding
+    from jaxdiff.models.unet2d_condition import text_conditioning
 
     n_extra = text_proj.config.clip_extra_context_tokens
 
     def project(image, rows):
         embeds, states, mask = _rows(text, {PROMPT_KEY: rows})
         hidden, temb = text_proj.apply({"params": tp_params}, image, embeds, states)
-        return hidden, temb, decoder_attention_mask(mask, n_extra)
+        return text_conditioning(decoder, params, hidden), temb, decoder_attention_mask(mask, n_extra)
 
     def prepare(cond):
         img, rows = cond[IMAGE_EMBED_KEY], jnp.asarray(cond[PROMPT_KEY], jnp.int32)
@@ -109,8 +112,8 @@ def decoder_model_fn(decoder, params) -> guides.ModelFn:
     """model_fn of the decoder U-Net on the projected conditioning cond[TEXT_PROJ_KEYS] (`decoder_prepare`), with
     CFG's shared-input form (`guides.with_shared_input`)."""
     def apply(x, t, cond, shared_rows=1):
-        hidden, temb, mask = (cond[k] for k in TEXT_PROJ_KEYS)
-        return decoder.apply({"params": params}, x, t, hidden, class_labels=temb, attention_mask=mask,
+        text, temb, mask = (cond[k] for k in TEXT_PROJ_KEYS)
+        return decoder.apply({"params": params}, x, t, text, class_labels=temb, attention_mask=mask,
                              shared_rows=shared_rows)
 
     return guides.with_shared_input(apply, lambda x, t, cond: apply(x, t, cond, 2))
@@ -194,8 +197,9 @@ def decoder_sampler(text_proj, decoder, num_prompts: int, steps: int, compiler_o
 
     def build(p):
         return guidance.build_guides("cfg", decoder_model_fn(decoder, p["model"]), uncond=decoder_uncond,
-                                     learned_sigma=learned, prepare=decoder_prepare(text_proj, p["text_proj"],
-                                                                                    p["text"], num_prompts))
+                                     learned_sigma=learned,
+                                     prepare=decoder_prepare(text_proj, p["text_proj"], decoder, p["model"], p["text"],
+                                                             num_prompts))
 
     spec = samplers.SamplerSpec(sampler=SAMPLER, prediction="eps", learned_sigma=learned, fixed_variance="small",
                                 clip_denoised=True)
