@@ -77,10 +77,9 @@ from jaxdiff.util.config import did_you_mean, is_int
 
 __all__ = ["ACTIVATIONS", "AddedKVAttention", "AddedKVContext", "AttentionOptions", "AttentionPooling",
            "DiffusersModel", "DownBlock", "MidBlock", "ResnetBlock2D", "ResnetOptions", "TextTimeEmbedding",
-           "TimestepEmbedding",
-           "UNet2DConditionConfig", "UNet2DConditionModel", "UpBlock", "activation", "attention_bias", "config_choice",
-           "config_error", "layer_context", "norm_act", "sinusoidal_embedding", "text_conditioning",
-           "unet2d_condition_config"]
+           "TimestepEmbedding", "UNet2DConditionConfig", "UNet2DConditionModel", "UpBlock", "activation",
+           "attention_bias", "config_choice", "config_error", "layer_context", "norm_act", "sinusoidal_embedding",
+           "text_conditioning", "unet2d_condition_config"]
 
 Dtype = Any
 
