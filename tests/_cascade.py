@@ -122,6 +122,13 @@ def finish(proc, timeout: float):
     return p.returncode, log.read_text()
 
 
+def assert_all_exited_ok(logs: dict, names) -> None:
+    """Each of `names` (keys of `logs`: name -> (exit status, log text) from `finish`) exited with status 0."""
+    for name in names:
+        rc, log = logs[name]
+        assert rc == 0, f"{name}: exit {rc}\n{log[-4000:]}"
+
+
 def changed_copy(src, dst, **changes):
     """A copy of model folder `src` at `dst` whose config.json has `changes`."""
     import shutil

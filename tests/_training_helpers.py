@@ -167,6 +167,18 @@ def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
             np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
+TRAINING_METRICS = ("step", "loss", "mse", "vb", "grad_norm")  # a run's logged metrics without timings
+
+
+def assert_resumed_as_reference(workdir, reference, steps: int, checkpoints: list[int]) -> None:
+    """A run killed and resumed ended as its uninterrupted `reference`: the `checkpoints` complete, the final
+    TrainState (at `steps`) equal bit for bit, the same training metrics logged."""
+    assert complete_steps(workdir) == checkpoints
+    assert_trees_equal(load_tree(workdir, steps), load_tree(reference, steps))
+    strip = lambda ms: [{k: v for k, v in m.items() if k in TRAINING_METRICS} for m in ms]  # noqa: E731
+    assert strip(read_metrics(workdir)) == strip(read_metrics(reference))
+
+
 _SESSION = {}
 
 

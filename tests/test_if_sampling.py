@@ -222,9 +222,7 @@ def runs(folders):
     fsdp = _start(f, "fsdp", 8, ["--config.sample.batch_size=8", "--config.mesh.fsdp=2", "--config.cascade.steps=3",
                                  "--config.cascade.scales=5"], stages=str(f["unet1"]))
     logs.update(resumed=_wait(resumed), fsdp=_wait(fsdp))
-    for name in ("one", "resumed", "fsdp"):
-        rc, log = logs[name]
-        assert rc == 0, f"{name}: exit {rc}\n{log[-4000:]}"
+    C.assert_all_exited_ok(logs, ("one", "resumed", "fsdp"))
     f["logs"] = logs
     return f
 

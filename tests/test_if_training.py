@@ -88,10 +88,7 @@ def test_loss_falls_and_resume_after_sigkill_is_bitwise(runs):
         # killed after step 6 with checkpoint 4 complete; the rerun resumed from 4 and finished
         assert runs["killed"][name] == [W.CHECKPOINT_EVERY], runs["killed"]
         assert runs["stage1" if name == "if1" else "stage2"][name]["killed_at"] == W.KILL_AT
-        assert H.complete_steps(root / name) == [4, 8]
-        H.assert_trees_equal(H.load_tree(root / name, W.STEPS), H.load_tree(root / f"{name}_ref", W.STEPS))
-        strip = lambda ms: [{k: v for k, v in m.items() if k in ("step", "loss", "mse", "vb", "grad_norm")} for m in ms]
-        assert strip(H.read_metrics(root / name)) == strip(H.read_metrics(root / f"{name}_ref"))
+        H.assert_resumed_as_reference(root / name, root / f"{name}_ref", W.STEPS, [4, 8])
 
 
 def test_text_states_computed_once_and_reused(runs):

@@ -207,9 +207,7 @@ def runs(karlo):
     variations = _start(k, "variations", 1, [f"--config.unclip.image_embeddings={k['root'] / 'embeds.npz'}",
                                              "--config.sample.batch_size=1"])
     logs.update(resumed=_wait(resumed), variations=_wait(variations))
-    for name in ("resumed", "variations"):
-        rc, log = logs[name]
-        assert rc == 0, f"{name}: exit {rc}\n{log[-4000:]}"
+    C.assert_all_exited_ok(logs, ("resumed", "variations"))
     k["logs"] = logs
     return k
 
