@@ -165,3 +165,59 @@ def test_plain_ops_switch_and_accelerator_lowering(monkeypatch):
             pytest.skip(f"cannot lower for {platform} here: {e}")
         assert "stablehlo.transpose" not in text, platform
         assert text.count("stablehlo.convolution") == 3, platform
+
+
+# --- conv2d_inference --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_{}x{}_c{}-{}_k{}_s{}_p{}".format(*c))
+def test_inference_form_values_and_exact_gradients(case):
+    """conv2d_inference: conv2d's values (a 1x1 convolution at stride 1 without padding as a product, within
+    float32 rounding; any other kernel bit for bit) and, under differentiation, conv2d's gradients bit for
+    bit (its derivative rule is the plain form's)."""
+    b, h, wd, cin, cout, k, stride, padding = case
+    x, w, g = _inputs(*case)
+    conv = lambda f: jax.jit(lambda x, w: f(x, w, stride=stride, padding=padding))  # noqa: E731
+    got, want = conv(C.conv2d_inference)(x, w), conv(conv2d)(x, w)
+    if (k, stride, padding) == (1, 1, 0):
+        _close(got, want, "1x1 values", tol=1e-6)
+    else:
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(f(x, w, stride=stride, padding=padding)) * g),
+                                (0, 1)))(x, w)
+
+    for a, r in zip(grads(C.conv2d_inference), grads(conv2d)):
+        assert np.asarray(a).tobytes() == np.asarray(r).tobytes()
+
+
+@pytest.mark.skipif(not ON_CPU, reason="checks the CPU-default process's choices")
+def test_inference_form_is_a_product_on_the_cpu_only_when_not_differentiated(monkeypatch):
+    """On the CPU a 1x1 convolution compiles to a dot without differentiation and to convolutions under it;
+    JAXDIFF_PLAIN_OPS=1 and a CUDA/TPU lowering keep the convolution."""
+    x, w, g = _inputs(2, 8, 8, 4, 6, 1, 1, 0)
+    fwd = jax.jit(lambda x, w: C.conv2d_inference(x, w))
+    bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(C.conv2d_inference(x, w)) * g), (0, 1)))
+
+    def ops(f, platform="cpu"):
+        text = jax.export.export(f, platforms=[platform])(x, w).mlir_module()
+        return text.count("stablehlo.dot_general"), text.count("stablehlo.convolution")
+
+    monkeypatch.delenv("JAXDIFF_PLAIN_OPS", raising=False)
+    assert ops(fwd) == (1, 0)
+    assert ops(bwd)[1] == 3  # forward, dx, dw: conv2d's own gradient
+    monkeypatch.setenv("JAXDIFF_PLAIN_OPS", "1")
+    assert ops(jax.jit(lambda x, w: C.conv2d_inference(x, w))) == (0, 1)
+    monkeypatch.delenv("JAXDIFF_PLAIN_OPS")
+    for platform in ("cuda", "tpu"):
+        try:
+            assert ops(fwd, platform) == (0, 1), platform
+        except AssertionError:
+            raise
+        except Exception as e:  # pragma: no cover - lowering support varies by jaxlib build
+            pytest.skip(f"cannot lower for {platform} here: {e}")
+
+
+def test_inference_form_checks_its_inputs():
+    with pytest.raises(ValueError, match=r"conv2d_inference expects NHWC x HWIO with matching channels"):
+        C.conv2d_inference(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 1, 4, 2)))

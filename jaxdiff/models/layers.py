@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.ops.attention import attention
-from jaxdiff.ops.conv import conv2d
+from jaxdiff.ops.conv import conv2d, conv2d_inference
 from jaxdiff.ops.norm import group_norm
 from jaxdiff.util.config import is_int
 
@@ -102,6 +102,8 @@ class Conv(nn.Module):
 
     Parameters: `kernel` [k, k, in, out] (PyTorch-like init, or zeros) and `bias` [out] (zeros),
     float32; computed in `dtype`. `padding` defaults to k // 2 (same size for odd k at stride 1).
+    `inference_forms`: `jaxdiff.ops.conv.conv2d_inference` (on the CPU without differentiation, a cheaper
+    equivalent form) instead of `conv2d`.
     """
 
     features: int
@@ -109,6 +111,7 @@ class Conv(nn.Module):
     stride: int = 1
     padding: Optional[int] = None
     zero_init: bool = False
+    inference_forms: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -119,7 +122,8 @@ class Conv(nn.Module):
                             (k, k, cin, self.features), jnp.float32)
         bias = self.param("bias", zeros_init, (self.features,), jnp.float32)
         pad = k // 2 if self.padding is None else self.padding
-        y = conv2d(cast(x, self.dtype), cast(kernel, self.dtype), stride=self.stride, padding=pad)
+        conv = conv2d_inference if self.inference_forms else conv2d
+        y = conv(cast(x, self.dtype), cast(kernel, self.dtype), stride=self.stride, padding=pad)
         return y + cast(bias, self.dtype)
 
 

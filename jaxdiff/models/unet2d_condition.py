@@ -237,7 +237,7 @@ class ResnetBlock2D(nn.Module):
             h = nn.Dropout(rate=o.dropout)(h, deterministic=not train)
         h = Conv(cout, 3, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != cout:
-            x = Conv(cout, 1, dtype=self.dtype, name="conv_shortcut")(x)
+            x = Conv(cout, 1, inference_forms=True, dtype=self.dtype, name="conv_shortcut")(x)
         out = cast(x, h.dtype) + h
         return out if o.output_scale_factor == 1.0 else out / o.output_scale_factor
 

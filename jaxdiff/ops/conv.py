@@ -15,6 +15,13 @@ So on the CPU (`cpu.custom_gradients_active()`; `JAXDIFF_PLAIN_OPS=1` turns it o
 same convolutions, bit for bit, that XLA runs in an entry computation, now in any computation.
 Elsewhere (GPU, TPU: `lax.platform_dependent`) it is the plain convolution and XLA's gradient.
 Reverse mode only on the CPU (a `custom_vjp` has no forward-mode rule).
+
+On the CPU, `conv2d_inference` runs a 1x1 convolution at stride 1 without padding as a matrix product over
+the channels when nothing differentiates it (a `jax.custom_jvp` whose derivative rule, and so any
+gradient, is `conv2d`'s: training computes exactly what it did). XLA's CPU backend otherwise puts the
+1x1 convolution of a ResNet block's shortcut in one YNNPACK fusion with the block's 3x3 convolution, and
+that fusion runs slower than the two apart: an IF stage-I CFG step 1-2 % faster on 2 cores, the same
+results (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from jax import lax
 
 from jaxdiff.util.cpu import custom_gradients_active
 
-__all__ = ["conv2d"]
+__all__ = ["conv2d", "conv2d_inference"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -83,3 +90,36 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
         return _plain(x, kernel, stride, padding)
     return lax.platform_dependent(x, kernel, cpu=lambda x, k: _canonical(x, k, stride, padding),
                                   default=lambda x, k: _plain(x, k, stride, padding))
+
+
+def _inference_form(fast, plain, *args):
+    """fast(*args), differentiated as plain (a custom_jvp: gradients are exactly the plain form's)."""
+    f = jax.custom_jvp(fast)
+    f.defjvp(lambda primals, tangents: jax.jvp(plain, primals, tangents))
+    return f(*args)
+
+
+def _on_cpu_inference(fast, plain, *args):
+    """The CPU's inference form `fast` (see the module doc), elsewhere `plain`."""
+    if not custom_gradients_active():
+        return plain(*args)
+    return lax.platform_dependent(*args, cpu=lambda *a: _inference_form(fast, plain, *a), default=plain)
+
+
+def _inference_fast(x, kernel, stride, padding):
+    if kernel.shape[:2] == (1, 1) and stride == 1 and padding == 0:
+        return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    return conv2d(x, kernel, stride=stride, padding=padding)
+
+
+def conv2d_inference(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0) -> jax.Array:
+    """`conv2d`, on the CPU without differentiation in a cheaper equivalent form where it has one (see the
+    module doc): a 1x1 convolution at stride 1 without padding as a product over the channels. Gradients
+    are `conv2d`'s."""
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"conv2d_inference expects NHWC x HWIO with matching channels, got {x.shape} and "
+                         f"{kernel.shape}")
+    stride, padding = int(stride), int(padding)
+    fast = lambda x, k: _inference_fast(x, k, stride, padding)  # noqa: E731
+    plain = lambda x, k: conv2d(x, k, stride=stride, padding=padding)  # noqa: E731
+    return _on_cpu_inference(fast, plain, x, kernel)
