@@ -15,8 +15,8 @@ Timed, each as jaxdiff and as PyTorch, called in turn:
                 [uncond; cond] (text_proj's hidden states and additive time embeddings, the unconditional half
                 from the learned null image embedding and the empty caption; both compute them once before the
                 loop: jaxdiff's sampler in its `decoder_prepare`, which also computes the U-Net's text keys and
-                values there, where diffusers' U-Net recomputes them at every step), CFG 8 on eps, the variance channels from the
-                conditional half, then UnCLIPScheduler.step (learned range, x0 clipped to [-1, 1]) at step 12
+                values there, where diffusers' U-Net recomputes them at every step), CFG 8 on eps, the
+                variance channels from the conditional half, then UnCLIPScheduler.step (learned range, x0 clipped to [-1, 1]) at step 12
                 of Karlo's 25, noise drawn inside the step.
   prior_step    one step of the prior loop at `--prior-batch` embeddings: the PriorTransformer on 2B rows
                 (CLIP text embeddings, token states and masks of [empty caption; captions]), CFG 4, then

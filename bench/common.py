@@ -76,7 +76,8 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:

@@ -397,7 +397,8 @@ def stage_sampler(module, stage: Stage, num_prompts: int, sampler: str = "diffus
                   threshold: tuple = (0.95, 1.5), compiler_options: Optional[dict] = None):
     """(sampler_fn, sched) of one stage: `samplers.make_sampler` over `guidance.build_guides("cfg", ...)` with
     the U-Net conditioned on the text states params["text"] ([num_prompts + 1, L, D], the empty caption last;
-    `conditioning.text_prepare`: what it computes from them, once per call), noise augmentation of cond["low_res"] for a super-resolution stage (index > 0), and IF's schedule.
+    `conditioning.text_prepare`: what it computes from them, once per call), noise augmentation of
+    cond["low_res"] for a super-resolution stage (index > 0), and IF's schedule.
 
     sampler_fn({"model": unet_params, "text": states}, sched, cond, key, sample_ids[, eta, x_T, noises]);
     cond: conditioning.PROMPT_KEY rows, guides.CFG_SCALE, and for stage index > 0 guides.LOW_RES_KEY and
